@@ -1,0 +1,197 @@
+"""Small helpers every stage script shares: typed config overrides, distributed init, run records.
+
+Kept apart from model.py so that model.py stays copy-pasteable (torch/transformers/peft/timm only).
+"""
+import ast
+import datetime
+import json
+import os
+import subprocess
+import sys
+
+import torch
+import torch.distributed as dist
+
+
+# -----------------------------------------------------------------------------
+# Configuration: nanoGPT's `python X.py config/foo.py --key=value`, parsed instead of exec'd.
+
+def _convert(key, raw, default):
+    """Parse `raw` (a string from the command line) into the type of `default`."""
+    if isinstance(default, bool):
+        low = raw.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"--{key}={raw}: expected a boolean (true/false), got {raw!r}")
+    if isinstance(default, int):
+        try:
+            return int(raw)
+        except ValueError:
+            try:
+                as_float = float(raw)  # accept 1e3 for an int if it is integral
+            except ValueError:
+                as_float = None
+            if as_float is not None and as_float.is_integer():
+                return int(as_float)
+            raise ValueError(f"--{key}={raw}: expected an integer (default {default!r})") from None
+    if isinstance(default, float):
+        try:
+            return float(raw)
+        except ValueError:
+            raise ValueError(f"--{key}={raw}: expected a number (default {default!r})") from None
+    if isinstance(default, str):
+        return raw
+    # None, lists, tuples, dicts: a Python literal, else the plain string (so --out=None works too)
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw
+
+
+def configure(defaults, argv=None, doc=""):
+    """Resolve a stage's config: `defaults` (name -> value), then config files, then `--key=value`.
+
+    argv items ending in `.py` are config files of plain assignments (nanoGPT style). Unknown keys,
+    in a file or on the command line, raise ValueError naming the key and listing the valid ones.
+    `-h`/`--help` prints every key with its default and exits. Returns a new dict.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    config = dict(defaults)
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print(doc.strip() + "\n" if doc else "", end="")
+            print("keys (override with --key=value or a config/*.py file):")
+            for k, v in defaults.items():
+                print(f"  --{k}={v!r}")
+            raise SystemExit(0)
+        if not arg.startswith("--"):
+            if not os.path.isfile(arg):
+                raise ValueError(f"config file {arg!r} not found (expected a config/*.py file or --key=value)")
+            scope = {}
+            with open(arg) as f:
+                exec(compile(f.read(), arg, "exec"), {}, scope)
+            for k, v in scope.items():
+                if k.startswith("_"):
+                    continue
+                if k not in defaults:
+                    raise ValueError(f"{arg}: unknown config key {k!r}; valid keys: {', '.join(defaults)}")
+                config[k] = v
+            continue
+        if "=" not in arg:
+            raise ValueError(f"argument {arg!r}: expected --key=value")
+        key, raw = arg[2:].split("=", 1)
+        if key not in defaults:
+            raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(defaults)}")
+        config[key] = _convert(key, raw, defaults[key])
+    return config
+
+
+# -----------------------------------------------------------------------------
+# Distributed: works under torchrun on GPUs (nccl) and on CPUs (gloo), and without torchrun.
+
+def setup_distributed():
+    """Init the process group when launched by torchrun. Returns (ddp, rank, local_rank, world_size, device)."""
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    if ddp:
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+        world_size = int(os.environ["WORLD_SIZE"])
+        if torch.cuda.is_available():
+            device = f"cuda:{local_rank}"
+            torch.cuda.set_device(device)
+            backend = "nccl"
+        else:
+            device = "cpu"
+            backend = "gloo"
+        if not dist.is_initialized():
+            dist.init_process_group(backend=backend)
+    else:
+        rank, local_rank, world_size = 0, 0, 1
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return ddp, rank, local_rank, world_size, device
+
+
+def cleanup_distributed(ddp):
+    if ddp and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
+# Run records: every output directory says which config and which code produced it.
+
+def code_version():
+    """The git commit of this checkout (+ '-dirty' if there are uncommitted changes), or 'unknown'."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _jsonable(v):
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    return repr(v)
+
+
+def save_run_info(out_dir, config, script, extra=None):
+    """Write out_dir/run_<script>.json: resolved config, code version, time, torch/transformers versions."""
+    import transformers  # local: only the stage scripts need it
+    os.makedirs(out_dir, exist_ok=True)
+    info = {
+        "script": script,
+        "config": _jsonable(config),
+        "code_version": code_version(),
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "argv": sys.argv,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        **(_jsonable(extra) if extra else {}),
+    }
+    path = os.path.join(out_dir, f"run_{os.path.splitext(os.path.basename(script))[0]}.json")
+    atomic_write_text(path, json.dumps(info, indent=2) + "\n")
+    return path
+
+
+def atomic_write_text(path, text):
+    """Write text to path via a temp file + rename, so a crash never leaves a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def atomic_torch_save(obj, path):
+    """torch.save via temp file + rename (a killed run never leaves a truncated checkpoint)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class Logger:
+    """Print on rank 0 and append the same line to out_dir/<name>.log."""
+
+    def __init__(self, out_dir, name, master_process=True):
+        self.master = master_process
+        self.path = os.path.join(out_dir, f"{name}.log") if out_dir else None
+        if self.master and self.path:
+            os.makedirs(out_dir, exist_ok=True)
+
+    def __call__(self, *msg):
+        if not self.master:
+            return
+        line = " ".join(str(m) for m in msg)
+        print(line, flush=True)
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(line + "\n")

@@ -1,0 +1,499 @@
+"""LLM2CLIP building blocks, self-contained (torch, transformers, peft, timm only) so it can be copied.
+
+1. The LLM caption encoder: a HF text model (decoder LLM or BERT-like encoder) with bidirectional
+   attention, mean/eos pooling over the text tokens only (an instruction is attended to, never
+   pooled), and LoRA through peft.
+2. The adaptor: L2-normalised LLM embedding -> pre-LN residual MLP blocks -> LN -> Linear.
+3. The vision tower: a timm model with its own preprocessing config.
+4. The CLIP-style model (vision + adaptor + learnable logit scale) and the two contrastive losses,
+   correct under DDP (features gathered with gradient, local rows, labels offset by rank).
+"""
+import json
+import math
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# LoRA targets (paper: q,k,v,o,gate,up,down). BERT-likes name the same projections differently.
+DECODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ENCODER_LORA_TARGETS = ["query", "key", "value", "dense"]
+ENCODER_CONFIG = "encoder.json"  # written by cc_finetune.py next to the merged model and the adapter
+LLM2CLIP_CONFIG = "llm2clip.json"  # written by post_train.py next to the exported vision tower + adaptor
+
+
+# -----------------------------------------------------------------------------
+# Pooling
+
+def mean_pool(hidden, mask):
+    """Mean of hidden (B, T, C) over positions where mask (B, T) is 1, in float32. -> (B, C)"""
+    m = mask.to(torch.float32).unsqueeze(-1)  # (B, T, 1)
+    return (hidden.float() * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+def eos_pool(hidden, mask):
+    """Hidden state at the last position where mask is 1 (works for left and right padding). -> (B, C)"""
+    T = mask.shape[1]
+    last = T - 1 - mask.long().flip(1).argmax(1)  # (B,)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last].float()
+
+
+POOLERS = {"mean": mean_pool, "eos": eos_pool}
+
+
+# -----------------------------------------------------------------------------
+# Bidirectional attention for HF decoders
+
+def _attention_modules(model):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base, [m for m in base.modules() if isinstance(getattr(m, "is_causal", None), bool)]
+
+
+def is_causal_model(model):
+    """True if any attention module of the HF model is causal right now."""
+    return any(m.is_causal for m in _attention_modules(model)[1])
+
+
+def is_decoder_model(model):
+    """True for a decoder LLM, causal or already made bidirectional (enable_bidirectional sets
+    config.is_causal = False; BERT-like configs have no such attribute)."""
+    base = _attention_modules(model)[0]
+    return is_causal_model(model) or getattr(base.config, "is_causal", None) is False
+
+
+def enable_bidirectional(model, verify=True):
+    """Make a HF decoder attend bidirectionally, for eager, sdpa and flash_attention_2.
+
+    transformers 5.x builds its masks in `masking_utils`: `config.is_causal = False` makes
+    `create_causal_mask` return a padding-only (bidirectional) mask, and every attention module's
+    `is_causal` flag decides what sdpa (when the mask is skipped: batch 1, no padding) and flash
+    attention do. Both are switched off here. With `verify=True` a probe checks that the first
+    token's output depends on the last token, so a transformers version whose internals differ
+    fails loudly instead of silently staying causal. Returns the model (modified in place).
+    """
+    base, modules = _attention_modules(model)
+    for cfg in [base.config] + [getattr(base.config, k) for k in ("text_config",) if hasattr(base.config, k)]:
+        cfg.is_causal = False
+        if hasattr(cfg, "use_bidirectional_attention"):
+            cfg.use_bidirectional_attention = True
+    for m in modules:
+        m.is_causal = False
+    if verify and not attends_bidirectionally(model):
+        raise RuntimeError(
+            f"enable_bidirectional: {type(base).__name__} (attn_implementation="
+            f"{getattr(base.config, '_attn_implementation', '?')}) is still causal after the patch; "
+            "this transformers version builds masks differently. Install the range in requirements.txt.")
+    return model
+
+
+@torch.no_grad()
+def attends_bidirectionally(model, length=6):
+    """Probe: does position 0's last hidden state change when only the last token changes? (batch 1, no padding)"""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    device = next(base.parameters()).device
+    vocab = base.config.get_text_config().vocab_size if hasattr(base.config, "get_text_config") else base.config.vocab_size
+    ids = torch.arange(1, length + 1, device=device).remainder(vocab - 1).add(1).unsqueeze(0)  # (1, T)
+    ids2 = ids.clone()
+    ids2[0, -1] = ids[0, -1] % (vocab - 1) + 1
+    was_training = model.training
+    model.eval()
+    h1 = model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0, 0].float()
+    h2 = model(input_ids=ids2, output_hidden_states=True).hidden_states[-1][0, 0].float()
+    model.train(was_training)
+    return not torch.allclose(h1, h2, rtol=0, atol=1e-6 * max(1.0, h1.abs().max().item()))
+
+
+# -----------------------------------------------------------------------------
+# LoRA (peft)
+
+def default_lora_targets(model):
+    return DECODER_LORA_TARGETS if is_decoder_model(model) else ENCODER_LORA_TARGETS
+
+
+def attach_lora(model, r=16, alpha=32, dropout=0.05, target_modules=None):
+    """Wrap a HF model with peft LoRA adapters (paper: r=16, alpha=32, dropout 0.05). Returns a PeftModel."""
+    from peft import LoraConfig, get_peft_model
+    targets = target_modules or default_lora_targets(model)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none")
+    return get_peft_model(model, config)
+
+
+def merge_lora(model):
+    """Fold LoRA weights into the base model and drop the peft wrapper (same outputs, faster)."""
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
+# -----------------------------------------------------------------------------
+# The text encoder
+
+class TextEncoder(nn.Module):
+    """A HF text model as a caption encoder: forward(input_ids, attention_mask, embed_mask) -> (B, C).
+
+    Sequences are laid out as [tokenizer prefix] [instruction] [text] [tokenizer suffix]; the pooled
+    span (`embed_mask`) is the text plus the suffix (e.g. EOS), and for BERT-like encoders also the
+    prefix ([CLS]), which is what sentence-transformers' mean pooling does. A decoder's BOS is never
+    pooled (its state is an attention sink with an outsized norm). The instruction is never pooled.
+    """
+
+    def __init__(self, model, tokenizer, pooling="mean", settings=None):
+        super().__init__()
+        if pooling not in POOLERS:
+            raise ValueError(f"pooling={pooling!r}; expected one of {sorted(POOLERS)}")
+        self.model, self.tokenizer, self.pooling = model, tokenizer, pooling
+        self.settings = dict(settings or {})
+        self.is_decoder = is_decoder_model(model)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        self.prefix, self.suffix = _special_affixes(tokenizer)
+        if pooling == "eos" and self.is_decoder and tokenizer.eos_token_id is not None \
+                and self.suffix[-1:] != [tokenizer.eos_token_id]:
+            self.suffix = self.suffix + [tokenizer.eos_token_id]  # eos pooling needs an EOS to pool
+        self.pool_prefix = not self.is_decoder
+
+    @property
+    def dim(self):
+        cfg = self.model.config
+        return cfg.get_text_config().hidden_size if hasattr(cfg, "get_text_config") else cfg.hidden_size
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    def tokenize(self, texts, instruction=None, max_length=512):
+        """Right-padded batch: dict of input_ids, attention_mask, embed_mask (LongTensors, (B, T))."""
+        instr = self.tokenizer(instruction, add_special_tokens=False)["input_ids"] if instruction else []
+        bodies = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        budget = max_length - len(self.prefix) - len(instr) - len(self.suffix)
+        if budget < 1:
+            raise ValueError(f"max_length={max_length} leaves no room for text after the instruction and special tokens")
+        seqs, pools = [], []
+        for i, body in enumerate(bodies):
+            if not body:
+                raise ValueError(f"text {i} is empty ({texts[i]!r}); every caption needs at least one token")
+            body = body[:budget]
+            seqs.append(self.prefix + instr + body + self.suffix)
+            pools.append([int(self.pool_prefix)] * len(self.prefix) + [0] * len(instr) + [1] * (len(body) + len(self.suffix)))
+        T = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), T), self.pad_id, dtype=torch.long)
+        att = torch.zeros((len(seqs), T), dtype=torch.long)
+        emb = torch.zeros((len(seqs), T), dtype=torch.long)
+        for i, (s, p) in enumerate(zip(seqs, pools)):
+            ids[i, :len(s)] = torch.tensor(s)
+            att[i, :len(s)] = 1
+            emb[i, :len(p)] = torch.tensor(p)
+        return {"input_ids": ids, "attention_mask": att, "embed_mask": emb}
+
+    def forward(self, input_ids, attention_mask, embed_mask=None):
+        # positions from the mask, so a left-padded text gets the same positions as alone
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, T, C)
+        mask = attention_mask if embed_mask is None else embed_mask * attention_mask
+        return POOLERS[self.pooling](hidden, mask)
+
+    @torch.no_grad()
+    def encode(self, texts, instruction=None, max_length=512, batch_size=64, show_progress=False):
+        """Embed raw strings -> (N, C) float32 on CPU, in input order. Batches are length-sorted."""
+        texts = list(texts)
+        lengths = [len(x) for x in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+        out = torch.empty((len(texts), self.dim), dtype=torch.float32)
+        was_training = self.training
+        self.eval()
+        starts = range(0, len(texts), batch_size)
+        if show_progress:
+            from tqdm import tqdm
+            starts = tqdm(starts, desc="encode", unit="batch")
+        device = self.device
+        for s in starts:
+            idx = order[s:s + batch_size]
+            batch = {k: v.to(device) for k, v in self.tokenize([texts[i] for i in idx], instruction, max_length).items()}
+            out[idx] = self(**batch).float().cpu()
+        self.train(was_training)
+        return out
+
+
+def _special_affixes(tokenizer):
+    """The special tokens this tokenizer puts before and after a text, found by tokenizing a probe."""
+    probe = "hello world"
+    full = tokenizer(probe)["input_ids"]
+    bare = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    for i in range(len(full) - len(bare) + 1):
+        if full[i:i + len(bare)] == bare:
+            return list(full[:i]), list(full[i + len(bare):])
+    return [], []
+
+
+def _resolve_dtype(dtype):
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+            "float16": torch.float16, "fp16": torch.float16}[str(dtype)]
+
+
+def load_text_encoder(name_or_path, *, bidirectional=None, pooling=None, lora=None, dtype=None,
+                      attn_implementation=None, device=None):
+    """Load a HF model (local folder or hub name) or a cc_finetune.py out_dir as a `TextEncoder`.
+
+    - a stage-1 out_dir (has `encoder.json`): its merged model, pooling and bidirectional setting
+      are used unless overridden here; `encoder.settings` holds its instruction and max_length.
+    - bidirectional (default True): applied to decoders (verified); BERT-likes already are.
+    - lora: None, a dict of `attach_lora` kwargs (fresh trainable adapters), or a saved adapter folder.
+    - dtype: torch dtype or "bfloat16"/"float32"; attn_implementation: "eager", "sdpa", "flash_attention_2".
+    """
+    from transformers import AutoModel, AutoTokenizer
+    settings = {}
+    path = name_or_path
+    if os.path.isfile(os.path.join(name_or_path, ENCODER_CONFIG)):
+        with open(os.path.join(name_or_path, ENCODER_CONFIG)) as f:
+            settings = json.load(f)
+        path = os.path.join(name_or_path, settings.get("model_subdir", "merged"))
+    bidirectional = settings.get("bidirectional", True) if bidirectional is None else bidirectional
+    pooling = settings.get("pooling", "mean") if pooling is None else pooling
+    kwargs = {"dtype": _resolve_dtype(dtype)} if dtype is not None else {}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    model = AutoModel.from_pretrained(path, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:  # Llama-3 has none; pad positions are masked out anyway
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+    if device is not None:
+        model.to(device)
+    decoder = is_decoder_model(model)
+    if bidirectional and decoder:
+        enable_bidirectional(model)
+    if isinstance(lora, dict):
+        model = attach_lora(model, **lora)
+    elif isinstance(lora, str):
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, lora, is_trainable=True)
+    settings.update({"name_or_path": name_or_path, "pooling": pooling,
+                     "bidirectional": bool(bidirectional and decoder), "decoder": decoder})
+    return TextEncoder(model, tokenizer, pooling=pooling, settings=settings)
+
+
+# -----------------------------------------------------------------------------
+# Adaptor: LLM embedding -> CLIP space
+
+class MLPBlock(nn.Module):
+    """Pre-LN residual MLP: x + W2(GELU(W1(LN(x))))."""
+
+    def __init__(self, dim, expansion=2):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, dim * expansion)
+        self.fc2 = nn.Linear(dim * expansion, dim)
+
+    def forward(self, x):
+        return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+class Adaptor(nn.Module):
+    """L2-normalise the LLM embedding, `num_blocks` residual MLP blocks, LayerNorm, Linear(in_dim -> out_dim).
+
+    num_blocks is the paper's Table 8 ablation (0, 1, 2, 4); 0 is a plain LN + Linear.
+    """
+
+    def __init__(self, in_dim, out_dim, num_blocks=4, expansion=2):
+        super().__init__()
+        self.in_dim, self.out_dim, self.num_blocks, self.expansion = in_dim, out_dim, num_blocks, expansion
+        self.blocks = nn.Sequential(*[MLPBlock(in_dim, expansion) for _ in range(num_blocks)])
+        self.norm = nn.LayerNorm(in_dim)
+        self.proj = nn.Linear(in_dim, out_dim)
+
+    def forward(self, x):  # (B, in_dim) -> (B, out_dim)
+        x = F.normalize(x.float(), dim=-1)
+        return self.proj(self.norm(self.blocks(x)))
+
+
+# -----------------------------------------------------------------------------
+# Vision tower (timm)
+
+class VisionTower(nn.Module):
+    """A timm image model -> (B, output_dim) features, with its own preprocessing in `data_config`.
+
+    embed_dim: None keeps the model's own head (e.g. the pretrained CLIP projection of timm's
+    `*_clip_*.openai` models); an int > 0 puts a new head of that size in timm's own head slot (so the
+    trained tower reloads with `timm.create_model(name, num_classes=embed_dim)`); 0 means no head.
+    weights: an optional local file (state dict, .pt/.pth/.bin or .safetensors) loaded instead of hub weights.
+    """
+
+    def __init__(self, model_name, pretrained=False, weights=None, embed_dim=None, grad_checkpointing=False,
+                 **timm_kwargs):
+        super().__init__()
+        import timm
+        self.model_name = model_name
+        self.timm_kwargs = dict(timm_kwargs)
+        if embed_dim is not None:
+            self.timm_kwargs["num_classes"] = embed_dim
+        self.model = timm.create_model(model_name, pretrained=pretrained and weights is None, **self.timm_kwargs)
+        if weights:
+            self._load_weights(weights)
+        self.output_dim = self.model.num_classes or self.model.num_features
+        self.data_config = timm.data.resolve_data_config({}, model=self.model)
+        self.set_grad_checkpointing(grad_checkpointing)
+
+    def _load_weights(self, path):
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            sd = load_file(path)
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+            sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+        own = self.model.state_dict()
+        # a new head (embed_dim differs from the file's) keeps its fresh init; anything else must match
+        head = {k for k in sd if k in own and sd[k].shape != own[k].shape and k.startswith(("head", "fc.", "classifier"))}
+        sd = {k: v for k, v in sd.items() if k not in head}
+        missing, unexpected = self.model.load_state_dict(sd, strict=False)
+        missing = [k for k in missing if not k.startswith(("head", "fc.", "classifier"))]
+        if missing or unexpected:
+            raise ValueError(f"{path}: weights do not match timm model {self.model_name!r}: "
+                             f"missing {missing[:5]}, unexpected {list(unexpected)[:5]}")
+
+    def set_grad_checkpointing(self, enable=True):
+        self.model.set_grad_checkpointing(enable)
+
+    def forward(self, images):  # (B, 3, H, W) -> (B, output_dim)
+        return self.model(images)
+
+
+# -----------------------------------------------------------------------------
+# The CLIP-style model trained in stage 2
+
+class LLM2CLIP(nn.Module):
+    """Vision tower + adaptor over cached LLM embeddings + learnable log logit scale."""
+
+    def __init__(self, vision, text_dim, adaptor_blocks=4, adaptor_expansion=2, logit_scale_init=math.log(1 / 0.07)):
+        super().__init__()
+        self.vision = vision
+        self.adaptor = Adaptor(text_dim, vision.output_dim, adaptor_blocks, adaptor_expansion)
+        self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)))  # stored as a log, like CLIP
+
+    def encode_image(self, images):
+        return F.normalize(self.vision(images).float(), dim=-1)
+
+    def encode_text(self, text_embeddings):
+        return F.normalize(self.adaptor(text_embeddings), dim=-1)
+
+    def forward(self, images, text_embeddings):
+        return self.encode_image(images), self.encode_text(text_embeddings), self.logit_scale.exp()
+
+
+class ImageEncoder(nn.Module):
+    """Inference wrapper: images (B, 3, H, W) -> L2-normalised (B, D); `data_config` is the preprocessing."""
+
+    def __init__(self, vision):
+        super().__init__()
+        self.vision = vision
+        self.data_config = vision.data_config
+
+    def forward(self, images):
+        return F.normalize(self.vision(images).float(), dim=-1)
+
+
+class LLM2CLIPTextEncoder(nn.Module):
+    """Inference wrapper: raw strings -> LLM (frozen) -> adaptor -> L2-normalised (N, D)."""
+
+    def __init__(self, text_encoder, adaptor, instruction=None, max_length=512):
+        super().__init__()
+        self.text_encoder, self.adaptor = text_encoder, adaptor
+        self.instruction, self.max_length = instruction, max_length
+
+    @torch.no_grad()
+    def encode(self, texts, batch_size=64, show_progress=False):
+        emb = self.text_encoder.encode(texts, self.instruction, self.max_length, batch_size, show_progress)
+        return self.encode_embeddings(emb)
+
+    @torch.no_grad()
+    def encode_embeddings(self, embeddings):
+        p = next(self.adaptor.parameters())
+        return F.normalize(self.adaptor(embeddings.to(p.device)), dim=-1)
+
+
+def load_llm2clip(out_dir, device="cpu", load_text=True):
+    """Load a post_train.py export -> (ImageEncoder, LLM2CLIPTextEncoder or None), ready for inference.
+
+    `llm2clip.json` names the timm model and kwargs, the files of the vision tower and adaptor state
+    dicts, and the stage-1 text encoder (with the instruction and max_length the cache used).
+    """
+    with open(os.path.join(out_dir, LLM2CLIP_CONFIG)) as f:
+        meta = json.load(f)
+    v = meta["vision"]
+    vision = VisionTower(v["model_name"], pretrained=False, **v.get("timm_kwargs", {}))
+    vision.model.load_state_dict(torch.load(os.path.join(out_dir, v["file"]), map_location="cpu", weights_only=True))
+    a = meta["adaptor"]
+    adaptor = Adaptor(a["in_dim"], a["out_dim"], a["num_blocks"], a["expansion"])
+    adaptor.load_state_dict(torch.load(os.path.join(out_dir, a["file"]), map_location="cpu", weights_only=True))
+    image_encoder = ImageEncoder(vision).to(device).eval()
+    text_encoder = None
+    if load_text:
+        t = meta["text"]
+        text_path = t["model"] if os.path.isabs(t["model"]) else os.path.join(out_dir, t["model"])
+        if not os.path.exists(text_path):
+            text_path = t["model"]  # a hub name
+        enc = load_text_encoder(text_path, pooling=t.get("pooling"), device=device)
+        text_encoder = LLM2CLIPTextEncoder(enc, adaptor.to(device), t.get("instruction"), t.get("max_length", 512)).eval()
+    return image_encoder, text_encoder
+
+
+# -----------------------------------------------------------------------------
+# Contrastive losses, correct under DDP
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient and returns this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, 0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # d(sum of all ranks' losses) / d(gathered features)
+        b = grad.shape[0] // dist.get_world_size()
+        r = dist.get_rank()
+        return grad[r * b:(r + 1) * b]
+
+
+def _dist_on():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def gather_with_grad(x):
+    """Concatenate x (B, D) from every rank (same B everywhere) -> (world*B, D), keeping the gradient."""
+    return _GatherWithGrad.apply(x) if _dist_on() else x
+
+
+def _local_labels(b, device):
+    rank = dist.get_rank() if _dist_on() else 0
+    return torch.arange(b, device=device) + b * rank
+
+
+def clip_loss(image_features, text_features, logit_scale):
+    """CLIP's symmetric InfoNCE over the global batch; this rank's rows only ("local loss").
+
+    logit_scale is the multiplier (the model stores its log and passes `.exp()`). Features are
+    L2-normalised here. Under DDP the mean over ranks of this loss is the full-batch loss, and
+    DDP's gradient averaging yields exactly the full-batch gradient.
+    """
+    img = F.normalize(image_features.float(), dim=-1)  # (B, D)
+    txt = F.normalize(text_features.float(), dim=-1)
+    all_img, all_txt = gather_with_grad(img), gather_with_grad(txt)  # (N, D)
+    labels = _local_labels(img.shape[0], img.device)
+    logits_i2t = logit_scale * img @ all_txt.T  # (B, N)
+    logits_t2i = logit_scale * txt @ all_img.T
+    return (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels)) / 2
+
+
+def caption_contrastive_loss(q, d, temperature=0.05, hard_negatives=None):
+    """Supervised SimCSE: query i must pick its positive d_i among every positive (and hard negative)
+    of the global batch. Cosine similarity / temperature; local rows; labels offset by rank."""
+    q = F.normalize(q.float(), dim=-1)  # (B, D)
+    cands = gather_with_grad(F.normalize(d.float(), dim=-1))  # (N, D)
+    if hard_negatives is not None:
+        cands = torch.cat([cands, gather_with_grad(F.normalize(hard_negatives.float(), dim=-1))], 0)
+    logits = q @ cands.T / temperature  # (B, N or 2N)
+    return F.cross_entropy(logits, _local_labels(q.shape[0], q.device))

@@ -41,3 +41,112 @@ def read_jsonl(path):
 
 
 # === synthetic image-caption data (the tiny pipeline) ===
+# Coloured shapes on a plain background: a retrieval task that a tiny ViT learns in a few hundred CPU
+# steps, yet needs colour, shape, size and position to tell ~200 held-out images apart. The closed,
+# small vocabulary (synthetic_vocabulary) lets a tokenizer be trained offline from these captions.
+import random  # noqa: E402  (kept in this section: only the synthetic generator needs them)
+import re  # noqa: E402
+
+SYN_COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220),
+               "yellow": (240, 210, 40), "purple": (140, 50, 180), "pink": (245, 130, 190)}
+SYN_BACKGROUNDS = {"white": (245, 245, 245), "black": (20, 20, 20), "gray": (128, 128, 128)}
+# canonical name -> phrasings; the canonical name is the first one and is used in short captions
+SYN_SHAPES = {"circle": ["circle", "disc", "round shape"], "square": ["square", "box", "square shape"],
+              "triangle": ["triangle", "triangular shape"], "cross": ["cross", "plus sign"],
+              "diamond": ["diamond", "rhombus"]}
+SYN_SIZES = {"small": (0.11, ["small", "little"]), "large": (0.2, ["large", "big"])}  # radius / image size
+SYN_POSITIONS = {"left": ((0.2, 0.5), ["on the left", "at the left side"]),
+                 "right": ((0.8, 0.5), ["on the right", "at the right side"]),
+                 "top": ((0.5, 0.2), ["at the top", "near the top"]),
+                 "bottom": ((0.5, 0.8), ["at the bottom", "near the bottom"]),
+                 "centre": ((0.5, 0.5), ["in the centre", "in the middle"])}
+SYN_LONG_TEMPLATES = ["a {bg} background with {objs}.",
+                      "{count} {noun} on a {bg} background: {objs}.",
+                      "the image shows {objs}, against a plain {bg} background.",
+                      "on a {bg} background there is {objs}."]
+SYN_COUNTS = ["one", "two", "three"]
+
+
+def synthetic_vocabulary():
+    """Every word and punctuation mark a synthetic caption can contain (sorted), for offline tokenizers."""
+    pieces = [re.sub(r"\{\w+\}", " ", t) for t in SYN_LONG_TEMPLATES] + SYN_COUNTS + ["a and shape shapes"]
+    pieces += list(SYN_COLOURS) + list(SYN_BACKGROUNDS) + [w for v in SYN_SHAPES.values() for w in v]
+    pieces += [w for _, v in SYN_SIZES.values() for w in v] + [w for _, v in SYN_POSITIONS.values() for w in v]
+    return sorted(set(re.findall(r"\w+|[^\w\s]", " ".join(pieces))))
+
+
+def _synthetic_scene(rng):
+    """1-3 objects at distinct positions; the first is the main one: alone, or the only large one."""
+    n = rng.choice([1, 2, 3])
+    sizes = [rng.choice(list(SYN_SIZES))] if n == 1 else ["large"] + ["small"] * (n - 1)
+    objs = [{"colour": rng.choice(list(SYN_COLOURS)), "shape": rng.choice(list(SYN_SHAPES)), "size": s, "pos": p}
+            for s, p in zip(sizes, rng.sample(list(SYN_POSITIONS), n))]
+    return objs, rng.choice(list(SYN_BACKGROUNDS))
+
+
+def _draw_synthetic(objs, bg, image_size, rng):
+    """Render with PIL; small objects first so the main object is never covered. Centres jitter a
+    little (S/32 px) so position is not a single pixel pattern, but each shape still covers its
+    nominal centre."""
+    from PIL import Image, ImageDraw
+    img = Image.new("RGB", (image_size, image_size), SYN_BACKGROUNDS[bg])
+    draw, jit = ImageDraw.Draw(img), image_size // 32
+    for o in reversed(objs):
+        (fx, fy), r = SYN_POSITIONS[o["pos"]][0], SYN_SIZES[o["size"]][0] * image_size
+        cx, cy = fx * image_size + rng.randint(-jit, jit), fy * image_size + rng.randint(-jit, jit)
+        fill, box = SYN_COLOURS[o["colour"]], [cx - r, cy - r, cx + r, cy + r]
+        if o["shape"] == "circle":
+            draw.ellipse(box, fill=fill)
+        elif o["shape"] == "square":
+            draw.rectangle([cx - 0.85 * r, cy - 0.85 * r, cx + 0.85 * r, cy + 0.85 * r], fill=fill)
+        elif o["shape"] == "triangle":
+            draw.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=fill)
+        elif o["shape"] == "cross":
+            w = 0.45 * r
+            draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fill)
+            draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
+        else:  # diamond
+            draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+    return img
+
+
+def _long_caption(objs, bg, template, rng):
+    """One dense description: every object (size, colour, shape, position) and the background."""
+    phrases = [f"a {rng.choice(SYN_SIZES[o['size']][1])} {o['colour']} {rng.choice(SYN_SHAPES[o['shape']])} "
+               f"{rng.choice(SYN_POSITIONS[o['pos']][1])}" for o in objs]
+    objs_text = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+    return template.format(bg=bg, objs=objs_text, count=SYN_COUNTS[len(objs) - 1],
+                           noun="shape" if len(objs) == 1 else "shapes")
+
+
+def make_synthetic_dataset(out_dir, num_images, seed=0, image_size=64, split="train", num_long=3):
+    """Write `num_images` PNGs to out_dir/images/, the manifest out_dir/<split>.jsonl and the stage-1
+    caption file out_dir/<split>_captions.jsonl; return the manifest records.
+
+    Each image has its own random.Random seeded by (seed, split, index), so a rerun is byte-identical
+    and splits never share images. Short captions name the main object ("a red circle"; one with the
+    background too); the `num_long` dense captions are paraphrases (distinct templates, synonyms, and
+    object order shuffled after the first) and double as the stage-1 positive pairs.
+    """
+    if not 2 <= num_long <= len(SYN_LONG_TEMPLATES):
+        raise ValueError(f"num_long={num_long}: expected 2..{len(SYN_LONG_TEMPLATES)} (one per template)")
+    if image_size < 16:
+        raise ValueError(f"image_size={image_size}: expected >= 16 so small shapes stay visible")
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    records, caption_records = [], []
+    for i in range(num_images):
+        rng = random.Random(f"synthetic/{seed}/{split}/{i}")
+        objs, bg = _synthetic_scene(rng)
+        name = f"images/{split}_{i:06d}.png"
+        _draw_synthetic(objs, bg, image_size, rng).save(os.path.join(out_dir, name), format="PNG")
+        main = f"a {objs[0]['colour']} {objs[0]['shape']}"
+        longs = []
+        for k, t in enumerate(rng.sample(SYN_LONG_TEMPLATES, num_long)):
+            order = objs if k == 0 else rng.sample(objs, len(objs))  # first long caption: main object first
+            longs.append(_long_caption(order, bg, t, rng))
+        records.append({"image": name, "captions": [main, f"{main} on a {bg} background"], "long_captions": longs})
+        caption_records.append({"id": f"{split}_{i:06d}", "captions": longs})
+    for path, rows in ((f"{split}.jsonl", records), (f"{split}_captions.jsonl", caption_records)):
+        with open(os.path.join(out_dir, path), "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    return records

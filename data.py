@@ -39,6 +39,61 @@ def read_jsonl(path):
 
 # === samplers: deterministic, rank-split, resumable ===
 
+class ResumableBatchSampler:
+    """Deterministic, rank-split, resumable batches over `n` items.
+
+    Epoch e visits a permutation of range(n) seeded by (seed, e); global step s takes the s-th block
+    of `global_batch` items of its epoch (the remainder of an epoch is dropped, so every rank always
+    gets the same number of items); rank r gets its contiguous slice. The only state is the step:
+    starting at `start_step` reproduces the uninterrupted run's order exactly. Iterating yields this
+    rank's list of indices per step, `max_steps` steps in all (None: forever). Usable as a
+    DataLoader `batch_sampler`.
+    """
+
+    def __init__(self, n, global_batch, rank=0, world_size=1, seed=0, shuffle=True, start_step=0, max_steps=None):
+        if global_batch % world_size:
+            raise ValueError(f"global batch {global_batch} is not divisible by world size {world_size}")
+        if n < global_batch:
+            raise DataError(f"only {n} items for a global batch of {global_batch}; need at least one full batch")
+        self.n, self.global_batch, self.rank, self.world_size = n, global_batch, rank, world_size
+        self.seed, self.shuffle, self.start_step, self.max_steps = seed, shuffle, start_step, max_steps
+        self.steps_per_epoch = n // global_batch
+        self._perm_epoch, self._perm = None, None
+
+    def epoch_of(self, step):
+        return step // self.steps_per_epoch
+
+    def global_indices(self, step):
+        """All ranks' indices of global step `step`, in rank order."""
+        import numpy as np
+        epoch = self.epoch_of(step)
+        if epoch != self._perm_epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._perm = rng.permutation(self.n) if self.shuffle else np.arange(self.n)
+            self._perm_epoch = epoch
+        i = (step % self.steps_per_epoch) * self.global_batch
+        return self._perm[i:i + self.global_batch].tolist()
+
+    def indices(self, step):
+        """This rank's indices of global step `step`."""
+        b = self.global_batch // self.world_size
+        return self.global_indices(step)[self.rank * b:(self.rank + 1) * b]
+
+    def __iter__(self):
+        step = self.start_step
+        while self.max_steps is None or step < self.start_step + self.max_steps:
+            yield self.indices(step)
+            step += 1
+
+    def __len__(self):
+        if self.max_steps is None:
+            raise TypeError("infinite sampler (max_steps=None) has no length")
+        return self.max_steps
+
+
+
+# === stage-2 training data: caption choice, training transforms, tar shards ===
+
 
 # === synthetic image-caption data (the tiny pipeline) ===
 # Coloured shapes on a plain background: a retrieval task that a tiny ViT learns in a few hundred CPU

@@ -322,8 +322,8 @@ class TrainTransform:
         return TF.normalize(TF.to_tensor(img), self.mean, self.std)
 
 
-def open_image(record, image_root=""):
-    """PIL RGB image of a manifest record (path under image_root) or a tar-shard record (byte range).
+def open_image(record):
+    """PIL RGB image of a manifest record (read_manifest resolves its path) or a tar-shard record (byte range).
     Raises DataError naming the file when it is missing or cannot be decoded."""
     import io
     from PIL import Image
@@ -331,7 +331,7 @@ def open_image(record, image_root=""):
         path, offset, size = record["_tar"]
         where = record["image"]
     else:
-        path = where = os.path.join(image_root, record["image"])
+        path = where = record["image"]
     try:
         if "_tar" in record:
             with open(path, "rb") as f:
@@ -421,9 +421,8 @@ class TrainSamples:
     every rank keeps the same batch size; `bad` lists the skipped images for the end-of-run report.
     """
 
-    def __init__(self, records, transform, image_root="", cache=None, seed=0, real_caption_ratio=0.5,
-                 skip_bad_images=False):
-        self.records, self.transform, self.image_root, self.cache = records, transform, image_root, cache
+    def __init__(self, records, transform, cache=None, seed=0, real_caption_ratio=0.5, skip_bad_images=False):
+        self.records, self.transform, self.cache = records, transform, cache
         self.seed, self.ratio, self.skip_bad = seed, real_caption_ratio, skip_bad_images
 
     def __len__(self):
@@ -435,7 +434,7 @@ class TrainSamples:
         for k in range(len(self.records)):
             i = (index + k) % len(self.records)
             try:
-                img = open_image(self.records[i], self.image_root)
+                img = open_image(self.records[i])
                 break
             except DataError as e:
                 if not self.skip_bad:

@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 import common
 import data
+import evaluate
 import model as M
 
 # -----------------------------------------------------------------------------
@@ -168,27 +169,17 @@ def vit_flops_per_image(vit):
 
 
 @torch.no_grad()
-def embed_images(orig_model, records, image_root, data_config, device, batch_size, autocast):
-    """L2-normalised image features of `records` with the eval preprocessing (rank-local, in order)."""
-    import timm.data
-    tf = timm.data.create_transform(**{k: v for k, v in data_config.items() if k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")}, is_training=False)
+def embed_images(orig_model, records, data_config, device, batch_size, autocast):
+    """L2-normalised image features of `records` with the eval preprocessing (in order)."""
+    tf = data.eval_transform(data_config)
     feats = []
     orig_model.eval()
     for s in range(0, len(records), batch_size):
-        x = torch.stack([tf(data.open_image(r, image_root)) for r in records[s:s + batch_size]]).to(device)
+        x = torch.stack([tf(data.open_image(r)) for r in records[s:s + batch_size]]).to(device)
         with autocast:
             feats.append(orig_model.encode_image(x).float())
     orig_model.train()
     return torch.cat(feats)
-
-
-def retrieval_top1(img, txt, text_to_image):
-    """image->text (hit: any of the image's captions first) and text->image top-1, in percent."""
-    t2i = torch.as_tensor(text_to_image, device=img.device)
-    sim = img @ txt.T  # (N_img, N_txt)
-    i2t = (t2i[sim.argmax(1)] == torch.arange(img.shape[0], device=img.device)).float().mean().item()
-    t2i_acc = (sim.argmax(0) == t2i).float().mean().item()
-    return {"i2t_R@1": 100 * i2t, "t2i_R@1": 100 * t2i_acc}
 
 
 def save_checkpoint(path, state):
@@ -247,16 +238,11 @@ def model_data_config(vision):
 
 
 def load_val(cfg, text_cfg, text_encoder, device):
-    """(records, image_root, text embeddings (N_txt, C) on device, text_to_image) for the retrieval eval."""
+    """(records, text embeddings (N_txt, C) on device, text_to_image) for the held-out retrieval eval."""
     path, field = cfg["val_manifest"], cfg["eval_field"]
-    records = [obj for _, obj in data.read_jsonl(path)]
-    root = cfg["val_image_root"] or os.path.dirname(os.path.abspath(path))
-    texts, t2i = [], []
-    for r, rec in enumerate(records):
-        if not rec.get(field):
-            raise data.DataError(f"{path}: record {r} has no {field!r} for the eval (eval_field={field!r})")
-        texts += rec[field]
-        t2i += [r] * len(rec[field])
+    records = data.read_manifest(path, cfg["val_image_root"] or None, field=field)
+    texts = [t for rec in records for t in rec[field]]
+    t2i = [r for r, rec in enumerate(records) for _ in rec[field]]
     if cfg["val_cache_dir"]:
         vc = data.EmbeddingCache(cfg["val_cache_dir"], manifest=path)
         emb = torch.from_numpy(np.concatenate([np.asarray(vc.rows(r, field), np.float32) for r in range(len(records))]))
@@ -264,7 +250,7 @@ def load_val(cfg, text_cfg, text_encoder, device):
         enc = text_encoder or M.load_text_encoder(text_cfg["model"], pooling=text_cfg["pooling"], device=device)
         emb = enc.encode(texts, text_cfg["instruction"], text_cfg["max_length"])
         del enc
-    return records, root, emb.to(device), t2i
+    return records, emb.to(device), t2i
 
 
 def write_metrics(out_dir, rec):
@@ -314,12 +300,13 @@ def main(argv=None):
     # -------------------------------------------------------------------------
     # data: records, the embedding cache (validated against them), loader starting at the resume step
     if cfg["train_manifest"]:
-        records = [obj for _, obj in data.read_jsonl(cfg["train_manifest"])]
-        root = cfg["image_root"] or os.path.dirname(os.path.abspath(cfg["train_manifest"]))
+        # image files are checked up front unless bad ones are to be skipped (then: at load time)
+        records = data.read_manifest(cfg["train_manifest"], cfg["image_root"] or None,
+                                     check_images=not cfg["skip_bad_images"])
         manifest_ref = cfg["train_manifest"]
     else:
         records = data.index_tar_shards(data.expand_shards(cfg["train_shards"]))
-        root, manifest_ref = "", records
+        manifest_ref = records
     cache = None
     if cfg["cache_dir"]:
         cache = data.EmbeddingCache(cfg["cache_dir"], manifest=manifest_ref)
@@ -385,7 +372,7 @@ def main(argv=None):
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device_type == "cuda" else None)
 
-    train_set = data.TrainSamples(records, data.TrainTransform(data_config, tuple(cfg["crop_scale"])), root,
+    train_set = data.TrainSamples(records, data.TrainTransform(data_config, tuple(cfg["crop_scale"])),
                                   cache if cfg["text_source"] == "cache" else None, cfg["seed"],
                                   cfg["real_caption_ratio"], cfg["skip_bad_images"])
     sampler = data.EpochBatchSampler(len(records), cfg["batch_size"], rank, world_size, cfg["seed"], True,
@@ -402,13 +389,14 @@ def main(argv=None):
     def run_eval(at_step):
         if val is None:
             return None
-        v_records, v_root, v_emb, t2i = val
-        img = embed_images(orig_model, v_records, v_root, data_config, device, cfg["eval_batch_size"], autocast)
+        v_records, v_emb, t2i = val
+        img = embed_images(orig_model, v_records, data_config, device, cfg["eval_batch_size"], autocast)
         with torch.no_grad(), autocast:
             txt = orig_model.encode_text(v_emb).float()
-        metrics = retrieval_top1(img, txt, t2i)
+        metrics = evaluate.retrieval_metrics(img, txt, t2i)
         metrics["chance_R@1"] = 100 / len(v_records)
-        log(f"eval step {at_step}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+        log(f"eval step {at_step} ({len(v_records)} images): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
         write_metrics(out, {"step": at_step, "eval": metrics})
         return metrics
 

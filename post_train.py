@@ -410,6 +410,8 @@ def main(argv=None):
         from tqdm import tqdm
         pbar = tqdm(total=cfg["max_steps"], initial=step, desc="post_train", unit="step", dynamic_ncols=True,
                     disable=None)
+    if step == 0:
+        run_eval(0)  # the starting point, so the log shows what training changed
     batches = iter(loader)
     while step < cfg["max_steps"]:
         t0 = time.time()

@@ -460,7 +460,8 @@ def main(argv=None):
                 rec["mfu"] = flops_per_image * rec["samples_per_s"] / (world_size * cfg["peak_flops"])
                 line += f", MFU {100 * rec['mfu']:.1f}%"
             log(line)
-            write_metrics(out, rec) if master else None
+            if master:
+                write_metrics(out, rec)
             t_interval, wait_interval, loss_interval, n_interval = time.time(), 0.0, torch.zeros((), device=device), 0
 
         if step % cfg["save_interval"] == 0 or step == cfg["max_steps"]:

@@ -429,10 +429,10 @@ def c2c_eval(encoder, records_or_captions, instruction=None, max_length=512, bat
 
 
 def run_c2c(cfg, log):
-    from model import load_text_encoder  # local: retrieval and convert run without model.py
     if not cfg["text_model"] or not cfg["captions"]:
         raise ValueError("--task=c2c needs --text_model=PATH and --captions=FILE")
-    records = read_caption_records(cfg["captions"])
+    records = read_caption_records(cfg["captions"])  # bad input fails before the model loads
+    from model import load_text_encoder  # local: retrieval and convert run without model.py
     enc = load_text_encoder(cfg["text_model"], dtype=getattr(torch, cfg["dtype"]) if cfg["dtype"] else None)
     r = c2c_eval(enc, records, instruction=cfg["instruction"] or None, max_length=cfg["max_length"],
                  batch_size=cfg["batch_size"])

@@ -228,12 +228,16 @@ def text_settings(cfg, cache):
 
 
 def model_data_config(vision):
-    """The vision model's preprocessing, with input_size taken from the built model: timm's data config
-    reports the pretrained size (224) even when timm_kwargs changed img_size."""
+    """The vision model's preprocessing (timm data config), checked against the built model's input size:
+    timm reports the pretrained size (e.g. 224) even when timm_kwargs set another img_size, and then
+    training, evaluate.py and load_llm2clip would all feed the wrong size."""
     dc = dict(vision.data_config)
     img_size = getattr(getattr(vision.model, "patch_embed", None), "img_size", None)
-    if img_size is not None:
-        dc["input_size"] = (3, *tuple(img_size))
+    if img_size is not None and tuple(dc["input_size"][-2:]) != tuple(img_size):
+        h, w = img_size
+        raise ValueError(f"{vision.model_name}: the model takes {h}x{w} images but its preprocessing says "
+                         f"{tuple(dc['input_size'][-2:])}; add pretrained_cfg_overlay=dict(input_size=(3, {h}, {w})) "
+                         "to timm_kwargs (it is recorded in llm2clip.json, so inference preprocesses the same way)")
     return dc
 
 

@@ -10,7 +10,8 @@ eval_field = "long_captions"  # the synthetic short captions ("a red circle") ar
 # own embed_dim argument, the projection size, takes that name)
 vision_model = "test_vit"
 pretrained = False  # from scratch: no weights on a CPU box
-timm_kwargs = dict(img_size=32, patch_size=8, depth=2)
+# the overlay makes timm's preprocessing config say 32 px too (else it reports test_vit's 160)
+timm_kwargs = dict(img_size=32, patch_size=8, depth=2, pretrained_cfg_overlay=dict(input_size=(3, 32, 32)))
 embed_dim = 64
 adaptor_blocks = 2
 grad_checkpointing = False

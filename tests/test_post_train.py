@@ -265,6 +265,11 @@ def test_unknown_config_key(w, tmp_path):
         post_train.main(args(w, tmp_path, "--lr=1"))
 
 
+def test_input_size_must_match_preprocessing(w, tmp_path):
+    with pytest.raises(ValueError, match=r"takes 32x32 images but its preprocessing says \(160, 160\)"):
+        post_train.main(args(w, tmp_path, "--timm_kwargs={'img_size': 32, 'patch_size': 8, 'depth': 2}"))
+
+
 def test_nan_loss_names_step_and_checkpoint(w, tmp_path):
     cache = tmp_path / "nan_cache"
     shutil.copytree(w.cache, cache)
@@ -308,3 +313,14 @@ def test_export_loads_in_timm_and_load_llm2clip(w, trained):
         online = text_enc.encode(texts)  # raw strings through the stage-1 LLM: only the fp16 cache rounding differs
         assert (online - trained_txt).abs().max().item() < 5e-3
     assert meta["logit_scale"] == pytest.approx(ck["model"]["logit_scale"].exp().item())
+
+
+def test_evaluate_scores_the_export_as_training_did(w, trained, tmp_path):
+    """evaluate.py on the exported out_dir reproduces post_train's own held-out eval at the last step."""
+    import evaluate
+    payload = evaluate.main(["--task=retrieval", f"--model={trained}", f"--data={w.val}", "--caption_field=long_captions",
+                             "--captions_per_image=0", "--num_workers=0"])
+    (scores,) = payload["results"][str(trained)].values()
+    final = metrics(trained)[1][-1]["eval"]
+    for k in ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10"):
+        assert scores[k] == pytest.approx(final[k], abs=1e-9), k

@@ -548,7 +548,6 @@ class ResumableBatchSampler:
 # record), never from a global RNG: the same step gives the same batch whatever the number of
 # workers or ranks, and a resumed run replays the uninterrupted one exactly.
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-CAPTION_FIELDS = ("captions", "long_captions")  # real captions, long/dense captions (manifest keys)
 
 
 def sample_rng(seed, epoch, index):

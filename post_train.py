@@ -217,14 +217,14 @@ def checkpoint(out_dir, orig_model, optimizer, step, cfg, bad_images, world_size
 
 
 def text_settings(cfg, cache):
-    """The stage-1 encoder and how captions were embedded: from the cache's record, text_model overriding."""
-    meta = dict(getattr(cache, "meta", None) or {})
-    model_path = cfg["text_model"] or meta.get("model") or meta.get("text_model") or ""
+    """The stage-1 encoder and how the captions were embedded: the cache's record (text_model may name it)."""
+    enc = dict(cache.meta["encoder"]) if cache is not None else {}
+    model_path = cfg["text_model"] or enc.get("model") or ""
     if not model_path and cfg["text_source"] == "online":
-        raise ValueError("text_source='online' needs text_model (the stage-1 encoder) or a cache that names it")
+        raise ValueError("text_source='online' needs text_model (the stage-1 encoder) or a cache_dir that names it")
     return {"model": os.path.abspath(model_path) if os.path.exists(model_path) else model_path,
-            "pooling": meta.get("pooling"), "instruction": meta.get("instruction"),
-            "max_length": int(meta.get("max_length") or 512)}
+            "pooling": enc.get("pooling"), "instruction": enc.get("instruction") or None,
+            "max_length": int(enc.get("max_length") or 512)}
 
 
 def model_data_config(vision):
@@ -248,7 +248,8 @@ def load_val(cfg, text_cfg, text_encoder, device):
     texts = [t for rec in records for t in rec[field]]
     t2i = [r for r, rec in enumerate(records) for _ in rec[field]]
     if cfg["val_cache_dir"]:
-        vc = data.EmbeddingCache(cfg["val_cache_dir"], manifest=path)
+        same = {k: text_cfg[k] for k in ("model", "pooling", "instruction", "max_length") if text_cfg[k] is not None}
+        vc = data.EmbeddingCache(cfg["val_cache_dir"], manifest=path, fields=[field], expect=same)
         emb = torch.from_numpy(np.concatenate([np.asarray(vc.rows(r, field), np.float32) for r in range(len(records))]))
     else:  # embed once with the frozen stage-1 encoder, then free it
         enc = text_encoder or M.load_text_encoder(text_cfg["model"], pooling=text_cfg["pooling"], device=device)
@@ -307,15 +308,22 @@ def main(argv=None):
         # image files are checked up front unless bad ones are to be skipped (then: at load time)
         records = data.read_manifest(cfg["train_manifest"], cfg["image_root"] or None,
                                      check_images=not cfg["skip_bad_images"])
-        manifest_ref = cfg["train_manifest"]
-    else:
+        manifest_path = cfg["train_manifest"]
+    else:  # the shards' records as a manifest: what embed_captions.py embeds and the cache is checked against
         records = data.index_tar_shards(data.expand_shards(cfg["train_shards"]))
-        manifest_ref = records
+        manifest_path = os.path.join(out, "train_shards.jsonl")
+        if master:
+            data.write_manifest(manifest_path, [{k: r[k] for k in ("image", "captions", "long_captions")} for r in records])
+        if ddp:
+            dist.barrier()
     cache = None
     if cfg["cache_dir"]:
-        cache = data.EmbeddingCache(cfg["cache_dir"], manifest=manifest_ref)
+        # refuses a cache of other captions (names the first differing record) or of another encoder
+        used = [f for f in data.CACHE_FIELDS if any(r.get(f) for r in records)]
+        cache = data.EmbeddingCache(cfg["cache_dir"], manifest=manifest_path, fields=used,
+                                    expect={"model": cfg["text_model"]} if cfg["text_model"] else None)
     elif cfg["text_source"] == "cache":
-        raise ValueError("text_source='cache' needs cache_dir (run embed_captions.py on the training manifest)")
+        raise ValueError(f"text_source='cache' needs cache_dir: run embed_captions.py --manifest={manifest_path}")
     text_cfg = text_settings(cfg, cache)
     log(f"{len(records)} training records, {len(records) // cfg['batch_size']} steps per epoch; "
         f"text: {text_cfg['model']} ({cfg['text_source']})")

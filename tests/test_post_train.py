@@ -29,24 +29,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
 
 
 def make_cache(manifest, llm, out):
-    """TEMPORARY until embed_captions.py lands: the documented cache format, written directly."""
-    recs = [o for _, o in data.read_jsonl(manifest)]
-    enc = M.load_text_encoder(llm)
-    fields = ["captions", "long_captions"]
-    texts, off, counts = [], [0], []
-    for r in recs:
-        c = [len(r.get(f, [])) for f in fields]
-        counts.append(c)
-        for f in fields:
-            texts += r.get(f, [])
-        off.append(off[-1] + sum(c))
-    emb = enc.encode(texts).numpy().astype(np.float16)
-    os.makedirs(out, exist_ok=True)
-    np.save(os.path.join(out, "embeddings.npy"), emb)
-    np.savez(os.path.join(out, "index.npz"), record_offsets=np.array(off, np.int64), counts=np.array(counts, np.int32))
-    with open(os.path.join(out, "meta.json"), "w") as f:
-        json.dump({"complete": True, "fields": fields, "model": str(llm), "pooling": "mean", "instruction": None,
-                   "max_length": 512}, f)
+    import embed_captions
+    embed_captions.main([f"--text_model={llm}", f"--manifest={manifest}", f"--out_dir={out}"])
     return str(out)
 
 
@@ -120,7 +104,8 @@ def test_torchrun_two_ranks_equals_one_process(w, tmp_path):
     cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node=2", "--master_port=29731",
            os.path.join(ROOT, "post_train.py"),
            *args(w, out2, "--max_steps=100", "--micro_batch_size=4", "--save_interval=1", "--keep_checkpoints=0",
-                 "--num_workers=1", f"--val_manifest={w.val}", "--eval_field=long_captions", "--eval_interval=100")]
+                 "--num_workers=1", f"--val_manifest={w.val}", f"--val_cache_dir={w.val_cache}",
+                 "--eval_field=long_captions", "--eval_interval=100")]
     r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     _, evals = metrics(out2)
@@ -252,6 +237,15 @@ def test_bad_images_error_with_path_or_are_skipped_and_counted(w, tmp_path, brok
     assert res["bad_images"] == 2
     log = capsys.readouterr().out
     assert "skipped 2 bad images" in log and missing in log and corrupt in log
+
+
+def test_cache_from_another_manifest_or_encoder_is_refused(w, tmp_path):
+    with pytest.raises(data.DataError, match=r"stale for .*train.jsonl: the manifest has 128 records .* the cache 48"):
+        post_train.main(args(w, tmp_path, f"--cache_dir={w.val_cache}"))
+    other = pipeline.build_tiny_text_model(str(tmp_path / "other_llm"), texts=[" ".join(data.synthetic_vocabulary())] * 8,
+                                           seed=1)
+    with pytest.raises(data.DataError, match=r"different encoder settings: model: cache .*llm', expected .*other_llm'"):
+        post_train.main(args(w, tmp_path, f"--text_model={other}"))
 
 
 def test_checkpoint_from_another_config_is_refused(w, tmp_path):

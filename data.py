@@ -33,8 +33,459 @@ def read_jsonl(path):
 
 # === image-text manifests, images and transforms (stage 2, retrieval eval) ===
 
+def _caption_list(path, lineno, obj, key):
+    """obj[key] as a list of non-empty strings ([] when absent), else a DataError naming the line."""
+    caps = obj.get(key, [])
+    if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
+        raise DataError(f"{path}:{lineno}: {key!r} must be a list of strings, got {caps!r:.80}")
+    for i, c in enumerate(caps):
+        if not c.strip():
+            raise DataError(f"{path}:{lineno}: {key}[{i}] is an empty caption")
+    return caps
+
+
+def read_manifest(path, image_root=None, field=None, captions_per_image=0, check_images=True):
+    """Read an image-text manifest: JSONL `{"image": rel_path, "captions": [...], "long_captions": [...]}`.
+
+    Returns a list of {"image": resolved path, "captions", "long_captions", "line"}. `image_root`
+    defaults to the manifest's folder. With `field`, every record must have at least one caption in
+    that field, and exactly `captions_per_image` of them when that is > 0 (the 5-caption protocol of
+    Flickr30k/COCO: a silently short record would change what R@k means). Missing image files and an
+    empty manifest are errors, named with file:line, so a bad path fails before any model runs.
+    """
+    root = os.path.dirname(os.path.abspath(path)) if image_root is None else image_root
+    records = []
+    for lineno, obj in read_jsonl(path):
+        image = obj.get("image")
+        if not isinstance(image, str) or not image.strip():
+            raise DataError(f"{path}:{lineno}: missing \"image\" (expected a relative image path string)")
+        rec = {"image": os.path.join(root, image), "line": lineno,
+               "captions": _caption_list(path, lineno, obj, "captions"),
+               "long_captions": _caption_list(path, lineno, obj, "long_captions")}
+        if not rec["captions"] and not rec["long_captions"]:
+            raise DataError(f"{path}:{lineno}: no captions (\"captions\" and \"long_captions\" are both empty or absent)")
+        if field is not None:
+            n = len(rec.get(field, []))
+            if n == 0:
+                raise DataError(f"{path}:{lineno}: no {field!r} for image {image!r} (this evaluation reads {field!r})")
+            if captions_per_image and n != captions_per_image:
+                raise DataError(f"{path}:{lineno}: image {image!r} has {n} {field!r}, expected exactly "
+                                f"{captions_per_image} (captions_per_image={captions_per_image})")
+        if check_images and not os.path.isfile(rec["image"]):
+            raise DataError(f"{path}:{lineno}: image file not found: {rec['image']} (image root {root})")
+        records.append(rec)
+    if not records:
+        raise DataError(f"{path}: empty manifest (no records); expected one JSON object per image")
+    return records
+
+
+def write_manifest(path, records):
+    """Write manifest records (dicts with "image" and caption lists) as JSONL; returns the count."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return len(records)
+
+
+def eval_transform(data_config):
+    """The eval transform of a timm data config (`timm.data.resolve_data_config({}, model=m)`).
+
+    Typically a bicubic resize of the short side to size / crop_pct, a centre crop, and the model's
+    own mean/std (SigLIP's are not OpenAI's): so each vision model is scored on its own preprocessing.
+    """
+    from timm.data import create_transform  # local: only image code needs timm
+    keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+    return create_transform(**{k: data_config[k] for k in keys if k in data_config}, is_training=False)
+
+
+class ImageDataset:
+    """Images by path for evaluation: item i -> (transformed tensor, i). Errors name the file."""
+
+    def __init__(self, paths, transform):
+        self.paths, self.transform = list(paths), transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        from PIL import Image, UnidentifiedImageError
+        path = self.paths[i]
+        try:
+            with Image.open(path) as im:
+                image = im.convert("RGB")
+        except FileNotFoundError:
+            raise DataError(f"{path}: image file not found") from None
+        except (UnidentifiedImageError, OSError) as e:
+            raise DataError(f"{path}: cannot read image ({e})") from None
+        return self.transform(image), i
+
+
+# --- converters: public annotation formats -> manifest records (see README, "Evaluation")
+
+def convert_karpathy(src, split="test", captions_per_image=5, prefix="", log=print):
+    """Karpathy's `dataset_coco.json` / `dataset_flickr30k.json` -> manifest records of one split.
+
+    Image path = prefix + filepath/filename. COCO has images with 6-7 captions: the standard 5K
+    protocol keeps the first 5, which we do with a printed count; fewer than 5 is an error.
+    """
+    with open(src, encoding="utf-8") as f:
+        images = json.load(f).get("images")
+    if not isinstance(images, list):
+        raise DataError(f"{src}: expected Karpathy format {{\"images\": [...]}}")
+    records, cut = [], 0
+    for i, im in enumerate(images):
+        if im.get("split") != split:
+            continue
+        caps = [s["raw"].strip() for s in im.get("sentences", [])]
+        name = os.path.join(im.get("filepath", ""), im["filename"])
+        if len(caps) < captions_per_image:
+            raise DataError(f"{src}: images[{i}] ({name}) has {len(caps)} captions, expected at least {captions_per_image}")
+        cut += len(caps) > captions_per_image
+        records.append({"image": prefix + name, "captions": caps[:captions_per_image]})
+    if cut:
+        log(f"karpathy: {cut} of {len(records)} images had more than {captions_per_image} captions; kept the first {captions_per_image}")
+    if not records:
+        raise DataError(f"{src}: no images with split {split!r}")
+    return records
+
+
+def convert_sharegpt4v(src, num=1000, prefix=""):
+    """ShareGPT4V JSON (list of {"image", "conversations": [..., {"from": "gpt", "value": caption}]})
+    -> the first `num` entries as 1:1 long-caption records (the paper's ShareGPT4V-1K)."""
+    with open(src, encoding="utf-8") as f:
+        entries = json.load(f)
+    records = []
+    for i, e in enumerate(entries[:num]):
+        caps = [c["value"].strip() for c in e.get("conversations", []) if c.get("from") == "gpt"]
+        if "image" not in e or not caps or not caps[0]:
+            raise DataError(f"{src}: entry {i}: expected an \"image\" and a \"gpt\" turn with the caption")
+        records.append({"image": prefix + e["image"], "long_captions": [caps[0]]})
+    if len(records) < num:
+        raise DataError(f"{src}: {len(records)} entries, expected at least {num}")
+    return records
+
+
+def convert_urban1k(src, prefix=""):
+    """Urban1K folder (`image/N.jpg` + `caption/N.txt`) -> 1:1 long-caption records, numeric order."""
+    cap_dir, img_dir = os.path.join(src, "caption"), os.path.join(src, "image")
+    if not os.path.isdir(cap_dir) or not os.path.isdir(img_dir):
+        raise DataError(f"{src}: expected Urban1K folders 'image/' and 'caption/'")
+    stems = sorted((os.path.splitext(n)[0] for n in os.listdir(cap_dir) if n.endswith(".txt")),
+                   key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
+    images = {os.path.splitext(n)[0]: n for n in os.listdir(img_dir)}
+    records = []
+    for s in stems:
+        if s not in images:
+            raise DataError(f"{cap_dir}/{s}.txt: no matching image in {img_dir}")
+        with open(os.path.join(cap_dir, s + ".txt"), encoding="utf-8") as f:
+            text = f.read().strip()
+        if not text:
+            raise DataError(f"{cap_dir}/{s}.txt: empty caption")
+        records.append({"image": prefix + "image/" + images[s], "long_captions": [text]})
+    if not records:
+        raise DataError(f"{cap_dir}: no caption .txt files")
+    return records
+
+
+def convert_docci(src, split="test", prefix="images/"):
+    """DOCCI `docci_descriptions.jsonlines` ({"image_file", "description", "split"}) -> 1:1 records."""
+    records = []
+    for lineno, obj in read_jsonl(src):
+        if obj.get("split") != split:
+            continue
+        if not obj.get("image_file") or not str(obj.get("description", "")).strip():
+            raise DataError(f"{src}:{lineno}: expected \"image_file\" and a non-empty \"description\"")
+        records.append({"image": prefix + obj["image_file"], "long_captions": [obj["description"].strip()]})
+    if not records:
+        raise DataError(f"{src}: no records with split {split!r}")
+    return records
+
 
 # === embedding cache (embed_captions.py writes, post_train.py reads) ===
+# A cache directory (format "llm2clip-embedding-cache/1"):
+#   embeddings.npy  float16 [count, dim], a plain .npy file, read with np.load(mmap_mode="r")
+#   index.npz       record_offsets int64 [num_records + 1] (first row of each record),
+#                   counts int32 [num_records, num_fields], text_hashes uint64 [count] (8-byte blake2b
+#                   of each text: lets a stale cache say exactly which caption changed)
+#   meta.json       format, encoder identity, dim, dtype, count, num_records, fields, text_hash,
+#                   manifest, complete, code_version, config
+# Texts are enumerated in manifest order: record r (the r-th non-empty line), field f (in `fields`
+# order; a missing field has no texts), slot s -> one row, so
+#   row(r, f, s) = record_offsets[r] + counts[r, :f].sum() + s.
+import hashlib  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+CACHE_FORMAT = "llm2clip-embedding-cache/1"
+CACHE_FIELDS = ("captions", "long_captions")
+CACHE_EMBEDDINGS, CACHE_INDEX, CACHE_META = "embeddings.npy", "index.npz", "meta.json"
+
+
+@dataclass
+class CacheTexts:
+    """Every text a cache holds, in row order, plus the index and the hashes that identify them."""
+    path: str
+    fields: list
+    texts: list  # [count] str, row order
+    counts: np.ndarray  # int32 [num_records, num_fields]
+    lines: np.ndarray  # int64 [num_records]: the manifest line of each record (for messages)
+    text_hashes: np.ndarray  # uint64 [count]
+    text_hash: str  # sha256 hex over (record, field, slot, text) of every row in order
+
+    @property
+    def record_offsets(self):
+        return np.concatenate([[0], np.cumsum(self.counts.sum(1), dtype=np.int64)]).astype(np.int64)
+
+
+def _field_texts(path, lineno, obj, field):
+    """The texts of one record field: a list of non-empty strings (a bare string is one text)."""
+    value = obj.get(field)
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+        raise DataError(f"{path}:{lineno}: field {field!r} must be a list of strings, got {json.dumps(value)[:80]}")
+    for s, t in enumerate(value):
+        if not t.strip():
+            raise DataError(f"{path}:{lineno}: field {field!r} slot {s} is an empty caption")
+    return value
+
+
+def cache_texts(manifest, fields=CACHE_FIELDS):
+    """Enumerate a manifest's texts in cache row order and hash them (see the section comment)."""
+    fields = list(fields)
+    texts, counts, lines, hashes = [], [], [], []
+    h = hashlib.sha256()
+    for r, (lineno, obj) in enumerate(read_jsonl(manifest)):
+        row_counts = []
+        for field in fields:
+            values = _field_texts(manifest, lineno, obj, field)
+            for s, t in enumerate(values):
+                b = t.encode("utf-8")
+                # length-prefixed, so no text can imitate a record boundary
+                h.update(f"{r}\0{field}\0{s}\0{len(b)}\0".encode() + b)
+                hashes.append(int.from_bytes(hashlib.blake2b(b, digest_size=8).digest(), "little"))
+            texts.extend(values)
+            row_counts.append(len(values))
+        counts.append(row_counts)
+        lines.append(lineno)
+    return CacheTexts(manifest, fields, texts, np.asarray(counts, dtype=np.int32).reshape(len(counts), len(fields)),
+                      np.asarray(lines, dtype=np.int64), np.asarray(hashes, dtype=np.uint64), h.hexdigest())
+
+
+def _where(offsets, counts, fields, row):
+    """(record, field, slot) of a row."""
+    r = int(np.searchsorted(offsets, row, side="right") - 1)
+    local = row - int(offsets[r])
+    ends = np.cumsum(counts[r])
+    f = int(np.searchsorted(ends, local, side="right"))
+    return r, fields[f], int(local - (ends[f] - counts[r, f]))
+
+
+def describe_text_mismatch(cached_counts, cached_hashes, fields, new):
+    """Why `new` (a CacheTexts) is not the text set a cache was built from: sizes, then the first
+    differing record / field / slot (with the text as it is now). Returns a message."""
+    n_old, n_new = len(cached_counts), len(new.counts)
+    msg = [f"the manifest has {n_new} records / {len(new.texts)} texts, the cache {n_old} records / "
+           f"{len(cached_hashes)} texts"]
+    if list(fields) != list(new.fields):
+        return f"fields differ: cache {list(fields)}, requested {list(new.fields)}"
+    old_offsets = np.concatenate([[0], np.cumsum(cached_counts.sum(1))]).astype(np.int64)
+    n = min(n_old, n_new)
+    # rows line up up to the first record whose counts differ; compare text hashes over that prefix
+    differ = np.flatnonzero((cached_counts[:n] != new.counts[:n]).any(1))
+    first_count = int(differ[0]) if len(differ) else n
+    aligned = int(old_offsets[first_count])
+    changed = np.flatnonzero(cached_hashes[:aligned] != new.text_hashes[:aligned])
+    if len(changed):
+        r, field, s = _where(old_offsets, cached_counts, fields, int(changed[0]))
+        text = new.texts[int(changed[0])]
+        msg.append(f"{len(changed)} text(s) changed in the first {first_count} records; first: record {r} "
+                   f"({new.path}:{new.lines[r]}) field {field!r} slot {s}, now {text[:100]!r}")
+    if first_count < n:
+        f = int(np.flatnonzero(cached_counts[first_count] != new.counts[first_count])[0])
+        msg.append(f"record {first_count} ({new.path}:{new.lines[first_count]}) field {fields[f]!r} has "
+                   f"{new.counts[first_count, f]} texts in the manifest, {cached_counts[first_count, f]} in the cache")
+    elif n_new > n_old:
+        msg.append(f"records {n_old}.. ({new.path}:{new.lines[n_old]} on) are not in the cache")
+    elif n_old > n_new:
+        msg.append(f"the cache has {n_old - n_new} records beyond the manifest's end")
+    return "; ".join(msg)
+
+
+def _normalise_setting(key, value):
+    if key == "instruction":
+        return value or ""
+    if key in ("model", "adapter", "base_model") and isinstance(value, str) and os.path.exists(value):
+        return os.path.abspath(value)
+    return value
+
+
+def encoder_mismatch(cached, expect):
+    """['key: cache X, expected Y', ...] for every expected encoder setting the cache differs in."""
+    out = []
+    for k, v in expect.items():
+        have = _normalise_setting(k, cached.get(k))
+        want = _normalise_setting(k, v)
+        if have != want:
+            out.append(f"{k}: cache {have!r}, expected {want!r}")
+    return out
+
+
+def read_cache_meta(cache_dir):
+    path = os.path.join(cache_dir, CACHE_META)
+    if not os.path.isfile(path):
+        raise DataError(f"{cache_dir}: no {CACHE_META}; not an embedding cache (build one with embed_captions.py)")
+    with open(path) as f:
+        meta = json.load(f)
+    if meta.get("format") != CACHE_FORMAT:
+        raise DataError(f"{path}: format {meta.get('format')!r}, expected {CACHE_FORMAT!r}")
+    return meta
+
+
+class EmbeddingCache:
+    """Read an embedding cache built by embed_captions.py, refusing one that does not fit.
+
+    manifest: re-enumerate and hash its texts; any difference (records, texts, a changed caption)
+        raises DataError naming the first differing record, line, field and slot.
+    fields: the fields the caller will read; each must be in the cache.
+    expect: encoder settings (model, pooling, instruction, max_length, bidirectional, ...) that must
+        equal the ones the cache was built with; DataError lists every differing key.
+    The float16 matrix is memory-mapped lazily, once per process (safe in DataLoader workers); only
+    the small index is held in memory.
+    """
+
+    def __init__(self, cache_dir, manifest=None, fields=None, expect=None):
+        self.cache_dir = cache_dir
+        self._mm, self._pid = None, None  # the memmap, opened lazily in whichever process reads
+        self.meta = meta = read_cache_meta(cache_dir)
+        if not meta.get("complete"):
+            raise DataError(f"{cache_dir}: the cache is incomplete (an interrupted embed_captions.py run); "
+                            "rerun it with the same settings to finish")
+        self.fields = list(meta["fields"])
+        missing = [f for f in (fields or []) if f not in self.fields]
+        if missing:
+            raise DataError(f"{cache_dir}: fields {missing} are not in the cache (it has {self.fields})")
+        if expect:
+            diff = encoder_mismatch(meta["encoder"], expect)
+            if diff:
+                raise DataError(f"{cache_dir}: built with different encoder settings: " + "; ".join(diff))
+        index = np.load(os.path.join(cache_dir, CACHE_INDEX))
+        self.record_offsets = index["record_offsets"].astype(np.int64)
+        self._counts = index["counts"].astype(np.int32)
+        self.text_hashes = index["text_hashes"]
+        if manifest is not None:
+            new = cache_texts(manifest, self.fields)
+            if new.text_hash != meta["text_hash"]:
+                raise DataError(f"{cache_dir} is stale for {manifest}: "
+                                + describe_text_mismatch(self._counts, self.text_hashes, self.fields, new))
+        # row of slot 0 of each (record, field)
+        self._starts = self.record_offsets[:-1, None] + np.cumsum(self._counts, 1) - self._counts
+        emb = self._open()
+        if emb.shape != (meta["count"], meta["dim"]) or emb.dtype != np.float16:
+            raise DataError(f"{cache_dir}/{CACHE_EMBEDDINGS}: {emb.dtype} {emb.shape}, meta.json says float16 "
+                            f"{(meta['count'], meta['dim'])}")
+
+    def _open(self):
+        if self._mm is None or self._pid != os.getpid():
+            self._mm = np.load(os.path.join(self.cache_dir, CACHE_EMBEDDINGS), mmap_mode="r")
+            self._pid = os.getpid()
+        return self._mm
+
+    def __getstate__(self):  # DataLoader workers get the index, never a parent's mapping
+        return {**self.__dict__, "_mm": None, "_pid": None}
+
+    @property
+    def embeddings(self):
+        """The whole [count, dim] float16 matrix, memory-mapped (read-only)."""
+        return self._open()
+
+    @property
+    def dim(self):
+        return int(self.meta["dim"])
+
+    @property
+    def count(self):
+        return int(self.meta["count"])
+
+    @property
+    def num_records(self):
+        return len(self._counts)
+
+    def __len__(self):
+        return self.num_records
+
+    def _f(self, field):
+        if isinstance(field, str):
+            if field not in self.fields:
+                raise KeyError(f"field {field!r} is not in the cache (it has {self.fields})")
+            return self.fields.index(field)
+        return int(field)
+
+    def counts(self, r, field):
+        """How many texts record r has in `field`."""
+        return int(self._counts[r, self._f(field)])
+
+    def row(self, r, field, slot):
+        f = self._f(field)
+        if not 0 <= slot < self._counts[r, f]:
+            raise IndexError(f"record {r} field {self.fields[f]!r} has {self._counts[r, f]} texts; no slot {slot}")
+        return int(self._starts[r, f] + slot)
+
+    def get(self, r, field, slot):
+        """(dim,) float16 embedding of one text."""
+        return np.array(self._open()[self.row(r, field, slot)])
+
+    def rows(self, r, field):
+        """(n, dim) float16 embeddings of every text of record r's field (n may be 0)."""
+        f = self._f(field)
+        start = int(self._starts[r, f])
+        return np.array(self._open()[start:start + int(self._counts[r, f])])
+
+    def take(self, rows):
+        """(len(rows), dim) float16 embeddings of the given row numbers (reads in sorted order)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        order = np.argsort(rows, kind="stable")
+        out = np.empty((len(rows), self.dim), dtype=np.float16)
+        out[order] = self._open()[rows[order]]
+        return out
+
+
+def verify_cache(cache_dir, manifest=None, block_rows=65536, row_range=None):
+    """Check a cache: meta complete, the embedding file's shape, every row written and finite, and
+    (given the manifest) the texts unchanged. Returns a list of problems (empty: all good).
+    row_range=(start, end) checks only those rows (ranks split the scan)."""
+    problems = []
+    meta = read_cache_meta(cache_dir)
+    if not meta.get("complete"):
+        problems.append("meta.json says the cache is incomplete")
+    index = np.load(os.path.join(cache_dir, CACHE_INDEX))
+    if manifest is not None:
+        new = cache_texts(manifest, meta["fields"])
+        if new.text_hash != meta["text_hash"]:
+            problems.append(f"stale for {manifest}: "
+                            + describe_text_mismatch(index["counts"], index["text_hashes"], meta["fields"], new))
+    emb = np.load(os.path.join(cache_dir, CACHE_EMBEDDINGS), mmap_mode="r")
+    if emb.shape != (meta["count"], meta["dim"]) or emb.dtype != np.float16:
+        problems.append(f"{CACHE_EMBEDDINGS} is {emb.dtype} {emb.shape}, meta says float16 {(meta['count'], meta['dim'])}")
+        return problems
+    start, end = row_range or (0, len(emb))
+    bad, empty = [], []
+    for a in range(start, end, block_rows):
+        block = np.asarray(emb[a:min(a + block_rows, end)], dtype=np.float32)
+        bad.extend((a + np.flatnonzero(~np.isfinite(block).all(1))).tolist())
+        empty.extend((a + np.flatnonzero(~block.any(1))).tolist())  # never written (all zeros)
+    if bad:
+        problems.append(f"{len(bad)} rows are not finite (float16 overflow?), first rows {bad[:5]}")
+    if empty:
+        problems.append(f"{len(empty)} rows are all zeros (never written), first rows {empty[:5]}")
+    return problems
+
 
 
 # === samplers: deterministic, rank-split, resumable ===
@@ -93,6 +544,210 @@ class ResumableBatchSampler:
 
 
 # === stage-2 training data: caption choice, training transforms, tar shards ===
+# Each sample's caption choice and crop come from its own numpy generator seeded by (seed, epoch,
+# record), never from a global RNG: the same step gives the same batch whatever the number of
+# workers or ranks, and a resumed run replays the uninterrupted one exactly.
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+def sample_rng(seed, epoch, index):
+    """The generator for record `index` in `epoch`: caption choice first, then the crop."""
+    import numpy as np
+    return np.random.default_rng([seed, epoch, index])
+
+
+def choose_caption(record, rng, real_caption_ratio=0.5):
+    """(field, slot): a real caption with probability real_caption_ratio, else a long one (uniform slot).
+    A record with only one kind of caption always uses that kind."""
+    real, long = record.get("captions") or [], record.get("long_captions") or []
+    use_real = (rng.random() < real_caption_ratio) if (real and long) else bool(real)
+    field = "captions" if use_real else "long_captions"
+    slot = int(rng.integers(len(real if use_real else long)))
+    return field, slot
+
+
+def random_resized_crop_params(width, height, rng, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop box (top, left, h, w), drawn from `rng` instead of torch's RNG."""
+    import math
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    w, h = width, height  # fallback: the whole image clipped to the ratio range, centred
+    if width / height < ratio[0]:
+        h = int(round(w / ratio[0]))
+    elif width / height > ratio[1]:
+        w = int(round(h * ratio[1]))
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+class TrainTransform:
+    """RandomResizedCrop(scale) to the model's input size, bicubic, then the model's mean/std.
+
+    `data_config` is the vision model's timm preprocessing config (input_size, mean, std)."""
+
+    def __init__(self, data_config, scale=(0.9, 1.0)):
+        self.size = tuple(data_config["input_size"][-2:])
+        self.mean, self.std, self.scale = list(data_config["mean"]), list(data_config["std"]), scale
+
+    def __call__(self, img, rng):
+        import torchvision.transforms.functional as TF
+        from torchvision.transforms import InterpolationMode
+        top, left, h, w = random_resized_crop_params(img.width, img.height, rng, self.scale)
+        img = TF.resized_crop(img, top, left, h, w, list(self.size), InterpolationMode.BICUBIC)
+        return TF.normalize(TF.to_tensor(img), self.mean, self.std)
+
+
+def open_image(record):
+    """PIL RGB image of a manifest record (read_manifest resolves its path) or a tar-shard record (byte range).
+    Raises DataError naming the file when it is missing or cannot be decoded."""
+    import io
+    from PIL import Image
+    if "_tar" in record:
+        path, offset, size = record["_tar"]
+        where = record["image"]
+    else:
+        path = where = record["image"]
+    try:
+        if "_tar" in record:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                img = Image.open(io.BytesIO(f.read(size)))
+        else:
+            img = Image.open(path)
+        return img.convert("RGB")
+    except (OSError, ValueError) as e:  # FileNotFoundError, PIL.UnidentifiedImageError, truncated files
+        raise DataError(f"{where}: cannot read image ({type(e).__name__}: {e})") from None
+
+
+def expand_shards(spec):
+    """Tar shard paths from a comma list of globs or brace ranges: "data/{00000..00099}.tar,more/*.tar"."""
+    import glob
+    import re
+    paths = []
+    for part in [p.strip() for p in spec.split(",") if p.strip()]:
+        m = re.search(r"\{(\d+)\.\.(\d+)\}", part)
+        if m:
+            a, b = m.group(1), m.group(2)
+            names = [part[:m.start()] + str(i).zfill(len(a)) + part[m.end():] for i in range(int(a), int(b) + 1)]
+        else:
+            names = sorted(glob.glob(part)) or [part]
+        for n in names:
+            if not os.path.isfile(n):
+                raise DataError(f"{n}: tar shard not found (from {spec!r})")
+        paths += names
+    return paths
+
+
+def index_tar_shards(paths):
+    """Manifest-style records from WebDataset tar shards (img2dataset output), in shard then member order.
+
+    A sample is the members sharing a key (the name up to the first dot): an image (.jpg/.png/...)
+    plus `.txt` (the real caption) and/or `.json` (keys `captions`, `long_captions`, or `caption`).
+    Image bytes are not read here: each record keeps the byte range of its image (`_tar`), so any
+    rank or worker reads its own samples with a plain seek. Records with no caption are an error.
+    """
+    import tarfile
+    records = []
+    for path in paths:
+        samples = {}
+        try:
+            with tarfile.open(path) as tf:
+                for m in tf:
+                    if not m.isfile():
+                        continue
+                    d, base = os.path.split(m.name)
+                    key, _, ext = base.partition(".")
+                    s = samples.setdefault(os.path.join(d, key), {})
+                    ext = ext.lower()
+                    if ext in IMAGE_EXTS:
+                        s["image"] = m
+                    elif ext in ("txt", "json"):
+                        s[ext] = tf.extractfile(m).read().decode("utf-8")
+        except (tarfile.TarError, OSError) as e:
+            raise DataError(f"{path}: cannot read tar shard ({e})") from None
+        for key, s in samples.items():
+            where = f"{path}::{key}"
+            if "image" not in s:
+                continue  # img2dataset also writes failed samples as .json only
+            meta = {}
+            if "json" in s:
+                try:
+                    meta = json.loads(s["json"])
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{where}.json: malformed JSON ({e.msg})") from None
+            captions = list(meta.get("captions") or ([meta["caption"]] if meta.get("caption") else []))
+            if not captions and s.get("txt", "").strip():
+                captions = [s["txt"].strip()]
+            long_captions = list(meta.get("long_captions") or [])
+            if not captions and not long_captions:
+                raise DataError(f"{where}: no caption (expected {key}.txt or captions/long_captions in {key}.json)")
+            m = s["image"]
+            records.append({"image": f"{path}::{m.name}", "captions": captions, "long_captions": long_captions,
+                            "_tar": [path, m.offset_data, m.size]})
+    return records
+
+
+class TrainSamples:
+    """Stage-2 training samples: item (epoch, index) -> dict(image, embedding, text, index, bad).
+
+    The caption is chosen by `choose_caption`; its text embedding is the cache row of (record, field,
+    slot) (None for text_source="online", where the loop embeds `text`). A bad image raises DataError
+    with its path, or with skip_bad_images the next record (index + 1, + 2, ...) takes its place, so
+    every rank keeps the same batch size; `bad` lists the skipped images for the end-of-run report.
+    """
+
+    def __init__(self, records, transform, cache=None, seed=0, real_caption_ratio=0.5, skip_bad_images=False):
+        self.records, self.transform, self.cache = records, transform, cache
+        self.seed, self.ratio, self.skip_bad = seed, real_caption_ratio, skip_bad_images
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, item):
+        epoch, index = item
+        bad = []
+        for k in range(len(self.records)):
+            i = (index + k) % len(self.records)
+            try:
+                img = open_image(self.records[i])
+                break
+            except DataError as e:
+                if not self.skip_bad:
+                    raise DataError(f"{e} (set skip_bad_images=True to skip bad images)") from None
+                bad.append(self.records[i]["image"])
+        else:
+            raise DataError(f"no readable image among {len(self.records)} records")
+        rng = sample_rng(self.seed, epoch, i)
+        field, slot = choose_caption(self.records[i], rng, self.ratio)
+        emb = None if self.cache is None else self.cache.get(i, field, slot)
+        return {"image": self.transform(img, rng), "embedding": emb, "text": self.records[i][field][slot],
+                "index": i, "bad": bad}
+
+
+def collate_train(samples):
+    """Stack a list of TrainSamples items into one batch dict (embedding None when not cached)."""
+    import numpy as np
+    import torch
+    embs = [s["embedding"] for s in samples]
+    return {"image": torch.stack([s["image"] for s in samples]),
+            "embedding": None if embs[0] is None else torch.from_numpy(np.stack(embs).astype(np.float32)),
+            "text": [s["text"] for s in samples], "index": torch.tensor([s["index"] for s in samples]),
+            "bad": [b for s in samples for b in s["bad"]]}
+
+
+class EpochBatchSampler(ResumableBatchSampler):
+    """ResumableBatchSampler whose items are (epoch, index), so a sample knows its epoch's seed."""
+
+    def __iter__(self):
+        for step, indices in enumerate(super().__iter__(), self.start_step):
+            epoch = self.epoch_of(step)
+            yield [(epoch, i) for i in indices]
+
 
 
 # === synthetic image-caption data (the tiny pipeline) ===

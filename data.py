@@ -30,6 +30,96 @@ def read_jsonl(path):
 
 # === captions and caption pairs (stage 1, c2c eval) ===
 
+def read_caption_records(path):
+    """Caption JSONL `{"id": ..., "captions": [>= 2 non-empty strings]}` -> list of {"id", "captions"}.
+
+    Every record must have two or more non-empty captions (stage 1 needs a positive pair, c2c eval a
+    query and a gallery caption); anything else is a DataError naming file:line, never a skip.
+    A missing "id" becomes "<file>:<line>".
+    """
+    records = []
+    for lineno, obj in read_jsonl(path):
+        where = f"{path}:{lineno}"
+        caps = obj.get("captions")
+        if not isinstance(caps, list):
+            raise DataError(f"{where}: expected a \"captions\" list of >= 2 strings, got {type(caps).__name__}"
+                            f" (keys: {sorted(obj)})")
+        if len(caps) < 2:
+            raise DataError(f"{where}: expected >= 2 captions per record (a positive pair), got {len(caps)}")
+        for k, c in enumerate(caps):
+            if not isinstance(c, str) or not c.strip():
+                raise DataError(f"{where}: caption {k} is {c!r}; expected a non-empty string")
+        records.append({"id": str(obj.get("id", where)), "captions": caps})
+    if not records:
+        raise DataError(f"{path}: no records; expected one JSON object with >= 2 captions per line")
+    return records
+
+
+def read_text_pairs(path):
+    """Pure-text pairs JSONL `{"query": ..., "positive": ...}` -> records whose two captions keep that
+    order (`"ordered": True`): the query is always the query side, the positive the positive side."""
+    records = []
+    for lineno, obj in read_jsonl(path):
+        where = f"{path}:{lineno}"
+        for key in ("query", "positive"):
+            v = obj.get(key)
+            if not isinstance(v, str) or not v.strip():
+                raise DataError(f"{where}: \"{key}\" is {v!r}; expected a non-empty string "
+                                "(pairs file: one {\"query\": ..., \"positive\": ...} per line)")
+        records.append({"id": str(obj.get("id", where)), "captions": [obj["query"], obj["positive"]], "ordered": True})
+    if not records:
+        raise DataError(f"{path}: no records; expected one {{\"query\": ..., \"positive\": ...}} object per line")
+    return records
+
+
+def split_paths(paths):
+    """'a.jsonl,b.jsonl' or a list -> list of paths (empty entries dropped)."""
+    if isinstance(paths, str):
+        paths = paths.split(",")
+    return [p.strip() for p in (paths or []) if p and p.strip()]
+
+
+class CaptionPairDataset:
+    """Caption records -> (query, positive[, hard negative]) texts for a given training step.
+
+    Item `i` at step `s` draws its two different captions (and the hard negative: a caption of another
+    record) from an RNG seeded by (seed, s, i) only, so any step of any rank can be rebuilt exactly on
+    resume, whatever ran before. Ordered records (text pairs) always give (query, positive).
+    """
+
+    def __init__(self, records, seed=0):
+        if len(records) < 2:
+            raise DataError(f"{len(records)} caption record(s); expected at least 2 (negatives come from other records)")
+        self.records, self.seed = records, seed
+
+    def __len__(self):
+        return len(self.records)
+
+    def _rng(self, index, step, stream):
+        import numpy as np
+        return np.random.default_rng([self.seed, step, index, stream])
+
+    def pair(self, index, step):
+        rec = self.records[index]
+        if rec.get("ordered"):
+            return rec["captions"][0], rec["captions"][1]
+        a, b = self._rng(index, step, 0).choice(len(rec["captions"]), size=2, replace=False)
+        return rec["captions"][a], rec["captions"][b]
+
+    def hard_negative(self, index, step):
+        rng = self._rng(index, step, 1)  # its own stream: independent of pair()'s draws
+        j = int(rng.integers(len(self.records) - 1))
+        j += j >= index  # any record but this one
+        caps = self.records[j]["captions"]
+        return caps[int(rng.integers(len(caps)))]
+
+    def batch(self, indices, step, hard_negatives=False):
+        """-> (queries, positives, hard negatives or None), lists of strings in `indices` order."""
+        pairs = [self.pair(i, step) for i in indices]
+        hard = [self.hard_negative(i, step) for i in indices] if hard_negatives else None
+        return [q for q, _ in pairs], [d for _, d in pairs], hard
+
+
 
 # === image-text manifests, images and transforms (stage 2, retrieval eval) ===
 

@@ -1,0 +1,356 @@
+"""Stage 1: caption-contrastive (CC) LoRA fine-tuning of an LLM into a caption encoder.
+
+Two captions of the same image are a positive pair; every other positive in the global batch
+(gathered across ranks) is a negative (supervised SimCSE). The query side carries the instruction,
+which is attended to but not pooled; the positive side has none. The caption-to-caption (c2c)
+retrieval top-1 on `val_captions` is measured before and after: the stage's quality gate.
+
+    python cc_finetune.py config/cc_tiny_cpu.py
+    torchrun --nproc_per_node=8 cc_finetune.py config/cc_llama3_8b.py --train_captions=a.jsonl,b.jsonl
+
+A global batch larger than one forward pass runs in chunks with gradient caching: the objective is
+that of the full batch (all its negatives), not of micro-batches. Outputs in out_dir: adapter/ (peft),
+merged/ (HF model + tokenizer), encoder.json (how to use it: `model.load_text_encoder(out_dir)`),
+run_cc_finetune.json (resolved config + code version), cc_finetune.log, ckpt.pt (resumable).
+"""
+import contextlib
+import json
+import math
+import os
+import time
+
+# -----------------------------------------------------------------------------
+# default config (paper settings, DESIGN.md); override with config/*.py and --key=value
+# model
+model = "meta-llama/Meta-Llama-3-8B-Instruct"  # HF hub name or local folder (paper: Llama-3-8B-Instruct)
+bidirectional = True  # drop the causal mask: the paper's decoder -> encoder conversion (BERT-likes ignore it)
+pooling = "mean"  # "mean" over the caption tokens (paper) or "eos"
+lora_r = 16  # paper: r=16, alpha=32, dropout 0.05 on q,k,v,o,gate,up,down
+lora_alpha = 32
+lora_dropout = 0.05
+dtype = "auto"  # "auto": bfloat16 weights + bf16 autocast on CUDA, float32 on CPU; "float32" forces fp32
+gradient_checkpointing = True  # recompute activations in backward: less memory, same result
+attn_implementation = ""  # "" = transformers' default (sdpa); e.g. "flash_attention_2" where installed
+# data
+train_captions = ""  # caption JSONL file(s), comma-separated: {"id": ..., "captions": [>= 2 strings]}
+train_pairs = ""  # optional pure-text pairs JSONL {"query": ..., "positive": ...}, mixed in as records
+val_captions = ""  # caption JSONL for the c2c gate (caption 1 -> caption 2 of every record); "" skips it
+instruction = "Given a caption, retrieve a similar relevant caption."  # query side only; attended, never pooled
+max_length = 512  # tokens per text, instruction and special tokens included (paper: 512)
+hard_negatives = False  # also score each query against a caption of another record (one extra negative each)
+# training
+batch_size = 2048  # GLOBAL contrastive batch (paper 2048, official code 512): all of it serves as negatives
+micro_batch_size = 32  # texts per forward pass on one rank; a larger per-rank batch uses gradient caching
+max_steps = -1  # -1: one epoch over the training records (paper)
+lr = 2e-4  # AdamW peak learning rate (paper: 2e-4)
+warmup_steps = 300  # linear warm-up, then linear decay to 0 at max_steps (paper: 300)
+weight_decay = 0.0  # on LoRA weights (HF Trainer default, as in the official code)
+grad_clip = 1.0  # max global gradient norm (HF Trainer default); 0 disables
+temperature = 0.05  # SimCSE's 0.05 (official code: 0.02)
+seed = 1337  # same on every rank for the LoRA init; data order and dropout derive from it
+# outputs
+out_dir = "out-cc"
+log_interval = 10  # steps between log lines
+ckpt_interval = 200  # steps between resumable checkpoints (also written at the end)
+resume = False  # continue from out_dir/ckpt.pt if it exists (refused when training settings differ)
+val_batch_size = 64  # texts per forward pass in the c2c gate
+# -----------------------------------------------------------------------------
+DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
+# keys that may change between a checkpoint and its resumption: they do not change what is computed
+RESUME_FREE_KEYS = {"out_dir", "log_interval", "ckpt_interval", "resume", "val_captions", "val_batch_size",
+                    "micro_batch_size", "gradient_checkpointing", "attn_implementation"}
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+import common  # noqa: E402
+import data  # noqa: E402
+import model as llm2clip  # noqa: E402  (the module; `model` is the config key above)
+
+
+# -----------------------------------------------------------------------------
+# Gradient caching: the full-batch contrastive objective in micro-batch memory (GradCache)
+
+class _RNGState:
+    """The torch RNG state (CPU and this CUDA device) at one forward, to replay its dropout masks."""
+
+    def __init__(self, device):
+        self.device = device
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    @contextlib.contextmanager
+    def replay(self):
+        """Run the block with this state; the outer RNG stream is left as it was."""
+        with torch.random.fork_rng(devices=[self.device] if self.cuda is not None else []):
+            torch.set_rng_state(self.cpu)
+            if self.cuda is not None:
+                torch.cuda.set_rng_state(self.cuda, self.device)
+            yield
+
+
+def grad_cache_step(encoder, q_batches, d_batches, loss_fn, h_batches=None, autocast=None):
+    """One contrastive step over this rank's batch, given as tokenised chunks; returns the loss (detached).
+
+    q_batches, d_batches (and h_batches, hard negatives): lists of dicts (input_ids, attention_mask,
+    embed_mask) on the encoder's device, chunk k of each side holding the same records.
+    loss_fn(q, d, h) -> scalar gets the whole batch's (B, C) embeddings (h None without hard negatives)
+    and does any cross-rank gathering itself. Afterwards the trainable parameters' .grad hold (are
+    incremented by) d loss / d theta of the full batch.
+
+    One chunk per side: plain forward + backward. More: (1) embed every chunk without grad, keeping
+    each forward's RNG state; (2) loss over the full batch and its gradient w.r.t. the embeddings;
+    (3) re-run each chunk with grad, replaying its RNG state so dropout masks are the same, and
+    back-propagate the cached embedding gradient. Peak activation memory is that of one chunk.
+    """
+    autocast = autocast or contextlib.nullcontext()
+    sides = [q_batches, d_batches] + ([h_batches] if h_batches else [])
+    if all(len(s) == 1 for s in sides):
+        with autocast:
+            embs = [encoder(**s[0]) for s in sides]
+        loss = loss_fn(*embs, *([None] * (3 - len(embs))))
+        loss.backward()
+        return loss.detach()
+    # (1) embeddings without grad
+    device = q_batches[0]["input_ids"].device
+    states, embs = [], []
+    with torch.no_grad():
+        for side in sides:
+            outs = []
+            for chunk in side:
+                states.append(_RNGState(device))
+                with autocast:
+                    outs.append(encoder(**chunk).float())
+            embs.append(torch.cat(outs).requires_grad_())  # (B, C) leaf
+    # (2) full-batch loss and d loss / d embeddings (the loss's gathers run their collectives here)
+    loss = loss_fn(*embs, *([None] * (3 - len(embs))))
+    grads = torch.autograd.grad(loss, embs)
+    # (3) re-run each chunk with grad and back-propagate its slice of the cached gradient
+    state = iter(states)
+    for side, grad in zip(sides, grads):
+        grad_chunks = grad.split([c["input_ids"].shape[0] for c in side])
+        for chunk, g in zip(side, grad_chunks):
+            with next(state).replay(), autocast:
+                out = encoder(**chunk)
+            out.float().backward(g)
+    return loss.detach()
+
+
+def average_gradients(params, world_size):
+    """All-reduce (mean) the gradients of `params` in one flat buffer: every rank then holds the
+    gradient of the mean over ranks of the local losses, which is the full global-batch gradient
+    (the loss gathers features with gradient). Plain all_reduce instead of DDP keeps gradient
+    caching simple: no no_sync / reducer hooks across the chunk re-runs."""
+    grads = [p.grad for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size
+    for g, f in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(f.view_as(g))
+
+
+def step_seed(seed, rank, step):
+    """Dropout RNG seed of one step on one rank: depends on nothing else, so a resumed run replays it."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0] >> 1)
+
+
+# -----------------------------------------------------------------------------
+# The c2c quality gate (caption 1 of each record -> caption 2 of every record)
+
+def c2c_eval(encoder, records_or_path, instruction=None, max_length=512, batch_size=64):
+    """Caption-to-caption top-1 (%) of a caption file: dict(c2c_top1, c2c_top1_reverse, n)."""
+    import torch.nn.functional as F
+    records = data.read_caption_records(records_or_path) if isinstance(records_or_path, str) else records_or_path
+    q = F.normalize(encoder.encode([r["captions"][0] for r in records], instruction, max_length, batch_size), dim=-1)
+    g = F.normalize(encoder.encode([r["captions"][1] for r in records], None, max_length, batch_size), dim=-1)
+    sim, target = q @ g.T, torch.arange(len(records))  # (N, N)
+    return {"c2c_top1": 100.0 * (sim.argmax(1) == target).float().mean().item(),
+            "c2c_top1_reverse": 100.0 * (sim.argmax(0) == target).float().mean().item(), "n": len(records)}
+
+
+# -----------------------------------------------------------------------------
+
+def get_lr(it, max_steps, cfg):
+    """Linear warm-up to cfg['lr'] over warmup_steps, then linear decay to 0 at max_steps."""
+    if it < cfg["warmup_steps"]:
+        return cfg["lr"] * (it + 1) / (cfg["warmup_steps"] + 1)
+    return cfg["lr"] * max(0.0, (max_steps - it) / max(1, max_steps - cfg["warmup_steps"]))
+
+
+def save_checkpoint(path, state):
+    """Atomic write of a plain-types checkpoint (readable with torch.load(weights_only=True))."""
+    common.atomic_torch_save(state, path)
+
+
+def load_checkpoint(path, cfg):
+    """Read ckpt.pt and refuse it if a training-relevant config key differs (named in the error)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    old = ckpt["config"]
+    diff = [k for k in cfg if k not in RESUME_FREE_KEYS and old.get(k) != cfg[k]]
+    if diff:
+        details = ", ".join(f"{k} (checkpoint {old.get(k)!r}, now {cfg[k]!r})" for k in diff)
+        raise ValueError(f"{path}: cannot resume, training settings differ: {details}. "
+                         "Use the checkpoint's settings or a new out_dir.")
+    return ckpt
+
+
+def main(argv=None):
+    cfg = common.configure(DEFAULTS, argv, __doc__)
+    if not data.split_paths(cfg["train_captions"]) and not data.split_paths(cfg["train_pairs"]):
+        raise ValueError("train_captions: expected one or more caption JSONL files (comma-separated), "
+                         "or train_pairs: a {query, positive} JSONL file")
+    for k in ("batch_size", "micro_batch_size"):
+        if cfg[k] < 1:
+            raise ValueError(f"{k}={cfg[k]}: expected a positive integer")
+
+    # --- distributed
+    ddp, rank, local_rank, world_size, device = common.setup_distributed()
+    master = rank == 0
+    device = torch.device(device)
+    if cfg["batch_size"] % world_size:
+        raise ValueError(f"batch_size={cfg['batch_size']} is not divisible by {world_size} ranks")
+    out_dir = cfg["out_dir"]
+    if master:
+        os.makedirs(out_dir, exist_ok=True)
+    log = common.Logger(out_dir, "cc_finetune", master)
+    use_bf16 = device.type == "cuda" and cfg["dtype"] in ("auto", "bfloat16", "bf16")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+
+    # --- data: records, two captions each per step, a deterministic rank-split order
+    records = []
+    for p in data.split_paths(cfg["train_captions"]):
+        records += data.read_caption_records(p)
+    for p in data.split_paths(cfg["train_pairs"]):
+        records += data.read_text_pairs(p)
+    dataset = data.CaptionPairDataset(records, cfg["seed"])
+    steps_per_epoch = len(records) // cfg["batch_size"]
+    max_steps = cfg["max_steps"] if cfg["max_steps"] > 0 else steps_per_epoch
+    val_records = data.read_caption_records(cfg["val_captions"]) if cfg["val_captions"] else None
+
+    # --- checkpoint to resume from
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    ckpt = load_checkpoint(ckpt_path, cfg) if cfg["resume"] and os.path.isfile(ckpt_path) else None
+    start_step = ckpt["step"] if ckpt else 0
+
+    # --- model: same seed on every rank, so every rank starts from the same LoRA init
+    torch.manual_seed(cfg["seed"])
+    encoder = llm2clip.load_text_encoder(
+        cfg["model"], bidirectional=cfg["bidirectional"], pooling=cfg["pooling"],
+        lora=dict(r=cfg["lora_r"], alpha=cfg["lora_alpha"], dropout=cfg["lora_dropout"]),
+        dtype=torch.bfloat16 if use_bf16 else torch.float32,
+        attn_implementation=cfg["attn_implementation"] or None, device=device)
+    if cfg["gradient_checkpointing"]:
+        encoder.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    named = [(n, p) for n, p in encoder.model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    if ckpt:
+        with torch.no_grad():
+            for n, p in named:
+                p.copy_(ckpt["lora"][n])
+        optimizer.load_state_dict(ckpt["optimizer"])
+
+    b_local = cfg["batch_size"] // world_size
+    n_chunks = math.ceil(b_local / cfg["micro_batch_size"])
+    hard = cfg["hard_negatives"]
+    n_total = sum(p.numel() for p in encoder.model.parameters())
+    log(f"model {cfg['model']}: {'decoder' if encoder.is_decoder else 'encoder'}, "
+        f"bidirectional={encoder.settings['bidirectional']}, pooling={cfg['pooling']}, "
+        f"{'bf16 autocast' if use_bf16 else 'fp32'} on {device}; LoRA r={cfg['lora_r']} alpha={cfg['lora_alpha']}: "
+        f"{sum(p.numel() for p in params):,} trainable of {n_total:,} parameters")
+    log(f"records: {len(records):,} ({steps_per_epoch} steps/epoch); steps {start_step} -> {max_steps}"
+        + (f" (resumed from {ckpt_path})" if ckpt else ""))
+    log(f"global contrastive batch {cfg['batch_size']} ({world_size} ranks x {b_local}), negatives per query: "
+        f"{cfg['batch_size'] - 1}" + (f" (+{cfg['batch_size']} hard negatives)" if hard else "")
+        + f", all gathered across ranks; temperature {cfg['temperature']}")
+    log(f"gradient caching: {n_chunks} chunks of <= {cfg['micro_batch_size']} texts per side per rank"
+        if n_chunks > 1 else "no gradient caching: one forward pass per side per rank")
+
+    # --- quality gate, before
+    c2c_before = ckpt.get("c2c_before") if ckpt else None
+    if val_records is not None and c2c_before is None:
+        if master:
+            c2c_before = c2c_eval(encoder, val_records, cfg["instruction"] or None, cfg["max_length"], cfg["val_batch_size"])
+            log(f"c2c before: top1 {c2c_before['c2c_top1']:.2f} reverse {c2c_before['c2c_top1_reverse']:.2f} "
+                f"(n={c2c_before['n']}, {cfg['val_captions']})")
+        if ddp:
+            dist.barrier()
+
+    # --- training loop
+    from tqdm import tqdm
+    sampler = data.ResumableBatchSampler(len(dataset), cfg["batch_size"], rank, world_size, cfg["seed"],
+                                         shuffle=True, start_step=start_step, max_steps=max_steps - start_step)
+    loss_fn = lambda q, d, h: llm2clip.caption_contrastive_loss(q, d, cfg["temperature"], h)  # noqa: E731
+    instruction = cfg["instruction"] or None
+    texts_per_step = cfg["batch_size"] * (3 if hard else 2)
+    encoder.train()
+    pbar = tqdm(total=max_steps, initial=start_step, desc="cc_finetune", disable=not master)
+    t0, t0_step, loss = time.time(), start_step, None
+    for step, indices in zip(range(start_step, max_steps), sampler):
+        queries, positives, negatives = dataset.batch(indices, step, hard)
+        sides = [(queries, instruction), (positives, None)] + ([(negatives, None)] if hard else [])
+        m = cfg["micro_batch_size"]
+        chunks = [[{k: v.to(device) for k, v in encoder.tokenize(texts[i:i + m], instr, cfg["max_length"]).items()}
+                   for i in range(0, len(texts), m)] for texts, instr in sides]
+        lr_now = get_lr(step, max_steps, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_now
+        torch.manual_seed(step_seed(cfg["seed"], rank, step))  # dropout masks: a function of the step
+        loss = grad_cache_step(encoder, *chunks[:2], loss_fn, chunks[2] if hard else None, autocast)
+        if ddp:
+            average_gradients(params, world_size)
+        if cfg["grad_clip"] > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        pbar.update(1)
+
+        done = step + 1
+        if done % cfg["log_interval"] == 0 or done == max_steps:
+            if ddp:
+                dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+            dt = (time.time() - t0) / (done - t0_step)
+            log(f"step {done}/{max_steps}: loss {loss.item():.4f}, lr {lr_now:.2e}, {dt * 1000:.0f} ms/step, "
+                f"{texts_per_step / dt:.0f} texts/s")
+            t0, t0_step = time.time(), done
+        if done % cfg["ckpt_interval"] == 0 or done == max_steps:
+            if master:
+                save_checkpoint(ckpt_path, {
+                    "step": done, "lora": {n: p.detach().cpu().clone() for n, p in named},
+                    "optimizer": optimizer.state_dict(), "config": dict(cfg), "c2c_before": c2c_before,
+                    "world_size": world_size, "code_version": common.code_version()})
+            if ddp:
+                dist.barrier()
+    pbar.close()
+    encoder.eval()
+
+    # --- quality gate, after; save adapter, merged model, encoder.json (rank 0)
+    result = {"steps": max_steps, "final_loss": None if loss is None else loss.item(),
+              "c2c_before": c2c_before, "c2c_after": None}
+    if master:
+        if val_records is not None:
+            result["c2c_after"] = c2c_eval(encoder, val_records, instruction, cfg["max_length"], cfg["val_batch_size"])
+            b, a = c2c_before["c2c_top1"], result["c2c_after"]["c2c_top1"]
+            log(f"c2c before -> after: top1 {b:.2f} -> {a:.2f} ({a - b:+.2f}), reverse "
+                f"{c2c_before['c2c_top1_reverse']:.2f} -> {result['c2c_after']['c2c_top1_reverse']:.2f}")
+        encoder.model.save_pretrained(os.path.join(out_dir, "adapter"))
+        merged = llm2clip.merge_lora(encoder.model)
+        merged.save_pretrained(os.path.join(out_dir, "merged"))
+        encoder.tokenizer.save_pretrained(os.path.join(out_dir, "merged"))
+        meta = {"model_subdir": "merged", "adapter_subdir": "adapter", "base_model": cfg["model"],
+                "pooling": cfg["pooling"], "bidirectional": encoder.settings["bidirectional"],
+                "instruction": cfg["instruction"], "max_length": cfg["max_length"],
+                "temperature": cfg["temperature"], "lora": {"r": cfg["lora_r"], "alpha": cfg["lora_alpha"],
+                                                              "dropout": cfg["lora_dropout"]},
+                "steps": max_steps, "batch_size": cfg["batch_size"], "c2c_before": c2c_before,
+                "c2c_after": result["c2c_after"], "code_version": common.code_version()}
+        common.atomic_write_text(os.path.join(out_dir, llm2clip.ENCODER_CONFIG), json.dumps(meta, indent=2) + "\n")
+        common.save_run_info(out_dir, cfg, __file__, extra={"result": result, "world_size": world_size})
+        log(f"saved {out_dir}: adapter/, merged/, {llm2clip.ENCODER_CONFIG}; load with model.load_text_encoder({out_dir!r})")
+    common.cleanup_distributed(ddp)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,19 @@
+# Stage 1 of the tiny CPU pipeline: a random tiny Llama (pipeline.build_tiny_text_model) on the
+# synthetic shapes captions (data.make_synthetic_dataset). A minute on 2 cores; c2c rises visibly.
+model = "out-tiny/text_model"
+train_captions = "out-tiny/data/train_captions.jsonl"
+val_captions = "out-tiny/data/val_captions.jsonl"
+out_dir = "out-tiny/cc"
+lora_r = 16
+lora_alpha = 32
+lora_dropout = 0.0
+dtype = "float32"
+gradient_checkpointing = False  # tiny activations: recomputing them only costs time
+max_length = 64  # synthetic long captions are < 40 tokens
+batch_size = 32
+micro_batch_size = 16  # exercises gradient caching (2 chunks per side)
+max_steps = 60
+lr = 1e-3  # a random model with few steps needs a larger step than the paper's 2e-4
+warmup_steps = 5
+log_interval = 10
+ckpt_interval = 30

@@ -83,7 +83,8 @@ mem_width = 32
 mem_layers = 2
 mem_repeats = 2  # subprocesses per variant; medians
 # -----------------------------------------------------------------------------
-DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and k.islower() and isinstance(v, (int, float, str, dict))}
+DEFAULTS = {k: v for k, v in globals().items()
+            if not k.startswith("_") and k.islower() and isinstance(v, (int, float, str, dict))}
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -111,7 +112,8 @@ def llm_flops(llm, T, params=None):
 def text_encoder(tokenizer, shape, dev="cpu", dtype=None, lora=False):
     """A random bidirectional Llama of `shape` (LlamaConfig kwargs) as a TextEncoder; dev="meta": shape only."""
     from transformers import AutoModel, LlamaConfig
-    conf = LlamaConfig(vocab_size=len(tokenizer) + 32, max_position_embeddings=4096, attn_implementation="sdpa", **shape)
+    conf = LlamaConfig(vocab_size=len(tokenizer) + 32, max_position_embeddings=4096, attn_implementation="sdpa",
+                       **shape)
     with torch.device(dev):
         llm = AutoModel.from_config(conf, **({"dtype": dtype} if dtype else {}))
     llm = M.enable_bidirectional(llm, verify=dev != "meta")
@@ -119,8 +121,8 @@ def text_encoder(tokenizer, shape, dev="cpu", dtype=None, lora=False):
 
 
 def text_shape(cfg, layers=0):
-    return dict(hidden_size=cfg["text_width"], intermediate_size=cfg["text_ffn"], num_hidden_layers=layers or cfg["text_layers"],
-                num_attention_heads=cfg["text_heads"], num_key_value_heads=cfg["text_kv_heads"])
+    return dict(hidden_size=cfg["text_width"], intermediate_size=cfg["text_ffn"], num_attention_heads=cfg["text_heads"],
+                num_hidden_layers=layers or cfg["text_layers"], num_key_value_heads=cfg["text_kv_heads"])
 
 
 def caption_mix(cfg):
@@ -150,21 +152,22 @@ def build_cache(cfg, tmp, dev):
     import embed_captions
     records = data.make_synthetic_dataset(tmp, cfg["cache_records"], seed=cfg["seed"], image_size=16)
     texts = [c for r in records for c in r["captions"] + r["long_captions"]]
-    with open(os.devnull, "w") as null, redirect_stdout(null), redirect_stderr(null):  # their logs are not the bench's
-        pipeline.build_tiny_text_model(os.path.join(tmp, "llm"), texts=texts, hidden_size=cfg["text_width"], num_layers=1,
+    with open(os.devnull, "w") as null, redirect_stdout(null), redirect_stderr(null):  # their logs are not ours
+        pipeline.build_tiny_text_model(f"{tmp}/llm", texts=texts, hidden_size=cfg["text_width"], num_layers=1,
                                        num_heads=cfg["text_heads"], intermediate_size=cfg["text_ffn"])
         embed_captions.main([f"--text_model={tmp}/llm", f"--manifest={tmp}/train.jsonl", f"--out_dir={tmp}/cache"])
     return records, data.EmbeddingCache(f"{tmp}/cache")
 
 
 def timed(fns, cfg, sync):
-    """fns: name -> step(). Median seconds per step over `repeats`, the variants interleaved per repeat."""
+    """fns: name -> step(). Median seconds per step over `repeats`, the variants interleaved in each repeat."""
     for f in fns.values():
         for _ in range(cfg["warmup"]):
             f()
-    times = {k: [] for k in fns}
-    for _ in range(cfg["repeats"]):
-        for k, f in fns.items():
+    times, names = {k: [] for k in fns}, list(fns)
+    for r in range(cfg["repeats"]):
+        for k in names[r % len(names):] + names[:r % len(names)]:  # rotated: none always follows the same one
+            f = fns[k]
             sync()
             t0 = time.perf_counter()
             for _ in range(cfg["steps"]):
@@ -195,8 +198,8 @@ def memory_child(variant, cfg):
     torch.set_num_threads(cfg["threads"])
     dev, G, C, T = cfg["device"], cfg["mem_global_batch"], cfg["mem_chunk"], cfg["mem_max_length"]
     tok = pipeline.train_tokenizer(["a red circle on a white background", "two dogs near the street"] * 4, 256)
-    shape = dict(hidden_size=cfg["mem_width"], intermediate_size=4 * cfg["mem_width"], num_hidden_layers=cfg["mem_layers"],
-                 num_attention_heads=4, num_key_value_heads=2)
+    shape = dict(hidden_size=cfg["mem_width"], intermediate_size=4 * cfg["mem_width"],
+                 num_hidden_layers=cfg["mem_layers"], num_attention_heads=4, num_key_value_heads=2)
     enc = text_encoder(tok, shape, dev, lora=True).train()
     opt = torch.optim.AdamW([p for p in enc.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(10, len(tok), (2, G, T), device=dev)  # queries, positives: full-length captions
@@ -217,7 +220,8 @@ def memory_child(variant, cfg):
 
 def peak_mib(variant, cfg):
     code = "import sys, json, bench; bench.memory_child(sys.argv[1], json.loads(sys.argv[2]))"
-    r = subprocess.run([sys.executable, "-c", code, variant, json.dumps(cfg)], cwd=HERE, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", code, variant, json.dumps(cfg)], cwd=HERE, capture_output=True,
+                       text=True)
     if r.returncode:
         raise RuntimeError(f"memory subprocess {variant} failed:\n{r.stderr[-3000:]}")
     return float(r.stdout.split("PEAK_MIB")[-1])
@@ -227,7 +231,9 @@ def peak_mib(variant, cfg):
 
 def main(argv=None):
     cfg = common.configure(DEFAULTS, argv, __doc__)
-    dev = cfg["device"] = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg["device"] == "auto":
+        cfg["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = cfg["device"]
     cuda = dev.startswith("cuda")
     torch.set_num_threads(cfg["threads"])
     torch.manual_seed(cfg["seed"])
@@ -246,7 +252,8 @@ def main(argv=None):
 
     def ratio(what, num, den, floor, cmp):  # attached to the last row
         r = num / den
-        rows[-1]["ratios"].append(dict(ratio=r, of=what, floor=f"{cmp} {floor}", ok=bool(r <= floor if cmp == "<=" else r >= floor)))
+        ok = bool(r <= floor if cmp == "<=" else r >= floor)
+        rows[-1]["ratios"].append(dict(ratio=r, of=what, floor=f"{cmp} {floor}", ok=ok))
 
     texts, info["captions"] = caption_mix(cfg)
     tok = pipeline.train_tokenizer(texts, cfg["vocab_size"])
@@ -257,17 +264,19 @@ def main(argv=None):
         # --- FLOPs: the paper's text/vision ratio, and the caption length that reproduces it here
         with torch.device("meta"):
             paper_vit = M.VisionTower(cfg["paper_vision"], embed_dim=768).model
+            pa = 2 * matmul_params(M.Adaptor(cfg["paper_text"]["hidden_size"], 768, 4, 2))  # the adaptor, per caption
         pv = vit_flops(paper_vit)
         pt = llm_flops(text_encoder(tok, cfg["paper_text"], "meta").model, cfg["paper_caption_tokens"])
-        vision = M.VisionTower(cfg["vision_model"], embed_dim=cfg["embed_dim"], grad_checkpointing=cfg["grad_checkpointing"],
-                               **cfg["timm_kwargs"]).to(dev)
+        vision = M.VisionTower(cfg["vision_model"], embed_dim=cfg["embed_dim"],
+                               grad_checkpointing=cfg["grad_checkpointing"], **cfg["timm_kwargs"]).to(dev)
         fv = vit_flops(vision.model)
         enc = text_encoder(tok, text_shape(cfg), dev, text_dtype).eval().requires_grad_(False)
         p = matmul_params(enc.model)
         T = cfg["caption_tokens"] or min(range(1, 4097), key=lambda t: abs(llm_flops(enc.model, t, p) / fv - pt / pv))
         ft = llm_flops(enc.model, T, p)
-        info.update(paper_vision_gflops=pv / 1e9, paper_text_gflops=pt / 1e9, paper_ratio=pt / pv, vision_gflops=fv / 1e9,
-                    text_gflops=ft / 1e9, ratio=ft / fv, caption_tokens=T, scale=pv / fv, text_params_m=p / 1e6)
+        info.update(paper_vision_gflops=pv / 1e9, paper_text_gflops=pt / 1e9, paper_ratio=pt / pv,
+                    vision_gflops=fv / 1e9, text_gflops=ft / 1e9, ratio=ft / fv, caption_tokens=T, scale=pv / fv,
+                    text_params_m=p / 1e6)
 
         # --- post_train's model, optimizer (layer decay groups) and step; the bare vision tower's
         clip = M.LLM2CLIP(vision, cfg["text_width"], cfg["adaptor_blocks"]).to(dev)
@@ -276,9 +285,10 @@ def main(argv=None):
         adamw = dict(lr=pcfg["learning_rate"], betas=(pcfg["beta1"], pcfg["beta2"]), eps=pcfg["adam_eps"])
         opt_c = torch.optim.AdamW(post_train.param_groups(clip, pcfg), **adamw)
         from timm.optim import param_groups_layer_decay
-        opt_v = torch.optim.AdamW(param_groups_layer_decay(vision.model, pcfg["weight_decay"], layer_decay=pcfg["layer_decay"]), **adamw)
+        opt_v = torch.optim.AdamW(param_groups_layer_decay(vision.model, pcfg["weight_decay"],
+                                                           layer_decay=pcfg["layer_decay"]), **adamw)
         B = cfg["batch_size"]
-        images = torch.randn(B, 3, *vision.model.patch_embed.img_size, device=dev)  # image loading: the same for all, left out
+        images = torch.randn(B, 3, *vision.model.patch_embed.img_size, device=dev)  # loading images: same for all
         ids = torch.randint(10, len(tok), (B, T), device=dev)
         ones = torch.ones_like(ids)
         tmp = tempfile.TemporaryDirectory()
@@ -305,7 +315,8 @@ def main(argv=None):
         def cached_step():  # the sampler's records -> caption choice -> cache rows, as data.TrainSamples does
             rows_ = []
             for i in next(sampler):
-                field, slot = data.choose_caption(records[i], data.sample_rng(cfg["seed"], 0, i), pcfg["real_caption_ratio"])
+                rng = data.sample_rng(cfg["seed"], 0, i)
+                field, slot = data.choose_caption(records[i], rng, pcfg["real_caption_ratio"])
                 rows_.append(cache.row(i, field, slot))
             clip_step(torch.from_numpy(cache.take(rows_).astype(np.float32)).to(dev, non_blocking=True))
 
@@ -314,9 +325,14 @@ def main(argv=None):
                 text_emb = enc(ids, ones, ones)
             clip_step(text_emb)
 
-        fns = {"vision": vision_step, "cache": cached_step, **({"online": online_step} if "b" in cfg["benchmarks"] else {})}
+        fns = {"vision": vision_step, "cache": cached_step}
+        if "b" in cfg["benchmarks"]:
+            fns["online"] = online_step
         t = timed(fns, cfg, sync)
         fa = 2 * matmul_params(clip.adaptor)
+        # what (a) and (b) would be if time followed FLOPs (training = 3x forward; the text encoder only forward)
+        info.update(flops_a=(fv + fa) / fv, flops_b=(3 * (fv + fa) + ft) / (3 * (fv + fa)),
+                    paper_flops_a=(pv + pa) / pv, paper_flops_b=(3 * (pv + pa) + pt) / (3 * (pv + pa)))
         row("a", "vision tower alone: fwd+bwd+AdamW", t["vision"], "ms/step", 3 * fv * B)
         row("a", "stage-2 step, text from the cache", t["cache"], "ms/step", 3 * (fv + fa) * B)
         ratio("cache / vision", t["cache"], t["vision"], 1.10, "<=")
@@ -334,8 +350,9 @@ def main(argv=None):
 
         def run(name, make_batches):
             out = torch.empty(len(texts), enc.dim)
+            batches = make_batches(E.text_lengths(enc, texts, max_length=L))
             with ctx:
-                for idx, emb in E.encode_batches(enc, texts, make_batches(E.text_lengths(enc, texts, max_length=L)), max_length=L):
+                for idx, emb in E.encode_batches(enc, texts, batches, max_length=L):
                     out[idx] = emb
             outs[name] = out
 
@@ -343,12 +360,13 @@ def main(argv=None):
                "sorted": lambda: run("sorted", lambda n: E.token_budget_batches(n, cfg["embed_batch_tokens"]))}
         t = timed(fns, {**cfg, "warmup": 0, "steps": 1, "repeats": cfg["embed_repeats"]}, sync)
         n = E.text_lengths(enc, texts, max_length=L)
-        info.update(embed_n=len(texts), embed_layers=enc.model.config.num_hidden_layers, embed_mean=n.mean(), embed_max=n.max(),
-                    embed_diff=(outs["fixed"] - outs["sorted"]).abs().max().item(),
+        info.update(embed_n=len(texts), embed_layers=enc.model.config.num_hidden_layers, embed_mean=n.mean(),
+                    embed_max=n.max(), embed_diff=(outs["fixed"] - outs["sorted"]).abs().max().item(),
                     embed_padded=[E.padded_tokens(E.fixed_size_batches(n, cfg["embed_batch_size"]), n),
                                   E.padded_tokens(E.token_budget_batches(n, cfg["embed_batch_tokens"]), n)])
         row("c", f"embed: fixed batches of {cfg['embed_batch_size']}, padded", len(texts) / t["fixed"], "captions/s")
-        row("c", f"embed: length-sorted, {cfg['embed_batch_tokens']}-token batches", len(texts) / t["sorted"], "captions/s")
+        row("c", f"embed: length-sorted, {cfg['embed_batch_tokens']}-token batches", len(texts) / t["sorted"],
+            "captions/s")
         ratio("sorted / fixed", t["fixed"], t["sorted"], 2, ">=")
         del enc
 
@@ -372,28 +390,33 @@ def main(argv=None):
 
 
 def print_report(rows, info, cfg, peak):
-    print(f"device {info['device']}, {info['threads']} CPU thread(s); medians of {cfg['repeats']} repeats x {cfg['steps']} "
-          f"steps (a, b), {cfg['embed_repeats']} passes (c), {cfg['mem_repeats']} processes per variant (d)")
+    print(f"device {info['device']}, {info['threads']} CPU thread(s); medians of {cfg['repeats']} repeats x "
+          f"{cfg['steps']} steps (a, b), {cfg['embed_repeats']} passes (c), {cfg['mem_repeats']} processes per "
+          "variant (d)")
     if "scale" in info:
         print(f"paper: ViT-L/14-224 {info['paper_vision_gflops']:.1f} GFLOPs/image, Llama-3-8B-shaped "
               f"{info['paper_text_gflops']:.0f} GFLOPs/caption ({cfg['paper_caption_tokens']} tokens): text/vision "
               f"{info['paper_ratio']:.2f}")
-        print(f"here:  ViT {info['vision_gflops']:.3f} GFLOPs/image, text ({info['text_params_m']:.2f}M matmul params, "
-              f"{info['caption_tokens']} tokens) {info['text_gflops']:.3f} GFLOPs/caption: text/vision "
+        print(f"here:  ViT {info['vision_gflops']:.3f} GFLOPs/image, text ({info['text_params_m']:.2f}M matmul "
+              f"params, {info['caption_tokens']} tokens) {info['text_gflops']:.3f} GFLOPs/caption: text/vision "
               f"{info['ratio']:.2f}; both scaled down {info['scale']:.0f}x; batch {cfg['batch_size']}")
+        print(f"if time followed FLOPs: cache/vision {info['flops_a']:.3f}x here, {info['paper_flops_a']:.3f}x at "
+              f"the paper's scale; online/cache {info['flops_b']:.2f}x here, {info['paper_flops_b']:.2f}x there")
     if "embed_n" in info:
-        print(f"embed: {info['embed_n']} captions, {info['captions']}; {info['embed_layers']}-layer text encoder; tokens "
-              f"mean {info['embed_mean']:.0f}, max {info['embed_max']}; padded tokens fixed/sorted "
-              f"{info['embed_padded'][0] / info['embed_padded'][1]:.2f}x; embeddings max |diff| {info['embed_diff']:.1e}")
+        print(f"embed: {info['embed_n']} captions, {info['captions']}; {info['embed_layers']}-layer text encoder; "
+              f"tokens mean {info['embed_mean']:.0f}, max {info['embed_max']}; padded tokens fixed/sorted "
+              f"{info['embed_padded'][0] / info['embed_padded'][1]:.2f}x; embeddings max |diff| "
+              f"{info['embed_diff']:.1e}")
     if "mem_baseline" in info:
-        print(f"memory: peak {'CUDA allocated' if info['device'].startswith('cuda') else 'RSS'} above a baseline process "
-              f"of {info['mem_baseline']:.0f} MiB; LoRA decoder width {cfg['mem_width']}, {cfg['mem_layers']} layers, "
-              f"{cfg['mem_max_length']} tokens")
-    print(f"    {'':47}{'median':>10} {'unit':<11}{'ratio':>7}  {'of':<22}{'floor':<9}" + ("      MFU" if peak else ""))
+        kind = "CUDA allocated" if info["device"].startswith("cuda") else "RSS"
+        print(f"memory: peak {kind} above a baseline process of {info['mem_baseline']:.0f} MiB; LoRA decoder width "
+              f"{cfg['mem_width']}, {cfg['mem_layers']} layers, {cfg['mem_max_length']} tokens")
+    print((f"    {'':47}{'median':>10} {'unit':<11}{'ratio':>7}  {'of':<24}{'floor':<13}" + ("MFU" if peak else "")).rstrip())
     for r in rows:
-        rats = [f"{x['ratio']:6.2f}x  {x['of']:<22}{x['floor']:<9}{'ok' if x['ok'] else 'MISS':<4}" for x in r["ratios"]]
-        mfu = f"  {100 * r['mfu']:5.1f}%" if r["mfu"] is not None else ""
-        print(f"({r['bench']}) {r['name']:<47}{r['median']:10.1f} {r['unit']:<11}{(rats or [' ' * 45])[0]}{mfu}")
+        rats = [f"{x['ratio']:6.2f}x  {x['of']:<24}{x['floor']:<9}{'ok' if x['ok'] else 'MISS':<4}"
+                for x in r["ratios"]] or [" " * 46]
+        mfu = f"{100 * r['mfu']:5.1f}%" if r["mfu"] is not None else ""
+        print(f"({r['bench']}) {r['name']:<47}{r['median']:10.1f} {r['unit']:<11}{rats[0]}{mfu}".rstrip())
         for x in rats[1:]:
             print(" " * 74 + x)
 

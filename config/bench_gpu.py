@@ -21,7 +21,7 @@ text_heads = 32
 text_kv_heads = 8
 text_ffn = 14336
 caption_tokens = 128  # = paper_caption_tokens
-embed_short = 2000  # COCO captions
+embed_short = 200  # COCO captions (1:1 with the long ones, as in the CPU run)
 embed_long = 200  # all of shared/data's DOCCI descriptions (synthetic lengths where absent)
 embed_layers = 0  # the whole 8B-shaped encoder
 embed_repeats = 5
@@ -31,6 +31,6 @@ vocab_size = 8000
 mem_global_batch = 256
 mem_chunk = 32
 mem_max_length = 256
-mem_width = 512
+mem_width = 256
 mem_layers = 2
 mem_repeats = 2

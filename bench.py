@@ -411,7 +411,8 @@ def print_report(rows, info, cfg, peak):
         kind = "CUDA allocated" if info["device"].startswith("cuda") else "RSS"
         print(f"memory: peak {kind} above a baseline process of {info['mem_baseline']:.0f} MiB; LoRA decoder width "
               f"{cfg['mem_width']}, {cfg['mem_layers']} layers, {cfg['mem_max_length']} tokens")
-    print((f"    {'':47}{'median':>10} {'unit':<11}{'ratio':>7}  {'of':<24}{'floor':<13}" + ("MFU" if peak else "")).rstrip())
+    head = f"    {'':47}{'median':>10} {'unit':<11}{'ratio':>7}  {'of':<24}{'floor':<13}{'MFU' if peak else ''}"
+    print(head.rstrip())
     for r in rows:
         rats = [f"{x['ratio']:6.2f}x  {x['of']:<24}{x['floor']:<9}{'ok' if x['ok'] else 'MISS':<4}"
                 for x in r["ratios"]] or [" " * 46]

@@ -234,11 +234,11 @@ def encode_images(m, paths, cfg, dist_info, desc="images"):
     lo, hi = _shard(len(paths), rank, world)
     loader = DataLoader(ImageDataset(paths[lo:hi], eval_transform(m.data_config)),
                         batch_size=cfg["batch_size"], num_workers=cfg["num_workers"])
-    feats = [torch.zeros(0, 0, device=device)]
+    feats = []
     for x, _ in tqdm(loader, desc=desc, disable=rank != 0):
         with _autocast(device, cfg["amp"]):
             feats.append(F.normalize(m.encode_images(x.to(device)).float(), dim=-1))
-    return gather_rows(torch.cat(feats[1:]) if len(feats) > 1 else feats[0], ddp)
+    return gather_rows(torch.cat(feats) if feats else torch.zeros(0, 0, device=device), ddp)
 
 
 @torch.no_grad()
@@ -304,6 +304,7 @@ def _write_results(path, payload, cfg):
     import datetime
     payload.update(config=cfg, code_version=common.code_version(),
                    time=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     common.atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
     print(f"wrote {path}")
 
@@ -315,8 +316,9 @@ def run_retrieval(cfg, dist_info, log):
     specs, data_specs = _split(cfg["model"], "model"), _split(cfg["data"], "data")
     datasets = [resolve_dataset(s, cfg) for s in data_specs]
     names = [d["name"] for d in datasets]
-    if len(set(names)) != len(names):
-        raise ValueError(f"--data: two datasets share a name ({', '.join(names)}); give the manifests distinct file names")
+    if len(set(names)) != len(names) or len(set(specs)) != len(specs):
+        raise ValueError(f"duplicate entries in --model={cfg['model']} or in --data (dataset names: "
+                         f"{', '.join(names)}); give each model once and manifests distinct names")
     for d in datasets:
         log(f"{d['name']}: {len(d['records'])} images, {len(d['texts'])} texts ({d['field']}, "
             f"{d['captions_per_image'] or 'any'} per image) from {d['manifest']}")

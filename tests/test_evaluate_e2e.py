@@ -312,8 +312,10 @@ def test_duplicate_dataset_names_and_variable_size_processor(tmp_path):
     for folder in (a, b):
         color_manifest(folder, "manifest", 5)
     assert evaluate.resolve_dataset(str(a / "manifest.jsonl"), dict(evaluate._DEFAULTS))["name"] == "a"
-    with pytest.raises(ValueError, match="two datasets share a name"):
+    with pytest.raises(ValueError, match="duplicate entries .*dataset names: a, a"):
         evaluate.main(["--model=x", f"--data={a / 'manifest.jsonl'},{a / 'manifest.jsonl'}"])
+    with pytest.raises(ValueError, match="duplicate entries in --model=x,x"):
+        evaluate.main(["--model=x,x", f"--data={a / 'manifest.jsonl'},{b / 'manifest.jsonl'}"])
     naflex = types.SimpleNamespace(size=None, max_num_patches=256, image_mean=[0.5] * 3, image_std=[0.5] * 3)
     with pytest.raises(ValueError, match="no fixed input size; variable-resolution"):
         evaluate.hf_data_config(naflex)

@@ -160,6 +160,30 @@ def describe_text_mismatch(cached_counts, cached_hashes, fields, new):
     return "; ".join(msg)
 
 
+def model_fingerprint(path, probe_bytes=1 << 20):
+    """A cheap identity of a local model: sha256 over the files of the folder that is loaded (for a
+    stage-1 out_dir: encoder.json and its model subfolder), each by name, size, and its first and
+    last `probe_bytes` (weights retrained in place change there). None for a hub name."""
+    if not os.path.isdir(path):
+        return None
+    files, folder = [], path
+    if os.path.isfile(os.path.join(path, "encoder.json")):
+        with open(os.path.join(path, "encoder.json")) as f:
+            folder = os.path.join(path, json.load(f).get("model_subdir", "merged"))
+        files.append(os.path.join(path, "encoder.json"))
+    files += sorted(os.path.join(folder, n) for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n)))
+    h = hashlib.sha256()
+    for name in files:
+        size = os.path.getsize(name)
+        h.update(f"{os.path.relpath(name, path)}\0{size}\0".encode())
+        with open(name, "rb") as f:
+            h.update(f.read(probe_bytes))
+            if size > probe_bytes:
+                f.seek(max(probe_bytes, size - probe_bytes))
+                h.update(f.read())
+    return h.hexdigest()
+
+
 def _name(manifest):
     return manifest if isinstance(manifest, (str, os.PathLike)) else f"the given {len(manifest)} records"
 
@@ -215,6 +239,8 @@ class EmbeddingCache:
             raise DataError(f"{cache_dir}: the cache is incomplete (an interrupted embed_captions.py run); "
                             "rerun it with the same settings to finish")
         self.fields = list(meta["fields"])
+        if isinstance(fields, str):
+            fields = [f.strip() for f in fields.split(",") if f.strip()]
         missing = [f for f in (fields or []) if f not in self.fields]
         if missing:
             raise DataError(f"{cache_dir}: fields {missing} are not in the cache (it has {self.fields})")

@@ -228,8 +228,10 @@ def main(argv=None):
                                 attn_implementation=cfg["attn_implementation"] or None, device=device)
     encoder.eval().requires_grad_(False)
     s = encoder.settings
-    enc = {"model": os.path.abspath(cfg["text_model"]) if os.path.exists(cfg["text_model"]) else cfg["text_model"],
-           "adapter": s.get("adapter"), "base_model": s.get("base_model"), "pooling": encoder.pooling,
+    model_path = os.path.abspath(cfg["text_model"]) if os.path.exists(cfg["text_model"]) else cfg["text_model"]
+    enc = {"model": model_path, "fingerprint": data.model_fingerprint(model_path),  # differs if retrained in place
+           "adapter": os.path.join(model_path, s["adapter_subdir"]) if s.get("adapter_subdir") else None,
+           "base_model": s.get("base_model"), "pooling": encoder.pooling,
            "instruction": cfg["instruction"], "max_length": cfg["max_length"], "bidirectional": s["bidirectional"],
            "dim": encoder.dim, "compute_dtype": compute_dtype}
     meta = build_meta(cfg, enc, texts, complete=False)

@@ -248,6 +248,23 @@ def test_encoder_settings_and_fields_mismatch_refused(setup):
         data.EmbeddingCache(setup["ref"], fields=["captions", "extra"])
 
 
+def test_rerun_after_model_retrained_in_place_is_refused(setup, tmp_path):
+    """A complete cache must not be 'skipped' as done when the model at the same path changed."""
+    model, manifest, out = str(tmp_path / "m"), tmp_path / "small.jsonl", str(tmp_path / "c")
+    shutil.copytree(setup["model"], model)
+    manifest.write_text("".join(open(setup["manifest"]).readlines()[:3]))
+    args = [f"--text_model={model}", f"--manifest={manifest}", f"--out_dir={out}", "--verify=False"]
+    embed_captions.main(args)
+    before = data.EmbeddingCache(out).get(0, "captions", 0)
+    texts = [t for r in setup["recs"] for t in r["captions"] + r["long_captions"]]
+    pipeline.build_tiny_text_model(model, "llama", texts=texts, seed=1)  # same path, same config, new weights
+    with pytest.raises(data.DataError, match="fingerprint"):
+        embed_captions.main(args)
+    embed_captions.main(args + ["--overwrite=True"])
+    after = data.EmbeddingCache(out, expect={"fingerprint": data.model_fingerprint(model)}).get(0, "captions", 0)
+    assert not np.array_equal(before, after)
+
+
 def test_verify_catches_unwritten_and_nonfinite_rows(setup, tmp_path):
     out = str(tmp_path / "c")
     shutil.copytree(setup["ref"], out)
@@ -263,6 +280,9 @@ def test_verify_catches_unwritten_and_nonfinite_rows(setup, tmp_path):
 
 def test_bad_manifest_field_names_the_line(tmp_path):
     m = tmp_path / "m.jsonl"
+    m.write_text('{"id": "a", "captions": ["x", "y"]}\n{"id": "b", "captions": ["z"]}\n')  # a stage-1 caption file
+    t = data.cache_texts(str(m))
+    assert t.texts == ["x", "y", "z"] and t.counts.tolist() == [[2, 0], [1, 0]] and t.record_offsets.tolist() == [0, 2, 3]
     m.write_text('{"captions": ["ok"]}\n\n{"captions": "a bare string is one caption"}\n{"captions": [1, 2]}\n')
     with pytest.raises(data.DataError, match=r"m.jsonl:4: field 'captions' must be a list of strings"):
         data.cache_texts(str(m))

@@ -237,9 +237,10 @@ def main(argv=None):
     meta = build_meta(cfg, enc, texts, complete=False)
 
     # --- output: new, resume, already complete, or refuse a mismatch (every rank decides the same)
-    old = json.load(open(meta_path)) if os.path.isfile(meta_path) else None
-    state = "new"
-    if old is not None:
+    old, state = None, "new"
+    if os.path.isfile(meta_path):
+        with open(meta_path) as f:
+            old = json.load(f)
         diff = plan_mismatch(old, meta)
         if old.get("text_hash") != texts.text_hash and old.get("fields") == field_list:
             idx = np.load(os.path.join(out, data.CACHE_INDEX))

@@ -36,6 +36,14 @@ def shared_data():
         d = os.path.dirname(d)
 
 
+def free_port():
+    """A free TCP port, so parallel test runs on one machine do not collide on torchrun's port."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def subprocess_env(threads=1):
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false"}
 
@@ -168,7 +176,7 @@ def test_rows_equal_single_text_encoding_minilm(tmp_path):
 
 def test_torchrun_two_ranks_identical_to_one_process(setup, tmp_path):
     out = str(tmp_path / "ddp")
-    cmd = [TORCHRUN, "--nproc_per_node=2", "--master_port=29517", os.path.join(ROOT, "embed_captions.py"),
+    cmd = [TORCHRUN, "--nproc_per_node=2", f"--master_port={free_port()}", os.path.join(ROOT, "embed_captions.py"),
            f"--text_model={setup['model']}", f"--manifest={setup['manifest']}", f"--out_dir={out}"] + RUN
     p = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]

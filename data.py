@@ -251,12 +251,11 @@ class EmbeddingCache:
         index = np.load(os.path.join(cache_dir, CACHE_INDEX))
         self.record_offsets = index["record_offsets"].astype(np.int64)
         self._counts = index["counts"].astype(np.int32)
-        self.text_hashes = index["text_hashes"]
         if manifest is not None:
             new = cache_texts(manifest, self.fields)
-            if new.text_hash != meta["text_hash"]:
+            if new.text_hash != meta["text_hash"]:  # per-text hashes are read only to say what differs
                 raise DataError(f"{cache_dir} is stale for {_name(manifest)}: "
-                                + describe_text_mismatch(self._counts, self.text_hashes, self.fields, new))
+                                + describe_text_mismatch(self._counts, index["text_hashes"], self.fields, new))
         # row of slot 0 of each (record, field)
         self._starts = self.record_offsets[:-1, None] + np.cumsum(self._counts, 1) - self._counts
         emb = self._open()

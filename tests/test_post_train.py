@@ -101,7 +101,7 @@ def test_tiny_preset_trains_single_process(w, trained):
 
 def test_torchrun_two_ranks_equals_one_process(w, tmp_path):
     out2 = tmp_path / "ddp"
-    cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node=2", "--master_port=29731",
+    cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, "post_train.py"),
            *args(w, out2, "--max_steps=100", "--micro_batch_size=4", "--save_interval=1", "--keep_checkpoints=0",
                  "--num_workers=1", f"--val_manifest={w.val}", f"--val_cache_dir={w.val_cache}",

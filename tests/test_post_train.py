@@ -228,8 +228,8 @@ def test_bad_images_error_with_path_or_are_skipped_and_counted(w, tmp_path, brok
     with pytest.raises(data.DataError, match=re.escape(missing)):  # found before any training
         post_train.main(args(w, tmp_path / "a", f"--train_manifest={manifest}"))
     os.symlink(missing.replace("000005", "000006"), missing)  # now only the corrupt one is left
-    with pytest.raises(data.DataError, match=re.escape(corrupt) + ".*skip_bad_images"):
-        post_train.main(args(w, tmp_path / "b", f"--train_manifest={manifest}", "--max_steps=8"))
+    with pytest.raises(data.DataError, match=re.escape(corrupt) + ".*skip_bad_images"):  # raised in a worker
+        post_train.main(args(w, tmp_path / "b", f"--train_manifest={manifest}", "--max_steps=8", "--num_workers=1"))
     os.remove(missing)
     capsys.readouterr()
     res = post_train.main(args(w, tmp_path / "c", f"--train_manifest={manifest}", "--max_steps=8",
@@ -276,6 +276,39 @@ def test_nan_loss_names_step_and_checkpoint(w, tmp_path):
     del emb
     with pytest.raises(FloatingPointError, match=r"at step 2; last good checkpoint: .*step_00000002.pt"):
         post_train.main(args(w, tmp_path / "o", f"--cache_dir={cache}", "--max_steps=4", "--save_interval=1"))
+
+
+# --- optimiser groups and presets
+
+def test_param_groups_layer_decay_and_no_weight_decay():
+    vision = M.VisionTower("test_vit", embed_dim=16, img_size=32, patch_size=8, depth=3)
+    net = M.LLM2CLIP(vision, 32, adaptor_blocks=1)
+    cfg = {"weight_decay": 0.05, "layer_decay": 0.5}
+    groups = post_train.param_groups(net, cfg)
+    names = {id(p): n for n, p in net.named_parameters()}
+    scale = {names[id(p)]: (g["lr_scale"], g["weight_decay"]) for g in groups for p in g["params"]}
+    assert len(scale) == len(names)  # every parameter exactly once
+    assert scale["vision.model.blocks.2.attn.qkv.weight"] == (0.5, 0.05)
+    assert scale["vision.model.blocks.0.attn.qkv.weight"] == (0.125, 0.05)
+    assert scale["vision.model.patch_embed.proj.weight"][0] == 0.0625 and scale["vision.model.head.weight"] == (1.0, 0.05)
+    for n in ("logit_scale", "vision.model.pos_embed", "vision.model.cls_token", "vision.model.blocks.1.norm1.weight",
+              "vision.model.blocks.1.mlp.fc1.bias", "adaptor.proj.bias", "adaptor.norm.weight"):
+        assert scale[n][1] == 0.0, n
+    assert scale["adaptor.proj.weight"] == (1.0, 0.05)
+
+
+def test_paper_presets_resolve():
+    import glob as g
+    import timm
+    presets = sorted(g.glob(os.path.join(ROOT, "config", "post_*.py")))
+    defaults = {k: getattr(post_train, k) for k in post_train.config_keys}
+    names = set()
+    for path in presets:
+        cfg = post_train.common.configure(defaults, [path])
+        names.add(cfg["vision_model"])
+        assert cfg["vision_model"] in timm.list_pretrained() or cfg["vision_model"] == "test_vit", path
+    assert {"vit_large_patch14_clip_224.openai", "vit_large_patch14_clip_336.openai",
+            "eva02_large_patch14_clip_224.merged2b", "vit_so400m_patch14_siglip_224.v2_webli"} <= names
 
 
 # --- must show 6: the export loads into timm and load_llm2clip reproduces the training model

@@ -177,6 +177,18 @@ def test_caption_choice_is_a_function_of_seed_epoch_record():
     assert all(f == "long_captions" for f, _ in (data.choose_caption(rec, data.sample_rng(0, 0, r), 0.0) for r in range(50)))
 
 
+def test_crop_boxes_stay_inside_with_the_requested_area():
+    for r in range(200):
+        rng = data.sample_rng(0, 0, r)
+        W, H = [(64, 64), (80, 48), (40, 90)][r % 3]
+        top, left, h, w = data.random_resized_crop_params(W, H, rng, scale=(0.9, 1.0))
+        assert 0 <= top and top + h <= H and 0 <= left and left + w <= W
+        if W == H:  # square images never need the fallback: the area is in the scale range (up to rounding)
+            assert 0.87 <= h * w / (W * H) <= 1.0
+    a = [data.random_resized_crop_params(64, 64, data.sample_rng(1, 2, 3)) for _ in range(2)]
+    assert a[0] == a[1]
+
+
 # --- must show 4: the frozen LLM online gives the loss of the cache
 
 def test_online_text_matches_cache(w, tmp_path):

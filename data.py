@@ -228,7 +228,7 @@ CACHE_EMBEDDINGS, CACHE_INDEX, CACHE_META = "embeddings.npy", "index.npz", "meta
 @dataclass
 class CacheTexts:
     """Every text a cache holds, in row order, plus the index and the hashes that identify them."""
-    path: str
+    source: object  # the manifest path, or the list of records it came from
     fields: list
     texts: list  # [count] str, row order
     counts: np.ndarray  # int32 [num_records, num_fields]
@@ -240,31 +240,43 @@ class CacheTexts:
     def record_offsets(self):
         return np.concatenate([[0], np.cumsum(self.counts.sum(1), dtype=np.int64)]).astype(np.int64)
 
+    def where(self, r):
+        """Where record r comes from, for messages: 'file:line', or the record's image."""
+        if isinstance(self.source, (str, os.PathLike)):
+            return f"{self.source}:{self.lines[r]}"
+        return f"image {self.source[r].get('image', '?')}"
 
-def _field_texts(path, lineno, obj, field):
+
+def _field_texts(where, obj, field):
     """The texts of one record field: a list of non-empty strings (a bare string is one text)."""
     value = obj.get(field)
     if value is None:
         return []
     if isinstance(value, str):
         value = [value]
-    if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
-        raise DataError(f"{path}:{lineno}: field {field!r} must be a list of strings, got {json.dumps(value)[:80]}")
+    if not isinstance(value, (list, tuple)) or not all(isinstance(t, str) for t in value):
+        raise DataError(f"{where}: field {field!r} must be a list of strings, got {json.dumps(value, default=str)[:80]}")
     for s, t in enumerate(value):
         if not t.strip():
-            raise DataError(f"{path}:{lineno}: field {field!r} slot {s} is an empty caption")
-    return value
+            raise DataError(f"{where}: field {field!r} slot {s} is an empty caption")
+    return list(value)
 
 
 def cache_texts(manifest, fields=CACHE_FIELDS):
-    """Enumerate a manifest's texts in cache row order and hash them (see the section comment)."""
+    """Enumerate a manifest's texts in cache row order and hash them (see the section comment).
+
+    manifest: a JSONL path, or a list of record dicts in record order (e.g. from tar shards)."""
     fields = list(fields)
     texts, counts, lines, hashes = [], [], [], []
     h = hashlib.sha256()
-    for r, (lineno, obj) in enumerate(read_jsonl(manifest)):
+    if isinstance(manifest, (str, os.PathLike)):
+        items = ((lineno, obj, f"{manifest}:{lineno}") for lineno, obj in read_jsonl(manifest))
+    else:
+        items = ((r + 1, obj, f"record {r} (image {obj.get('image', '?')})") for r, obj in enumerate(manifest))
+    for r, (lineno, obj, where) in enumerate(items):
         row_counts = []
         for field in fields:
-            values = _field_texts(manifest, lineno, obj, field)
+            values = _field_texts(where, obj, field)
             for s, t in enumerate(values):
                 b = t.encode("utf-8")
                 # length-prefixed, so no text can imitate a record boundary
@@ -306,16 +318,44 @@ def describe_text_mismatch(cached_counts, cached_hashes, fields, new):
         r, field, s = _where(old_offsets, cached_counts, fields, int(changed[0]))
         text = new.texts[int(changed[0])]
         msg.append(f"{len(changed)} text(s) changed in the first {first_count} records; first: record {r} "
-                   f"({new.path}:{new.lines[r]}) field {field!r} slot {s}, now {text[:100]!r}")
+                   f"({new.where(r)}) field {field!r} slot {s}, now {text[:100]!r}")
     if first_count < n:
         f = int(np.flatnonzero(cached_counts[first_count] != new.counts[first_count])[0])
-        msg.append(f"record {first_count} ({new.path}:{new.lines[first_count]}) field {fields[f]!r} has "
+        msg.append(f"record {first_count} ({new.where(first_count)}) field {fields[f]!r} has "
                    f"{new.counts[first_count, f]} texts in the manifest, {cached_counts[first_count, f]} in the cache")
     elif n_new > n_old:
-        msg.append(f"records {n_old}.. ({new.path}:{new.lines[n_old]} on) are not in the cache")
+        msg.append(f"records {n_old}.. ({new.where(n_old)} on) are not in the cache")
     elif n_old > n_new:
         msg.append(f"the cache has {n_old - n_new} records beyond the manifest's end")
     return "; ".join(msg)
+
+
+def model_fingerprint(path, probe_bytes=1 << 20):
+    """A cheap identity of a local model: sha256 over the files of the folder that is loaded (for a
+    stage-1 out_dir: encoder.json and its model subfolder), each by name, size, and its first and
+    last `probe_bytes` (weights retrained in place change there). None for a hub name."""
+    if not os.path.isdir(path):
+        return None
+    files, folder = [], path
+    if os.path.isfile(os.path.join(path, "encoder.json")):
+        with open(os.path.join(path, "encoder.json")) as f:
+            folder = os.path.join(path, json.load(f).get("model_subdir", "merged"))
+        files.append(os.path.join(path, "encoder.json"))
+    files += sorted(os.path.join(folder, n) for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n)))
+    h = hashlib.sha256()
+    for name in files:
+        size = os.path.getsize(name)
+        h.update(f"{os.path.relpath(name, path)}\0{size}\0".encode())
+        with open(name, "rb") as f:
+            h.update(f.read(probe_bytes))
+            if size > probe_bytes:
+                f.seek(max(probe_bytes, size - probe_bytes))
+                h.update(f.read())
+    return h.hexdigest()
+
+
+def _name(manifest):
+    return manifest if isinstance(manifest, (str, os.PathLike)) else f"the given {len(manifest)} records"
 
 
 def _normalise_setting(key, value):
@@ -351,8 +391,9 @@ def read_cache_meta(cache_dir):
 class EmbeddingCache:
     """Read an embedding cache built by embed_captions.py, refusing one that does not fit.
 
-    manifest: re-enumerate and hash its texts; any difference (records, texts, a changed caption)
-        raises DataError naming the first differing record, line, field and slot.
+    manifest: a JSONL path or a list of records (e.g. from tar shards): its texts are enumerated and
+        hashed again; any difference (records, texts, a changed caption) raises DataError naming the
+        first differing record, line, field and slot.
     fields: the fields the caller will read; each must be in the cache.
     expect: encoder settings (model, pooling, instruction, max_length, bidirectional, ...) that must
         equal the ones the cache was built with; DataError lists every differing key.
@@ -368,6 +409,8 @@ class EmbeddingCache:
             raise DataError(f"{cache_dir}: the cache is incomplete (an interrupted embed_captions.py run); "
                             "rerun it with the same settings to finish")
         self.fields = list(meta["fields"])
+        if isinstance(fields, str):
+            fields = [f.strip() for f in fields.split(",") if f.strip()]
         missing = [f for f in (fields or []) if f not in self.fields]
         if missing:
             raise DataError(f"{cache_dir}: fields {missing} are not in the cache (it has {self.fields})")
@@ -378,12 +421,11 @@ class EmbeddingCache:
         index = np.load(os.path.join(cache_dir, CACHE_INDEX))
         self.record_offsets = index["record_offsets"].astype(np.int64)
         self._counts = index["counts"].astype(np.int32)
-        self.text_hashes = index["text_hashes"]
         if manifest is not None:
             new = cache_texts(manifest, self.fields)
-            if new.text_hash != meta["text_hash"]:
-                raise DataError(f"{cache_dir} is stale for {manifest}: "
-                                + describe_text_mismatch(self._counts, self.text_hashes, self.fields, new))
+            if new.text_hash != meta["text_hash"]:  # per-text hashes are read only to say what differs
+                raise DataError(f"{cache_dir} is stale for {_name(manifest)}: "
+                                + describe_text_mismatch(self._counts, index["text_hashes"], self.fields, new))
         # row of slot 0 of each (record, field)
         self._starts = self.record_offsets[:-1, None] + np.cumsum(self._counts, 1) - self._counts
         emb = self._open()
@@ -468,7 +510,7 @@ def verify_cache(cache_dir, manifest=None, block_rows=65536, row_range=None):
     if manifest is not None:
         new = cache_texts(manifest, meta["fields"])
         if new.text_hash != meta["text_hash"]:
-            problems.append(f"stale for {manifest}: "
+            problems.append(f"stale for {_name(manifest)}: "
                             + describe_text_mismatch(index["counts"], index["text_hashes"], meta["fields"], new))
     emb = np.load(os.path.join(cache_dir, CACHE_EMBEDDINGS), mmap_mode="r")
     if emb.shape != (meta["count"], meta["dim"]) or emb.dtype != np.float16:

@@ -14,7 +14,8 @@ the LLM. Single process or `torchrun --nproc_per_node=N embed_captions.py ...`:
   and yields a byte-identical cache, because every chunk is always batched the same way.
 - Not stale: meta.json records the encoder's identity and a hash of the texts; data.EmbeddingCache
   refuses a cache that does not match its manifest or the requested encoder settings.
-The cache format is described in data.py ("embedding cache").
+The cache format is described in data.py ("embedding cache"). Across nodes, out_dir must be on a
+shared filesystem (every rank writes its rows into the same file and reads every progress file).
 """
 import json
 import os
@@ -106,6 +107,35 @@ def encode_batches(encoder, texts, batches, instruction=None, max_length=512):
         yield idx, encoder(**batch).float().cpu()
 
 
+def compare_batching(encoder, texts, batch_tokens=4096, max_length=512, repeats=3):
+    """Time token-budget batching against fixed-size batches in input order on the same texts.
+
+    The naive batch size is what fits the same memory budget at the longest text (batch_tokens //
+    longest). Rounds interleave the two, so load changes on a shared machine hit both alike. Returns
+    medians (wall and process CPU seconds; on CPU with one thread the CPU time is the work, on GPU
+    read the wall time), padded tokens, and the largest relative difference between their rows."""
+    lengths = text_lengths(encoder, texts, None, max_length)
+    schemes = {"sorted": token_budget_batches(lengths, batch_tokens),
+               "fixed": fixed_size_batches(lengths, max(1, batch_tokens // int(lengths.max())))}
+    times = {k: [] for k in schemes}
+    outs = {}
+    for rep in range(repeats + 1):  # the first round warms up
+        for k, batches in schemes.items():
+            out = torch.empty(len(texts), encoder.dim)
+            w, c = time.perf_counter(), time.process_time()
+            for idx, e in encode_batches(encoder, texts, batches, None, max_length):
+                out[torch.as_tensor(idx)] = e
+            if rep:
+                times[k].append((time.perf_counter() - w, time.process_time() - c))
+            outs[k] = out
+    med = {k: np.median(np.array(v), axis=0) for k, v in times.items()}
+    return {"wall_ratio": med["fixed"][0] / med["sorted"][0], "cpu_ratio": med["fixed"][1] / med["sorted"][1],
+            "wall": {k: float(v[0]) for k, v in med.items()},
+            "padded": {k: padded_tokens(b, lengths) for k, b in schemes.items()},
+            "tokens": int(lengths.sum()),
+            "max_rel_diff": float(((outs["sorted"] - outs["fixed"]).norm(dim=1) / outs["fixed"].norm(dim=1)).max())}
+
+
 # -----------------------------------------------------------------------------
 # Progress: one append-only file per rank, one finished chunk per line
 
@@ -136,6 +166,14 @@ def build_meta(cfg, enc, texts, complete):
             "chunk_rows": cfg["chunk_rows"], "code_version": common.code_version(), "config": cfg}
 
 
+def _embeddings_ok(path, count, dim):
+    try:
+        emb = np.load(path, mmap_mode="r")
+    except (OSError, ValueError):
+        return False
+    return emb.shape == (count, dim) and emb.dtype == np.float16
+
+
 def plan_mismatch(old, new):
     """Keys (other than bookkeeping) where an existing cache's meta differs from this run's."""
     keys = ("format", "encoder", "dim", "dtype", "count", "num_records", "fields", "text_hash", "chunk_rows")
@@ -145,8 +183,8 @@ def plan_mismatch(old, new):
 def main(argv=None):
     cfg = common.configure(DEFAULTS, argv, __doc__)
     field_list = [f.strip() for f in cfg["fields"].split(",") if f.strip()]
-    if not cfg["manifest"] or not cfg["out_dir"]:
-        raise ValueError("--manifest and --out_dir are required")
+    if not cfg["manifest"] or not cfg["out_dir"] or not (cfg["text_model"] or cfg["verify_only"]):
+        raise ValueError("--text_model, --manifest and --out_dir are required (--verify_only needs no text_model)")
     out = cfg["out_dir"]
     emb_path, meta_path = os.path.join(out, data.CACHE_EMBEDDINGS), os.path.join(out, data.CACHE_META)
     progress_dir = os.path.join(out, "progress")
@@ -190,16 +228,19 @@ def main(argv=None):
                                 attn_implementation=cfg["attn_implementation"] or None, device=device)
     encoder.eval().requires_grad_(False)
     s = encoder.settings
-    enc = {"model": os.path.abspath(cfg["text_model"]) if os.path.exists(cfg["text_model"]) else cfg["text_model"],
-           "adapter": s.get("adapter"), "base_model": s.get("base_model"), "pooling": encoder.pooling,
+    model_path = os.path.abspath(cfg["text_model"]) if os.path.exists(cfg["text_model"]) else cfg["text_model"]
+    enc = {"model": model_path, "fingerprint": data.model_fingerprint(model_path),  # differs if retrained in place
+           "adapter": os.path.join(model_path, s["adapter_subdir"]) if s.get("adapter_subdir") else None,
+           "base_model": s.get("base_model"), "pooling": encoder.pooling,
            "instruction": cfg["instruction"], "max_length": cfg["max_length"], "bidirectional": s["bidirectional"],
            "dim": encoder.dim, "compute_dtype": compute_dtype}
     meta = build_meta(cfg, enc, texts, complete=False)
 
     # --- output: new, resume, already complete, or refuse a mismatch (every rank decides the same)
-    old = json.load(open(meta_path)) if os.path.isfile(meta_path) else None
-    state = "new"
-    if old is not None:
+    old, state = None, "new"
+    if os.path.isfile(meta_path):
+        with open(meta_path) as f:
+            old = json.load(f)
         diff = plan_mismatch(old, meta)
         if old.get("text_hash") != texts.text_hash and old.get("fields") == field_list:
             idx = np.load(os.path.join(out, data.CACHE_INDEX))
@@ -208,6 +249,11 @@ def main(argv=None):
             raise data.DataError(f"{out} holds a cache of other texts or settings ({'; '.join(diff)}); "
                                  "pass --overwrite=True to replace it, or choose another --out_dir")
         state = "new" if diff else ("complete" if old.get("complete") else "resume")
+        if state != "new" and not _embeddings_ok(emb_path, n, encoder.dim):
+            if state == "complete":
+                raise data.DataError(f"{emb_path} is missing or not float16 {(n, encoder.dim)} although meta.json "
+                                     "says complete; pass --overwrite=True to rebuild")
+            state = "new"  # nothing usable to resume
     barrier()
     if master and state == "new":
         shutil.rmtree(progress_dir, ignore_errors=True)
@@ -219,7 +265,8 @@ def main(argv=None):
         np.savez(os.path.join(out, data.CACHE_INDEX), record_offsets=texts.record_offsets,
                  counts=texts.counts, text_hashes=texts.text_hashes)
         common.atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
-        common.save_run_info(out, cfg, __file__)
+    if master:
+        common.save_run_info(out, cfg, __file__, extra={"world_size": world_size})
     barrier()
 
     # --- plan: length-sorted order cut into chunks; ranks take the unfinished ones round-robin
@@ -277,12 +324,12 @@ def main(argv=None):
             commit_chunk(fd, progress_path, c)
         bar.close()
         os.close(fd)
-    elapsed = time.time() - t_start
-    if ddp:
-        stats = stats.to(device)
+    elapsed = torch.tensor([time.time() - t_start], dtype=torch.float64)
+    if ddp:  # totals over ranks; the time is the slowest rank's
+        stats, elapsed = stats.to(device), elapsed.to(device)
         dist.all_reduce(stats)
-        stats = stats.cpu()
-    texts_done, tokens, padded = stats.tolist()
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+    (texts_done, tokens, padded), elapsed = stats.tolist(), max(elapsed.item(), 1e-9)
     if texts_done:
         log(f"embedded {int(texts_done)} texts, {int(tokens)} tokens ({int(padded)} padded; padding "
             f"{1 - tokens / padded:.1%}) in {elapsed:.1f}s: {texts_done / elapsed:.1f} texts/s, "
@@ -291,20 +338,27 @@ def main(argv=None):
     # --- finish: rank 0 marks the cache complete once every chunk of every rank is on disk
     barrier()
     problems = []
-    if master:
-        if state != "complete":
-            missing = len(chunks) - len(read_progress(progress_dir) & set(range(len(chunks))))
-            if missing:
-                problems.append(f"{missing} chunks are not finished")
-            else:
-                common.atomic_write_text(meta_path, json.dumps(build_meta(cfg, enc, texts, True), indent=2) + "\n")
-                log(f"cache complete: {out} ({n} x {encoder.dim} float16)")
-        if cfg["verify"] and not problems:
-            problems = data.verify_cache(out, cfg["manifest"])
-            log("verify: ok (texts unchanged, every row written and finite)" if not problems else
-                "\n".join(f"verify: PROBLEM: {p}" for p in problems))
+    if master and state != "complete":
+        missing = len(chunks) - len(read_progress(progress_dir) & set(range(len(chunks))))
+        if missing:
+            problems.append(f"{missing} chunks are not finished")
+        else:
+            common.atomic_write_text(meta_path, json.dumps(build_meta(cfg, enc, texts, True), indent=2) + "\n")
+            log(f"cache complete: {out} ({n} x {encoder.dim} float16)")
+    barrier()
+    if cfg["verify"]:  # ranks scan a slice of the rows each; rank 0 also re-hashes the manifest
+        share = -(-n // world_size)
+        mine = data.verify_cache(out, cfg["manifest"] if master else None,
+                                 row_range=(min(rank * share, n), min((rank + 1) * share, n)))
+        gathered = [None] * world_size
+        if ddp:
+            dist.all_gather_object(gathered, mine)
+        else:
+            gathered = [mine]
+        problems += [p for part in gathered for p in part if p not in problems]
+        log("verify: ok (texts unchanged, every row written and finite)" if not problems else
+            "\n".join(f"verify: PROBLEM: {p}" for p in problems))
     finish(problems)
-
 
 if __name__ == "__main__":
     main()

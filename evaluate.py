@@ -135,7 +135,10 @@ def hf_data_config(processor):
     """A HF image processor's settings as a timm data config, under our eval rules: bicubic resize of
     the short side, centre crop, the processor's mean/std. (HF's SigLIP squashes to a square instead;
     we keep one rule for every model, as DESIGN.md asks.)"""
-    size, crop = processor.size, getattr(processor, "crop_size", None)
+    size, crop = getattr(processor, "size", None), getattr(processor, "crop_size", None)
+    if size is None or not (_get(size, "shortest_edge") or (_get(size, "height") and _get(size, "width"))):
+        raise ValueError(f"{type(processor).__name__} (size={size!r}) has no fixed input size; variable-resolution "
+                         "processors (e.g. SigLIP2 NaFlex) are not supported, use a fixed-size checkpoint")
     short = _get(size, "shortest_edge") or min(_get(size, "height"), _get(size, "width"))
     if getattr(processor, "do_center_crop", False) and crop is not None and _get(crop, "height"):
         h, w = _get(crop, "height"), _get(crop, "width")
@@ -231,11 +234,11 @@ def encode_images(m, paths, cfg, dist_info, desc="images"):
     lo, hi = _shard(len(paths), rank, world)
     loader = DataLoader(ImageDataset(paths[lo:hi], eval_transform(m.data_config)),
                         batch_size=cfg["batch_size"], num_workers=cfg["num_workers"])
-    feats = [torch.zeros(0, 0, device=device)]
+    feats = []
     for x, _ in tqdm(loader, desc=desc, disable=rank != 0):
         with _autocast(device, cfg["amp"]):
             feats.append(F.normalize(m.encode_images(x.to(device)).float(), dim=-1))
-    return gather_rows(torch.cat(feats[1:]) if len(feats) > 1 else feats[0], ddp)
+    return gather_rows(torch.cat(feats) if feats else torch.zeros(0, 0, device=device), ddp)
 
 
 @torch.no_grad()
@@ -262,6 +265,8 @@ def resolve_dataset(spec, cfg):
     """A --data item -> {name, manifest, records, texts, text_to_image, field, captions_per_image}."""
     if spec.endswith(".jsonl") or os.path.isfile(spec):
         name, path = os.path.splitext(os.path.basename(spec))[0], spec
+        if name == "manifest":  # <folder>/manifest.jsonl is named after its folder
+            name = os.path.basename(os.path.dirname(os.path.abspath(spec)))
         root = cfg["image_root"] or None
         has_short = any(obj.get("captions") for _, obj in read_jsonl(path))
         field, cpi = ("captions" if has_short else "long_captions"), 0
@@ -296,7 +301,10 @@ def markdown_table(results, datasets):
 
 
 def _write_results(path, payload, cfg):
-    payload.update(config=cfg, code_version=common.code_version())
+    import datetime
+    payload.update(config=cfg, code_version=common.code_version(),
+                   time=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     common.atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
     print(f"wrote {path}")
 
@@ -307,6 +315,10 @@ def _write_results(path, payload, cfg):
 def run_retrieval(cfg, dist_info, log):
     specs, data_specs = _split(cfg["model"], "model"), _split(cfg["data"], "data")
     datasets = [resolve_dataset(s, cfg) for s in data_specs]
+    names = [d["name"] for d in datasets]
+    if len(set(names)) != len(names) or len(set(specs)) != len(specs):
+        raise ValueError(f"duplicate entries in --model={cfg['model']} or in --data (dataset names: "
+                         f"{', '.join(names)}); give each model once and manifests distinct names")
     for d in datasets:
         log(f"{d['name']}: {len(d['records'])} images, {len(d['texts'])} texts ({d['field']}, "
             f"{d['captions_per_image'] or 'any'} per image) from {d['manifest']}")

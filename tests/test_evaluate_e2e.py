@@ -263,14 +263,59 @@ def test_real_coco6_end_to_end(tmp_path, tiny_clip, capsys):
                    f"--out={out}"])
     printed = capsys.readouterr().out
     saved = json.loads(out.read_text())
-    r = saved["results"][tiny_clip]["manifest"]
+    r = saved["results"][tiny_clip]["coco6"]  # <folder>/manifest.jsonl is named after its folder
     assert (r["n_images"], r["n_texts"]) == (6, 30)
     for x in ("i2t", "t2i"):
         assert 0 <= r[f"{x}_R@1"] <= r[f"{x}_R@5"] <= r[f"{x}_R@10"] <= 100
         assert all(round(r[f"{x}_R@{k}"] * (6 if x == "i2t" else 30) / 100, 6).is_integer() for k in (1, 5, 10))
     assert r["t2i_R@10"] == 100.0  # only 6 images
     head, rows = parse_table(printed)
-    assert head == ["model", "manifest I2T", "manifest T2I", "avg"]
+    assert head == ["model", "coco6 I2T", "coco6 T2I", "avg"]
     assert rows[tiny_clip] == pytest.approx([round(r["i2t_R@1"], 1), round(r["t2i_R@1"], 1),
                                              round((r["i2t_R@1"] + r["t2i_R@1"]) / 2, 1)], abs=0.051)
-    assert re.search(r"manifest: 6 images, 30 texts \(captions, 5 per image\)", printed)
+    assert re.search(r"coco6: 6 images, 30 texts \(captions, 5 per image\)", printed)
+
+
+def test_tiny_siglip_baseline(tmp_path):
+    """SiglipModel goes through the same interface: max-length padding, processor mapped to our rules."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, SiglipConfig, SiglipImageProcessor, SiglipModel
+    vocab = {"<pad>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate(dict.fromkeys(WORDS))}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    d = str(tmp_path / "siglip")
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",  # like SiglipTokenizer:
+                            model_input_names=["input_ids"]).save_pretrained(d)     # no attention mask
+    torch.manual_seed(0)
+    SiglipModel(SiglipConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=16),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8))).save_pretrained(d)
+    SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(d)
+    m = evaluate.load_model(d, "cpu")
+    assert (m.siglip, m.max_length, m.data_config["crop_pct"], m.data_config["mean"]) == (True, 16, 1.0, (0.5, 0.5, 0.5))
+    texts = ["a red square", "the dog is sitting next to a wooden table"]
+    got = evaluate.encode_texts(m, texts, {**evaluate._DEFAULTS, "text_batch_size": 2}, (False, 0, 1, "cpu"))
+    model = SiglipModel.from_pretrained(d).eval()
+    ids = torch.tensor([[vocab[w] for w in t.split()] + [0] * (16 - len(t.split())) for t in texts])
+    with torch.no_grad():
+        want = F.normalize(model.get_text_features(input_ids=ids).pooler_output, dim=-1)
+    assert torch.allclose(got, want, atol=1e-5)
+    res = evaluate.main([f"--model={d}", f"--data={color_manifest(tmp_path, 'colors1', 1)}", "--num_workers=0"])
+    assert res["results"][d]["colors1"]["n_images"] == 5
+
+
+def test_duplicate_dataset_names_and_variable_size_processor(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    for folder in (a, b):
+        color_manifest(folder, "manifest", 5)
+    assert evaluate.resolve_dataset(str(a / "manifest.jsonl"), dict(evaluate._DEFAULTS))["name"] == "a"
+    with pytest.raises(ValueError, match="duplicate entries .*dataset names: a, a"):
+        evaluate.main(["--model=x", f"--data={a / 'manifest.jsonl'},{a / 'manifest.jsonl'}"])
+    with pytest.raises(ValueError, match="duplicate entries in --model=x,x"):
+        evaluate.main(["--model=x,x", f"--data={a / 'manifest.jsonl'},{b / 'manifest.jsonl'}"])
+    naflex = types.SimpleNamespace(size=None, max_num_patches=256, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    with pytest.raises(ValueError, match="no fixed input size; variable-resolution"):
+        evaluate.hf_data_config(naflex)

@@ -227,20 +227,6 @@ def text_settings(cfg, cache):
             "max_length": int(enc.get("max_length") or 512)}
 
 
-def model_data_config(vision):
-    """The vision model's preprocessing (timm data config), checked against the built model's input size:
-    timm reports the pretrained size (e.g. 224) even when timm_kwargs set another img_size, and then
-    training, evaluate.py and load_llm2clip would all feed the wrong size."""
-    dc = dict(vision.data_config)
-    img_size = getattr(getattr(vision.model, "patch_embed", None), "img_size", None)
-    if img_size is not None and tuple(dc["input_size"][-2:]) != tuple(img_size):
-        h, w = img_size
-        raise ValueError(f"{vision.model_name}: the model takes {h}x{w} images but its preprocessing says "
-                         f"{tuple(dc['input_size'][-2:])}; add pretrained_cfg_overlay=dict(input_size=(3, {h}, {w})) "
-                         "to timm_kwargs (it is recorded in llm2clip.json, so inference preprocesses the same way)")
-    return dc
-
-
 def load_val(cfg, text_cfg, text_encoder, device):
     """(records, text embeddings (N_txt, C) on device, text_to_image) for the held-out retrieval eval."""
     path, field = cfg["val_manifest"], cfg["eval_field"]
@@ -309,18 +295,16 @@ def main(argv=None):
         records = data.read_manifest(cfg["train_manifest"], cfg["image_root"] or None,
                                      check_images=not cfg["skip_bad_images"])
         manifest_path = cfg["train_manifest"]
-    else:  # the shards' records as a manifest: what embed_captions.py embeds and the cache is checked against
+    else:  # tar shards: the cache is checked against their records; the JSONL is what embed_captions.py embeds
         records = data.index_tar_shards(data.expand_shards(cfg["train_shards"]))
         manifest_path = os.path.join(out, "train_shards.jsonl")
         if master:
             data.write_manifest(manifest_path, [{k: r[k] for k in ("image", "captions", "long_captions")} for r in records])
-        if ddp:
-            dist.barrier()
     cache = None
     if cfg["cache_dir"]:
         # refuses a cache of other captions (names the first differing record) or of another encoder
         used = [f for f in data.CACHE_FIELDS if any(r.get(f) for r in records)]
-        cache = data.EmbeddingCache(cfg["cache_dir"], manifest=manifest_path, fields=used,
+        cache = data.EmbeddingCache(cfg["cache_dir"], manifest=cfg["train_manifest"] or records, fields=used,
                                     expect={"model": cfg["text_model"]} if cfg["text_model"] else None)
     elif cfg["text_source"] == "cache":
         raise ValueError(f"text_source='cache' needs cache_dir: run embed_captions.py --manifest={manifest_path}")
@@ -333,8 +317,8 @@ def main(argv=None):
     torch.manual_seed(cfg["seed"])
     vision = M.VisionTower(cfg["vision_model"], pretrained=cfg["pretrained"], weights=cfg["vision_weights"] or None,
                            embed_dim=None if cfg["embed_dim"] < 0 else cfg["embed_dim"],
-                           grad_checkpointing=cfg["grad_checkpointing"], **cfg["timm_kwargs"])
-    data_config = model_data_config(vision)
+                           grad_checkpointing=cfg["grad_checkpointing"], timm_kwargs=cfg["timm_kwargs"])
+    data_config = vision.data_config  # the model's own preprocessing: size, interpolation, mean/std
     text_dim = cache.dim if cache is not None else None
     text_encoder = None
     if cfg["text_source"] == "online":

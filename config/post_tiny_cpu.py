@@ -6,13 +6,10 @@ train_manifest = "out/tiny/data/train.jsonl"
 cache_dir = "out/tiny/cache_train"
 val_manifest = "out/tiny/data/val.jsonl"
 eval_field = "long_captions"  # the synthetic short captions ("a red circle") are shared by many images
-# timm's test_vit: a ViT of width 64, 2 heads (width cannot go through timm_kwargs: model.VisionTower's
-# own embed_dim argument, the projection size, takes that name)
-vision_model = "test_vit"
+vision_model = "vit_tiny_patch16_224"  # made tinier below: 32 px, 8 px patches, width 64, 2 blocks
 pretrained = False  # from scratch: no weights on a CPU box
-# the overlay makes timm's preprocessing config say 32 px too (else it reports test_vit's 160)
-timm_kwargs = dict(img_size=32, patch_size=8, depth=2, pretrained_cfg_overlay=dict(input_size=(3, 32, 32)))
-embed_dim = 64
+timm_kwargs = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)
+embed_dim = 64  # the shared-space projection; timm_kwargs["embed_dim"] above is the ViT width
 adaptor_blocks = 2
 grad_checkpointing = False
 dtype = "float32"

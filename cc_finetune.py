@@ -241,7 +241,11 @@ def main(argv=None):
         dtype=torch.bfloat16 if use_bf16 else torch.float32,
         attn_implementation=cfg["attn_implementation"] or None, device=device)
     if cfg["gradient_checkpointing"]:
-        encoder.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m, kw = encoder.model, {"use_reentrant": False}  # non-reentrant: no input needs requires_grad
+        if hasattr(m, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+            m.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+        else:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
     named = [(n, p) for n, p in encoder.model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])

@@ -123,8 +123,501 @@ class CaptionPairDataset:
 
 # === image-text manifests, images and transforms (stage 2, retrieval eval) ===
 
+def _caption_list(path, lineno, obj, key):
+    """obj[key] as a list of non-empty strings ([] when absent), else a DataError naming the line."""
+    caps = obj.get(key, [])
+    if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
+        raise DataError(f"{path}:{lineno}: {key!r} must be a list of strings, got {caps!r:.80}")
+    for i, c in enumerate(caps):
+        if not c.strip():
+            raise DataError(f"{path}:{lineno}: {key}[{i}] is an empty caption")
+    return caps
+
+
+def read_manifest(path, image_root=None, field=None, captions_per_image=0, check_images=True):
+    """Read an image-text manifest: JSONL `{"image": rel_path, "captions": [...], "long_captions": [...]}`.
+
+    Returns a list of {"image": resolved path, "captions", "long_captions", "line"}. `image_root`
+    defaults to the manifest's folder. With `field`, every record must have at least one caption in
+    that field, and exactly `captions_per_image` of them when that is > 0 (the 5-caption protocol of
+    Flickr30k/COCO: a silently short record would change what R@k means). Missing image files and an
+    empty manifest are errors, named with file:line, so a bad path fails before any model runs.
+    """
+    root = os.path.dirname(os.path.abspath(path)) if image_root is None else image_root
+    records = []
+    for lineno, obj in read_jsonl(path):
+        image = obj.get("image")
+        if not isinstance(image, str) or not image.strip():
+            raise DataError(f"{path}:{lineno}: missing \"image\" (expected a relative image path string)")
+        rec = {"image": os.path.join(root, image), "line": lineno,
+               "captions": _caption_list(path, lineno, obj, "captions"),
+               "long_captions": _caption_list(path, lineno, obj, "long_captions")}
+        if not rec["captions"] and not rec["long_captions"]:
+            raise DataError(f"{path}:{lineno}: no captions (\"captions\" and \"long_captions\" are both empty or absent)")
+        if field is not None:
+            n = len(rec.get(field, []))
+            if n == 0:
+                raise DataError(f"{path}:{lineno}: no {field!r} for image {image!r} (this evaluation reads {field!r})")
+            if captions_per_image and n != captions_per_image:
+                raise DataError(f"{path}:{lineno}: image {image!r} has {n} {field!r}, expected exactly "
+                                f"{captions_per_image} (captions_per_image={captions_per_image})")
+        if check_images and not os.path.isfile(rec["image"]):
+            raise DataError(f"{path}:{lineno}: image file not found: {rec['image']} (image root {root})")
+        records.append(rec)
+    if not records:
+        raise DataError(f"{path}: empty manifest (no records); expected one JSON object per image")
+    return records
+
+
+def write_manifest(path, records):
+    """Write manifest records (dicts with "image" and caption lists) as JSONL; returns the count."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return len(records)
+
+
+def eval_transform(data_config):
+    """The eval transform of a timm data config (`timm.data.resolve_data_config({}, model=m)`).
+
+    Typically a bicubic resize of the short side to size / crop_pct, a centre crop, and the model's
+    own mean/std (SigLIP's are not OpenAI's): so each vision model is scored on its own preprocessing.
+    """
+    from timm.data import create_transform  # local: only image code needs timm
+    keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+    return create_transform(**{k: data_config[k] for k in keys if k in data_config}, is_training=False)
+
+
+class ImageDataset:
+    """Images by path for evaluation: item i -> (transformed tensor, i). Errors name the file."""
+
+    def __init__(self, paths, transform):
+        self.paths, self.transform = list(paths), transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        from PIL import Image, UnidentifiedImageError
+        path = self.paths[i]
+        try:
+            with Image.open(path) as im:
+                image = im.convert("RGB")
+        except FileNotFoundError:
+            raise DataError(f"{path}: image file not found") from None
+        except (UnidentifiedImageError, OSError) as e:
+            raise DataError(f"{path}: cannot read image ({e})") from None
+        return self.transform(image), i
+
+
+# --- converters: public annotation formats -> manifest records (see README, "Evaluation")
+
+def convert_karpathy(src, split="test", captions_per_image=5, prefix="", log=print):
+    """Karpathy's `dataset_coco.json` / `dataset_flickr30k.json` -> manifest records of one split.
+
+    Image path = prefix + filepath/filename. COCO has images with 6-7 captions: the standard 5K
+    protocol keeps the first 5, which we do with a printed count; fewer than 5 is an error.
+    """
+    with open(src, encoding="utf-8") as f:
+        images = json.load(f).get("images")
+    if not isinstance(images, list):
+        raise DataError(f"{src}: expected Karpathy format {{\"images\": [...]}}")
+    records, cut = [], 0
+    for i, im in enumerate(images):
+        if im.get("split") != split:
+            continue
+        caps = [s["raw"].strip() for s in im.get("sentences", [])]
+        name = os.path.join(im.get("filepath", ""), im["filename"])
+        if len(caps) < captions_per_image:
+            raise DataError(f"{src}: images[{i}] ({name}) has {len(caps)} captions, expected at least {captions_per_image}")
+        cut += len(caps) > captions_per_image
+        records.append({"image": prefix + name, "captions": caps[:captions_per_image]})
+    if cut:
+        log(f"karpathy: {cut} of {len(records)} images had more than {captions_per_image} captions; kept the first {captions_per_image}")
+    if not records:
+        raise DataError(f"{src}: no images with split {split!r}")
+    return records
+
+
+def convert_sharegpt4v(src, num=1000, prefix=""):
+    """ShareGPT4V JSON (list of {"image", "conversations": [..., {"from": "gpt", "value": caption}]})
+    -> the first `num` entries as 1:1 long-caption records (the paper's ShareGPT4V-1K)."""
+    with open(src, encoding="utf-8") as f:
+        entries = json.load(f)
+    records = []
+    for i, e in enumerate(entries[:num]):
+        caps = [c["value"].strip() for c in e.get("conversations", []) if c.get("from") == "gpt"]
+        if "image" not in e or not caps or not caps[0]:
+            raise DataError(f"{src}: entry {i}: expected an \"image\" and a \"gpt\" turn with the caption")
+        records.append({"image": prefix + e["image"], "long_captions": [caps[0]]})
+    if len(records) < num:
+        raise DataError(f"{src}: {len(records)} entries, expected at least {num}")
+    return records
+
+
+def convert_urban1k(src, prefix=""):
+    """Urban1K folder (`image/N.jpg` + `caption/N.txt`) -> 1:1 long-caption records, numeric order."""
+    cap_dir, img_dir = os.path.join(src, "caption"), os.path.join(src, "image")
+    if not os.path.isdir(cap_dir) or not os.path.isdir(img_dir):
+        raise DataError(f"{src}: expected Urban1K folders 'image/' and 'caption/'")
+    stems = sorted((os.path.splitext(n)[0] for n in os.listdir(cap_dir) if n.endswith(".txt")),
+                   key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
+    images = {os.path.splitext(n)[0]: n for n in os.listdir(img_dir)}
+    records = []
+    for s in stems:
+        if s not in images:
+            raise DataError(f"{cap_dir}/{s}.txt: no matching image in {img_dir}")
+        with open(os.path.join(cap_dir, s + ".txt"), encoding="utf-8") as f:
+            text = f.read().strip()
+        if not text:
+            raise DataError(f"{cap_dir}/{s}.txt: empty caption")
+        records.append({"image": prefix + "image/" + images[s], "long_captions": [text]})
+    if not records:
+        raise DataError(f"{cap_dir}: no caption .txt files")
+    return records
+
+
+def convert_docci(src, split="test", prefix="images/"):
+    """DOCCI `docci_descriptions.jsonlines` ({"image_file", "description", "split"}) -> 1:1 records."""
+    records = []
+    for lineno, obj in read_jsonl(src):
+        if obj.get("split") != split:
+            continue
+        if not obj.get("image_file") or not str(obj.get("description", "")).strip():
+            raise DataError(f"{src}:{lineno}: expected \"image_file\" and a non-empty \"description\"")
+        records.append({"image": prefix + obj["image_file"], "long_captions": [obj["description"].strip()]})
+    if not records:
+        raise DataError(f"{src}: no records with split {split!r}")
+    return records
+
 
 # === embedding cache (embed_captions.py writes, post_train.py reads) ===
+# A cache directory (format "llm2clip-embedding-cache/1"):
+#   embeddings.npy  float16 [count, dim], a plain .npy file, read with np.load(mmap_mode="r")
+#   index.npz       record_offsets int64 [num_records + 1] (first row of each record),
+#                   counts int32 [num_records, num_fields], text_hashes uint64 [count] (8-byte blake2b
+#                   of each text: lets a stale cache say exactly which caption changed)
+#   meta.json       format, encoder identity, dim, dtype, count, num_records, fields, text_hash,
+#                   manifest, complete, code_version, config
+# Texts are enumerated in manifest order: record r (the r-th non-empty line), field f (in `fields`
+# order; a missing field has no texts), slot s -> one row, so
+#   row(r, f, s) = record_offsets[r] + counts[r, :f].sum() + s.
+import hashlib  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+CACHE_FORMAT = "llm2clip-embedding-cache/1"
+CACHE_FIELDS = ("captions", "long_captions")
+CACHE_EMBEDDINGS, CACHE_INDEX, CACHE_META = "embeddings.npy", "index.npz", "meta.json"
+
+
+@dataclass
+class CacheTexts:
+    """Every text a cache holds, in row order, plus the index and the hashes that identify them."""
+    source: object  # the manifest path, or the list of records it came from
+    fields: list
+    texts: list  # [count] str, row order
+    counts: np.ndarray  # int32 [num_records, num_fields]
+    lines: np.ndarray  # int64 [num_records]: the manifest line of each record (for messages)
+    text_hashes: np.ndarray  # uint64 [count]
+    text_hash: str  # sha256 hex over (record, field, slot, text) of every row in order
+
+    @property
+    def record_offsets(self):
+        return np.concatenate([[0], np.cumsum(self.counts.sum(1), dtype=np.int64)]).astype(np.int64)
+
+    def where(self, r):
+        """Where record r comes from, for messages: 'file:line', or the record's image."""
+        if isinstance(self.source, (str, os.PathLike)):
+            return f"{self.source}:{self.lines[r]}"
+        return f"image {self.source[r].get('image', '?')}"
+
+
+def _field_texts(where, obj, field):
+    """The texts of one record field: a list of non-empty strings (a bare string is one text)."""
+    value = obj.get(field)
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(t, str) for t in value):
+        raise DataError(f"{where}: field {field!r} must be a list of strings, got {json.dumps(value, default=str)[:80]}")
+    for s, t in enumerate(value):
+        if not t.strip():
+            raise DataError(f"{where}: field {field!r} slot {s} is an empty caption")
+    return list(value)
+
+
+def cache_texts(manifest, fields=CACHE_FIELDS):
+    """Enumerate a manifest's texts in cache row order and hash them (see the section comment).
+
+    manifest: a JSONL path, or a list of record dicts in record order (e.g. from tar shards)."""
+    fields = list(fields)
+    texts, counts, lines, hashes = [], [], [], []
+    h = hashlib.sha256()
+    if isinstance(manifest, (str, os.PathLike)):
+        items = ((lineno, obj, f"{manifest}:{lineno}") for lineno, obj in read_jsonl(manifest))
+    else:
+        items = ((r + 1, obj, f"record {r} (image {obj.get('image', '?')})") for r, obj in enumerate(manifest))
+    for r, (lineno, obj, where) in enumerate(items):
+        row_counts = []
+        for field in fields:
+            values = _field_texts(where, obj, field)
+            for s, t in enumerate(values):
+                b = t.encode("utf-8")
+                # length-prefixed, so no text can imitate a record boundary
+                h.update(f"{r}\0{field}\0{s}\0{len(b)}\0".encode() + b)
+                hashes.append(int.from_bytes(hashlib.blake2b(b, digest_size=8).digest(), "little"))
+            texts.extend(values)
+            row_counts.append(len(values))
+        counts.append(row_counts)
+        lines.append(lineno)
+    return CacheTexts(manifest, fields, texts, np.asarray(counts, dtype=np.int32).reshape(len(counts), len(fields)),
+                      np.asarray(lines, dtype=np.int64), np.asarray(hashes, dtype=np.uint64), h.hexdigest())
+
+
+def _where(offsets, counts, fields, row):
+    """(record, field, slot) of a row."""
+    r = int(np.searchsorted(offsets, row, side="right") - 1)
+    local = row - int(offsets[r])
+    ends = np.cumsum(counts[r])
+    f = int(np.searchsorted(ends, local, side="right"))
+    return r, fields[f], int(local - (ends[f] - counts[r, f]))
+
+
+def describe_text_mismatch(cached_counts, cached_hashes, fields, new):
+    """Why `new` (a CacheTexts) is not the text set a cache was built from: sizes, then the first
+    differing record / field / slot (with the text as it is now). Returns a message."""
+    n_old, n_new = len(cached_counts), len(new.counts)
+    msg = [f"the manifest has {n_new} records / {len(new.texts)} texts, the cache {n_old} records / "
+           f"{len(cached_hashes)} texts"]
+    if list(fields) != list(new.fields):
+        return f"fields differ: cache {list(fields)}, requested {list(new.fields)}"
+    old_offsets = np.concatenate([[0], np.cumsum(cached_counts.sum(1))]).astype(np.int64)
+    n = min(n_old, n_new)
+    # rows line up up to the first record whose counts differ; compare text hashes over that prefix
+    differ = np.flatnonzero((cached_counts[:n] != new.counts[:n]).any(1))
+    first_count = int(differ[0]) if len(differ) else n
+    aligned = int(old_offsets[first_count])
+    changed = np.flatnonzero(cached_hashes[:aligned] != new.text_hashes[:aligned])
+    if len(changed):
+        r, field, s = _where(old_offsets, cached_counts, fields, int(changed[0]))
+        text = new.texts[int(changed[0])]
+        msg.append(f"{len(changed)} text(s) changed in the first {first_count} records; first: record {r} "
+                   f"({new.where(r)}) field {field!r} slot {s}, now {text[:100]!r}")
+    if first_count < n:
+        f = int(np.flatnonzero(cached_counts[first_count] != new.counts[first_count])[0])
+        msg.append(f"record {first_count} ({new.where(first_count)}) field {fields[f]!r} has "
+                   f"{new.counts[first_count, f]} texts in the manifest, {cached_counts[first_count, f]} in the cache")
+    elif n_new > n_old:
+        msg.append(f"records {n_old}.. ({new.where(n_old)} on) are not in the cache")
+    elif n_old > n_new:
+        msg.append(f"the cache has {n_old - n_new} records beyond the manifest's end")
+    return "; ".join(msg)
+
+
+def model_fingerprint(path, probe_bytes=1 << 20):
+    """A cheap identity of a local model: sha256 over the files of the folder that is loaded (for a
+    stage-1 out_dir: encoder.json and its model subfolder), each by name, size, and its first and
+    last `probe_bytes` (weights retrained in place change there). None for a hub name."""
+    if not os.path.isdir(path):
+        return None
+    files, folder = [], path
+    if os.path.isfile(os.path.join(path, "encoder.json")):
+        with open(os.path.join(path, "encoder.json")) as f:
+            folder = os.path.join(path, json.load(f).get("model_subdir", "merged"))
+        files.append(os.path.join(path, "encoder.json"))
+    files += sorted(os.path.join(folder, n) for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n)))
+    h = hashlib.sha256()
+    for name in files:
+        size = os.path.getsize(name)
+        h.update(f"{os.path.relpath(name, path)}\0{size}\0".encode())
+        with open(name, "rb") as f:
+            h.update(f.read(probe_bytes))
+            if size > probe_bytes:
+                f.seek(max(probe_bytes, size - probe_bytes))
+                h.update(f.read())
+    return h.hexdigest()
+
+
+def _name(manifest):
+    return manifest if isinstance(manifest, (str, os.PathLike)) else f"the given {len(manifest)} records"
+
+
+def _normalise_setting(key, value):
+    if key == "instruction":
+        return value or ""
+    if key in ("model", "adapter", "base_model") and isinstance(value, str) and os.path.exists(value):
+        return os.path.abspath(value)
+    return value
+
+
+def encoder_mismatch(cached, expect):
+    """['key: cache X, expected Y', ...] for every expected encoder setting the cache differs in."""
+    out = []
+    for k, v in expect.items():
+        have = _normalise_setting(k, cached.get(k))
+        want = _normalise_setting(k, v)
+        if have != want:
+            out.append(f"{k}: cache {have!r}, expected {want!r}")
+    return out
+
+
+def read_cache_meta(cache_dir):
+    path = os.path.join(cache_dir, CACHE_META)
+    if not os.path.isfile(path):
+        raise DataError(f"{cache_dir}: no {CACHE_META}; not an embedding cache (build one with embed_captions.py)")
+    with open(path) as f:
+        meta = json.load(f)
+    if meta.get("format") != CACHE_FORMAT:
+        raise DataError(f"{path}: format {meta.get('format')!r}, expected {CACHE_FORMAT!r}")
+    return meta
+
+
+class EmbeddingCache:
+    """Read an embedding cache built by embed_captions.py, refusing one that does not fit.
+
+    manifest: a JSONL path or a list of records (e.g. from tar shards): its texts are enumerated and
+        hashed again; any difference (records, texts, a changed caption) raises DataError naming the
+        first differing record, line, field and slot.
+    fields: the fields the caller will read; each must be in the cache.
+    expect: encoder settings (model, pooling, instruction, max_length, bidirectional, ...) that must
+        equal the ones the cache was built with; DataError lists every differing key.
+    The float16 matrix is memory-mapped lazily, once per process (safe in DataLoader workers); only
+    the small index is held in memory.
+    """
+
+    def __init__(self, cache_dir, manifest=None, fields=None, expect=None):
+        self.cache_dir = cache_dir
+        self._mm, self._pid = None, None  # the memmap, opened lazily in whichever process reads
+        self.meta = meta = read_cache_meta(cache_dir)
+        if not meta.get("complete"):
+            raise DataError(f"{cache_dir}: the cache is incomplete (an interrupted embed_captions.py run); "
+                            "rerun it with the same settings to finish")
+        self.fields = list(meta["fields"])
+        if isinstance(fields, str):
+            fields = [f.strip() for f in fields.split(",") if f.strip()]
+        missing = [f for f in (fields or []) if f not in self.fields]
+        if missing:
+            raise DataError(f"{cache_dir}: fields {missing} are not in the cache (it has {self.fields})")
+        if expect:
+            diff = encoder_mismatch(meta["encoder"], expect)
+            if diff:
+                raise DataError(f"{cache_dir}: built with different encoder settings: " + "; ".join(diff))
+        index = np.load(os.path.join(cache_dir, CACHE_INDEX))
+        self.record_offsets = index["record_offsets"].astype(np.int64)
+        self._counts = index["counts"].astype(np.int32)
+        if manifest is not None:
+            new = cache_texts(manifest, self.fields)
+            if new.text_hash != meta["text_hash"]:  # per-text hashes are read only to say what differs
+                raise DataError(f"{cache_dir} is stale for {_name(manifest)}: "
+                                + describe_text_mismatch(self._counts, index["text_hashes"], self.fields, new))
+        # row of slot 0 of each (record, field)
+        self._starts = self.record_offsets[:-1, None] + np.cumsum(self._counts, 1) - self._counts
+        emb = self._open()
+        if emb.shape != (meta["count"], meta["dim"]) or emb.dtype != np.float16:
+            raise DataError(f"{cache_dir}/{CACHE_EMBEDDINGS}: {emb.dtype} {emb.shape}, meta.json says float16 "
+                            f"{(meta['count'], meta['dim'])}")
+
+    def _open(self):
+        if self._mm is None or self._pid != os.getpid():
+            self._mm = np.load(os.path.join(self.cache_dir, CACHE_EMBEDDINGS), mmap_mode="r")
+            self._pid = os.getpid()
+        return self._mm
+
+    def __getstate__(self):  # DataLoader workers get the index, never a parent's mapping
+        return {**self.__dict__, "_mm": None, "_pid": None}
+
+    @property
+    def embeddings(self):
+        """The whole [count, dim] float16 matrix, memory-mapped (read-only)."""
+        return self._open()
+
+    @property
+    def dim(self):
+        return int(self.meta["dim"])
+
+    @property
+    def count(self):
+        return int(self.meta["count"])
+
+    @property
+    def num_records(self):
+        return len(self._counts)
+
+    def __len__(self):
+        return self.num_records
+
+    def _f(self, field):
+        if isinstance(field, str):
+            if field not in self.fields:
+                raise KeyError(f"field {field!r} is not in the cache (it has {self.fields})")
+            return self.fields.index(field)
+        return int(field)
+
+    def counts(self, r, field):
+        """How many texts record r has in `field`."""
+        return int(self._counts[r, self._f(field)])
+
+    def row(self, r, field, slot):
+        f = self._f(field)
+        if not 0 <= slot < self._counts[r, f]:
+            raise IndexError(f"record {r} field {self.fields[f]!r} has {self._counts[r, f]} texts; no slot {slot}")
+        return int(self._starts[r, f] + slot)
+
+    def get(self, r, field, slot):
+        """(dim,) float16 embedding of one text."""
+        return np.array(self._open()[self.row(r, field, slot)])
+
+    def rows(self, r, field):
+        """(n, dim) float16 embeddings of every text of record r's field (n may be 0)."""
+        f = self._f(field)
+        start = int(self._starts[r, f])
+        return np.array(self._open()[start:start + int(self._counts[r, f])])
+
+    def take(self, rows):
+        """(len(rows), dim) float16 embeddings of the given row numbers (reads in sorted order)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        order = np.argsort(rows, kind="stable")
+        out = np.empty((len(rows), self.dim), dtype=np.float16)
+        out[order] = self._open()[rows[order]]
+        return out
+
+
+def verify_cache(cache_dir, manifest=None, block_rows=65536, row_range=None):
+    """Check a cache: meta complete, the embedding file's shape, every row written and finite, and
+    (given the manifest) the texts unchanged. Returns a list of problems (empty: all good).
+    row_range=(start, end) checks only those rows (ranks split the scan)."""
+    problems = []
+    meta = read_cache_meta(cache_dir)
+    if not meta.get("complete"):
+        problems.append("meta.json says the cache is incomplete")
+    index = np.load(os.path.join(cache_dir, CACHE_INDEX))
+    if manifest is not None:
+        new = cache_texts(manifest, meta["fields"])
+        if new.text_hash != meta["text_hash"]:
+            problems.append(f"stale for {_name(manifest)}: "
+                            + describe_text_mismatch(index["counts"], index["text_hashes"], meta["fields"], new))
+    emb = np.load(os.path.join(cache_dir, CACHE_EMBEDDINGS), mmap_mode="r")
+    if emb.shape != (meta["count"], meta["dim"]) or emb.dtype != np.float16:
+        problems.append(f"{CACHE_EMBEDDINGS} is {emb.dtype} {emb.shape}, meta says float16 {(meta['count'], meta['dim'])}")
+        return problems
+    start, end = row_range or (0, len(emb))
+    bad, empty = [], []
+    for a in range(start, end, block_rows):
+        block = np.asarray(emb[a:min(a + block_rows, end)], dtype=np.float32)
+        bad.extend((a + np.flatnonzero(~np.isfinite(block).all(1))).tolist())
+        empty.extend((a + np.flatnonzero(~block.any(1))).tolist())  # never written (all zeros)
+    if bad:
+        problems.append(f"{len(bad)} rows are not finite (float16 overflow?), first rows {bad[:5]}")
+    if empty:
+        problems.append(f"{len(empty)} rows are all zeros (never written), first rows {empty[:5]}")
+    return problems
+
 
 
 # === samplers: deterministic, rank-split, resumable ===

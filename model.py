@@ -317,14 +317,17 @@ class VisionTower(nn.Module):
     `*_clip_*.openai` models); an int > 0 puts a new head of that size in timm's own head slot (so the
     trained tower reloads with `timm.create_model(name, num_classes=embed_dim)`); 0 means no head.
     weights: an optional local file (state dict, .pt/.pth/.bin or .safetensors) loaded instead of hub weights.
+    timm_kwargs / keyword arguments: passed to `timm.create_model` (e.g. img_size, depth; the ViT width
+    `embed_dim` only via the timm_kwargs dict). `self.timm_kwargs` is what re-creates the same model.
     """
 
     def __init__(self, model_name, pretrained=False, weights=None, embed_dim=None, grad_checkpointing=False,
-                 **timm_kwargs):
+                 timm_kwargs=None, **more_timm_kwargs):
         super().__init__()
         import timm
         self.model_name = model_name
-        self.timm_kwargs = dict(timm_kwargs)
+        # timm's own `embed_dim` (the ViT width) clashes with ours, so it can only come in timm_kwargs
+        self.timm_kwargs = {**(timm_kwargs or {}), **more_timm_kwargs}
         if embed_dim is not None:
             self.timm_kwargs["num_classes"] = embed_dim
         self.model = timm.create_model(model_name, pretrained=pretrained and weights is None, **self.timm_kwargs)
@@ -332,6 +335,9 @@ class VisionTower(nn.Module):
             self._load_weights(weights)
         self.output_dim = self.model.num_classes or self.model.num_features
         self.data_config = timm.data.resolve_data_config({}, model=self.model)
+        img_size = getattr(getattr(self.model, "patch_embed", None), "img_size", None)
+        if img_size is not None:  # an img_size override is not in the pretrained cfg timm resolves from
+            self.data_config["input_size"] = (3, *tuple(img_size))
         self.set_grad_checkpointing(grad_checkpointing)
 
     def _load_weights(self, path):
@@ -420,7 +426,7 @@ def load_llm2clip(out_dir, device="cpu", load_text=True):
     with open(os.path.join(out_dir, LLM2CLIP_CONFIG)) as f:
         meta = json.load(f)
     v = meta["vision"]
-    vision = VisionTower(v["model_name"], pretrained=False, **v.get("timm_kwargs", {}))
+    vision = VisionTower(v["model_name"], pretrained=False, timm_kwargs=v.get("timm_kwargs", {}))
     vision.model.load_state_dict(torch.load(os.path.join(out_dir, v["file"]), map_location="cpu", weights_only=True))
     a = meta["adaptor"]
     adaptor = Adaptor(a["in_dim"], a["out_dim"], a["num_blocks"], a["expansion"])
@@ -467,6 +473,11 @@ def gather_with_grad(x):
     return _GatherWithGrad.apply(x) if _dist_on() else x
 
 
+def _upcast(x):
+    """Half-precision features -> float32 for the softmax; float32/float64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def _local_labels(b, device):
     rank = dist.get_rank() if _dist_on() else 0
     return torch.arange(b, device=device) + b * rank
@@ -479,8 +490,8 @@ def clip_loss(image_features, text_features, logit_scale):
     L2-normalised here. Under DDP the mean over ranks of this loss is the full-batch loss, and
     DDP's gradient averaging yields exactly the full-batch gradient.
     """
-    img = F.normalize(image_features.float(), dim=-1)  # (B, D)
-    txt = F.normalize(text_features.float(), dim=-1)
+    img = F.normalize(_upcast(image_features), dim=-1)  # (B, D)
+    txt = F.normalize(_upcast(text_features), dim=-1)
     all_img, all_txt = gather_with_grad(img), gather_with_grad(txt)  # (N, D)
     labels = _local_labels(img.shape[0], img.device)
     logits_i2t = logit_scale * img @ all_txt.T  # (B, N)
@@ -491,9 +502,9 @@ def clip_loss(image_features, text_features, logit_scale):
 def caption_contrastive_loss(q, d, temperature=0.05, hard_negatives=None):
     """Supervised SimCSE: query i must pick its positive d_i among every positive (and hard negative)
     of the global batch. Cosine similarity / temperature; local rows; labels offset by rank."""
-    q = F.normalize(q.float(), dim=-1)  # (B, D)
-    cands = gather_with_grad(F.normalize(d.float(), dim=-1))  # (N, D)
+    q = F.normalize(_upcast(q), dim=-1)  # (B, D)
+    cands = gather_with_grad(F.normalize(_upcast(d), dim=-1))  # (N, D)
     if hard_negatives is not None:
-        cands = torch.cat([cands, gather_with_grad(F.normalize(hard_negatives.float(), dim=-1))], 0)
+        cands = torch.cat([cands, gather_with_grad(F.normalize(_upcast(hard_negatives), dim=-1))], 0)
     logits = q @ cands.T / temperature  # (B, N or 2N)
     return F.cross_entropy(logits, _local_labels(q.shape[0], q.device))

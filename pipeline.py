@@ -1,9 +1,102 @@
-"""Tiny models built offline (no hub): a tokenizer trained on the fly and random HF text models.
+"""The whole method end to end on a CPU, no downloads: `python pipeline.py` (a few minutes on 2 cores).
 
-Used by the tests and by the tiny end-to-end pipeline; everything is saved with save_pretrained and
-loaded back through the real from_pretrained path.
+  1. synthetic shapes data (data.make_synthetic_dataset): train / val / test splits
+  2. a tiny random Llama with a tokenizer trained offline, saved as a HF folder
+  3. cc_finetune.py   stage 1 (c2c before -> after on the val captions)
+  4. embed_captions.py  the offline caption cache
+  5. post_train.py    stage 2 from that cache (and the untrained model, exported at step 0)
+  6. evaluate.py      retrieval on the held-out test split: untrained vs post-trained, one table
+
+Every stage runs in-process through its own `main([...])` with its tiny preset (config/*_tiny_cpu.py),
+exactly as `python <stage>.py config/... --key=value` would. Outputs: <out_dir>/<stage>/.
+Also holds the tiny offline model builders the tests use.
 """
+import json
 import os
+import time
+
+# -----------------------------------------------------------------------------
+out_dir = "out-tiny"  # everything goes under here
+num_train = 2000  # synthetic training images (stage 2) and caption records (stage 1)
+num_val = 200  # c2c gate + periodic eval during stage 2
+num_test = 200  # held-out test set for the final table
+image_size = 32  # the tiny ViT's input
+seed = 0
+arch = "llama"  # tiny text model architecture: llama | qwen2 | mistral | gemma | bert
+cc_steps = 60  # stage-1 steps (config/cc_tiny_cpu.py)
+post_steps = 300  # stage-2 steps (config/post_tiny_cpu.py)
+_DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, str))}
+
+
+def main(argv=None):
+    import common
+    import data
+    cfg = common.configure(_DEFAULTS, argv, doc=__doc__)
+    root = cfg["out_dir"]
+    p = lambda *a: os.path.join(root, *a)  # noqa: E731
+    t0 = time.time()
+    timings = {}
+
+    def done(stage, t):
+        timings[stage] = round(time.time() - t, 1)
+        print(f"=== {stage} done in {timings[stage]:.1f}s ===", flush=True)
+
+    # --- 1. data
+    t = time.time()
+    splits = {"train": cfg["num_train"], "val": cfg["num_val"], "test": cfg["num_test"]}
+    for split, n in splits.items():
+        data.make_synthetic_dataset(p("data"), n, seed=cfg["seed"], image_size=cfg["image_size"], split=split)
+    done("data", t)
+
+    # --- 2. tiny text model, tokenizer trained on the training captions
+    t = time.time()
+    corpus = []
+    for _, rec in data.read_jsonl(p("data", "train.jsonl")):
+        corpus += rec["captions"] + rec["long_captions"]
+    build_tiny_text_model(p("text_model"), cfg["arch"], texts=corpus, vocab_size=400, seed=cfg["seed"],
+                          hidden_size=64, num_layers=2, intermediate_size=128)
+    done("tiny text model", t)
+
+    # --- 3. stage 1
+    import cc_finetune
+    t = time.time()
+    cc_finetune.main(["config/cc_tiny_cpu.py", f"--model={p('text_model')}",
+                      f"--train_captions={p('data', 'train_captions.jsonl')}",
+                      f"--val_captions={p('data', 'val_captions.jsonl')}",
+                      f"--out_dir={p('cc')}", f"--max_steps={cfg['cc_steps']}", f"--seed={cfg['seed']}"])
+    done("stage 1 (cc_finetune)", t)
+
+    # --- 4. the offline cache, for the train and val manifests
+    import embed_captions
+    t = time.time()
+    for split in ("train", "val"):
+        embed_captions.main([f"--text_model={p('cc')}", f"--manifest={p('data', split + '.jsonl')}",
+                             f"--out_dir={p('cache_' + split)}", "--max_length=64"])
+    done("embed_captions", t)
+
+    # --- 5. stage 2: the untrained model (step 0) and the post-trained one
+    import post_train
+    t = time.time()
+    common_args = ["config/post_tiny_cpu.py", f"--train_manifest={p('data', 'train.jsonl')}",
+                   f"--cache_dir={p('cache_train')}", f"--val_manifest={p('data', 'val.jsonl')}",
+                   f"--val_cache_dir={p('cache_val')}", f"--seed={cfg['seed']}"]
+    post_train.main(common_args + [f"--out_dir={p('post_untrained')}", "--max_steps=0"])
+    post_train.main(common_args + [f"--out_dir={p('post')}", f"--max_steps={cfg['post_steps']}"])
+    done("stage 2 (post_train)", t)
+
+    # --- 6. evaluation on the held-out test split, side by side
+    import evaluate
+    t = time.time()
+    results = p("results.json")
+    evaluate.main(["--task=retrieval", f"--model={p('post_untrained')},{p('post')}",
+                   f"--data={p('data', 'test.jsonl')}", "--caption_field=long_captions",
+                   "--captions_per_image=0", f"--out={results}", "--num_workers=0"])
+    done("evaluate", t)
+    with open(results) as f:
+        res = json.load(f)
+    print(f"pipeline finished in {time.time() - t0:.0f}s; stage times (s): {timings}")
+    print(f"outputs under {root}/: data, text_model, cc, cache_train, cache_val, post_untrained, post, results.json")
+    return res
 
 TINY_ARCHS = ("llama", "qwen2", "mistral", "gemma", "bert")
 
@@ -80,3 +173,7 @@ _DEFAULT_CORPUS = [
     "a man riding a bicycle down a city street", "a plate of food with broccoli and rice",
     "people standing on a beach near the ocean", "a cat sleeping on a wooden table",
 ] * 4
+
+
+if __name__ == "__main__":
+    main()

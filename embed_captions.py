@@ -1,0 +1,364 @@
+"""Embed every caption of a manifest once, offline, with the frozen stage-1 encoder (the embedding cache).
+
+This is the paper's efficiency trick (Table 11): stage 2 reads float16 rows from disk and never loads
+the LLM. Single process or `torchrun --nproc_per_node=N embed_captions.py ...`:
+
+    python embed_captions.py --text_model=out/cc --manifest=train.jsonl --out_dir=out/cache
+
+- Fast: all texts are tokenised once for their lengths, sorted longest first, and cut into batches
+  of at most `batch_tokens` padded tokens, so padding is small and every batch fills the memory budget.
+- Sharded and resumable: the length-sorted order is cut into chunks of `chunk_rows` rows (independent
+  of the number of ranks); ranks take the unfinished chunks round-robin, write their rows in place
+  into the shared embeddings.npy, and append each finished chunk to their own progress file after an
+  fsync. A killed run loses at most the chunk in flight; rerunning (any number of ranks) skips the rest
+  and yields a byte-identical cache, because every chunk is always batched the same way.
+- Not stale: meta.json records the encoder's identity and a hash of the texts; data.EmbeddingCache
+  refuses a cache that does not match its manifest or the requested encoder settings.
+The cache format is described in data.py ("embedding cache"). Across nodes, out_dir must be on a
+shared filesystem (every rank writes its rows into the same file and reads every progress file).
+"""
+import json
+import os
+import shutil
+import signal
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import common
+import data
+from model import load_text_encoder
+
+# -----------------------------------------------------------------------------
+# default config (override with config/*.py or --key=value)
+text_model = ""  # stage-1 out_dir (cc_finetune.py, has encoder.json) or any HF text model folder
+manifest = ""  # JSONL: a stage-2 manifest (image, captions, long_captions) or a caption file (captions)
+out_dir = "out/embed"  # the cache directory
+fields = "captions,long_captions"  # record fields to embed, in this order; a missing field has no texts
+instruction = ""  # captions are documents: no instruction (the official code's choice); recorded in meta
+max_length = 512  # tokens per text including special tokens (paper); longer texts are truncated
+pooling = ""  # "" = the encoder's own (encoder.json, else mean)
+batch_tokens = 16384  # padded tokens per batch (rows x longest row): the memory knob
+chunk_rows = 4096  # rows per committed chunk: a killed run redoes at most this many per rank
+dtype = "auto"  # compute dtype: auto = bfloat16 on GPU, float32 on CPU (rows are stored as float16)
+attn_implementation = ""  # "" = transformers' default (sdpa)
+overwrite = False  # replace an existing cache built from other texts/settings (else refuse)
+verify = True  # after embedding: re-hash the manifest, check every row is written and finite
+verify_only = False  # only verify an existing cache against the manifest (no model is loaded)
+# -----------------------------------------------------------------------------
+DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+
+# test hook: after this many committed chunks, write part of the next one and SIGKILL this process
+KILL_ENV = "EMBED_CAPTIONS_TEST_KILL_AFTER_CHUNKS"
+
+
+# -----------------------------------------------------------------------------
+# Batching (importable: bench.py times these against each other)
+
+def token_budget_batches(lengths, batch_tokens):
+    """Length-sorted batches whose padded size (rows x longest row) stays within `batch_tokens`.
+
+    Returns index arrays into `lengths`, longest texts first (an OOM shows in the first batch, not
+    the last); ties keep their input order. A text longer than the budget gets a batch of its own.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    order = np.argsort(-lengths, kind="stable")
+    batches, i = [], 0
+    while i < len(order):
+        n = max(1, batch_tokens // int(lengths[order[i]]))  # the first is the longest of its batch
+        batches.append(order[i:i + n])
+        i += n
+    return batches
+
+
+def fixed_size_batches(lengths, batch_size):
+    """The naive alternative: `batch_size` texts at a time in input order, each batch padded to its longest."""
+    return [np.arange(i, min(i + batch_size, len(lengths))) for i in range(0, len(lengths), batch_size)]
+
+
+def padded_tokens(batches, lengths):
+    """Tokens the model actually processes (each batch padded to its longest)."""
+    lengths = np.asarray(lengths)
+    return int(sum(len(b) * lengths[b].max() for b in batches if len(b)))
+
+
+def text_lengths(encoder, texts, instruction=None, max_length=512, batch_size=4096):
+    """Tokenised length of each text exactly as encoder.tokenize lays it out (special tokens,
+    instruction, truncation), without building padded tensors."""
+    probe = encoder.tokenize(["a"], instruction, max_length)["input_ids"].shape[1]
+    overhead = probe - len(encoder.tokenizer("a", add_special_tokens=False)["input_ids"])
+    out = np.empty(len(texts), dtype=np.int64)
+    for i in range(0, len(texts), batch_size):
+        bodies = encoder.tokenizer(texts[i:i + batch_size], add_special_tokens=False)["input_ids"]
+        out[i:i + len(bodies)] = [len(b) for b in bodies]
+    return np.minimum(out, max_length - overhead) + overhead
+
+
+@torch.no_grad()
+def encode_batches(encoder, texts, batches, instruction=None, max_length=512):
+    """Yield (indices, (n, dim) float32 CPU embeddings) per batch, through encoder.tokenize + forward
+    (the code path stage 1 trained and evaluate.py uses)."""
+    device = encoder.device
+    for idx in batches:
+        batch = encoder.tokenize([texts[i] for i in idx], instruction, max_length)
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        yield idx, encoder(**batch).float().cpu()
+
+
+def compare_batching(encoder, texts, batch_tokens=4096, max_length=512, repeats=3):
+    """Time token-budget batching against fixed-size batches in input order on the same texts.
+
+    The naive batch size is what fits the same memory budget at the longest text (batch_tokens //
+    longest). Rounds interleave the two, so load changes on a shared machine hit both alike. Returns
+    medians (wall and process CPU seconds; on CPU with one thread the CPU time is the work, on GPU
+    read the wall time), padded tokens, and the largest relative difference between their rows."""
+    lengths = text_lengths(encoder, texts, None, max_length)
+    schemes = {"sorted": token_budget_batches(lengths, batch_tokens),
+               "fixed": fixed_size_batches(lengths, max(1, batch_tokens // int(lengths.max())))}
+    times = {k: [] for k in schemes}
+    outs = {}
+    for rep in range(repeats + 1):  # the first round warms up
+        for k, batches in schemes.items():
+            out = torch.empty(len(texts), encoder.dim)
+            w, c = time.perf_counter(), time.process_time()
+            for idx, e in encode_batches(encoder, texts, batches, None, max_length):
+                out[torch.as_tensor(idx)] = e
+            if rep:
+                times[k].append((time.perf_counter() - w, time.process_time() - c))
+            outs[k] = out
+    med = {k: np.median(np.array(v), axis=0) for k, v in times.items()}
+    return {"wall_ratio": med["fixed"][0] / med["sorted"][0], "cpu_ratio": med["fixed"][1] / med["sorted"][1],
+            "wall": {k: float(v[0]) for k, v in med.items()},
+            "padded": {k: padded_tokens(b, lengths) for k, b in schemes.items()},
+            "tokens": int(lengths.sum()),
+            "max_rel_diff": float(((outs["sorted"] - outs["fixed"]).norm(dim=1) / outs["fixed"].norm(dim=1)).max())}
+
+
+# -----------------------------------------------------------------------------
+# Progress: one append-only file per rank, one finished chunk per line
+
+def read_progress(progress_dir):
+    """Chunk ids finished by any rank of any run. A torn last line (killed mid-write) is ignored."""
+    done = set()
+    if os.path.isdir(progress_dir):
+        for name in sorted(os.listdir(progress_dir)):
+            with open(os.path.join(progress_dir, name)) as f:
+                done.update(int(line) for line in f.read().split("\n")[:-1] if line.strip())
+    return done
+
+
+def commit_chunk(data_fd, progress_path, chunk_id):
+    """Make a chunk's rows durable, then record it: after a crash a chunk is either fully on disk
+    and listed, or unlisted (and redone)."""
+    os.fsync(data_fd)
+    with open(progress_path, "a") as f:
+        f.write(f"{chunk_id}\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def build_meta(cfg, enc, texts, complete):
+    return {"format": data.CACHE_FORMAT, "encoder": enc, "dim": enc["dim"], "dtype": "float16",
+            "count": len(texts.texts), "num_records": len(texts.counts), "fields": texts.fields,
+            "text_hash": texts.text_hash, "manifest": os.path.abspath(cfg["manifest"]), "complete": complete,
+            "chunk_rows": cfg["chunk_rows"], "code_version": common.code_version(), "config": cfg}
+
+
+def _embeddings_ok(path, count, dim):
+    try:
+        emb = np.load(path, mmap_mode="r")
+    except (OSError, ValueError):
+        return False
+    return emb.shape == (count, dim) and emb.dtype == np.float16
+
+
+def plan_mismatch(old, new):
+    """Keys (other than bookkeeping) where an existing cache's meta differs from this run's."""
+    keys = ("format", "encoder", "dim", "dtype", "count", "num_records", "fields", "text_hash", "chunk_rows")
+    return [f"{k}: existing {old.get(k)!r}, now {new[k]!r}" for k in keys if k != "text_hash" and old.get(k) != new[k]]
+
+
+def main(argv=None):
+    cfg = common.configure(DEFAULTS, argv, __doc__)
+    field_list = [f.strip() for f in cfg["fields"].split(",") if f.strip()]
+    if not cfg["manifest"] or not cfg["out_dir"] or not (cfg["text_model"] or cfg["verify_only"]):
+        raise ValueError("--text_model, --manifest and --out_dir are required (--verify_only needs no text_model)")
+    out = cfg["out_dir"]
+    emb_path, meta_path = os.path.join(out, data.CACHE_EMBEDDINGS), os.path.join(out, data.CACHE_META)
+    progress_dir = os.path.join(out, "progress")
+
+    # --- distributed
+    ddp, rank, local_rank, world_size, device = common.setup_distributed()
+    master = rank == 0
+    log = common.Logger(out, "embed", master)
+
+    def barrier():
+        if ddp:
+            dist.barrier()
+
+    def finish(problems):  # every rank exits with rank 0's verdict
+        flag = torch.tensor([len(problems)], device=device)
+        if ddp:
+            dist.broadcast(flag, 0)
+        common.cleanup_distributed(ddp)
+        if flag.item():
+            raise SystemExit(1)
+
+    if cfg["verify_only"]:
+        problems = data.verify_cache(out, cfg["manifest"]) if master else []
+        for p in problems:
+            log("verify: PROBLEM:", p)
+        log("verify: ok" if not problems else f"verify: {len(problems)} problem(s)")
+        return finish(problems)
+
+    # --- texts, in cache row order
+    t0 = time.time()
+    texts = data.cache_texts(cfg["manifest"], field_list)
+    n = len(texts.texts)
+    if n == 0:
+        raise data.DataError(f"{cfg['manifest']}: no texts in fields {field_list}")
+    log(f"{cfg['manifest']}: {len(texts.counts)} records, {n} texts in fields {field_list} "
+        f"(per field: {dict(zip(field_list, texts.counts.sum(0).tolist()))})")
+
+    # --- model (frozen; bf16 on GPU)
+    compute_dtype = cfg["dtype"] if cfg["dtype"] != "auto" else ("bfloat16" if "cuda" in device else "float32")
+    encoder = load_text_encoder(cfg["text_model"], pooling=cfg["pooling"] or None, dtype=compute_dtype,
+                                attn_implementation=cfg["attn_implementation"] or None, device=device)
+    encoder.eval().requires_grad_(False)
+    s = encoder.settings
+    model_path = os.path.abspath(cfg["text_model"]) if os.path.exists(cfg["text_model"]) else cfg["text_model"]
+    enc = {"model": model_path, "fingerprint": data.model_fingerprint(model_path),  # differs if retrained in place
+           "adapter": os.path.join(model_path, s["adapter_subdir"]) if s.get("adapter_subdir") else None,
+           "base_model": s.get("base_model"), "pooling": encoder.pooling,
+           "instruction": cfg["instruction"], "max_length": cfg["max_length"], "bidirectional": s["bidirectional"],
+           "dim": encoder.dim, "compute_dtype": compute_dtype}
+    meta = build_meta(cfg, enc, texts, complete=False)
+
+    # --- output: new, resume, already complete, or refuse a mismatch (every rank decides the same)
+    old, state = None, "new"
+    if os.path.isfile(meta_path):
+        with open(meta_path) as f:
+            old = json.load(f)
+        diff = plan_mismatch(old, meta)
+        if old.get("text_hash") != texts.text_hash and old.get("fields") == field_list:
+            idx = np.load(os.path.join(out, data.CACHE_INDEX))
+            diff.append("texts: " + data.describe_text_mismatch(idx["counts"], idx["text_hashes"], field_list, texts))
+        if diff and not cfg["overwrite"]:
+            raise data.DataError(f"{out} holds a cache of other texts or settings ({'; '.join(diff)}); "
+                                 "pass --overwrite=True to replace it, or choose another --out_dir")
+        state = "new" if diff else ("complete" if old.get("complete") else "resume")
+        if state != "new" and not _embeddings_ok(emb_path, n, encoder.dim):
+            if state == "complete":
+                raise data.DataError(f"{emb_path} is missing or not float16 {(n, encoder.dim)} although meta.json "
+                                     "says complete; pass --overwrite=True to rebuild")
+            state = "new"  # nothing usable to resume
+    barrier()
+    if master and state == "new":
+        shutil.rmtree(progress_dir, ignore_errors=True)
+        if os.path.exists(meta_path):
+            os.remove(meta_path)
+        os.makedirs(progress_dir, exist_ok=True)
+        # a sparse file: untouched rows take no disk and read back as zeros (which verify catches)
+        np.lib.format.open_memmap(emb_path, mode="w+", dtype=np.float16, shape=(n, encoder.dim)).flush()
+        np.savez(os.path.join(out, data.CACHE_INDEX), record_offsets=texts.record_offsets,
+                 counts=texts.counts, text_hashes=texts.text_hashes)
+        common.atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
+    if master:
+        common.save_run_info(out, cfg, __file__, extra={"world_size": world_size})
+    barrier()
+
+    # --- plan: length-sorted order cut into chunks; ranks take the unfinished ones round-robin
+    done = read_progress(progress_dir)
+    chunks = []
+    if state != "complete":
+        shard = -(-n // world_size)  # each rank tokenises a slice; lengths are all-gathered
+        mine = text_lengths(encoder, texts.texts[rank * shard:(rank + 1) * shard], cfg["instruction"], cfg["max_length"])
+        if ddp:
+            buf = torch.zeros(shard, dtype=torch.long, device=device)
+            buf[:len(mine)] = torch.from_numpy(mine)
+            parts = [torch.zeros_like(buf) for _ in range(world_size)]
+            dist.all_gather(parts, buf)
+            lengths = torch.cat(parts).cpu().numpy()[:n]
+        else:
+            lengths = mine
+        order = np.argsort(-lengths, kind="stable")
+        chunks = [order[i:i + cfg["chunk_rows"]] for i in range(0, n, cfg["chunk_rows"])]
+        todo = [c for c in range(len(chunks)) if c not in done]
+        skipped = sum(len(chunks[c]) for c in range(len(chunks)) if c in done)
+        if done:
+            log(f"resuming: {len(done)}/{len(chunks)} chunks ({skipped} of {n} rows) already done, skipping them")
+        log(f"{n} texts, {int(lengths.sum())} tokens (mean {lengths.mean():.1f}, max {lengths.max()}); "
+            f"{len(chunks)} chunks of {cfg['chunk_rows']} rows over {world_size} rank(s); batch_tokens "
+            f"{cfg['batch_tokens']}; {len(texts.texts) - skipped} rows to embed; setup {time.time() - t0:.1f}s")
+        my_chunks = todo[rank::world_size]
+    else:
+        log(f"{out} already holds the complete cache of these {n} texts; skipped all {n} rows")
+        my_chunks = []
+
+    # --- embed
+    kill_after = int(os.environ.get(KILL_ENV, "-1"))
+    my_rows = sum(len(chunks[c]) for c in my_chunks)
+    stats = torch.zeros(3, dtype=torch.float64)  # texts, tokens, padded tokens
+    t_start = time.time()
+    if my_chunks:
+        from tqdm import tqdm
+        fd = os.open(emb_path, os.O_RDWR)
+        offset = np.load(emb_path, mmap_mode="r").offset  # .npy header size
+        row_bytes = encoder.dim * 2
+        progress_path = os.path.join(progress_dir, f"rank{rank:05d}.txt")
+        bar = tqdm(total=my_rows, unit="text", disable=not master, desc=f"embed (rank 0 of {world_size})")
+        for k, c in enumerate(my_chunks):
+            batches = [chunks[c][b] for b in token_budget_batches(lengths[chunks[c]], cfg["batch_tokens"])]
+            for j, (idx, emb) in enumerate(encode_batches(encoder, texts.texts, batches, cfg["instruction"], cfg["max_length"])):
+                rows16 = emb.numpy().astype(np.float16)
+                for i, r in enumerate(idx.tolist()):  # pwrite: exact bytes, safe beside other ranks' rows
+                    os.pwrite(fd, rows16[i].tobytes(), offset + r * row_bytes)
+                lens = lengths[idx]
+                stats += torch.tensor([len(idx), lens.sum(), len(idx) * lens.max()], dtype=torch.float64)
+                bar.update(len(idx))
+                bar.set_postfix(tok_s=f"{stats[1].item() / max(time.time() - t_start, 1e-9):.0f}", refresh=False)
+                if k == kill_after and j == 0:  # test hook: die mid-chunk with its first batch written
+                    os.kill(os.getpid(), signal.SIGKILL)
+            commit_chunk(fd, progress_path, c)
+        bar.close()
+        os.close(fd)
+    elapsed = torch.tensor([time.time() - t_start], dtype=torch.float64)
+    if ddp:  # totals over ranks; the time is the slowest rank's
+        stats, elapsed = stats.to(device), elapsed.to(device)
+        dist.all_reduce(stats)
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+    (texts_done, tokens, padded), elapsed = stats.tolist(), max(elapsed.item(), 1e-9)
+    if texts_done:
+        log(f"embedded {int(texts_done)} texts, {int(tokens)} tokens ({int(padded)} padded; padding "
+            f"{1 - tokens / padded:.1%}) in {elapsed:.1f}s: {texts_done / elapsed:.1f} texts/s, "
+            f"{tokens / elapsed:.0f} tokens/s")
+
+    # --- finish: rank 0 marks the cache complete once every chunk of every rank is on disk
+    barrier()
+    problems = []
+    if master and state != "complete":
+        missing = len(chunks) - len(read_progress(progress_dir) & set(range(len(chunks))))
+        if missing:
+            problems.append(f"{missing} chunks are not finished")
+        else:
+            common.atomic_write_text(meta_path, json.dumps(build_meta(cfg, enc, texts, True), indent=2) + "\n")
+            log(f"cache complete: {out} ({n} x {encoder.dim} float16)")
+    barrier()
+    if cfg["verify"]:  # ranks scan a slice of the rows each; rank 0 also re-hashes the manifest
+        share = -(-n // world_size)
+        mine = data.verify_cache(out, cfg["manifest"] if master else None,
+                                 row_range=(min(rank * share, n), min((rank + 1) * share, n)))
+        gathered = [None] * world_size
+        if ddp:
+            dist.all_gather_object(gathered, mine)
+        else:
+            gathered = [mine]
+        problems += [p for part in gathered for p in part if p not in problems]
+        log("verify: ok (texts unchanged, every row written and finite)" if not problems else
+            "\n".join(f"verify: PROBLEM: {p}" for p in problems))
+    finish(problems)
+
+if __name__ == "__main__":
+    main()

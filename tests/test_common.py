@@ -1,0 +1,48 @@
+"""common.py: typed config overrides with clear errors, run records."""
+import json
+
+import pytest
+
+import common
+
+DEFAULTS = {"lr": 1e-5, "steps": 10, "name": "x", "flag": False, "out": None, "ids": [1, 2]}
+
+
+def test_typed_overrides_and_config_file(tmp_path):
+    cfg_file = tmp_path / "c.py"
+    cfg_file.write_text("steps = 20\nname = 'from_file'\n_private = 3\n")
+    cfg = common.configure(DEFAULTS, [str(cfg_file), "--lr=1", "--flag=true", "--out=/tmp/o", "--ids=[3]"])
+    assert cfg == {"lr": 1.0, "steps": 20, "name": "from_file", "flag": True, "out": "/tmp/o", "ids": [3]}
+    assert isinstance(cfg["lr"], float)
+    assert common.configure(DEFAULTS, ["--steps=1e3"])["steps"] == 1000
+    assert DEFAULTS["steps"] == 10  # defaults untouched
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ValueError, match="unknown config key 'lrr'; valid keys: lr, steps"):
+        common.configure(DEFAULTS, ["--lrr=1"])
+    bad = tmp_path / "bad.py"
+    bad.write_text("stepz = 3\n")
+    with pytest.raises(ValueError, match=r"bad.py: unknown config key 'stepz'"):
+        common.configure(DEFAULTS, [str(bad)])
+    with pytest.raises(ValueError, match="--steps=abc: expected an integer"):
+        common.configure(DEFAULTS, ["--steps=abc"])
+    with pytest.raises(ValueError, match="expected a boolean"):
+        common.configure(DEFAULTS, ["--flag=maybe"])
+    with pytest.raises(ValueError, match="config file 'nofile.py' not found"):
+        common.configure(DEFAULTS, ["nofile.py"])
+
+
+def test_help_lists_keys(capsys):
+    with pytest.raises(SystemExit):
+        common.configure(DEFAULTS, ["-h"], doc="Stage X.")
+    out = capsys.readouterr().out
+    assert "Stage X." in out and "--lr=1e-05" in out and "--out=None" in out
+
+
+def test_save_run_info_records_config_and_version(tmp_path):
+    path = common.save_run_info(str(tmp_path), {"lr": 0.1}, "post_train.py")
+    info = json.loads(open(path).read())
+    assert path.endswith("run_post_train.json")
+    assert info["config"] == {"lr": 0.1} and info["script"] == "post_train.py"
+    assert info["code_version"] != "" and "torch" in info

@@ -67,6 +67,7 @@ import torch.distributed as dist  # noqa: E402
 import common  # noqa: E402
 import data  # noqa: E402
 import model as llm2clip  # noqa: E402  (the module; `model` is the config key above)
+from evaluate import c2c_eval  # noqa: E402  (the quality gate: caption 1 -> caption 2 of every record)
 
 
 # -----------------------------------------------------------------------------
@@ -156,20 +157,6 @@ def step_seed(seed, rank, step):
 
 
 # -----------------------------------------------------------------------------
-# The c2c quality gate (caption 1 of each record -> caption 2 of every record)
-
-def c2c_eval(encoder, records_or_path, instruction=None, max_length=512, batch_size=64):
-    """Caption-to-caption top-1 (%) of a caption file: dict(c2c_top1, c2c_top1_reverse, n)."""
-    import torch.nn.functional as F
-    records = data.read_caption_records(records_or_path) if isinstance(records_or_path, str) else records_or_path
-    q = F.normalize(encoder.encode([r["captions"][0] for r in records], instruction, max_length, batch_size), dim=-1)
-    g = F.normalize(encoder.encode([r["captions"][1] for r in records], None, max_length, batch_size), dim=-1)
-    sim, target = q @ g.T, torch.arange(len(records))  # (N, N)
-    return {"c2c_top1": 100.0 * (sim.argmax(1) == target).float().mean().item(),
-            "c2c_top1_reverse": 100.0 * (sim.argmax(0) == target).float().mean().item(), "n": len(records)}
-
-
-# -----------------------------------------------------------------------------
 
 def get_lr(it, max_steps, cfg):
     """Linear warm-up to cfg['lr'] over warmup_steps, then linear decay to 0 at max_steps."""
@@ -197,6 +184,10 @@ def load_checkpoint(path, cfg):
 
 def main(argv=None):
     cfg = common.configure(DEFAULTS, argv, __doc__)
+    cfg = {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in cfg.items()}  # a config file's Path
+    for k, v in cfg.items():  # config files are not parsed by type: a wrong type fails here, not mid-run
+        if type(v) is not type(DEFAULTS[k]) and not (isinstance(DEFAULTS[k], float) and type(v) is int):
+            raise ValueError(f"config key {k}={v!r}: expected a {type(DEFAULTS[k]).__name__} (default {DEFAULTS[k]!r})")
     if not data.split_paths(cfg["train_captions"]) and not data.split_paths(cfg["train_pairs"]):
         raise ValueError("train_captions: expected one or more caption JSONL files (comma-separated), "
                          "or train_pairs: a {query, positive} JSONL file")
@@ -241,7 +232,11 @@ def main(argv=None):
         dtype=torch.bfloat16 if use_bf16 else torch.float32,
         attn_implementation=cfg["attn_implementation"] or None, device=device)
     if cfg["gradient_checkpointing"]:
-        encoder.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m, kw = encoder.model, {"use_reentrant": False}  # non-reentrant: no input needs requires_grad
+        if hasattr(m, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+            m.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+        else:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
     named = [(n, p) for n, p in encoder.model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])

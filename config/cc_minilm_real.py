@@ -13,7 +13,7 @@ while not _os.path.isdir(_os.path.join(_d, "shared", "data")):
         raise FileNotFoundError("shared/data not found above the current directory")
     _d = _os.path.dirname(_d)
 _captions = _os.path.join(_d, "shared", "data", "captions")
-model = _minilm.get_model_path()
+model = str(_minilm.get_model_path())
 train_captions = f"{_captions}/flickr30k_dev.jsonl,{_captions}/flickr30k_test.jsonl"
 val_captions = f"{_captions}/coco_dev.jsonl"
 out_dir = "out-cc-minilm"

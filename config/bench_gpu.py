@@ -25,8 +25,7 @@ embed_short = 200  # COCO captions (1:1 with the long ones, as in the CPU run)
 embed_long = 200  # all of shared/data's DOCCI descriptions (synthetic lengths where absent)
 embed_layers = 0  # the whole 8B-shaped encoder
 embed_repeats = 5
-embed_batch_size = 64
-embed_batch_tokens = 16384  # embed_captions.py's default
+embed_batch_tokens = 16384  # embed_captions.py's default; fixed batches of 16384 // 512 = 32
 vocab_size = 8000
 mem_global_batch = 256
 mem_chunk = 32

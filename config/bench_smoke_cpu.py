@@ -17,7 +17,6 @@ embed_short = 6
 embed_long = 6
 embed_layers = 1
 embed_repeats = 1
-embed_batch_size = 4
 embed_batch_tokens = 256
 embed_max_length = 128
 vocab_size = 400

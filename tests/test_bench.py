@@ -57,7 +57,7 @@ def test_flops_arithmetic(result):
 def test_same_embeddings_and_memory(result):
     info = result["info"]
     assert info["embed_diff"] < 1e-4  # sorted token-budget batches give the fixed batches' embeddings
-    assert info["embed_padded"][0] > info["embed_padded"][1]  # and process fewer padded tokens
+    assert info["embed_padded"]["fixed"] > info["embed_padded"]["sorted"] >= info["embed_tokens"]
     d = [r for r in result["rows"] if r["bench"] == "d"]
     plain_chunk, plain_global, grad_cache = (r["median"] for r in d)
     assert grad_cache < 0.5 * plain_global and plain_chunk < plain_global

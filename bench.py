@@ -410,7 +410,7 @@ def print_report(rows, info, cfg, peak):
         mfu = f"{100 * r['mfu']:5.1f}%" if r["mfu"] is not None else ""
         print(f"({r['bench']}) {r['name']:<47}{r['median']:10.1f} {r['unit']:<11}{rats[0]}{mfu}".rstrip())
         for x in rats[1:]:
-            print(" " * 74 + x)
+            print((" " * 74 + x).rstrip())
 
 
 if __name__ == "__main__":

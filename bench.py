@@ -145,7 +145,7 @@ def caption_mix(cfg):
     return texts, source
 
 
-def build_cache(cfg, tmp, dev):
+def build_cache(cfg, tmp):
     """Synthetic manifest + a real embed_captions.py cache of width text_width (a 1-layer model suffices:
     stage 2 reads rows, whatever wrote them) -> (records, data.EmbeddingCache)."""
     import embed_captions
@@ -291,9 +291,8 @@ def main(argv=None):
         ids = torch.randint(10, len(tok), (B, T), device=dev)
         ones = torch.ones_like(ids)
         tmp = tempfile.TemporaryDirectory()
-        records, cache = build_cache(cfg, tmp.name, dev)
+        records, cache = build_cache(cfg, tmp.name)
         sampler = iter(data.ResumableBatchSampler(len(records), B, seed=cfg["seed"]))
-        step = [0]
 
         def vision_step():
             with ctx:

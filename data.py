@@ -676,6 +676,210 @@ class ResumableBatchSampler:
 
 
 # === stage-2 training data: caption choice, training transforms, tar shards ===
+# Each sample's caption choice and crop come from its own numpy generator seeded by (seed, epoch,
+# record), never from a global RNG: the same step gives the same batch whatever the number of
+# workers or ranks, and a resumed run replays the uninterrupted one exactly.
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+def sample_rng(seed, epoch, index):
+    """The generator for record `index` in `epoch`: caption choice first, then the crop."""
+    import numpy as np
+    return np.random.default_rng([seed, epoch, index])
+
+
+def choose_caption(record, rng, real_caption_ratio=0.5):
+    """(field, slot): a real caption with probability real_caption_ratio, else a long one (uniform slot).
+    A record with only one kind of caption always uses that kind."""
+    real, long = record.get("captions") or [], record.get("long_captions") or []
+    use_real = (rng.random() < real_caption_ratio) if (real and long) else bool(real)
+    field = "captions" if use_real else "long_captions"
+    slot = int(rng.integers(len(real if use_real else long)))
+    return field, slot
+
+
+def random_resized_crop_params(width, height, rng, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop box (top, left, h, w), drawn from `rng` instead of torch's RNG."""
+    import math
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    w, h = width, height  # fallback: the whole image clipped to the ratio range, centred
+    if width / height < ratio[0]:
+        h = int(round(w / ratio[0]))
+    elif width / height > ratio[1]:
+        w = int(round(h * ratio[1]))
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+class TrainTransform:
+    """RandomResizedCrop(scale) to the model's input size, bicubic, then the model's mean/std.
+
+    `data_config` is the vision model's timm preprocessing config (input_size, mean, std)."""
+
+    def __init__(self, data_config, scale=(0.9, 1.0)):
+        self.size = tuple(data_config["input_size"][-2:])
+        self.mean, self.std, self.scale = list(data_config["mean"]), list(data_config["std"]), scale
+
+    def __call__(self, img, rng):
+        import torchvision.transforms.functional as TF
+        from torchvision.transforms import InterpolationMode
+        top, left, h, w = random_resized_crop_params(img.width, img.height, rng, self.scale)
+        img = TF.resized_crop(img, top, left, h, w, list(self.size), InterpolationMode.BICUBIC)
+        return TF.normalize(TF.to_tensor(img), self.mean, self.std)
+
+
+def open_image(record):
+    """PIL RGB image of a manifest record (read_manifest resolves its path) or a tar-shard record (byte range).
+    Raises DataError naming the file when it is missing or cannot be decoded."""
+    import io
+    from PIL import Image
+    if "_tar" in record:
+        path, offset, size = record["_tar"]
+        where = record["image"]
+    else:
+        path = where = record["image"]
+    try:
+        if "_tar" in record:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                img = Image.open(io.BytesIO(f.read(size)))
+        else:
+            img = Image.open(path)
+        return img.convert("RGB")
+    except (OSError, ValueError) as e:  # FileNotFoundError, PIL.UnidentifiedImageError, truncated files
+        raise DataError(f"{where}: cannot read image ({type(e).__name__}: {e})") from None
+
+
+def expand_shards(spec):
+    """Tar shard paths from a comma list of globs or brace ranges: "data/{00000..00099}.tar,more/*.tar"."""
+    import glob
+    import re
+    paths = []
+    for part in [p.strip() for p in spec.split(",") if p.strip()]:
+        m = re.search(r"\{(\d+)\.\.(\d+)\}", part)
+        if m:
+            a, b = m.group(1), m.group(2)
+            names = [part[:m.start()] + str(i).zfill(len(a)) + part[m.end():] for i in range(int(a), int(b) + 1)]
+        else:
+            names = sorted(glob.glob(part)) or [part]
+        for n in names:
+            if not os.path.isfile(n):
+                raise DataError(f"{n}: tar shard not found (from {spec!r})")
+        paths += names
+    return paths
+
+
+def index_tar_shards(paths):
+    """Manifest-style records from WebDataset tar shards (img2dataset output), in shard then member order.
+
+    A sample is the members sharing a key (the name up to the first dot): an image (.jpg/.png/...)
+    plus `.txt` (the real caption) and/or `.json` (keys `captions`, `long_captions`, or `caption`).
+    Image bytes are not read here: each record keeps the byte range of its image (`_tar`), so any
+    rank or worker reads its own samples with a plain seek. Records with no caption are an error.
+    """
+    import tarfile
+    records = []
+    for path in paths:
+        samples = {}
+        try:
+            with tarfile.open(path) as tf:
+                for m in tf:
+                    if not m.isfile():
+                        continue
+                    d, base = os.path.split(m.name)
+                    key, _, ext = base.partition(".")
+                    s = samples.setdefault(os.path.join(d, key), {})
+                    ext = ext.lower()
+                    if ext in IMAGE_EXTS:
+                        s["image"] = m
+                    elif ext in ("txt", "json"):
+                        s[ext] = tf.extractfile(m).read().decode("utf-8")
+        except (tarfile.TarError, OSError) as e:
+            raise DataError(f"{path}: cannot read tar shard ({e})") from None
+        for key, s in samples.items():
+            where = f"{path}::{key}"
+            if "image" not in s:
+                continue  # img2dataset also writes failed samples as .json only
+            meta = {}
+            if "json" in s:
+                try:
+                    meta = json.loads(s["json"])
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{where}.json: malformed JSON ({e.msg})") from None
+            captions = list(meta.get("captions") or ([meta["caption"]] if meta.get("caption") else []))
+            if not captions and s.get("txt", "").strip():
+                captions = [s["txt"].strip()]
+            long_captions = list(meta.get("long_captions") or [])
+            if not captions and not long_captions:
+                raise DataError(f"{where}: no caption (expected {key}.txt or captions/long_captions in {key}.json)")
+            m = s["image"]
+            records.append({"image": f"{path}::{m.name}", "captions": captions, "long_captions": long_captions,
+                            "_tar": [path, m.offset_data, m.size]})
+    return records
+
+
+class TrainSamples:
+    """Stage-2 training samples: item (epoch, index) -> dict(image, embedding, text, index, bad).
+
+    The caption is chosen by `choose_caption`; its text embedding is the cache row of (record, field,
+    slot) (None for text_source="online", where the loop embeds `text`). A bad image raises DataError
+    with its path, or with skip_bad_images the next record (index + 1, + 2, ...) takes its place, so
+    every rank keeps the same batch size; `bad` lists the skipped images for the end-of-run report.
+    """
+
+    def __init__(self, records, transform, cache=None, seed=0, real_caption_ratio=0.5, skip_bad_images=False):
+        self.records, self.transform, self.cache = records, transform, cache
+        self.seed, self.ratio, self.skip_bad = seed, real_caption_ratio, skip_bad_images
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, item):
+        epoch, index = item
+        bad = []
+        for k in range(len(self.records)):
+            i = (index + k) % len(self.records)
+            try:
+                img = open_image(self.records[i])
+                break
+            except DataError as e:
+                if not self.skip_bad:
+                    raise DataError(f"{e} (set skip_bad_images=True to skip bad images)") from None
+                bad.append(self.records[i]["image"])
+        else:
+            raise DataError(f"no readable image among {len(self.records)} records")
+        rng = sample_rng(self.seed, epoch, i)
+        field, slot = choose_caption(self.records[i], rng, self.ratio)
+        emb = None if self.cache is None else self.cache.get(i, field, slot)
+        return {"image": self.transform(img, rng), "embedding": emb, "text": self.records[i][field][slot],
+                "index": i, "bad": bad}
+
+
+def collate_train(samples):
+    """Stack a list of TrainSamples items into one batch dict (embedding None when not cached)."""
+    import numpy as np
+    import torch
+    embs = [s["embedding"] for s in samples]
+    return {"image": torch.stack([s["image"] for s in samples]),
+            "embedding": None if embs[0] is None else torch.from_numpy(np.stack(embs).astype(np.float32)),
+            "text": [s["text"] for s in samples], "index": torch.tensor([s["index"] for s in samples]),
+            "bad": [b for s in samples for b in s["bad"]]}
+
+
+class EpochBatchSampler(ResumableBatchSampler):
+    """ResumableBatchSampler whose items are (epoch, index), so a sample knows its epoch's seed."""
+
+    def __iter__(self):
+        for step, indices in enumerate(super().__iter__(), self.start_step):
+            epoch = self.epoch_of(step)
+            yield [(epoch, i) for i in indices]
+
 
 
 # === synthetic image-caption data (the tiny pipeline) ===

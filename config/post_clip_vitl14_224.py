@@ -1,0 +1,20 @@
+# Paper setting: OpenAI CLIP ViT-L/14 at 224 px post-trained with Llama-3-8B-CC (4096-d) embeddings.
+# torchrun --nproc_per_node=8 post_train.py config/post_clip_vitl14_224.py --train_manifest=... --cache_dir=...
+# max_steps: set it for your data (epochs x records / batch_size).
+vision_model = "vit_large_patch14_clip_224.openai"
+pretrained = True
+embed_dim = 1280  # a new 1280-d projection head, as the official code
+adaptor_blocks = 4
+learning_rate = 1e-5
+weight_decay = 0.05
+layer_decay = 0.85
+batch_size = 4096  # global
+micro_batch_size = 256  # per GPU forward; the rest is gradient caching (negatives stay the global batch)
+grad_checkpointing = True
+dtype = "bfloat16"
+grad_clip = 5.0
+warmup_steps = 500
+max_steps = 15000
+num_workers = 8
+save_interval = 1000
+eval_interval = 1000

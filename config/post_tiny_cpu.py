@@ -1,0 +1,25 @@
+# Tiny CPU run of stage 2 on the synthetic shapes data (data.make_synthetic_dataset) with a tiny
+# text model's cache: a 2-block width-64 ViT at 32x32 px from scratch, a few hundred steps on 2 cores.
+# python post_train.py config/post_tiny_cpu.py --train_manifest=... --cache_dir=... --val_manifest=...
+out_dir = "out/tiny/post"
+train_manifest = "out/tiny/data/train.jsonl"
+cache_dir = "out/tiny/cache_train"
+val_manifest = "out/tiny/data/val.jsonl"
+eval_field = "long_captions"  # the synthetic short captions ("a red circle") are shared by many images
+vision_model = "vit_tiny_patch16_224"  # made tinier below: 32 px, 8 px patches, width 64, 2 blocks
+pretrained = False  # from scratch: no weights on a CPU box
+timm_kwargs = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)
+embed_dim = 64  # the shared-space projection; timm_kwargs["embed_dim"] above is the ViT width
+adaptor_blocks = 2
+grad_checkpointing = False
+dtype = "float32"
+batch_size = 64
+num_workers = 1
+learning_rate = 1e-3  # from scratch: far above the 1e-5 used to post-train a pretrained CLIP
+weight_decay = 0.05
+layer_decay = 1.0  # nothing pretrained to protect
+warmup_steps = 20
+max_steps = 300
+log_interval = 20
+eval_interval = 100
+save_interval = 100

@@ -1,0 +1,489 @@
+"""Stage 2 of LLM2CLIP: post-train a CLIP vision tower against cached LLM caption embeddings.
+
+The vision tower is fully trainable; the text side is the stage-1 LLM's embedding of each caption,
+read from the embed_captions.py cache (or computed online by the frozen LLM, text_source="online"),
+passed through a small trainable adaptor. Loss: CLIP's symmetric InfoNCE over the whole global batch
+(features gathered across ranks with gradient; gradient caching when a rank's share of the batch does
+not fit one forward pass).
+
+    python post_train.py config/post_tiny_cpu.py
+    torchrun --nproc_per_node=8 post_train.py config/post_clip_vitl14_224.py --cache_dir=... --out_dir=...
+
+Outputs in out_dir: checkpoints/step_*.pt (exact resume with resume=True), vision_tower.pt (timm state
+dict), adaptor.pt, llm2clip.json (read by model.load_llm2clip), metrics.jsonl, post_train.log,
+run_post_train.json (config + code version).
+"""
+import contextlib
+import glob
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import common
+import data
+import evaluate
+import model as M
+
+# -----------------------------------------------------------------------------
+# default config (override with config/*.py files and --key=value)
+# I/O
+out_dir = "out/post"
+train_manifest = ""  # JSONL: {"image": rel/path, "captions": [...], "long_captions": [...]} per line
+image_root = ""  # folder the manifest's image paths are relative to ("" = the manifest's folder)
+train_shards = ""  # instead of a manifest: WebDataset tar shards, "dir/{00000..00099}.tar" or globs
+cache_dir = ""  # embed_captions.py output for the training records (same records, same order)
+val_manifest = ""  # held-out manifest for the periodic retrieval eval ("" = no eval)
+val_image_root = ""  # "" = the val manifest's folder
+val_cache_dir = ""  # cache of the val captions; "" = embed them once at start with the frozen LLM
+eval_field = "captions"  # caption field scored in the eval: "captions" (short) or "long_captions"
+eval_interval = 1000  # steps between evals (also at the end)
+eval_batch_size = 256
+# text side
+text_source = "cache"  # "cache" (the paper's offline trick) or "online" (frozen LLM in the loop, Table 11)
+text_model = ""  # stage-1 encoder (cc_finetune out_dir); "" = the one recorded in the cache
+# model
+vision_model = "vit_large_patch14_clip_224.openai"  # any timm name
+pretrained = True  # timm's pretrained weights (when the machine has them)
+vision_weights = ""  # local state dict file instead of hub weights
+timm_kwargs = {}  # extra timm.create_model kwargs (img_size, depth, ...), recorded for reloading
+embed_dim = 1280  # new projection head of this size (official code: 1280); -1 keeps the model's own head
+adaptor_blocks = 4  # residual MLP blocks in the adaptor (Table 8: 0, 1, 2, 4)
+adaptor_expansion = 2
+logit_scale_init = math.log(1 / 0.07)  # CLIP's init (the paper uses the checkpoint's when there is one)
+max_logit_scale = math.log(100)  # clamp after each step, like CLIP
+grad_checkpointing = True  # recompute ViT activations in backward: larger batches per GPU
+compile = False  # torch.compile the model
+# data
+real_caption_ratio = 0.5  # probability of the real caption; else one of the long captions (Table 7)
+crop_scale = (0.9, 1.0)  # RandomResizedCrop scale range (mild: captions describe the whole image)
+batch_size = 4096  # global batch (all ranks): the number of in-batch negatives
+micro_batch_size = 0  # images per forward pass per rank; < per-rank batch -> gradient caching. 0 = all
+num_workers = 8  # data loader processes per rank
+skip_bad_images = False  # False: a missing/corrupt image stops the run naming it; True: skip + count
+# optimisation
+learning_rate = 1e-5
+min_lr = 0.0  # cosine decays to this
+weight_decay = 0.05  # not on the logit scale, biases, norms, position/class embeddings
+beta1, beta2, adam_eps = 0.9, 0.98, 1e-6  # CLIP/EVA-CLIP values
+layer_decay = 0.85  # ViT block i gets lr * layer_decay ** (depth - i); embeddings the least
+warmup_steps = 500
+max_steps = 10000
+grad_clip = 5.0  # 0 = off
+dtype = "bfloat16"  # autocast dtype on CUDA ("float32" = off); CPU always runs float32
+seed = 0
+# checkpoints and logging
+save_interval = 1000  # steps between checkpoints (also at the end)
+keep_checkpoints = 2  # newest checkpoints kept (0 = all)
+resume = False  # continue from the newest checkpoint in out_dir/checkpoints
+log_interval = 10
+peak_flops = 989e12  # per GPU, for the MFU estimate (H100 bf16 dense)
+config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, list, dict))]
+# keys that may change on resume without changing the trajectory
+RESUME_MAY_DIFFER = {"out_dir", "resume", "max_steps", "save_interval", "keep_checkpoints", "log_interval",
+                     "eval_interval", "eval_batch_size", "val_manifest", "val_image_root", "val_cache_dir",
+                     "eval_field", "num_workers", "compile", "peak_flops", "image_root", "train_manifest",
+                     "train_shards", "cache_dir", "text_model", "text_source"}
+# -----------------------------------------------------------------------------
+
+
+def get_lr(it, cfg):
+    """Linear warm-up to learning_rate, then cosine down to min_lr at max_steps."""
+    if it < cfg["warmup_steps"]:
+        return cfg["learning_rate"] * (it + 1) / (cfg["warmup_steps"] + 1)
+    progress = min(1.0, (it - cfg["warmup_steps"]) / max(1, cfg["max_steps"] - cfg["warmup_steps"]))
+    return cfg["min_lr"] + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg["learning_rate"] - cfg["min_lr"])
+
+
+def param_groups(orig_model, cfg):
+    """AdamW groups: layer-wise lr decay over the ViT (timm's block grouping), no weight decay on 1-d
+    params (biases, norms), embeddings timm lists in no_weight_decay(), and the logit scale."""
+    from timm.optim import param_groups_layer_decay
+    vit = orig_model.vision.model
+    nwd = set(getattr(vit, "no_weight_decay", lambda: set())())
+    groups = param_groups_layer_decay(vit, cfg["weight_decay"], nwd, layer_decay=cfg["layer_decay"])
+    adaptor = list(orig_model.adaptor.parameters())
+    groups.append({"params": [p for p in adaptor if p.ndim >= 2], "weight_decay": cfg["weight_decay"], "lr_scale": 1.0})
+    groups.append({"params": [p for p in adaptor if p.ndim < 2] + [orig_model.logit_scale], "weight_decay": 0.0,
+                   "lr_scale": 1.0})
+    return groups
+
+
+def forward_backward(model, orig_model, images, text_emb, micro, autocast):
+    """Loss of one rank's batch (the global batch's negatives), gradients accumulated into the params.
+
+    micro < batch: gradient caching (GradCache / open_clip accum): embed every chunk without grad,
+    take the loss's gradient w.r.t. the features, then re-run each chunk with grad and backpropagate
+    those feature gradients. Same gradients as one big forward, memory of one chunk.
+    """
+    B = images.shape[0]
+    if micro <= 0 or micro >= B:
+        with autocast:
+            img, txt, scale = model(images, text_emb)
+        loss = M.clip_loss(img, txt, scale)
+        loss.backward()
+        return loss.detach()
+    chunks = list(zip(images.split(micro), text_emb.split(micro)))
+    rng_states, feats = [], []
+    with torch.no_grad():
+        for x, e in chunks:  # RNG saved per chunk so dropout/drop-path repeat exactly in the re-run
+            rng_states.append((torch.get_rng_state(), torch.cuda.get_rng_state() if x.is_cuda else None))
+            with autocast:
+                feats.append(orig_model(x, e))
+    img = torch.cat([f[0] for f in feats]).requires_grad_()  # (B, D), leaves: gradient cache
+    txt = torch.cat([f[1] for f in feats]).requires_grad_()
+    scale = feats[0][2].detach().requires_grad_()
+    loss = M.clip_loss(img, txt, scale)
+    loss.backward()  # d(sum of ranks' losses)/d(this rank's features), through the all-gather
+    ddp = hasattr(model, "no_sync")
+    start = 0
+    for j, (x, e) in enumerate(chunks):
+        last = j == len(chunks) - 1
+        cpu_state, cuda_state = rng_states[j]
+        torch.set_rng_state(cpu_state)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state(cuda_state)
+        sync = contextlib.nullcontext() if (last or not ddp) else model.no_sync()
+        with sync:
+            with autocast:
+                i_j, t_j, s_j = model(x, e)
+            n = x.shape[0]
+            surrogate = (i_j * img.grad[start:start + n]).sum() + (t_j * txt.grad[start:start + n]).sum()
+            if last:  # the logit scale's gradient, once (it is shared by all chunks)
+                surrogate = surrogate + s_j * scale.grad
+            surrogate.backward()
+        start += n
+    return loss.detach()
+
+
+def vit_flops_per_image(vit):
+    """Training FLOPs per image (forward + backward = 3x forward): 6 * params * tokens plus attention."""
+    params = sum(p.numel() for p in vit.parameters())
+    tokens = getattr(getattr(vit, "patch_embed", None), "num_patches", 0) + getattr(vit, "num_prefix_tokens", 0)
+    width, depth = getattr(vit, "embed_dim", 0), len(getattr(vit, "blocks", []))
+    return 6 * params * tokens + 12 * depth * tokens * tokens * width
+
+
+@torch.no_grad()
+def embed_images(orig_model, records, data_config, device, batch_size, autocast):
+    """L2-normalised image features of `records` with the eval preprocessing (in order)."""
+    tf = data.eval_transform(data_config)
+    feats = []
+    orig_model.eval()
+    for s in range(0, len(records), batch_size):
+        x = torch.stack([tf(data.open_image(r)) for r in records[s:s + batch_size]]).to(device)
+        with autocast:
+            feats.append(orig_model.encode_image(x).float())
+    orig_model.train()
+    return torch.cat(feats)
+
+
+def save_checkpoint(path, state):
+    """Atomic write (temp + rename): a run killed mid-save leaves the previous checkpoint intact."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    common.atomic_torch_save(state, path)
+
+
+def checkpoint_paths(out_dir):
+    """Checkpoints in out_dir, oldest first (zero-padded step numbers sort)."""
+    return sorted(glob.glob(os.path.join(out_dir, "checkpoints", "step_*.pt")))
+
+
+def checkpoint(out_dir, orig_model, optimizer, step, cfg, bad_images, world_size, master, ddp, keep):
+    """Save everything an exact resume needs (plain types only), on rank 0; prune old ones; barrier."""
+    rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    per_rank = [None] * world_size
+    if ddp:
+        dist.all_gather_object(per_rank, (rng, bad_images))
+    else:
+        per_rank = [(rng, bad_images)]
+    path = os.path.join(out_dir, "checkpoints", f"step_{step:08d}.pt")
+    if master:
+        save_checkpoint(path, {
+            "model": orig_model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+            "config": common._jsonable(cfg), "world_size": world_size,
+            "rng": {"torch": [r["torch"] for r, _ in per_rank], "cuda": [r["cuda"] for r, _ in per_rank]},
+            "bad_images": [list(b) for _, b in per_rank],  # per rank
+            "code_version": common.code_version()})
+        for old in checkpoint_paths(out_dir)[:-keep] if keep > 0 else []:
+            os.remove(old)
+    if ddp:
+        dist.barrier()
+    return path
+
+
+def text_settings(cfg, cache):
+    """The stage-1 encoder and how the captions were embedded: the cache's record (text_model may name it)."""
+    enc = dict(cache.meta["encoder"]) if cache is not None else {}
+    model_path = cfg["text_model"] or enc.get("model") or ""
+    if not model_path and cfg["text_source"] == "online":
+        raise ValueError("text_source='online' needs text_model (the stage-1 encoder) or a cache_dir that names it")
+    return {"model": os.path.abspath(model_path) if os.path.exists(model_path) else model_path,
+            "pooling": enc.get("pooling"), "instruction": enc.get("instruction") or None,
+            "max_length": int(enc.get("max_length") or 512)}
+
+
+def load_val(cfg, text_cfg, text_encoder, device):
+    """(records, text embeddings (N_txt, C) on device, text_to_image) for the held-out retrieval eval."""
+    path, field = cfg["val_manifest"], cfg["eval_field"]
+    records = data.read_manifest(path, cfg["val_image_root"] or None, field=field)
+    texts = [t for rec in records for t in rec[field]]
+    t2i = [r for r, rec in enumerate(records) for _ in rec[field]]
+    if cfg["val_cache_dir"]:
+        same = {k: text_cfg[k] for k in ("model", "pooling", "instruction", "max_length") if text_cfg[k] is not None}
+        vc = data.EmbeddingCache(cfg["val_cache_dir"], manifest=path, fields=[field], expect=same)
+        emb = torch.from_numpy(np.concatenate([np.asarray(vc.rows(r, field), np.float32) for r in range(len(records))]))
+    else:  # embed once with the frozen stage-1 encoder, then free it
+        enc = text_encoder or M.load_text_encoder(text_cfg["model"], pooling=text_cfg["pooling"], device=device)
+        emb = enc.encode(texts, text_cfg["instruction"], text_cfg["max_length"])
+        del enc
+    return records, emb.to(device), t2i
+
+
+def write_metrics(out_dir, rec):
+    with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def export(out_dir, orig_model, cfg, text_cfg):
+    """vision_tower.pt (timm state dict), adaptor.pt and llm2clip.json, as model.load_llm2clip reads them."""
+    vision, adaptor = orig_model.vision, orig_model.adaptor
+    common.atomic_torch_save(vision.model.state_dict(), os.path.join(out_dir, "vision_tower.pt"))
+    common.atomic_torch_save(adaptor.state_dict(), os.path.join(out_dir, "adaptor.pt"))
+    meta = {"vision": {"model_name": vision.model_name, "timm_kwargs": vision.timm_kwargs, "file": "vision_tower.pt"},
+            "adaptor": {"in_dim": adaptor.in_dim, "out_dim": adaptor.out_dim, "num_blocks": adaptor.num_blocks,
+                        "expansion": adaptor.expansion, "file": "adaptor.pt"},
+            "text": {"model": text_cfg["model"], "pooling": text_cfg["pooling"],
+                     "instruction": text_cfg["instruction"], "max_length": text_cfg["max_length"]},
+            "logit_scale": orig_model.logit_scale.exp().item(), "code_version": common.code_version()}
+    common.atomic_write_text(os.path.join(out_dir, M.LLM2CLIP_CONFIG), json.dumps(common._jsonable(meta), indent=2) + "\n")
+
+
+def main(argv=None):
+    # -------------------------------------------------------------------------
+    # config, distributed init, run record
+    cfg = common.configure({k: globals()[k] for k in config_keys}, argv, __doc__)
+    if cfg["text_source"] not in ("cache", "online"):
+        raise ValueError(f"text_source={cfg['text_source']!r}; expected 'cache' or 'online'")
+    if bool(cfg["train_manifest"]) == bool(cfg["train_shards"]):
+        raise ValueError("set exactly one of train_manifest (JSONL + image_root) and train_shards (tar shards)")
+    ddp, rank, local_rank, world_size, device = common.setup_distributed()
+    master = rank == 0
+    device_type = "cuda" if str(device).startswith("cuda") else "cpu"
+    if cfg["batch_size"] % world_size:
+        raise ValueError(f"batch_size={cfg['batch_size']} is not divisible by the {world_size} ranks")
+    local_batch = cfg["batch_size"] // world_size
+    micro = cfg["micro_batch_size"] if 0 < cfg["micro_batch_size"] < local_batch else local_batch
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg["dtype"]]
+    autocast = (torch.autocast(device_type="cuda", dtype=ptdtype) if device_type == "cuda" and ptdtype != torch.float32
+                else contextlib.nullcontext())
+    out = cfg["out_dir"]
+    log = common.Logger(out, "post_train", master)
+    if master:
+        common.save_run_info(out, cfg, __file__, extra={"world_size": world_size})
+    log(f"world size {world_size}, global batch {cfg['batch_size']} = {world_size} ranks x {local_batch}"
+        f" ({local_batch // micro if local_batch % micro == 0 else math.ceil(local_batch / micro)} forward chunks of {micro})")
+
+    # -------------------------------------------------------------------------
+    # data: records, the embedding cache (validated against them), loader starting at the resume step
+    if cfg["train_manifest"]:
+        # image files are checked up front unless bad ones are to be skipped (then: at load time)
+        records = data.read_manifest(cfg["train_manifest"], cfg["image_root"] or None,
+                                     check_images=not cfg["skip_bad_images"])
+        manifest_path = cfg["train_manifest"]
+    else:  # tar shards: the cache is checked against their records; the JSONL is what embed_captions.py embeds
+        records = data.index_tar_shards(data.expand_shards(cfg["train_shards"]))
+        manifest_path = os.path.join(out, "train_shards.jsonl")
+        if master:
+            data.write_manifest(manifest_path, [{k: r[k] for k in ("image", "captions", "long_captions")} for r in records])
+    cache = None
+    if cfg["cache_dir"]:
+        # refuses a cache of other captions (names the first differing record) or of another encoder
+        used = [f for f in data.CACHE_FIELDS if any(r.get(f) for r in records)]
+        cache = data.EmbeddingCache(cfg["cache_dir"], manifest=cfg["train_manifest"] or records, fields=used,
+                                    expect={"model": cfg["text_model"]} if cfg["text_model"] else None)
+    elif cfg["text_source"] == "cache":
+        raise ValueError(f"text_source='cache' needs cache_dir: run embed_captions.py --manifest={manifest_path}")
+    text_cfg = text_settings(cfg, cache)
+    log(f"{len(records)} training records, {len(records) // cfg['batch_size']} steps per epoch; "
+        f"text: {text_cfg['model']} ({cfg['text_source']})")
+
+    # -------------------------------------------------------------------------
+    # model: same init on every rank (seed), then per-rank seeds for dropout/drop-path
+    torch.manual_seed(cfg["seed"])
+    vision = M.VisionTower(cfg["vision_model"], pretrained=cfg["pretrained"], weights=cfg["vision_weights"] or None,
+                           embed_dim=None if cfg["embed_dim"] < 0 else cfg["embed_dim"],
+                           grad_checkpointing=cfg["grad_checkpointing"], timm_kwargs=cfg["timm_kwargs"])
+    data_config = vision.data_config  # the model's own preprocessing: size, interpolation, mean/std
+    text_dim = cache.dim if cache is not None else None
+    text_encoder = None
+    if cfg["text_source"] == "online":
+        text_encoder = M.load_text_encoder(text_cfg["model"], pooling=text_cfg["pooling"], device=device).eval()
+        text_encoder.requires_grad_(False)
+        text_dim = text_encoder.dim
+    orig_model = M.LLM2CLIP(vision, text_dim, cfg["adaptor_blocks"], cfg["adaptor_expansion"],
+                            cfg["logit_scale_init"]).to(device)
+    torch.manual_seed(cfg["seed"] + rank)
+    n_params = sum(p.numel() for p in vision.parameters())
+    log(f"vision {cfg['vision_model']}: {n_params / 1e6:.2f}M params, input {data_config['input_size']}, "
+        f"output dim {vision.output_dim}; adaptor {text_dim} -> {vision.output_dim}, {cfg['adaptor_blocks']} blocks")
+
+    # -------------------------------------------------------------------------
+    # optimizer, then resume (model, optimizer, step, RNG) from the newest checkpoint
+    optimizer = torch.optim.AdamW(param_groups(orig_model, cfg), lr=cfg["learning_rate"],
+                                  betas=(cfg["beta1"], cfg["beta2"]), eps=cfg["adam_eps"])
+    step, bad_images = 0, []
+    last_ckpt = None
+    ckpts = checkpoint_paths(out) if cfg["resume"] else []
+    if ckpts:
+        last_ckpt = ckpts[-1]
+        ck = torch.load(last_ckpt, map_location="cpu", weights_only=True)
+        differ = {k: (ck["config"].get(k), cfg[k]) for k in cfg
+                  if k not in RESUME_MAY_DIFFER and common._jsonable(cfg[k]) != ck["config"].get(k)}
+        if differ:
+            raise ValueError(f"{last_ckpt}: checkpoint was written with a different config; differing keys "
+                             + ", ".join(f"{k} (checkpoint {a!r}, now {b!r})" for k, (a, b) in differ.items()))
+        orig_model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        step = ck["step"]
+        if ck["world_size"] == world_size:
+            bad_images = list(ck["bad_images"][rank])
+            torch.set_rng_state(ck["rng"]["torch"][rank])
+            if device_type == "cuda" and ck["rng"]["cuda"][rank] is not None:
+                torch.cuda.set_rng_state(ck["rng"]["cuda"][rank])
+        else:
+            bad_images = [b for part in ck["bad_images"] for b in part] if master else []
+            log(f"note: checkpoint from {ck['world_size']} ranks, now {world_size}: data order is kept, "
+                "per-rank RNG streams are reseeded")
+        log(f"resumed from {last_ckpt} at step {step}")
+        del ck
+    elif cfg["resume"]:
+        log(f"resume=True but no checkpoint in {out}/checkpoints: starting from scratch")
+
+    model = torch.compile(orig_model) if cfg["compile"] else orig_model
+    if ddp:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device_type == "cuda" else None)
+
+    train_set = data.TrainSamples(records, data.TrainTransform(data_config, tuple(cfg["crop_scale"])),
+                                  cache if cfg["text_source"] == "cache" else None, cfg["seed"],
+                                  cfg["real_caption_ratio"], cfg["skip_bad_images"])
+    sampler = data.EpochBatchSampler(len(records), cfg["batch_size"], rank, world_size, cfg["seed"], True,
+                                     start_step=step, max_steps=max(0, cfg["max_steps"] - step))
+    loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=cfg["num_workers"],
+                                         collate_fn=data.collate_train, pin_memory=device_type == "cuda")
+
+    # -------------------------------------------------------------------------
+    # held-out retrieval eval (unwrapped model, rank 0)
+    val = None
+    if cfg["val_manifest"] and master:
+        val = load_val(cfg, text_cfg, text_encoder, device)
+
+    def run_eval(at_step):
+        if val is None:
+            return None
+        v_records, v_emb, t2i = val
+        img = embed_images(orig_model, v_records, data_config, device, cfg["eval_batch_size"], autocast)
+        with torch.no_grad(), autocast:
+            txt = orig_model.encode_text(v_emb).float()
+        metrics = evaluate.retrieval_metrics(img, txt, t2i)
+        metrics["chance_R@1"] = 100 / len(v_records)
+        log(f"eval step {at_step} ({len(v_records)} images): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+        write_metrics(out, {"step": at_step, "eval": metrics})
+        return metrics
+
+    # -------------------------------------------------------------------------
+    # training loop
+    flops_per_image = vit_flops_per_image(vision.model)
+    log(f"training steps {step} -> {cfg['max_steps']}, ~{flops_per_image / 1e9:.2f} GFLOPs per image")
+    t_interval, wait_interval, loss_interval, n_interval = time.time(), 0.0, torch.zeros((), device=device), 0
+    pbar = None
+    if master:
+        from tqdm import tqdm
+        pbar = tqdm(total=cfg["max_steps"], initial=step, desc="post_train", unit="step", dynamic_ncols=True,
+                    disable=None)
+    if step == 0:
+        run_eval(0)  # the starting point, so the log shows what training changed
+    batches = iter(loader)
+    while step < cfg["max_steps"]:
+        t0 = time.time()
+        batch = next(batches)
+        wait_interval += time.time() - t0
+        images = batch["image"].to(device, non_blocking=True)
+        if text_encoder is not None:
+            with torch.no_grad(), autocast:
+                text_emb = text_encoder.encode(batch["text"], text_cfg["instruction"], text_cfg["max_length"],
+                                               batch_size=len(batch["text"])).to(device)
+        else:
+            text_emb = batch["embedding"].to(device, non_blocking=True)
+        bad_images += batch["bad"]
+        lr = get_lr(step, cfg)
+        for g in optimizer.param_groups:
+            g["lr"] = lr * g.get("lr_scale", 1.0)
+
+        loss = forward_backward(model, orig_model, images, text_emb, micro, autocast)
+        if ddp:
+            dist.all_reduce(loss, op=dist.ReduceOp.AVG)  # every rank sees the same value: stop together
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}; last good checkpoint: "
+                                     f"{last_ckpt or 'none (no checkpoint saved yet)'}")
+        if cfg["grad_clip"] > 0:
+            torch.nn.utils.clip_grad_norm_(orig_model.parameters(), cfg["grad_clip"])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            orig_model.logit_scale.clamp_(max=cfg["max_logit_scale"])
+        step += 1
+        loss_interval += loss
+        n_interval += 1
+        if pbar is not None:
+            pbar.update(1)
+
+        if step % cfg["log_interval"] == 0 or step == cfg["max_steps"]:
+            if device_type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.time() - t_interval
+            rec = {"step": step, "loss": (loss_interval / n_interval).item(), "lr": lr,
+                   "logit_scale": orig_model.logit_scale.exp().item(), "samples_per_s": n_interval * cfg["batch_size"] / dt,
+                   "ms_per_step": 1000 * dt / n_interval, "data_wait": wait_interval / dt}
+            line = (f"step {step}: loss {rec['loss']:.4f}, lr {lr:.3g}, logit scale {rec['logit_scale']:.2f}, "
+                    f"{rec['samples_per_s']:.1f} samples/s, {rec['ms_per_step']:.1f} ms/step, data wait {100 * rec['data_wait']:.0f}%")
+            if device_type == "cuda":
+                rec["mfu"] = flops_per_image * rec["samples_per_s"] / (world_size * cfg["peak_flops"])
+                line += f", MFU {100 * rec['mfu']:.1f}%"
+            log(line)
+            if master:
+                write_metrics(out, rec)
+            t_interval, wait_interval, loss_interval, n_interval = time.time(), 0.0, torch.zeros((), device=device), 0
+
+        if step % cfg["save_interval"] == 0 or step == cfg["max_steps"]:
+            last_ckpt = checkpoint(out, orig_model, optimizer, step, cfg, bad_images, world_size, master, ddp,
+                                   cfg["keep_checkpoints"])
+        if val is not None and (step % cfg["eval_interval"] == 0 or step == cfg["max_steps"]):
+            run_eval(step)
+    if pbar is not None:
+        pbar.close()
+
+    # -------------------------------------------------------------------------
+    # export for inference (model.load_llm2clip) and the bad-image report
+    if ddp:
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, bad_images)
+        bad_images = [b for part in gathered for b in part]
+    if master:
+        export(out, orig_model, cfg, text_cfg)
+        log(f"exported vision_tower.pt, adaptor.pt, llm2clip.json to {out}")
+        if bad_images:
+            log(f"skipped {len(bad_images)} bad images (skip_bad_images=True): " + ", ".join(sorted(set(bad_images))[:20])
+                + (" ..." if len(set(bad_images)) > 20 else ""))
+        write_metrics(out, {"step": step, "bad_images": len(bad_images)})
+    common.cleanup_distributed(ddp)
+    return {"step": step, "bad_images": len(bad_images), "out_dir": out}
+
+
+if __name__ == "__main__":
+    main()

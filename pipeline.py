@@ -1,4 +1,4 @@
-"""The whole method end to end on a CPU, no downloads: `python pipeline.py` (a few minutes on 2 cores).
+"""The whole method end to end on a CPU, no downloads: `python pipeline.py` (about a minute on 2 cores).
 
   1. synthetic shapes data (data.make_synthetic_dataset): train / val / test splits
   2. a tiny random Llama with a tokenizer trained offline, saved as a HF folder

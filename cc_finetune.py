@@ -183,11 +183,7 @@ def load_checkpoint(path, cfg):
 
 
 def main(argv=None):
-    cfg = common.configure(DEFAULTS, argv, __doc__)
-    cfg = {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in cfg.items()}  # a config file's Path
-    for k, v in cfg.items():  # config files are not parsed by type: a wrong type fails here, not mid-run
-        if type(v) is not type(DEFAULTS[k]) and not (isinstance(DEFAULTS[k], float) and type(v) is int):
-            raise ValueError(f"config key {k}={v!r}: expected a {type(DEFAULTS[k]).__name__} (default {DEFAULTS[k]!r})")
+    cfg = common.configure(DEFAULTS, argv, __doc__)  # typed: a config file's wrong type fails here, not mid-run
     if not data.split_paths(cfg["train_captions"]) and not data.split_paths(cfg["train_pairs"]):
         raise ValueError("train_captions: expected one or more caption JSONL files (comma-separated), "
                          "or train_pairs: a {query, positive} JSONL file")

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import torch
 import torch.distributed as dist
@@ -50,6 +51,20 @@ def _convert(key, raw, default):
         return raw
 
 
+def _check_type(where, value, default):
+    """A config-file value must have its default's type (an int may stand for a float, a path for a str)."""
+    if default is None or value is None:
+        return value
+    if isinstance(default, str) and isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    scalar = (bool, int, float, str)
+    if isinstance(default, scalar) and type(value) is not type(default):
+        raise ValueError(f"{where} = {value!r}: expected {type(default).__name__} like the default {default!r}")
+    return value
+
+
 def configure(defaults, argv=None, doc=""):
     """Resolve a stage's config: `defaults` (name -> value), then config files, then `--key=value`.
 
@@ -73,11 +88,11 @@ def configure(defaults, argv=None, doc=""):
             with open(arg) as f:
                 exec(compile(f.read(), arg, "exec"), {}, scope)
             for k, v in scope.items():
-                if k.startswith("_"):
+                if k.startswith("_") or isinstance(v, types.ModuleType):  # `import math` in a preset is fine
                     continue
                 if k not in defaults:
                     raise ValueError(f"{arg}: unknown config key {k!r}; valid keys: {', '.join(defaults)}")
-                config[k] = v
+                config[k] = _check_type(f"{arg}: {k}", v, defaults[k])
             continue
         if "=" not in arg:
             raise ValueError(f"argument {arg!r}: expected --key=value")
@@ -134,13 +149,14 @@ def code_version():
         return "unknown"
 
 
-def _jsonable(v):
+def jsonable(v):
+    """Plain JSON types only (anything else -> its repr): for run records and config comparisons."""
     if isinstance(v, (str, int, float, bool)) or v is None:
         return v
     if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
+        return [jsonable(x) for x in v]
     if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
+        return {str(k): jsonable(x) for k, x in v.items()}
     return repr(v)
 
 
@@ -150,13 +166,13 @@ def save_run_info(out_dir, config, script, extra=None):
     os.makedirs(out_dir, exist_ok=True)
     info = {
         "script": script,
-        "config": _jsonable(config),
+        "config": jsonable(config),
         "code_version": code_version(),
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "argv": sys.argv,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        **(_jsonable(extra) if extra else {}),
+        **(jsonable(extra) if extra else {}),
     }
     path = os.path.join(out_dir, f"run_{os.path.splitext(os.path.basename(script))[0]}.json")
     atomic_write_text(path, json.dumps(info, indent=2) + "\n")

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import common
 from data import (DataError, ImageDataset, convert_docci, convert_karpathy, convert_sharegpt4v,
-                  convert_urban1k, eval_transform, read_jsonl, read_manifest, write_manifest)
+                  convert_urban1k, read_caption_records, eval_transform, read_jsonl, read_manifest, write_manifest)
 
 # -----------------------------------------------------------------------------
 # config: every key can be overridden with --key=value or a config/*.py file
@@ -395,22 +395,6 @@ def run_classify(cfg, dist_info, log):
     if dist_info[1] == 0 and cfg["out"]:
         _write_results(cfg["out"], {"task": "classify", "data": cfg["data"], "results": results}, cfg)
     return results
-
-
-def read_caption_records(path):
-    """Caption JSONL for c2c: {"id", "captions": [>= 2 non-empty strings]}; errors name file:line."""
-    records = []
-    for lineno, obj in read_jsonl(path):
-        caps = obj.get("captions")
-        if not isinstance(caps, list) or len(caps) < 2:
-            raise DataError(f"{path}:{lineno}: expected \"captions\" with at least 2 captions, got {caps!r:.80}")
-        for i, c in enumerate(caps):
-            if not isinstance(c, str) or not c.strip():
-                raise DataError(f"{path}:{lineno}: captions[{i}] is empty or not a string")
-        records.append({"id": obj.get("id", lineno), "captions": caps})
-    if not records:
-        raise DataError(f"{path}: no records (expected one JSON object with >= 2 captions per line)")
-    return records
 
 
 @torch.no_grad()

@@ -205,7 +205,7 @@ def checkpoint(out_dir, orig_model, optimizer, step, cfg, bad_images, world_size
     if master:
         save_checkpoint(path, {
             "model": orig_model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-            "config": common._jsonable(cfg), "world_size": world_size,
+            "config": common.jsonable(cfg), "world_size": world_size,
             "rng": {"torch": [r["torch"] for r, _ in per_rank], "cuda": [r["cuda"] for r, _ in per_rank]},
             "bad_images": [list(b) for _, b in per_rank],  # per rank
             "code_version": common.code_version()})
@@ -260,7 +260,7 @@ def export(out_dir, orig_model, cfg, text_cfg):
             "text": {"model": text_cfg["model"], "pooling": text_cfg["pooling"],
                      "instruction": text_cfg["instruction"], "max_length": text_cfg["max_length"]},
             "logit_scale": orig_model.logit_scale.exp().item(), "code_version": common.code_version()}
-    common.atomic_write_text(os.path.join(out_dir, M.LLM2CLIP_CONFIG), json.dumps(common._jsonable(meta), indent=2) + "\n")
+    common.atomic_write_text(os.path.join(out_dir, M.LLM2CLIP_CONFIG), json.dumps(common.jsonable(meta), indent=2) + "\n")
 
 
 def main(argv=None):
@@ -343,7 +343,7 @@ def main(argv=None):
         last_ckpt = ckpts[-1]
         ck = torch.load(last_ckpt, map_location="cpu", weights_only=True)
         differ = {k: (ck["config"].get(k), cfg[k]) for k in cfg
-                  if k not in RESUME_MAY_DIFFER and common._jsonable(cfg[k]) != ck["config"].get(k)}
+                  if k not in RESUME_MAY_DIFFER and common.jsonable(cfg[k]) != ck["config"].get(k)}
         if differ:
             raise ValueError(f"{last_ckpt}: checkpoint was written with a different config; differing keys "
                              + ", ".join(f"{k} (checkpoint {a!r}, now {b!r})" for k, (a, b) in differ.items()))

@@ -306,7 +306,7 @@ def test_bad_pairs_missing_file_and_unknown_key(tiny, tmp_path):
     with pytest.raises(ValueError, match=r"my_cc.py: unknown config key 'batchsize'"):
         cc_finetune.main([str(cfg_file)] + _args(tiny, str(tmp_path / "o")))
     cfg_file.write_text("batch_size = '64'\n")
-    with pytest.raises(ValueError, match=r"config key batch_size='64': expected a int"):
+    with pytest.raises(ValueError, match=r"my_cc.py: batch_size = '64': expected int like the default"):
         cc_finetune.main([str(cfg_file)] + [a for a in _args(tiny, str(tmp_path / "o")) if not a.startswith("--batch_size")])
     with pytest.raises(ValueError, match=r"train_captions: expected one or more caption JSONL files"):
         cc_finetune.main(_args(tiny, str(tmp_path / "o"), train_captions=""))

@@ -46,3 +46,15 @@ def test_save_run_info_records_config_and_version(tmp_path):
     assert path.endswith("run_post_train.json")
     assert info["config"] == {"lr": 0.1} and info["script"] == "post_train.py"
     assert info["code_version"] != "" and "torch" in info
+
+
+def test_config_file_values_are_type_checked(tmp_path):
+    import pathlib
+    f = tmp_path / "c.py"
+    f.write_text("import pathlib\nname = pathlib.Path('/a/b')\nlr = 2\n")
+    cfg = common.configure(DEFAULTS, [str(f)])
+    assert cfg["name"] == "/a/b" and cfg["lr"] == 2.0 and isinstance(cfg["lr"], float)
+    f.write_text("steps = '10'\n")
+    with pytest.raises(ValueError, match=r"c.py: steps = '10': expected int like the default 10"):
+        common.configure(DEFAULTS, [str(f)])
+    del pathlib

@@ -348,8 +348,8 @@ def test_c2c_eval_restores_training_mode():
 
 
 @pytest.mark.parametrize("rows,message", [
-    ([{"id": 1, "captions": ["only one"]}], r"c.jsonl:1: expected \"captions\" with at least 2 captions"),
-    ([{"id": 1, "captions": ["a", "b"]}, {"id": 2, "captions": ["a", " "]}], r"c.jsonl:2: captions\[1\] is empty"),
+    ([{"id": 1, "captions": ["only one"]}], r"c.jsonl:1: expected >= 2 captions per record"),
+    ([{"id": 1, "captions": ["a", "b"]}, {"id": 2, "captions": ["a", " "]}], r"c.jsonl:2: caption 1 is ' '; expected a non-empty"),
     ([{"id": 1, "captions": ["a", "b"]}, "[1, 2]"], r"c.jsonl:2: expected a JSON object"),
     ([], r"c.jsonl: no records"),
 ])

@@ -22,7 +22,7 @@ def test_c2c_cli_errors_before_loading_a_model(tmp_path):
         evaluate.main(["--task=c2c", "--text_model=x"])
     bad = tmp_path / "c.jsonl"
     bad.write_text(json.dumps({"id": 1, "captions": ["only one"]}) + "\n")
-    with pytest.raises(evaluate.DataError, match=r"c.jsonl:1: expected \"captions\" with at least 2 captions"):
+    with pytest.raises(evaluate.DataError, match=r"c.jsonl:1: expected >= 2 captions per record"):
         evaluate.main(["--task=c2c", "--text_model=x", f"--captions={bad}"])
 
 

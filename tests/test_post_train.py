@@ -369,3 +369,25 @@ def test_evaluate_scores_the_export_as_training_did(w, trained, tmp_path):
     final = metrics(trained)[1][-1]["eval"]
     for k in ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10"):
         assert scores[k] == pytest.approx(final[k], abs=1e-9), k
+
+
+def test_baseline_clip_and_post_trained_export_side_by_side(w, trained, tiny_clip, tmp_path, capsys):
+    """Issue 6: a real post_train.py export and a random baseline CLIPModel (own text tower) go
+    through the same evaluate.py command into one table; the JSON matches the printed rows."""
+    import evaluate
+    out = tmp_path / "res.json"
+    evaluate.main(["--task=retrieval", f"--model={tiny_clip},{trained}", f"--data={w.val}",
+                   "--caption_field=long_captions", "--captions_per_image=0", "--num_workers=0", f"--out={out}"])
+    printed = capsys.readouterr().out
+    res = json.loads(out.read_text())
+    assert list(res["results"]) == [tiny_clip, str(trained)]
+    rows = [line for line in printed.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows[0].startswith("| model") and len(rows) == 3
+    for name, row in zip(res["results"], rows[1:]):
+        (m,) = res["results"][name].values()
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[0] == name and float(cells[1]) == pytest.approx(m["i2t_R@1"], abs=0.05)
+        assert float(cells[2]) == pytest.approx(m["t2i_R@1"], abs=0.05)
+    (trained_scores,) = res["results"][str(trained)].values()
+    (base_scores,) = res["results"][tiny_clip].values()
+    assert trained_scores["t2i_R@1"] > base_scores["t2i_R@1"]  # the trained tower beats a random CLIP

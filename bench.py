@@ -13,7 +13,7 @@ interleaved within each repeat so that load drift on a shared machine hits them 
   (d) stage-1 peak memory at global batch 256 (cc_finetune.grad_cache_step), each variant in a fresh
       subprocess minus a baseline process: gradient caching in chunks of 32 vs plain 256 vs plain 32.
 
-python bench.py                         # tiny CPU models (about 5 minutes on a busy 2-core machine)
+python bench.py                         # tiny CPU models (about 3 minutes on 2 CPU cores)
 python bench.py config/bench_gpu.py     # ViT-L/14-224 + a Llama-3-8B-shaped text encoder, with MFU
 """
 import json

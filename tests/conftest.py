@@ -13,12 +13,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def find_shared_data():
     """The shared real-data folder (`shared/data` beside or above the repo), or None."""
     d = ROOT
-    for _ in range(4):
+    while True:
         cand = os.path.join(d, "shared", "data")
         if os.path.isdir(cand):
             return cand
+        if os.path.dirname(d) == d:
+            return None
         d = os.path.dirname(d)
-    return None
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import find_shared_data
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,16 +25,7 @@ TORCHRUN = os.path.join(os.path.dirname(PY), "torchrun")
 RUN = ["--chunk_rows=16", "--batch_tokens=256"]
 
 
-def shared_data():
-    """../shared/data, found by walking up from the repo root; None if absent."""
-    d = ROOT
-    while True:
-        cand = os.path.join(d, "shared", "data")
-        if os.path.isdir(cand):
-            return cand
-        if os.path.dirname(d) == d:
-            return None
-        d = os.path.dirname(d)
+shared_data = find_shared_data  # shared/data beside or above the repo; None when absent
 
 
 def free_port():

@@ -8,6 +8,7 @@ import sys
 import types
 
 import pytest
+from conftest import find_shared_data
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -23,16 +24,7 @@ WORDS = ("a an the of on in with and is are to at photo picture image solid squa
          "young little small large black wooden").split()
 
 
-def shared_data_dir():
-    """shared/data beside the repo (or in any parent folder); None when absent."""
-    d = os.path.abspath(REPO)
-    while True:
-        cand = os.path.join(d, "shared", "data")
-        if os.path.isdir(cand):
-            return cand
-        if os.path.dirname(d) == d:
-            return None
-        d = os.path.dirname(d)
+shared_data_dir = find_shared_data  # shared/data beside or above the repo; None when absent
 
 
 # --- a stand-in for model.load_llm2clip: a "perfect" colour model, so correct plumbing scores 100

@@ -28,7 +28,6 @@ from contextlib import nullcontext, redirect_stderr, redirect_stdout
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 import common
 import data
@@ -85,25 +84,6 @@ mem_repeats = 2  # subprocesses per variant; medians
 DEFAULTS = {k: v for k, v in globals().items()
             if not k.startswith("_") and k.islower() and isinstance(v, (int, float, str, dict))}
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-# --- FLOPs (forward, per item): 2 per matmul weight per token + attention's two T x T products
-
-def matmul_params(module):
-    return sum(m.weight.numel() for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
-
-
-def vit_flops(vit):
-    """timm VisionTransformer, per image (the head runs on one token)."""
-    T = vit.patch_embed.num_patches + vit.num_prefix_tokens
-    per_token = matmul_params(vit.blocks) + matmul_params(vit.patch_embed)
-    return 2 * per_token * T + 4 * len(vit.blocks) * T * T * vit.embed_dim + 2 * matmul_params(vit.head)
-
-
-def llm_flops(llm, T, params=None):
-    """HF decoder without LM head, per caption of T tokens."""
-    c = llm.config
-    return 2 * (params or matmul_params(llm)) * T + 4 * c.num_hidden_layers * T * T * c.hidden_size
 
 
 # --- models and data
@@ -263,16 +243,16 @@ def main(argv=None):
         # --- FLOPs: the paper's text/vision ratio, and the caption length that reproduces it here
         with torch.device("meta"):
             paper_vit = M.VisionTower(cfg["paper_vision"], embed_dim=768).model
-            pa = 2 * matmul_params(M.Adaptor(cfg["paper_text"]["hidden_size"], 768, 4, 2))  # the adaptor, per caption
-        pv = vit_flops(paper_vit)
-        pt = llm_flops(text_encoder(tok, cfg["paper_text"], "meta").model, cfg["paper_caption_tokens"])
+            pa = 2 * M.matmul_params(M.Adaptor(cfg["paper_text"]["hidden_size"], 768, 4, 2))  # the adaptor, per caption
+        pv = M.vit_flops(paper_vit)
+        pt = M.llm_flops(text_encoder(tok, cfg["paper_text"], "meta").model, cfg["paper_caption_tokens"])
         vision = M.VisionTower(cfg["vision_model"], embed_dim=cfg["embed_dim"],
                                grad_checkpointing=cfg["grad_checkpointing"], timm_kwargs=cfg["timm_kwargs"]).to(dev)
-        fv = vit_flops(vision.model)
+        fv = M.vit_flops(vision.model)
         enc = text_encoder(tok, text_shape(cfg), dev, text_dtype).eval().requires_grad_(False)
-        p = matmul_params(enc.model)
-        T = cfg["caption_tokens"] or min(range(1, 4097), key=lambda t: abs(llm_flops(enc.model, t, p) / fv - pt / pv))
-        ft = llm_flops(enc.model, T, p)
+        p = M.matmul_params(enc.model)
+        T = cfg["caption_tokens"] or min(range(1, 4097), key=lambda t: abs(M.llm_flops(enc.model, t, p) / fv - pt / pv))
+        ft = M.llm_flops(enc.model, T, p)
         info.update(paper_vision_gflops=pv / 1e9, paper_text_gflops=pt / 1e9, paper_ratio=pt / pv,
                     vision_gflops=fv / 1e9, text_gflops=ft / 1e9, ratio=ft / fv, caption_tokens=T, scale=pv / fv,
                     text_params_m=p / 1e6)
@@ -327,7 +307,7 @@ def main(argv=None):
         if "b" in cfg["benchmarks"]:
             fns["online"] = online_step
         t = timed(fns, cfg, sync)
-        fa = 2 * matmul_params(clip.adaptor)
+        fa = 2 * M.matmul_params(clip.adaptor)
         # what (a) and (b) would be if time followed FLOPs (training = 3x forward; the text encoder only forward)
         info.update(flops_a=(fv + fa) / fv, flops_b=(3 * (fv + fa) + ft) / (3 * (fv + fa)),
                     paper_flops_a=(pv + pa) / pv, paper_flops_b=(3 * (pv + pa) + pt) / (3 * (pv + pa)))

@@ -365,6 +365,28 @@ class VisionTower(nn.Module):
 
 
 # -----------------------------------------------------------------------------
+# FLOPs estimates (forward, per item): 2 per matmul weight per token + attention's two T x T products.
+# Training costs ~3x forward. Used for MFU in post_train.py and for the ratios in bench.py.
+
+def matmul_params(module):
+    """Weights that multiply every token (Linear and Conv2d), i.e. what costs 2 FLOPs per token."""
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+
+
+def vit_flops(vit):
+    """Forward FLOPs per image of a timm VisionTransformer (the head runs on one pooled token)."""
+    T = vit.patch_embed.num_patches + vit.num_prefix_tokens
+    per_token = matmul_params(vit.blocks) + matmul_params(vit.patch_embed)
+    return 2 * per_token * T + 4 * len(vit.blocks) * T * T * vit.embed_dim + 2 * matmul_params(vit.head)
+
+
+def llm_flops(llm, T, params=None):
+    """Forward FLOPs per text of T tokens of a HF decoder without LM head (params: precomputed matmul_params)."""
+    c = llm.config
+    return 2 * (params or matmul_params(llm)) * T + 4 * c.num_hidden_layers * T * T * c.hidden_size
+
+
+# -----------------------------------------------------------------------------
 # The CLIP-style model trained in stage 2
 
 class LLM2CLIP(nn.Module):

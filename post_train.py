@@ -160,14 +160,6 @@ def forward_backward(model, orig_model, images, text_emb, micro, autocast):
     return loss.detach()
 
 
-def vit_flops_per_image(vit):
-    """Training FLOPs per image (forward + backward = 3x forward): 6 * params * tokens plus attention."""
-    params = sum(p.numel() for p in vit.parameters())
-    tokens = getattr(getattr(vit, "patch_embed", None), "num_patches", 0) + getattr(vit, "num_prefix_tokens", 0)
-    width, depth = getattr(vit, "embed_dim", 0), len(getattr(vit, "blocks", []))
-    return 6 * params * tokens + 12 * depth * tokens * tokens * width
-
-
 @torch.no_grad()
 def embed_images(orig_model, records, data_config, device, batch_size, autocast):
     """L2-normalised image features of `records` with the eval preprocessing (in order)."""
@@ -398,7 +390,7 @@ def main(argv=None):
 
     # -------------------------------------------------------------------------
     # training loop
-    flops_per_image = vit_flops_per_image(vision.model)
+    flops_per_image = 3 * M.vit_flops(vision.model)  # training: forward + backward
     log(f"training steps {step} -> {cfg['max_steps']}, ~{flops_per_image / 1e9:.2f} GFLOPs per image")
     t_interval, wait_interval, loss_interval, n_interval = time.time(), 0.0, torch.zeros((), device=device), 0
     pbar = None

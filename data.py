@@ -201,16 +201,7 @@ class ImageDataset:
         return len(self.paths)
 
     def __getitem__(self, i):
-        from PIL import Image, UnidentifiedImageError
-        path = self.paths[i]
-        try:
-            with Image.open(path) as im:
-                image = im.convert("RGB")
-        except FileNotFoundError:
-            raise DataError(f"{path}: image file not found") from None
-        except (UnidentifiedImageError, OSError) as e:
-            raise DataError(f"{path}: cannot read image ({e})") from None
-        return self.transform(image), i
+        return self.transform(open_image({"image": self.paths[i]})), i
 
 
 # --- converters: public annotation formats -> manifest records (see README, "Evaluation")
@@ -752,7 +743,9 @@ def open_image(record):
         else:
             img = Image.open(path)
         return img.convert("RGB")
-    except (OSError, ValueError) as e:  # FileNotFoundError, PIL.UnidentifiedImageError, truncated files
+    except FileNotFoundError:
+        raise DataError(f"{where}: image file not found") from None
+    except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError, truncated files
         raise DataError(f"{where}: cannot read image ({type(e).__name__}: {e})") from None
 
 

@@ -10,6 +10,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def free_port():
+    """A free TCP port, so parallel test runs on one machine do not collide on a rendezvous port."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def find_shared_data():
     """The shared real-data folder (`shared/data` beside or above the repo), or None."""
     d = ROOT

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import find_shared_data
+from conftest import find_shared_data, free_port
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,14 +25,6 @@ RUN = ["--chunk_rows=16", "--batch_tokens=256"]
 
 
 shared_data = find_shared_data  # shared/data beside or above the repo; None when absent
-
-
-def free_port():
-    """A free TCP port, so parallel test runs on one machine do not collide on torchrun's port."""
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def subprocess_env(threads=1):

@@ -1,13 +1,13 @@
 """model.py: bidirectionality, padding invariance, instruction masking, LoRA, adaptor, losses, vision tower."""
 import math
 import os
-import socket
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import model as M
+from conftest import free_port
 
 DECODERS = ["llama", "qwen2", "mistral", "gemma"]
 TEXTS = ["a red circle", "two blue squares next to a green triangle on the left side of the image",
@@ -207,12 +207,6 @@ def test_losses_match_float64_reference():
             assert (a - b).abs().max() <= 1e-10
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank, world, port, x, y, w_state, out_dir):
     import torch.distributed as dist
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -247,7 +241,7 @@ def test_losses_under_ddp_equal_full_batch(tmp_path):
     x, y = torch.randn(8, 5, dtype=torch.float64), torch.randn(8, 5, dtype=torch.float64)
     lin0 = torch.nn.Linear(5, 6, dtype=torch.float64)
     state = {k: v.clone() for k, v in lin0.state_dict().items()}
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), x, y, state, str(tmp_path)), nprocs=2)
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, free_port(), x, y, state, str(tmp_path)), nprocs=2)
     ddp = torch.load(tmp_path / "ddp.pt")
     for name in ("clip", "simcse", "simcse_hn"):
         lin = torch.nn.Linear(5, 6, dtype=torch.float64)

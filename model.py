@@ -162,13 +162,20 @@ class TextEncoder(nn.Module):
 
     def tokenize(self, texts, instruction=None, max_length=512):
         """Right-padded batch: dict of input_ids, attention_mask, embed_mask (LongTensors, (B, T))."""
-        instr = self.tokenizer(instruction, add_special_tokens=False)["input_ids"] if instruction else []
-        bodies = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        texts = list(texts)
+        bodies = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return self._pack(bodies, self._instruction_ids(instruction), max_length, texts, range(len(texts)))
+
+    def _instruction_ids(self, instruction):
+        return self.tokenizer(instruction, add_special_tokens=False)["input_ids"] if instruction else []
+
+    def _pack(self, bodies, instr, max_length, texts, index):
+        """Lay out already-tokenised texts (bodies[k] is texts[index[k]]) as a right-padded batch."""
         budget = max_length - len(self.prefix) - len(instr) - len(self.suffix)
         if budget < 1:
             raise ValueError(f"max_length={max_length} leaves no room for text after the instruction and special tokens")
         seqs, pools = [], []
-        for i, body in enumerate(bodies):
+        for body, i in zip(bodies, index):
             if not body:
                 raise ValueError(f"text {i} is empty ({texts[i]!r}); every caption needs at least one token")
             body = body[:budget]
@@ -196,8 +203,9 @@ class TextEncoder(nn.Module):
     def encode(self, texts, instruction=None, max_length=512, batch_size=64, show_progress=False):
         """Embed raw strings -> (N, C) float32 on CPU, in input order. Batches are length-sorted."""
         texts = list(texts)
-        lengths = [len(x) for x in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
-        order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+        bodies = self.tokenizer(texts, add_special_tokens=False)["input_ids"]  # tokenised once
+        instr = self._instruction_ids(instruction)
+        order = sorted(range(len(texts)), key=lambda i: -len(bodies[i]))
         out = torch.empty((len(texts), self.dim), dtype=torch.float32)
         was_training = self.training
         self.eval()
@@ -208,7 +216,8 @@ class TextEncoder(nn.Module):
         device = self.device
         for s in starts:
             idx = order[s:s + batch_size]
-            batch = {k: v.to(device) for k, v in self.tokenize([texts[i] for i in idx], instruction, max_length).items()}
+            batch = self._pack([bodies[i] for i in idx], instr, max_length, texts, idx)
+            batch = {k: v.to(device) for k, v in batch.items()}
             out[idx] = self(**batch).float().cpu()
         self.train(was_training)
         return out

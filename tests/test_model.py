@@ -114,6 +114,8 @@ def test_empty_text_is_an_error(tiny_models):
     enc = M.load_text_encoder(tiny_models("llama"))
     with pytest.raises(ValueError, match="text 1 is empty"):
         enc.tokenize(["ok", ""])
+    with pytest.raises(ValueError, match="text 2 is empty"):  # input index, though encode sorts by length
+        enc.encode(["a", "a longer text", "", "b"], batch_size=2)
 
 
 # --- 4. LoRA --------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ vision_model = "vit_tiny_patch16_224"  # a timm ViT (width 192); timm_kwargs res
 timm_kwargs = {"img_size": 32, "patch_size": 4, "depth": 4}
 embed_dim = 128  # the shared image-text space (a new vision head of this size)
 adaptor_blocks = 4
-grad_checkpointing = False  # on the ViT, for both variants
+gradient_checkpointing = False  # on the ViT, for both variants
 cache_records = 256  # synthetic records (2 real + 3 long captions each) embedded into the on-disk cache
 # the text encoder: a random bidirectional Llama; only its shape matters for speed
 text_layers = 6
@@ -81,8 +81,8 @@ mem_width = 32
 mem_layers = 2
 mem_repeats = 2  # subprocesses per variant; medians
 # -----------------------------------------------------------------------------
-DEFAULTS = {k: v for k, v in globals().items()
-            if not k.startswith("_") and k.islower() and isinstance(v, (int, float, str, dict))}
+config_keys = [k for k, v in globals().items()
+               if not k.startswith("_") and k.islower() and isinstance(v, (int, float, str, dict))]
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -209,7 +209,7 @@ def peak_mib(variant, cfg):
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
-    cfg = common.configure(DEFAULTS, argv, __doc__)
+    cfg = common.configure({k: globals()[k] for k in config_keys}, argv, __doc__)
     if cfg["device"] == "auto":
         cfg["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     dev = cfg["device"]
@@ -247,7 +247,7 @@ def main(argv=None):
         pv = M.vit_flops(paper_vit)
         pt = M.llm_flops(text_encoder(tok, cfg["paper_text"], "meta").model, cfg["paper_caption_tokens"])
         vision = M.VisionTower(cfg["vision_model"], embed_dim=cfg["embed_dim"],
-                               grad_checkpointing=cfg["grad_checkpointing"], timm_kwargs=cfg["timm_kwargs"]).to(dev)
+                               gradient_checkpointing=cfg["gradient_checkpointing"], timm_kwargs=cfg["timm_kwargs"]).to(dev)
         fv = M.vit_flops(vision.model)
         enc = text_encoder(tok, text_shape(cfg), dev, text_dtype).eval().requires_grad_(False)
         p = M.matmul_params(enc.model)

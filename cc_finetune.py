@@ -22,7 +22,7 @@ import time
 # -----------------------------------------------------------------------------
 # default config (paper settings, DESIGN.md); override with config/*.py and --key=value
 # model
-model = "meta-llama/Meta-Llama-3-8B-Instruct"  # HF hub name or local folder (paper: Llama-3-8B-Instruct)
+text_model = "meta-llama/Meta-Llama-3-8B-Instruct"  # HF hub name or local folder (paper: Llama-3-8B-Instruct)
 bidirectional = True  # drop the causal mask: the paper's decoder -> encoder conversion (BERT-likes ignore it)
 pooling = "mean"  # "mean" over the caption tokens (paper) or "eos"
 lora_r = 16  # paper: r=16, alpha=32, dropout 0.05 on q,k,v,o,gate,up,down
@@ -42,7 +42,7 @@ hard_negatives = False  # also score each query against a caption of another rec
 batch_size = 2048  # GLOBAL contrastive batch (paper 2048, official code 512): all of it serves as negatives
 micro_batch_size = 32  # texts per forward pass on one rank; a larger per-rank batch uses gradient caching
 max_steps = -1  # -1: one epoch over the training records (paper)
-lr = 2e-4  # AdamW peak learning rate (paper: 2e-4)
+learning_rate = 2e-4  # AdamW peak learning rate (official code 2e-4; paper appendix 2.5e-4)
 warmup_steps = 300  # linear warm-up, then linear decay to 0 at max_steps (paper: 300)
 weight_decay = 0.0  # on LoRA weights (HF Trainer default, as in the official code)
 grad_clip = 1.0  # max global gradient norm (HF Trainer default); 0 disables
@@ -51,13 +51,13 @@ seed = 1337  # same on every rank for the LoRA init; data order and dropout deri
 # outputs
 out_dir = "out-cc"
 log_interval = 10  # steps between log lines
-ckpt_interval = 200  # steps between resumable checkpoints (also written at the end)
+save_interval = 200  # steps between resumable checkpoints (also written at the end)
 resume = False  # continue from out_dir/ckpt.pt if it exists (refused when training settings differ)
-val_batch_size = 64  # texts per forward pass in the c2c gate
+eval_batch_size = 64  # texts per forward pass in the c2c gate
 # -----------------------------------------------------------------------------
-DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
+config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))]
 # keys that may change between a checkpoint and its resumption: they do not change what is computed
-RESUME_FREE_KEYS = {"out_dir", "log_interval", "ckpt_interval", "resume", "val_captions", "val_batch_size",
+RESUME_FREE_KEYS = {"out_dir", "log_interval", "save_interval", "resume", "val_captions", "eval_batch_size",
                     "micro_batch_size", "gradient_checkpointing", "attn_implementation"}
 
 import numpy as np  # noqa: E402
@@ -66,7 +66,7 @@ import torch.distributed as dist  # noqa: E402
 
 import common  # noqa: E402
 import data  # noqa: E402
-import model as llm2clip  # noqa: E402  (the module; `model` is the config key above)
+import model as M  # noqa: E402
 from evaluate import c2c_eval  # noqa: E402  (the quality gate: caption 1 -> caption 2 of every record)
 
 
@@ -159,10 +159,10 @@ def step_seed(seed, rank, step):
 # -----------------------------------------------------------------------------
 
 def get_lr(it, max_steps, cfg):
-    """Linear warm-up to cfg['lr'] over warmup_steps, then linear decay to 0 at max_steps."""
+    """Linear warm-up to cfg['learning_rate'] over warmup_steps, then linear decay to 0 at max_steps."""
     if it < cfg["warmup_steps"]:
-        return cfg["lr"] * (it + 1) / (cfg["warmup_steps"] + 1)
-    return cfg["lr"] * max(0.0, (max_steps - it) / max(1, max_steps - cfg["warmup_steps"]))
+        return cfg["learning_rate"] * (it + 1) / (cfg["warmup_steps"] + 1)
+    return cfg["learning_rate"] * max(0.0, (max_steps - it) / max(1, max_steps - cfg["warmup_steps"]))
 
 
 def save_checkpoint(path, state):
@@ -183,7 +183,7 @@ def load_checkpoint(path, cfg):
 
 
 def main(argv=None):
-    cfg = common.configure(DEFAULTS, argv, __doc__)  # typed: a config file's wrong type fails here, not mid-run
+    cfg = common.configure({k: globals()[k] for k in config_keys}, argv, __doc__)  # typed: a config file's wrong type fails here, not mid-run
     if not data.split_paths(cfg["train_captions"]) and not data.split_paths(cfg["train_pairs"]):
         raise ValueError("train_captions: expected one or more caption JSONL files (comma-separated), "
                          "or train_pairs: a {query, positive} JSONL file")
@@ -222,8 +222,8 @@ def main(argv=None):
 
     # --- model: same seed on every rank, so every rank starts from the same LoRA init
     torch.manual_seed(cfg["seed"])
-    encoder = llm2clip.load_text_encoder(
-        cfg["model"], bidirectional=cfg["bidirectional"], pooling=cfg["pooling"],
+    encoder = M.load_text_encoder(
+        cfg["text_model"], bidirectional=cfg["bidirectional"], pooling=cfg["pooling"],
         lora=dict(r=cfg["lora_r"], alpha=cfg["lora_alpha"], dropout=cfg["lora_dropout"]),
         dtype=torch.bfloat16 if use_bf16 else torch.float32,
         attn_implementation=cfg["attn_implementation"] or None, device=device)
@@ -235,7 +235,7 @@ def main(argv=None):
             m.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
     named = [(n, p) for n, p in encoder.model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
-    optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    optimizer = torch.optim.AdamW(params, lr=cfg["learning_rate"], weight_decay=cfg["weight_decay"])
     if ckpt:
         with torch.no_grad():
             for n, p in named:
@@ -246,7 +246,7 @@ def main(argv=None):
     n_chunks = math.ceil(b_local / cfg["micro_batch_size"])
     hard = cfg["hard_negatives"]
     n_total = sum(p.numel() for p in encoder.model.parameters())
-    log(f"model {cfg['model']}: {'decoder' if encoder.is_decoder else 'encoder'}, "
+    log(f"model {cfg['text_model']}: {'decoder' if encoder.is_decoder else 'encoder'}, "
         f"bidirectional={encoder.settings['bidirectional']}, pooling={cfg['pooling']}, "
         f"{'bf16 autocast' if use_bf16 else 'fp32'} on {device}; LoRA r={cfg['lora_r']} alpha={cfg['lora_alpha']}: "
         f"{sum(p.numel() for p in params):,} trainable of {n_total:,} parameters")
@@ -262,7 +262,7 @@ def main(argv=None):
     c2c_before = ckpt.get("c2c_before") if ckpt else None
     if val_records is not None and c2c_before is None:
         if master:
-            c2c_before = c2c_eval(encoder, val_records, cfg["instruction"] or None, cfg["max_length"], cfg["val_batch_size"])
+            c2c_before = c2c_eval(encoder, val_records, cfg["instruction"] or None, cfg["max_length"], cfg["eval_batch_size"])
             log(f"c2c before: top1 {c2c_before['c2c_top1']:.2f} reverse {c2c_before['c2c_top1_reverse']:.2f} "
                 f"(n={c2c_before['n']}, {cfg['val_captions']})")
         if ddp:
@@ -272,7 +272,7 @@ def main(argv=None):
     from tqdm import tqdm
     sampler = data.ResumableBatchSampler(len(dataset), cfg["batch_size"], rank, world_size, cfg["seed"],
                                          shuffle=True, start_step=start_step, max_steps=max_steps - start_step)
-    loss_fn = lambda q, d, h: llm2clip.caption_contrastive_loss(q, d, cfg["temperature"], h)  # noqa: E731
+    loss_fn = lambda q, d, h: M.caption_contrastive_loss(q, d, cfg["temperature"], h)  # noqa: E731
     instruction = cfg["instruction"] or None
     texts_per_step = cfg["batch_size"] * (3 if hard else 2)
     encoder.train()
@@ -305,7 +305,7 @@ def main(argv=None):
             log(f"step {done}/{max_steps}: loss {loss.item():.4f}, lr {lr_now:.2e}, {dt * 1000:.0f} ms/step, "
                 f"{texts_per_step / dt:.0f} texts/s")
             t0, t0_step = time.time(), done
-        if done % cfg["ckpt_interval"] == 0 or done == max_steps:
+        if done % cfg["save_interval"] == 0 or done == max_steps:
             if master:
                 save_checkpoint(ckpt_path, {
                     "step": done, "lora": {n: p.detach().cpu().clone() for n, p in named},
@@ -321,24 +321,24 @@ def main(argv=None):
               "c2c_before": c2c_before, "c2c_after": None}
     if master:
         if val_records is not None:
-            result["c2c_after"] = c2c_eval(encoder, val_records, instruction, cfg["max_length"], cfg["val_batch_size"])
+            result["c2c_after"] = c2c_eval(encoder, val_records, instruction, cfg["max_length"], cfg["eval_batch_size"])
             b, a = c2c_before["c2c_top1"], result["c2c_after"]["c2c_top1"]
             log(f"c2c before -> after: top1 {b:.2f} -> {a:.2f} ({a - b:+.2f}), reverse "
                 f"{c2c_before['c2c_top1_reverse']:.2f} -> {result['c2c_after']['c2c_top1_reverse']:.2f}")
         encoder.model.save_pretrained(os.path.join(out_dir, "adapter"))
-        merged = llm2clip.merge_lora(encoder.model)
+        merged = M.merge_lora(encoder.model)
         merged.save_pretrained(os.path.join(out_dir, "merged"))
         encoder.tokenizer.save_pretrained(os.path.join(out_dir, "merged"))
-        meta = {"model_subdir": "merged", "adapter_subdir": "adapter", "base_model": cfg["model"],
+        meta = {"model_subdir": "merged", "adapter_subdir": "adapter", "base_model": cfg["text_model"],
                 "pooling": cfg["pooling"], "bidirectional": encoder.settings["bidirectional"],
                 "instruction": cfg["instruction"], "max_length": cfg["max_length"],
                 "temperature": cfg["temperature"], "lora": {"r": cfg["lora_r"], "alpha": cfg["lora_alpha"],
                                                               "dropout": cfg["lora_dropout"]},
                 "steps": max_steps, "batch_size": cfg["batch_size"], "c2c_before": c2c_before,
                 "c2c_after": result["c2c_after"], "code_version": common.code_version()}
-        common.atomic_write_text(os.path.join(out_dir, llm2clip.ENCODER_CONFIG), json.dumps(meta, indent=2) + "\n")
+        common.atomic_write_text(os.path.join(out_dir, M.ENCODER_CONFIG), json.dumps(meta, indent=2) + "\n")
         common.save_run_info(out_dir, cfg, __file__, extra={"result": result, "world_size": world_size})
-        log(f"saved {out_dir}: adapter/, merged/, {llm2clip.ENCODER_CONFIG}; load with model.load_text_encoder({out_dir!r})")
+        log(f"saved {out_dir}: adapter/, merged/, {M.ENCODER_CONFIG}; load with model.load_text_encoder({out_dir!r})")
     common.cleanup_distributed(ddp)
     return result
 

@@ -17,6 +17,19 @@ import torch.distributed as dist
 # -----------------------------------------------------------------------------
 # Configuration: nanoGPT's `python X.py config/foo.py --key=value`, parsed instead of exec'd.
 
+# Keys renamed so that every stage script uses one name per concept (issue 15). An old name in a config
+# file or on the command line is an error that names the new key: accepting both would let a typo of
+# intent (two spellings, one silently ignored) through.
+RENAMED = {"lr": "learning_rate", "ckpt_interval": "save_interval", "grad_checkpointing": "gradient_checkpointing",
+           "val_batch_size": "eval_batch_size", "model": "text_model"}
+
+
+def _unknown_key(where, key, defaults):
+    if key in RENAMED and RENAMED[key] in defaults:
+        return ValueError(f"{where}config key {key!r} was renamed to {RENAMED[key]!r}; use --{RENAMED[key]}=...")
+    return ValueError(f"{where}unknown config key {key!r}; valid keys: {', '.join(defaults)}")
+
+
 def _convert(key, raw, default):
     """Parse `raw` (a string from the command line) into the type of `default`."""
     if isinstance(default, bool):
@@ -91,14 +104,14 @@ def configure(defaults, argv=None, doc=""):
                 if k.startswith("_") or isinstance(v, types.ModuleType):  # `import math` in a preset is fine
                     continue
                 if k not in defaults:
-                    raise ValueError(f"{arg}: unknown config key {k!r}; valid keys: {', '.join(defaults)}")
+                    raise _unknown_key(f"{arg}: ", k, defaults)
                 config[k] = _check_type(f"{arg}: {k}", v, defaults[k])
             continue
         if "=" not in arg:
             raise ValueError(f"argument {arg!r}: expected --key=value")
         key, raw = arg[2:].split("=", 1)
         if key not in defaults:
-            raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(defaults)}")
+            raise _unknown_key("", key, defaults)
         config[key] = _convert(key, raw, defaults[key])
     return config
 

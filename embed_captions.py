@@ -48,7 +48,7 @@ overwrite = False  # replace an existing cache built from other texts/settings (
 verify = True  # after embedding: re-hash the manifest, check every row is written and finite
 verify_only = False  # only verify an existing cache against the manifest (no model is loaded)
 # -----------------------------------------------------------------------------
-DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
 
 # test hook: after this many committed chunks, write part of the next one and SIGKILL this process
 KILL_ENV = "EMBED_CAPTIONS_TEST_KILL_AFTER_CHUNKS"
@@ -181,7 +181,7 @@ def plan_mismatch(old, new):
 
 
 def main(argv=None):
-    cfg = common.configure(DEFAULTS, argv, __doc__)
+    cfg = common.configure({k: globals()[k] for k in config_keys}, argv, __doc__)
     field_list = [f.strip() for f in cfg["fields"].split(",") if f.strip()]
     if not cfg["manifest"] or not cfg["out_dir"] or not (cfg["text_model"] or cfg["verify_only"]):
         raise ValueError("--text_model, --manifest and --out_dir are required (--verify_only needs no text_model)")

@@ -52,8 +52,8 @@ src = ""                 # annotation file (karpathy, sharegpt4v, docci) or fold
 split = "test"           # karpathy / docci split to keep
 num = 1000               # sharegpt4v: the first `num` entries (the paper's ShareGPT4V-1K)
 image_prefix = None      # prepended to image paths in the manifest; None = the format's default
-_DEFAULTS = {k: v for k, v in dict(globals()).items()
-             if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))}
+config_keys = [k for k, v in dict(globals()).items()
+               if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))]
 
 # The paper's benchmarks: name -> (caption field, captions per image). Short sets are scored with
 # 5 captions per image, long-caption sets 1:1 (DESIGN.md, "Evaluate").
@@ -467,7 +467,7 @@ def _split(value, key):
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
-    cfg = common.configure(_DEFAULTS, argv, __doc__)
+    cfg = common.configure({k: globals()[k] for k in config_keys}, argv, __doc__)
     tasks = ("retrieval", "classify", "c2c", "convert")
     if cfg["task"] not in tasks:
         raise ValueError(f"--task={cfg['task']!r}: expected one of {', '.join(tasks)}")

@@ -330,7 +330,7 @@ class VisionTower(nn.Module):
     `embed_dim` only via the timm_kwargs dict). `self.timm_kwargs` is what re-creates the same model.
     """
 
-    def __init__(self, model_name, pretrained=False, weights=None, embed_dim=None, grad_checkpointing=False,
+    def __init__(self, model_name, pretrained=False, weights=None, embed_dim=None, gradient_checkpointing=False,
                  timm_kwargs=None, **more_timm_kwargs):
         super().__init__()
         import timm
@@ -347,7 +347,7 @@ class VisionTower(nn.Module):
         img_size = getattr(getattr(self.model, "patch_embed", None), "img_size", None)
         if img_size is not None:  # an img_size override is not in the pretrained cfg timm resolves from
             self.data_config["input_size"] = (3, *tuple(img_size))
-        self.set_grad_checkpointing(grad_checkpointing)
+        self.set_grad_checkpointing(gradient_checkpointing)
 
     def _load_weights(self, path):
         if path.endswith(".safetensors"):

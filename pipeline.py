@@ -25,13 +25,13 @@ seed = 0
 arch = "llama"  # tiny text model architecture: llama | qwen2 | mistral | gemma | bert
 cc_steps = 60  # stage-1 steps (config/cc_tiny_cpu.py)
 post_steps = 800  # stage-2 steps (config/post_tiny_cpu.py: 300)
-_DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, str))}
+config_keys = [k for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, str))]
 
 
 def main(argv=None):
     import common
     import data
-    cfg = common.configure(_DEFAULTS, argv, doc=__doc__)
+    cfg = common.configure({k: globals()[k] for k in config_keys}, argv, doc=__doc__)
     root = cfg["out_dir"]
     p = lambda *a: os.path.join(root, *a)  # noqa: E731
     t0 = time.time()
@@ -60,7 +60,7 @@ def main(argv=None):
     # --- 3. stage 1
     import cc_finetune
     t = time.time()
-    cc_finetune.main(["config/cc_tiny_cpu.py", f"--model={p('text_model')}",
+    cc_finetune.main(["config/cc_tiny_cpu.py", f"--text_model={p('text_model')}",
                       f"--train_captions={p('data', 'train_captions.jsonl')}",
                       f"--val_captions={p('data', 'val_captions.jsonl')}",
                       f"--out_dir={p('cc')}", f"--max_steps={cfg['cc_steps']}", f"--seed={cfg['seed']}"])

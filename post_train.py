@@ -56,7 +56,7 @@ adaptor_blocks = 4  # residual MLP blocks in the adaptor (Table 8: 0, 1, 2, 4)
 adaptor_expansion = 2
 logit_scale_init = math.log(1 / 0.07)  # CLIP's init (the paper uses the checkpoint's when there is one)
 max_logit_scale = math.log(100)  # clamp after each step, like CLIP
-grad_checkpointing = True  # recompute ViT activations in backward: larger batches per GPU
+gradient_checkpointing = True  # recompute ViT activations in backward: larger batches per GPU
 compile = False  # torch.compile the model
 # data
 real_caption_ratio = 0.5  # probability of the real caption; else one of the long captions (Table 7)
@@ -84,7 +84,7 @@ log_interval = 10
 peak_flops = 989e12  # per GPU, for the MFU estimate (H100 bf16 dense)
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, list, dict))]
 # keys that may change on resume without changing the trajectory
-RESUME_MAY_DIFFER = {"out_dir", "resume", "max_steps", "save_interval", "keep_checkpoints", "log_interval",
+RESUME_FREE_KEYS = {"out_dir", "resume", "max_steps", "save_interval", "keep_checkpoints", "log_interval",
                      "eval_interval", "eval_batch_size", "val_manifest", "val_image_root", "val_cache_dir",
                      "eval_field", "num_workers", "compile", "peak_flops", "image_root", "train_manifest",
                      "train_shards", "cache_dir", "text_model", "text_source"}
@@ -309,7 +309,7 @@ def main(argv=None):
     torch.manual_seed(cfg["seed"])
     vision = M.VisionTower(cfg["vision_model"], pretrained=cfg["pretrained"], weights=cfg["vision_weights"] or None,
                            embed_dim=None if cfg["embed_dim"] < 0 else cfg["embed_dim"],
-                           grad_checkpointing=cfg["grad_checkpointing"], timm_kwargs=cfg["timm_kwargs"])
+                           gradient_checkpointing=cfg["gradient_checkpointing"], timm_kwargs=cfg["timm_kwargs"])
     data_config = vision.data_config  # the model's own preprocessing: size, interpolation, mean/std
     text_dim = cache.dim if cache is not None else None
     text_encoder = None
@@ -335,7 +335,7 @@ def main(argv=None):
         last_ckpt = ckpts[-1]
         ck = torch.load(last_ckpt, map_location="cpu", weights_only=True)
         differ = {k: (ck["config"].get(k), cfg[k]) for k in cfg
-                  if k not in RESUME_MAY_DIFFER and common.jsonable(cfg[k]) != ck["config"].get(k)}
+                  if k not in RESUME_FREE_KEYS and common.jsonable(cfg[k]) != ck["config"].get(k)}
         if differ:
             raise ValueError(f"{last_ckpt}: checkpoint was written with a different config; differing keys "
                              + ", ".join(f"{k} (checkpoint {a!r}, now {b!r})" for k, (a, b) in differ.items()))

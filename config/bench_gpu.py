@@ -13,7 +13,7 @@ batch_size = 128  # per GPU (paper: 4096 over 8 GPUs = 512 with checkpointing); 
 vision_model = "vit_large_patch14_clip_224"
 timm_kwargs = {}
 embed_dim = 1280  # the official code's projection size
-grad_checkpointing = False
+gradient_checkpointing = False
 cache_records = 1024
 text_layers = 32  # Llama-3-8B
 text_width = 4096

@@ -1,5 +1,5 @@
 # Stage 1 for Llama-3.2-1B-Instruct, the paper's small text model; same recipe as config/cc_llama3_8b.py.
-model = "meta-llama/Llama-3.2-1B-Instruct"
+text_model = "meta-llama/Llama-3.2-1B-Instruct"
 bidirectional = True
 pooling = "mean"
 lora_r = 16
@@ -11,7 +11,7 @@ max_length = 512
 batch_size = 2048
 micro_batch_size = 128  # a 1B model fits larger forward passes
 max_steps = -1
-lr = 2e-4
+learning_rate = 2e-4
 warmup_steps = 300
 temperature = 0.05
 out_dir = "out-cc-llama3.2-1b"

@@ -1,6 +1,6 @@
 # Stage 1 for Llama-3-8B-Instruct, the paper's main text model: LLM2CLIP paper / DESIGN.md settings.
 # torchrun --nproc_per_node=8 cc_finetune.py config/cc_llama3_8b.py --train_captions=cc3m.jsonl,cc12m.jsonl,yfcc15m.jsonl
-model = "meta-llama/Meta-Llama-3-8B-Instruct"
+text_model = "meta-llama/Meta-Llama-3-8B-Instruct"
 bidirectional = True
 pooling = "mean"
 lora_r = 16
@@ -13,9 +13,9 @@ max_length = 512
 batch_size = 2048  # global; the official code used 512
 micro_batch_size = 32  # per forward on one 80 GB GPU with checkpointing; gradient caching makes up the rest
 max_steps = -1  # one epoch
-lr = 2e-4
+learning_rate = 2e-4
 warmup_steps = 300
 temperature = 0.05  # the official code used 0.02
 out_dir = "out-cc-llama3-8b"
 log_interval = 10
-ckpt_interval = 200
+save_interval = 200

@@ -15,7 +15,7 @@ while not _os.path.isdir(_os.path.join(_d, "shared", "data")):
         raise FileNotFoundError("shared/data not found above the current directory")
     _d = _os.path.dirname(_d)
 _captions = _os.path.join(_d, "shared", "data", "captions")
-model = str(_minilm.get_model_path())
+text_model = str(_minilm.get_model_path())
 train_captions = f"{_captions}/flickr30k_dev.jsonl,{_captions}/flickr30k_test.jsonl"
 val_captions = f"{_captions}/coco_dev.jsonl"
 out_dir = "out-cc-minilm"
@@ -30,8 +30,8 @@ lora_dropout = 0.05
 batch_size = 64
 micro_batch_size = 64
 max_steps = 200
-lr = 2e-4
+learning_rate = 2e-4
 warmup_steps = 20
 temperature = 0.05
 log_interval = 20
-ckpt_interval = 100
+save_interval = 100

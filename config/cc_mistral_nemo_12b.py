@@ -1,5 +1,5 @@
 # Stage 1 for Mistral-Nemo-12B-Instruct (the paper's largest text model); same recipe as config/cc_llama3_8b.py.
-model = "mistralai/Mistral-Nemo-Instruct-2407"
+text_model = "mistralai/Mistral-Nemo-Instruct-2407"
 bidirectional = True
 pooling = "mean"
 lora_r = 16
@@ -11,7 +11,7 @@ max_length = 512
 batch_size = 2048
 micro_batch_size = 16  # 12B: smaller forward passes on one 80 GB GPU
 max_steps = -1
-lr = 2e-4
+learning_rate = 2e-4
 warmup_steps = 300
 temperature = 0.05
 out_dir = "out-cc-mistral-nemo-12b"

@@ -1,6 +1,6 @@
 # Stage 1 of the tiny CPU pipeline: a random tiny Llama (pipeline.build_tiny_text_model) on the
 # synthetic shapes captions (data.make_synthetic_dataset). A minute on 2 cores; c2c rises visibly.
-model = "out-tiny/text_model"
+text_model = "out-tiny/text_model"
 train_captions = "out-tiny/data/train_captions.jsonl"
 val_captions = "out-tiny/data/val_captions.jsonl"
 out_dir = "out-tiny/cc"
@@ -13,7 +13,7 @@ max_length = 64  # synthetic long captions are < 40 tokens
 batch_size = 32
 micro_batch_size = 16  # exercises gradient caching (2 chunks per side)
 max_steps = 60
-lr = 1e-3  # a random model with few steps needs a larger step than the paper's 2e-4
+learning_rate = 1e-3  # a random model with few steps needs a larger step than the paper's 2e-4
 warmup_steps = 5
 log_interval = 10
-ckpt_interval = 30
+save_interval = 30

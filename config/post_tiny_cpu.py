@@ -11,7 +11,7 @@ pretrained = False  # from scratch: no weights on a CPU box
 timm_kwargs = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)
 embed_dim = 64  # the shared-space projection; timm_kwargs["embed_dim"] above is the ViT width
 adaptor_blocks = 2
-grad_checkpointing = False
+gradient_checkpointing = False
 dtype = "float32"
 batch_size = 64
 num_workers = 1

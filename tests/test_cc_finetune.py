@@ -43,9 +43,9 @@ def tiny(tmp_path_factory):
 
 
 def _args(tiny, out_dir, **over):
-    cfg = dict(model=tiny["model"], train_captions=tiny["train"], out_dir=out_dir, batch_size=16,
-               micro_batch_size=8, max_steps=6, warmup_steps=2, lr=1e-3, max_length=64, lora_dropout=0.0,
-               gradient_checkpointing=False, log_interval=2, ckpt_interval=100, seed=3)
+    cfg = dict(text_model=tiny["model"], train_captions=tiny["train"], out_dir=out_dir, batch_size=16,
+               micro_batch_size=8, max_steps=6, warmup_steps=2, learning_rate=1e-3, max_length=64, lora_dropout=0.0,
+               gradient_checkpointing=False, log_interval=2, save_interval=100, seed=3)
     cfg.update(over)
     return [f"--{k}={v}" for k, v in cfg.items()]
 
@@ -71,7 +71,7 @@ def _log(out_dir):
 def test_single_process_trains_and_out_dir_loads(tiny, tmp_path):
     out = str(tmp_path / "run")
     res = cc_finetune.main(_args(tiny, out, max_steps=12, val_captions=tiny["val"], lora_dropout=0.05,
-                                 gradient_checkpointing=True, ckpt_interval=5))
+                                 gradient_checkpointing=True, save_interval=5))
     log = _log(out)
     assert "global contrastive batch 16 (1 ranks x 16), negatives per query: 15" in log
     assert "gradient caching: 2 chunks of <= 8 texts per side per rank" in log
@@ -86,7 +86,7 @@ def test_single_process_trains_and_out_dir_loads(tiny, tmp_path):
     run = json.load(open(os.path.join(out, "run_cc_finetune.json")))
     assert run["config"]["batch_size"] == 16 and run["config"]["max_steps"] == 12
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)  # plain types only
-    assert ckpt["step"] == 12 and ckpt["config"]["lr"] == 1e-3
+    assert ckpt["step"] == 12 and ckpt["config"]["learning_rate"] == 1e-3
 
     # the out_dir loads ready to encode and equals the trained (unmerged) adapter on the base model
     texts = ["a red circle on the left", "two small blue squares at the top and a big green cross"]
@@ -213,22 +213,22 @@ def test_resume_after_interruption_is_exact(tiny, tmp_path, monkeypatch):
 
     monkeypatch.setattr(cc_finetune, "save_checkpoint", save_then_die)
     with pytest.raises(_Killed):
-        cc_finetune.main(_args(tiny, out, ckpt_interval=3, **common))
+        cc_finetune.main(_args(tiny, out, save_interval=3, **common))
     monkeypatch.setattr(cc_finetune, "save_checkpoint", orig_save)
     assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == 3
-    cc_finetune.main(_args(tiny, out, ckpt_interval=3, resume=True, **common))
+    cc_finetune.main(_args(tiny, out, save_interval=3, resume=True, **common))
     assert "steps 3 -> 7 (resumed from" in _log(out)
     assert seen == order_a and [s for s, _ in seen] == list(range(7))
     assert _max_diff(_adapter(str(tmp_path / "a")), _adapter(out)) <= 1e-6
 
     # a checkpoint from other training settings is refused, naming the keys
-    with pytest.raises(ValueError, match=r"ckpt.pt: cannot resume.*lr \(checkpoint 0.001, now 0.002\).*temperature"):
-        cc_finetune.main(_args(tiny, out, resume=True, lr=2e-3, temperature=0.1, **common))
+    with pytest.raises(ValueError, match=r"ckpt.pt: cannot resume.*learning_rate \(checkpoint 0.001, now 0.002\).*temperature"):
+        cc_finetune.main(_args(tiny, out, resume=True, learning_rate=2e-3, temperature=0.1, **common))
 
 
 def test_resume_after_sigkill_is_exact(tiny, tmp_path):
     """A real `kill -9` mid-run (checkpoint every step), then --resume=true: the uninterrupted adapter."""
-    common = dict(max_steps=25, ckpt_interval=1, micro_batch_size=16)
+    common = dict(max_steps=25, save_interval=1, micro_batch_size=16)
     ref = str(tmp_path / "ref")
     cc_finetune.main(_args(tiny, ref, **common))
     out = str(tmp_path / "killed")
@@ -299,8 +299,8 @@ def test_bad_pairs_missing_file_and_unknown_key(tiny, tmp_path):
         cc_finetune.main(_args(tiny, str(tmp_path / "o"), train_pairs=str(pairs)))
     with pytest.raises(data.DataError, match=r"nowhere.jsonl: file not found"):
         cc_finetune.main(_args(tiny, str(tmp_path / "o"), train_captions=str(tmp_path / "nowhere.jsonl")))
-    with pytest.raises(ValueError, match=r"unknown config key 'learning_rate'; valid keys: .*\blr\b"):
-        cc_finetune.main(_args(tiny, str(tmp_path / "o")) + ["--learning_rate=1e-4"])
+    with pytest.raises(ValueError, match=r"config key 'lr' was renamed to 'learning_rate'"):
+        cc_finetune.main(_args(tiny, str(tmp_path / "o")) + ["--lr=1e-4"])
     cfg_file = tmp_path / "my_cc.py"
     cfg_file.write_text("batch_size = 8\nbatchsize = 16\n")
     with pytest.raises(ValueError, match=r"my_cc.py: unknown config key 'batchsize'"):

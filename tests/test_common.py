@@ -58,3 +58,16 @@ def test_config_file_values_are_type_checked(tmp_path):
     with pytest.raises(ValueError, match=r"c.py: steps = '10': expected int like the default 10"):
         common.configure(DEFAULTS, [str(f)])
     del pathlib
+
+
+def test_renamed_keys_name_the_new_key(tmp_path):
+    """Issue 15: one name per concept; an old name (command line or config file) names its replacement."""
+    defaults = {"learning_rate": 1e-4, "save_interval": 10, "model": "x"}
+    with pytest.raises(ValueError, match=r"config key 'lr' was renamed to 'learning_rate'"):
+        common.configure(defaults, ["--lr=1"])
+    f = tmp_path / "old.py"
+    f.write_text("ckpt_interval = 5\n")
+    with pytest.raises(ValueError, match=r"old.py: config key 'ckpt_interval' was renamed to 'save_interval'"):
+        common.configure(defaults, [str(f)])
+    # a renamed key that is a valid key of this script (evaluate.py's --model) is accepted as usual
+    assert common.configure(defaults, ["--model=y"])["model"] == "y"

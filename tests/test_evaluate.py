@@ -10,7 +10,10 @@ from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import evaluate  # noqa: E402
+
 from data import DataError, ImageDataset, convert_karpathy, read_manifest  # noqa: E402
+
+EVAL_DEFAULTS = {k: getattr(evaluate, k) for k in evaluate.config_keys}
 
 torch.set_num_threads(1)
 
@@ -272,15 +275,15 @@ def test_known_dataset_requires_five_captions(tmp_path):
     _jsonl(root / "manifest.jsonl", [{"image": "a.jpg", "captions": ["1", "2", "3", "4", "5"]},
                                      {"image": "a.jpg", "captions": ["1", "2", "3"]}])
     with pytest.raises(DataError, match=r"manifest.jsonl:2: image 'a.jpg' has 3 'captions', expected exactly 5"):
-        evaluate.resolve_dataset("flickr30k", {**evaluate._DEFAULTS, "data_root": str(tmp_path)})
-    d = evaluate.resolve_dataset("flickr30k", {**evaluate._DEFAULTS, "data_root": str(tmp_path), "captions_per_image": 0})
+        evaluate.resolve_dataset("flickr30k", {**EVAL_DEFAULTS, "data_root": str(tmp_path)})
+    d = evaluate.resolve_dataset("flickr30k", {**EVAL_DEFAULTS, "data_root": str(tmp_path), "captions_per_image": 0})
     assert d["text_to_image"] == [0] * 5 + [1] * 3 and d["texts"][5:] == ["1", "2", "3"]
 
 
 def test_manifest_path_picks_long_captions_when_no_short(tmp_path):
     _image(tmp_path / "a.jpg")
     m = _jsonl(tmp_path / "urban.jsonl", [{"image": "a.jpg", "long_captions": ["dense text"]}] * 2)
-    d = evaluate.resolve_dataset(m, dict(evaluate._DEFAULTS))
+    d = evaluate.resolve_dataset(m, dict(EVAL_DEFAULTS))
     assert (d["name"], d["field"], d["texts"], d["text_to_image"]) == ("urban", "long_captions", ["dense text"] * 2, [0, 1])
 
 

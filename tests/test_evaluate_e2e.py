@@ -17,6 +17,7 @@ REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, REPO)
 import evaluate  # noqa: E402
 
+
 torch.set_num_threads(1)
 COLORS = {"red": (1, 0, 0), "green": (0, 1, 0), "blue": (0, 0, 1), "yellow": (1, 1, 0), "white": (1, 1, 1)}
 WORDS = ("a an the of on in with and is are to at photo picture image solid square colored color red green "
@@ -129,7 +130,7 @@ def test_batched_encoding_equals_one_at_a_time(tmp_path, tiny_clip):
                              "mean": pytest.approx((0.48145466, 0.4578275, 0.40821073)),
                              "std": pytest.approx((0.26862954, 0.26130258, 0.27577711))}
     texts = ["a red square", "the dog", "a young girl sitting next to a wooden table with a candle", "cat", "blue"]
-    cfg = {**evaluate._DEFAULTS, "text_batch_size": 2, "batch_size": 3, "num_workers": 0}
+    cfg = {**EVAL_DEFAULTS, "text_batch_size": 2, "batch_size": 3, "num_workers": 0}
     got = evaluate.encode_texts(m, texts, cfg, (False, 0, 1, "cpu"))
     model, tok = CLIPModel.from_pretrained(tiny_clip).eval(), AutoTokenizer.from_pretrained(tiny_clip)
     with torch.no_grad():
@@ -198,6 +199,8 @@ DRIVER = """
 import sys, types
 sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
 import test_evaluate_e2e as t, evaluate
+
+EVAL_DEFAULTS = {k: getattr(evaluate, k) for k in evaluate.config_keys}
 sys.modules["model"] = types.SimpleNamespace(load_llm2clip=lambda path, device: (t.ColorImageEncoder(), t.ColorTextEncoder()))
 evaluate.main(sys.argv[1:])
 """
@@ -265,7 +268,7 @@ def test_tiny_siglip_baseline(tmp_path):
     m = evaluate.load_model(d, "cpu")
     assert (m.siglip, m.max_length, m.data_config["crop_pct"], m.data_config["mean"]) == (True, 16, 1.0, (0.5, 0.5, 0.5))
     texts = ["a red square", "the dog is sitting next to a wooden table"]
-    got = evaluate.encode_texts(m, texts, {**evaluate._DEFAULTS, "text_batch_size": 2}, (False, 0, 1, "cpu"))
+    got = evaluate.encode_texts(m, texts, {**EVAL_DEFAULTS, "text_batch_size": 2}, (False, 0, 1, "cpu"))
     model = SiglipModel.from_pretrained(d).eval()
     ids = torch.tensor([[vocab[w] for w in t.split()] + [0] * (16 - len(t.split())) for t in texts])
     with torch.no_grad():
@@ -280,7 +283,7 @@ def test_duplicate_dataset_names_and_variable_size_processor(tmp_path):
     a.mkdir(), b.mkdir()
     for folder in (a, b):
         color_manifest(folder, "manifest", 5)
-    assert evaluate.resolve_dataset(str(a / "manifest.jsonl"), dict(evaluate._DEFAULTS))["name"] == "a"
+    assert evaluate.resolve_dataset(str(a / "manifest.jsonl"), dict(EVAL_DEFAULTS))["name"] == "a"
     with pytest.raises(ValueError, match="duplicate entries .*dataset names: a, a"):
         evaluate.main(["--model=x", f"--data={a / 'manifest.jsonl'},{a / 'manifest.jsonl'}"])
     with pytest.raises(ValueError, match="duplicate entries in --model=x,x"):

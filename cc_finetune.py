@@ -166,13 +166,14 @@ def get_lr(it, max_steps, cfg):
 
 
 def save_checkpoint(path, state):
-    """Atomic write of a plain-types checkpoint (readable with torch.load(weights_only=True))."""
-    common.atomic_torch_save(state, path)
+    """Atomic write of a plain-types checkpoint (readable with torch.load(weights_only=True)) + sha256 sidecar."""
+    common.save_checkpoint(state, path)
 
 
 def load_checkpoint(path, cfg):
-    """Read ckpt.pt and refuse it if a training-relevant config key differs (named in the error)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    """Read ckpt.pt (checksum checked; a corrupt file is named) and refuse it if a training-relevant config
+    key differs (named in the error)."""
+    ckpt = common.load_checkpoint(path)
     old = ckpt["config"]
     diff = [k for k in cfg if k not in RESUME_FREE_KEYS and old.get(k) != cfg[k]]
     if diff:
@@ -187,9 +188,12 @@ def main(argv=None):
     if not data.split_paths(cfg["train_captions"]) and not data.split_paths(cfg["train_pairs"]):
         raise ValueError("train_captions: expected one or more caption JSONL files (comma-separated), "
                          "or train_pairs: a {query, positive} JSONL file")
-    for k in ("batch_size", "micro_batch_size"):
-        if cfg[k] < 1:
-            raise ValueError(f"{k}={cfg[k]}: expected a positive integer")
+    pos = (lambda v: v > 0, "a positive integer")
+    common.check_config(cfg, {"batch_size": pos, "micro_batch_size": pos, "max_length": pos, "log_interval": pos,
+                              "save_interval": pos, "eval_batch_size": pos,
+                              "dtype": (lambda v: v in ("auto", "float32", "bfloat16", "bf16"), "'auto', 'float32' or 'bfloat16'"),
+                              "pooling": (lambda v: v in M.POOLERS, f"one of {sorted(M.POOLERS)}"),
+                              "temperature": (lambda v: v > 0, "a positive number")})
 
     # --- distributed
     ddp, rank, local_rank, world_size, device = common.setup_distributed()
@@ -198,9 +202,10 @@ def main(argv=None):
     if cfg["batch_size"] % world_size:
         raise ValueError(f"batch_size={cfg['batch_size']} is not divisible by {world_size} ranks")
     out_dir = cfg["out_dir"]
-    if master:
-        os.makedirs(out_dir, exist_ok=True)
+    stale = common.lock_out_dir(out_dir) if master else []  # one run per out_dir; a killed run's temp files go
     log = common.Logger(out_dir, "cc_finetune", master)
+    if stale:
+        log(f"removed {len(stale)} temp file(s) of a killed run: {', '.join(stale)}")
     use_bf16 = device.type == "cuda" and cfg["dtype"] in ("auto", "bfloat16", "bf16")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
@@ -275,6 +280,7 @@ def main(argv=None):
     loss_fn = lambda q, d, h: M.caption_contrastive_loss(q, d, cfg["temperature"], h)  # noqa: E731
     instruction = cfg["instruction"] or None
     texts_per_step = cfg["batch_size"] * (3 if hard else 2)
+    encoder.pop_truncation()  # from here on: the training texts only
     encoder.train()
     pbar = tqdm(total=max_steps, initial=start_step, desc="cc_finetune", disable=not master)
     t0, t0_step, loss = time.time(), start_step, None
@@ -315,10 +321,18 @@ def main(argv=None):
                 dist.barrier()
     pbar.close()
     encoder.eval()
+    trunc = encoder.pop_truncation()
+    if ddp:
+        counts = torch.tensor([trunc[k] for k in ("texts", "truncated", "tokens_cut")], dtype=torch.long, device=device)
+        dist.all_reduce(counts)
+        top = torch.tensor([trunc["max_cut"]], device=device)
+        dist.all_reduce(top, op=dist.ReduceOp.MAX)
+        trunc = dict(zip(("texts", "truncated", "tokens_cut"), counts.tolist()), max_cut=top.item())
+    log(common.describe_truncation(trunc, cfg["max_length"]) + " (training texts, instruction included)")
 
     # --- quality gate, after; save adapter, merged model, encoder.json (rank 0)
     result = {"steps": max_steps, "final_loss": None if loss is None else loss.item(),
-              "c2c_before": c2c_before, "c2c_after": None}
+              "c2c_before": c2c_before, "c2c_after": None, "truncation": trunc}
     if master:
         if val_records is not None:
             result["c2c_after"] = c2c_eval(encoder, val_records, instruction, cfg["max_length"], cfg["eval_batch_size"])
@@ -339,6 +353,7 @@ def main(argv=None):
         common.atomic_write_text(os.path.join(out_dir, M.ENCODER_CONFIG), json.dumps(meta, indent=2) + "\n")
         common.save_run_info(out_dir, cfg, __file__, extra={"result": result, "world_size": world_size})
         log(f"saved {out_dir}: adapter/, merged/, {M.ENCODER_CONFIG}; load with model.load_text_encoder({out_dir!r})")
+        common.unlock_out_dir(out_dir)
     common.cleanup_distributed(ddp)
     return result
 

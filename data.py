@@ -123,14 +123,15 @@ class CaptionPairDataset:
 
 # === image-text manifests, images and transforms (stage 2, retrieval eval) ===
 
-def _caption_list(path, lineno, obj, key):
-    """obj[key] as a list of non-empty strings ([] when absent), else a DataError naming the line."""
+def _caption_list(where, obj, key):
+    """obj[key] as a list of non-empty strings ([] when absent), else a DataError naming `where`
+    (file:line of a manifest, shard::key of a tar sample): manifests and shards are validated alike."""
     caps = obj.get(key, [])
     if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
-        raise DataError(f"{path}:{lineno}: {key!r} must be a list of strings, got {caps!r:.80}")
+        raise DataError(f"{where}: {key!r} must be a list of strings, got {caps!r:.80}")
     for i, c in enumerate(caps):
         if not c.strip():
-            raise DataError(f"{path}:{lineno}: {key}[{i}] is an empty caption")
+            raise DataError(f"{where}: {key}[{i}] is an empty caption")
     return caps
 
 
@@ -150,8 +151,8 @@ def read_manifest(path, image_root=None, field=None, captions_per_image=0, check
         if not isinstance(image, str) or not image.strip():
             raise DataError(f"{path}:{lineno}: missing \"image\" (expected a relative image path string)")
         rec = {"image": os.path.join(root, image), "line": lineno,
-               "captions": _caption_list(path, lineno, obj, "captions"),
-               "long_captions": _caption_list(path, lineno, obj, "long_captions")}
+               "captions": _caption_list(f"{path}:{lineno}", obj, "captions"),
+               "long_captions": _caption_list(f"{path}:{lineno}", obj, "long_captions")}
         if not rec["captions"] and not rec["long_captions"]:
             raise DataError(f"{path}:{lineno}: no captions (\"captions\" and \"long_captions\" are both empty or absent)")
         if field is not None:
@@ -297,6 +298,7 @@ def convert_docci(src, split="test", prefix="images/"):
 # order; a missing field has no texts), slot s -> one row, so
 #   row(r, f, s) = record_offsets[r] + counts[r, :f].sum() + s.
 import hashlib  # noqa: E402
+import zipfile  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -462,11 +464,51 @@ def read_cache_meta(cache_dir):
     path = os.path.join(cache_dir, CACHE_META)
     if not os.path.isfile(path):
         raise DataError(f"{cache_dir}: no {CACHE_META}; not an embedding cache (build one with embed_captions.py)")
-    with open(path) as f:
-        meta = json.load(f)
-    if meta.get("format") != CACHE_FORMAT:
-        raise DataError(f"{path}: format {meta.get('format')!r}, expected {CACHE_FORMAT!r}")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: corrupt meta.json ({e}); rebuild the cache with embed_captions.py") from None
+    if not isinstance(meta, dict) or meta.get("format") != CACHE_FORMAT:
+        raise DataError(f"{path}: format {meta.get('format') if isinstance(meta, dict) else meta!r}, "
+                        f"expected {CACHE_FORMAT!r}")
     return meta
+
+
+def load_cache_file(cache_dir, name, **kw):
+    """np.load of a cache file; a missing, truncated or corrupt file is a DataError naming it."""
+    path = os.path.join(cache_dir, name)
+    try:
+        out = np.load(path, **kw)
+        if name == CACHE_INDEX:  # npz members are read lazily: check the small ones now, while errors can be named
+            for k in ("record_offsets", "counts"):
+                out[k]
+        return out
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(f"{path}: cannot read ({type(e).__name__}: {e}); the cache is truncated or corrupt, "
+                        "rebuild it with embed_captions.py --overwrite=True") from None
+
+
+def data_identity(records, cache=None, shards=()):
+    """What identifies stage-2 training data, kept in checkpoints so a resume on other data is refused:
+    the record count, the cache's text hash and size, and the shards' names and sizes. Cheap (nothing
+    is re-read) and free of paths, so moved files with the same content still resume."""
+    ident = {"num_records": len(records)}
+    if cache is not None:
+        ident.update(text_hash=cache.meta["text_hash"], count=cache.count, fields=list(cache.fields))
+    if shards:
+        h = hashlib.sha256()
+        for p in shards:
+            h.update(f"{os.path.basename(p)}\0{os.path.getsize(p)}\0".encode())
+        ident["shards"] = f"{len(shards)} shards, sha256 {h.hexdigest()[:16]}"
+    return ident
+
+
+def identity_mismatch(old, new):
+    """['key: checkpoint X, now Y', ...] over the keys both identities have (the text hash only when the
+    cache fields agree: text_source may change on resume)."""
+    keys = [k for k in (old or {}) if k in new and not (k == "text_hash" and old.get("fields") != new.get("fields"))]
+    return [f"{k}: checkpoint {old[k]!r}, now {new[k]!r}" for k in keys if old[k] != new[k]]
 
 
 class EmbeddingCache:
@@ -499,7 +541,7 @@ class EmbeddingCache:
             diff = encoder_mismatch(meta["encoder"], expect)
             if diff:
                 raise DataError(f"{cache_dir}: built with different encoder settings: " + "; ".join(diff))
-        index = np.load(os.path.join(cache_dir, CACHE_INDEX))
+        index = load_cache_file(cache_dir, CACHE_INDEX)
         self.record_offsets = index["record_offsets"].astype(np.int64)
         self._counts = index["counts"].astype(np.int32)
         if manifest is not None:
@@ -516,7 +558,7 @@ class EmbeddingCache:
 
     def _open(self):
         if self._mm is None or self._pid != os.getpid():
-            self._mm = np.load(os.path.join(self.cache_dir, CACHE_EMBEDDINGS), mmap_mode="r")
+            self._mm = load_cache_file(self.cache_dir, CACHE_EMBEDDINGS, mmap_mode="r")
             self._pid = os.getpid()
         return self._mm
 
@@ -584,16 +626,19 @@ def verify_cache(cache_dir, manifest=None, block_rows=65536, row_range=None):
     (given the manifest) the texts unchanged. Returns a list of problems (empty: all good).
     row_range=(start, end) checks only those rows (ranks split the scan)."""
     problems = []
-    meta = read_cache_meta(cache_dir)
+    try:  # a truncated or corrupt file is reported, never a crash
+        meta = read_cache_meta(cache_dir)
+        index = load_cache_file(cache_dir, CACHE_INDEX)
+        emb = load_cache_file(cache_dir, CACHE_EMBEDDINGS, mmap_mode="r")
+    except DataError as e:
+        return [str(e)]
     if not meta.get("complete"):
         problems.append("meta.json says the cache is incomplete")
-    index = np.load(os.path.join(cache_dir, CACHE_INDEX))
     if manifest is not None:
         new = cache_texts(manifest, meta["fields"])
         if new.text_hash != meta["text_hash"]:
             problems.append(f"stale for {_name(manifest)}: "
                             + describe_text_mismatch(index["counts"], index["text_hashes"], meta["fields"], new))
-    emb = np.load(os.path.join(cache_dir, CACHE_EMBEDDINGS), mmap_mode="r")
     if emb.shape != (meta["count"], meta["dim"]) or emb.dtype != np.float16:
         problems.append(f"{CACHE_EMBEDDINGS} is {emb.dtype} {emb.shape}, meta says float16 {(meta['count'], meta['dim'])}")
         return problems
@@ -775,14 +820,22 @@ def index_tar_shards(paths):
     plus `.txt` (the real caption) and/or `.json` (keys `captions`, `long_captions`, or `caption`).
     Image bytes are not read here: each record keeps the byte range of its image (`_tar`), so any
     rank or worker reads its own samples with a plain seek. Records with no caption are an error.
+    Integrity: tarfile stops quietly at a truncated header, so every member must lie within the file
+    and the archive must end with its end-of-archive blocks; a shard cut anywhere is a DataError naming
+    it (never fewer samples). Caption fields are validated as manifests are (_caption_list), naming
+    `shard::key`.
     """
     import tarfile
     records = []
     for path in paths:
         samples = {}
+        size = os.path.getsize(path)
         try:
             with tarfile.open(path) as tf:
                 for m in tf:
+                    if m.offset_data + m.size > size:
+                        raise DataError(f"{path}: truncated tar shard: member {m.name!r} needs bytes up to "
+                                        f"{m.offset_data + m.size}, the file has {size}")
                     if not m.isfile():
                         continue
                     d, base = os.path.split(m.name)
@@ -793,7 +846,14 @@ def index_tar_shards(paths):
                         s["image"] = m
                     elif ext in ("txt", "json"):
                         s[ext] = tf.extractfile(m).read().decode("utf-8")
-        except (tarfile.TarError, OSError) as e:
+                end = tf.offset  # where the member list stopped: must be two zero blocks (POSIX end of archive)
+            with open(path, "rb") as f:
+                f.seek(end)
+                tail = f.read(2 * tarfile.BLOCKSIZE)
+            if len(tail) < 2 * tarfile.BLOCKSIZE or tail.count(0) != len(tail):
+                raise DataError(f"{path}: truncated or corrupt tar shard: no end-of-archive blocks at byte {end} "
+                                f"(file size {size}); samples after that point would be lost")
+        except (tarfile.TarError, OSError, UnicodeDecodeError) as e:
             raise DataError(f"{path}: cannot read tar shard ({e})") from None
         for key, s in samples.items():
             where = f"{path}::{key}"
@@ -805,10 +865,15 @@ def index_tar_shards(paths):
                     meta = json.loads(s["json"])
                 except json.JSONDecodeError as e:
                     raise DataError(f"{where}.json: malformed JSON ({e.msg})") from None
-            captions = list(meta.get("captions") or ([meta["caption"]] if meta.get("caption") else []))
+                if not isinstance(meta, dict):
+                    raise DataError(f"{where}.json: expected a JSON object, got {type(meta).__name__}")
+                if "caption" in meta and not isinstance(meta["caption"], (str, type(None))):
+                    raise DataError(f"{where}.json: 'caption' must be a string, got {meta['caption']!r:.80}")
+            captions = _caption_list(f"{where}.json", meta, "captions") or (
+                [meta["caption"]] if (meta.get("caption") or "").strip() else [])
             if not captions and s.get("txt", "").strip():
                 captions = [s["txt"].strip()]
-            long_captions = list(meta.get("long_captions") or [])
+            long_captions = _caption_list(f"{where}.json", meta, "long_captions")
             if not captions and not long_captions:
                 raise DataError(f"{where}: no caption (expected {key}.txt or captions/long_captions in {key}.json)")
             m = s["image"]
@@ -850,6 +915,11 @@ class TrainSamples:
         rng = sample_rng(self.seed, epoch, i)
         field, slot = choose_caption(self.records[i], rng, self.ratio)
         emb = None if self.cache is None else self.cache.get(i, field, slot)
+        if emb is not None and not np.isfinite(emb).all():  # would train until the loss is NaN, naming nothing
+            rec = self.records[i]
+            raise DataError(f"{os.path.join(self.cache.cache_dir, CACHE_EMBEDDINGS)}: row {self.cache.row(i, field, slot)} "
+                            f"is not finite: record {i} (line {rec.get('line', '?')}, image {rec['image']}), "
+                            f"{field}[{slot}]; check it with embed_captions.py --verify_only=True")
         return {"image": self.transform(img, rng), "embedding": emb, "text": self.records[i][field][slot],
                 "index": i, "bad": bad}
 

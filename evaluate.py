@@ -163,11 +163,16 @@ class HFClip:
         self.device = device
         self.siglip = "siglip" in self.model.config.model_type  # trained with max-length padding
         self.max_length = getattr(self.model.config.text_config, "max_position_embeddings", 77)
+        self.truncation = dict(texts=0, truncated=0, tokens_cut=0, max_cut=0)  # as model.TextEncoder counts
 
     def encode_images(self, images):
         return _pooled(self.model.get_image_features(pixel_values=images))
 
     def encode_texts(self, texts):
+        cut = [n - self.max_length for n in map(len, self.tokenizer(texts)["input_ids"]) if n > self.max_length]
+        t = self.truncation
+        t.update(texts=t["texts"] + len(texts), truncated=t["truncated"] + len(cut),
+                 tokens_cut=t["tokens_cut"] + sum(cut), max_cut=max([t["max_cut"], *cut]))
         tok = self.tokenizer(texts, padding="max_length" if self.siglip else True, truncation=True,
                              max_length=self.max_length, return_tensors="pt")
         tok = {k: v.to(self.device) for k, v in tok.items() if k in ("input_ids", "attention_mask")}
@@ -188,6 +193,14 @@ class LLM2CLIP:
 
     def encode_texts(self, texts):
         return self.text_encoder.encode(texts, batch_size=len(texts))
+
+    @property
+    def truncation(self):
+        return self.text_encoder.text_encoder.truncation
+
+    @property
+    def max_length(self):
+        return self.text_encoder.max_length
 
 
 def load_model(spec, device):
@@ -327,7 +340,14 @@ def run_retrieval(cfg, dist_info, log):
         m, results[spec] = load_model(spec, dist_info[3]), {}
         for d in datasets:
             img = encode_images(m, [r["image"] for r in d["records"]], cfg, dist_info, f"{d['name']} images")
+            t0 = dict(m.truncation)
             txt = encode_texts(m, d["texts"], cfg, dist_info, f"{d['name']} texts")
+            cut = torch.tensor([m.truncation[k] - t0[k] for k in ("texts", "truncated", "tokens_cut")])
+            if dist_info[0]:  # every rank encoded a share of the texts
+                cut = cut.to(dist_info[3])
+                torch.distributed.all_reduce(cut)
+            t0 = dict(zip(("texts", "truncated", "tokens_cut"), cut.tolist()), max_cut=m.truncation["max_cut"])
+            log(f"{spec} on {d['name']}: " + common.describe_truncation(t0, m.max_length))
             if dist_info[1] == 0:
                 r = retrieval_metrics(img, txt, d["text_to_image"])
                 results[spec][d["name"]] = {**r, "n_images": img.shape[0], "n_texts": txt.shape[0]}
@@ -415,13 +435,15 @@ def c2c_eval(encoder, records_or_captions, instruction=None, max_length=512, bat
         return F.normalize(torch.as_tensor(f).float(), dim=-1)
 
     first, second = [c[0] for c in caps], [c[1] for c in caps]
+    cut0 = getattr(encoder, "truncation", {}).get("truncated", 0)
     d1, d2 = enc(first, None), enc(second, None)
     q1, q2 = (enc(first, instruction), enc(second, instruction)) if instruction else (d1, d2)
     if was_training:
         encoder.train()
     target = torch.arange(len(caps), device=d1.device)
     return {"c2c_top1": _percent(_ranks(q1, d2, target) == 0),
-            "c2c_top1_reverse": _percent(_ranks(q2, d1, target) == 0), "n": len(caps)}
+            "c2c_top1_reverse": _percent(_ranks(q2, d1, target) == 0), "n": len(caps),
+            "truncated": getattr(encoder, "truncation", {}).get("truncated", 0) - cut0}  # texts cut to max_length
 
 
 def run_c2c(cfg, log):
@@ -434,6 +456,7 @@ def run_c2c(cfg, log):
                  batch_size=cfg["batch_size"])
     log(f"| text model | captions | n | c2c top-1 | reverse |\n|---|---|---|---|---|\n"
         f"| {cfg['text_model']} | {cfg['captions']} | {r['n']} | {r['c2c_top1']:.1f} | {r['c2c_top1_reverse']:.1f} |")
+    log(common.describe_truncation(enc.pop_truncation(), cfg["max_length"]))
     if cfg["out"]:
         _write_results(cfg["out"], {"task": "c2c", "text_model": cfg["text_model"], "captions": cfg["captions"], **r}, cfg)
     return r

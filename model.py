@@ -150,6 +150,14 @@ class TextEncoder(nn.Module):
                 and self.suffix[-1:] != [tokenizer.eos_token_id]:
             self.suffix = self.suffix + [tokenizer.eos_token_id]  # eos pooling needs an EOS to pool
         self.pool_prefix = not self.is_decoder
+        # texts seen, texts cut to max_length, tokens dropped, most dropped from one text: each stage logs
+        # them (pop_truncation + common.describe_truncation) instead of truncating silently
+        self.truncation = dict(texts=0, truncated=0, tokens_cut=0, max_cut=0)
+
+    def pop_truncation(self):
+        """The truncation counts since the last call (then reset to zero)."""
+        out, self.truncation = self.truncation, dict.fromkeys(self.truncation, 0)
+        return out
 
     @property
     def dim(self):
@@ -178,7 +186,13 @@ class TextEncoder(nn.Module):
         for body, i in zip(bodies, index):
             if not body:
                 raise ValueError(f"text {i} is empty ({texts[i]!r}); every caption needs at least one token")
-            body = body[:budget]
+            t = self.truncation
+            t["texts"] += 1
+            if len(body) > budget:
+                t["truncated"] += 1
+                t["tokens_cut"] += len(body) - budget
+                t["max_cut"] = max(t["max_cut"], len(body) - budget)
+                body = body[:budget]
             seqs.append(self.prefix + instr + body + self.suffix)
             pools.append([int(self.pool_prefix)] * len(self.prefix) + [0] * len(instr) + [1] * (len(body) + len(self.suffix)))
         T = max(len(s) for s in seqs)

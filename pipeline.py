@@ -60,10 +60,12 @@ def main(argv=None):
     # --- 3. stage 1
     import cc_finetune
     t = time.time()
-    cc_finetune.main(["config/cc_tiny_cpu.py", f"--text_model={p('text_model')}",
+    cc = cc_finetune.main(["config/cc_tiny_cpu.py", f"--text_model={p('text_model')}",
                       f"--train_captions={p('data', 'train_captions.jsonl')}",
                       f"--val_captions={p('data', 'val_captions.jsonl')}",
                       f"--out_dir={p('cc')}", f"--max_steps={cfg['cc_steps']}", f"--seed={cfg['seed']}"])
+    t_cut = cc["truncation"]  # the preset's max_length fits instruction + caption: this should be 0
+    print(f"stage 1: {t_cut['truncated']} of {t_cut['texts']} training texts truncated", flush=True)
     done("stage 1 (cc_finetune)", t)
 
     # --- 4. the offline cache, for the train and val manifests

@@ -494,6 +494,17 @@ def main(argv=None):
     tasks = ("retrieval", "classify", "c2c", "convert")
     if cfg["task"] not in tasks:
         raise ValueError(f"--task={cfg['task']!r}: expected one of {', '.join(tasks)}")
+    pos = (lambda v: v > 0, "a positive integer")
+    common.check_config(cfg, {"batch_size": pos, "text_batch_size": pos, "max_length": pos,
+                              "num_workers": (lambda v: v >= 0, "an integer >= 0")})
+    if cfg["out"]:  # found now, not after every model has been scored
+        folder = os.path.dirname(os.path.abspath(cfg["out"]))
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"out={cfg['out']!r}: cannot create {folder} ({e.strerror or e})") from None
+        if not os.access(folder, os.W_OK) or os.path.isdir(cfg["out"]):
+            raise ValueError(f"out={cfg['out']!r}: not a writable file path")
     if cfg["task"] in ("c2c", "convert"):  # single process
         log = common.Logger(None, "evaluate")
         return run_c2c(cfg, log) if cfg["task"] == "c2c" else run_convert(cfg, log)

@@ -269,8 +269,7 @@ def load_text_encoder(name_or_path, *, bidirectional=None, pooling=None, lora=No
     settings = {}
     path = name_or_path
     if os.path.isfile(os.path.join(name_or_path, ENCODER_CONFIG)):
-        with open(os.path.join(name_or_path, ENCODER_CONFIG)) as f:
-            settings = json.load(f)
+        settings = _read_json(os.path.join(name_or_path, ENCODER_CONFIG))
         path = os.path.join(name_or_path, settings.get("model_subdir", "merged"))
     bidirectional = settings.get("bidirectional", True) if bidirectional is None else bidirectional
     pooling = settings.get("pooling", "mean") if pooling is None else pooling
@@ -462,20 +461,36 @@ class LLM2CLIPTextEncoder(nn.Module):
         return F.normalize(self.adaptor(embeddings.to(p.device)), dim=-1)
 
 
+def _read_json(path):
+    """A JSON file whose errors name the file."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read JSON ({e})") from None
+
+
+def _load_state(path):
+    """torch.load(weights_only=True) whose errors (missing, truncated, corrupt file) name the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise RuntimeError(f"{path}: cannot load ({type(e).__name__}: {str(e)[:200]})") from None
+
+
 def load_llm2clip(out_dir, device="cpu", load_text=True):
     """Load a post_train.py export -> (ImageEncoder, LLM2CLIPTextEncoder or None), ready for inference.
 
     `llm2clip.json` names the timm model and kwargs, the files of the vision tower and adaptor state
     dicts, and the stage-1 text encoder (with the instruction and max_length the cache used).
     """
-    with open(os.path.join(out_dir, LLM2CLIP_CONFIG)) as f:
-        meta = json.load(f)
+    meta = _read_json(os.path.join(out_dir, LLM2CLIP_CONFIG))
     v = meta["vision"]
     vision = VisionTower(v["model_name"], pretrained=False, timm_kwargs=v.get("timm_kwargs", {}))
-    vision.model.load_state_dict(torch.load(os.path.join(out_dir, v["file"]), map_location="cpu", weights_only=True))
+    vision.model.load_state_dict(_load_state(os.path.join(out_dir, v["file"])))
     a = meta["adaptor"]
     adaptor = Adaptor(a["in_dim"], a["out_dim"], a["num_blocks"], a["expansion"])
-    adaptor.load_state_dict(torch.load(os.path.join(out_dir, a["file"]), map_location="cpu", weights_only=True))
+    adaptor.load_state_dict(_load_state(os.path.join(out_dir, a["file"])))
     image_encoder = ImageEncoder(vision).to(device).eval()
     text_encoder = None
     if load_text:

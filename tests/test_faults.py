@@ -191,6 +191,21 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(w, tmp_path):
     assert f"resumed from {first} at step 1" in log and res["step"] == 3
 
 
+def test_corrupt_export_and_encoder_json_are_named(w, tmp_path):
+    import model as M
+    out = tmp_path / "run"
+    post_train.main(args(w, out, "--max_steps=1"))
+    p = out / "vision_tower.pt"
+    p.write_bytes(p.read_bytes()[:200])
+    with pytest.raises(RuntimeError, match=re.escape(str(p)) + ": cannot load"):
+        M.load_llm2clip(str(out), load_text=False)
+    enc = tmp_path / "enc"
+    os.makedirs(enc)
+    (enc / "encoder.json").write_text('{"model_subdir": ')
+    with pytest.raises(ValueError, match=re.escape(str(enc / "encoder.json")) + ": cannot read JSON"):
+        M.load_text_encoder(str(enc))
+
+
 def test_nan_cache_row_names_record_and_row(w, tmp_path):
     cache = tmp_path / "nan_cache"
     shutil.copytree(w.cache, cache)
@@ -294,3 +309,5 @@ def test_other_stages_validate_at_start(w, tmp_path):
         embed_captions.main([f"--text_model={w.llm}", f"--manifest={w.val}", f"--out_dir={tmp_path}", "--chunk_rows=0"])
     with pytest.raises(ValueError, match="dtype='fp16': expected 'auto', 'float32' or 'bfloat16'"):
         cc_finetune.main([f"--text_model={w.llm}", "--train_captions=/nonexistent.jsonl", "--dtype=fp16"])
+    with pytest.raises(ValueError, match="out='/proc/nope/results.json': cannot create /proc/nope"):
+        evaluate.main(["--task=retrieval", f"--model={w.llm}", "--data=/nonexistent.jsonl", "--out=/proc/nope/results.json"])

@@ -195,12 +195,12 @@ class LLM2CLIP:
         return self.text_encoder.encode(texts, batch_size=len(texts))
 
     @property
-    def truncation(self):
-        return self.text_encoder.text_encoder.truncation
+    def truncation(self):  # the LLM's counts (None for a text encoder that does not count)
+        return getattr(getattr(self.text_encoder, "text_encoder", None), "truncation", None)
 
     @property
     def max_length(self):
-        return self.text_encoder.max_length
+        return getattr(self.text_encoder, "max_length", None)
 
 
 def load_model(spec, device):
@@ -340,14 +340,15 @@ def run_retrieval(cfg, dist_info, log):
         m, results[spec] = load_model(spec, dist_info[3]), {}
         for d in datasets:
             img = encode_images(m, [r["image"] for r in d["records"]], cfg, dist_info, f"{d['name']} images")
-            t0 = dict(m.truncation)
+            t0 = dict(m.truncation or {})
             txt = encode_texts(m, d["texts"], cfg, dist_info, f"{d['name']} texts")
-            cut = torch.tensor([m.truncation[k] - t0[k] for k in ("texts", "truncated", "tokens_cut")])
-            if dist_info[0]:  # every rank encoded a share of the texts
-                cut = cut.to(dist_info[3])
-                torch.distributed.all_reduce(cut)
-            t0 = dict(zip(("texts", "truncated", "tokens_cut"), cut.tolist()), max_cut=m.truncation["max_cut"])
-            log(f"{spec} on {d['name']}: " + common.describe_truncation(t0, m.max_length))
+            if t0:  # how many texts max_length cut (summed over ranks)
+                cut = torch.tensor([m.truncation[k] - t0[k] for k in ("texts", "truncated", "tokens_cut")])
+                if dist_info[0]:
+                    cut = cut.to(dist_info[3])
+                    torch.distributed.all_reduce(cut)
+                t0 = dict(zip(("texts", "truncated", "tokens_cut"), cut.tolist()), max_cut=m.truncation["max_cut"])
+                log(f"{spec} on {d['name']}: " + common.describe_truncation(t0, m.max_length))
             if dist_info[1] == 0:
                 r = retrieval_metrics(img, txt, d["text_to_image"])
                 results[spec][d["name"]] = {**r, "n_images": img.shape[0], "n_texts": txt.shape[0]}
@@ -435,15 +436,18 @@ def c2c_eval(encoder, records_or_captions, instruction=None, max_length=512, bat
         return F.normalize(torch.as_tensor(f).float(), dim=-1)
 
     first, second = [c[0] for c in caps], [c[1] for c in caps]
-    cut0 = getattr(encoder, "truncation", {}).get("truncated", 0)
+    counts = getattr(encoder, "truncation", None)  # model.TextEncoder counts the texts max_length cuts
+    cut0 = counts["truncated"] if counts else 0
     d1, d2 = enc(first, None), enc(second, None)
     q1, q2 = (enc(first, instruction), enc(second, instruction)) if instruction else (d1, d2)
     if was_training:
         encoder.train()
     target = torch.arange(len(caps), device=d1.device)
-    return {"c2c_top1": _percent(_ranks(q1, d2, target) == 0),
-            "c2c_top1_reverse": _percent(_ranks(q2, d1, target) == 0), "n": len(caps),
-            "truncated": getattr(encoder, "truncation", {}).get("truncated", 0) - cut0}  # texts cut to max_length
+    out = {"c2c_top1": _percent(_ranks(q1, d2, target) == 0),
+           "c2c_top1_reverse": _percent(_ranks(q2, d1, target) == 0), "n": len(caps)}
+    if counts:
+        out["truncated"] = encoder.truncation["truncated"] - cut0  # texts cut to max_length
+    return out
 
 
 def run_c2c(cfg, log):

@@ -191,10 +191,14 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(w, tmp_path):
     assert f"resumed from {first} at step 1" in log and res["step"] == 3
 
 
-def test_corrupt_export_and_encoder_json_are_named(w, tmp_path):
+def test_corrupt_export_and_encoder_json_are_named(w, tmp_path, capsys):
     import model as M
     out = tmp_path / "run"
     post_train.main(args(w, out, "--max_steps=1"))
+    capsys.readouterr()  # while the export is intact: retrieval logs how many texts max_length cut (issue item 6)
+    evaluate.main(["--task=retrieval", f"--model={out}", f"--data={w.val}", "--caption_field=long_captions",
+                   "--captions_per_image=0", "--num_workers=0"])
+    assert f"{out} on val: truncation: none of 96 texts exceeded max_length=512" in capsys.readouterr().out
     p = out / "vision_tower.pt"
     p.write_bytes(p.read_bytes()[:200])
     with pytest.raises(RuntimeError, match=re.escape(str(p)) + ": cannot load"):

@@ -33,6 +33,16 @@ def subprocess_env(threads=1):
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false"}
 
 
+def embed_one_thread(model, manifest, out, run):
+    """embed_captions.main in-process with one thread: the bits of the one-thread subprocess runs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        embed_captions.main([f"--text_model={model}", f"--manifest={manifest}", f"--out_dir={out}"] + run)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A synthetic manifest (24 records x 2 short + 3 long captions), a tiny llama, and a reference
@@ -44,12 +54,7 @@ def setup(tmp_path_factory):
     model = pipeline.build_tiny_text_model(str(root / "tiny"), "llama", texts=texts)
     manifest = str(root / "syn" / "train.jsonl")
     ref = str(root / "ref")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        embed_captions.main([f"--text_model={model}", f"--manifest={manifest}", f"--out_dir={ref}"] + RUN)
-    finally:
-        torch.set_num_threads(threads)
+    embed_one_thread(model, manifest, ref, RUN)
     return {"root": root, "recs": recs, "model": model, "manifest": manifest, "ref": ref}
 
 
@@ -180,12 +185,7 @@ def test_killed_run_resumes_to_identical_cache(setup, tmp_path):
     committed chunks are skipped and the cache is byte-identical to an uninterrupted run's."""
     run = ["--chunk_rows=2", "--batch_tokens=256"]  # 60 chunks: the kill lands with most of them still to do
     ref = str(tmp_path / "ref")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the same bits as the one-thread subprocesses
-    try:
-        embed_captions.main([f"--text_model={setup['model']}", f"--manifest={setup['manifest']}", f"--out_dir={ref}"] + run)
-    finally:
-        torch.set_num_threads(threads)
+    embed_one_thread(setup["model"], setup["manifest"], ref, run)
     out = str(tmp_path / "killed")
     cmd = [PY, os.path.join(ROOT, "embed_captions.py"), f"--text_model={setup['model']}",
            f"--manifest={setup['manifest']}", f"--out_dir={out}"] + run

@@ -609,11 +609,11 @@ def grad_cache_step(forward, groups, loss_fn, *, no_sync=None, autocast=None):
     loss = loss_fn(*[tuple(c) if t else c[0] for c, t in zip(cache, tuples)])
     flat = [x for c in cache for x in c]
     grads = iter(torch.autograd.grad(loss, flat, allow_unused=True))
-    cache = [[next(grads) for _ in c] for c in cache]  # per side, per output
+    grad_cache = [[next(grads) for _ in c] for c in cache]  # per side, per output
     # (3) re-run each chunk with grad; back-propagate its rows of the cached gradient
     n_left = sum(len(side) for side in groups)
     state = iter(states)
-    for side, cached in zip(groups, cache):
+    for side, cached in zip(groups, grad_cache):
         start = 0
         for j, chunk in enumerate(side):
             n_left -= 1

@@ -352,16 +352,16 @@ def run_linear_probe(cfg, dist_info, log):
     train_paths, train_y, names, _ = evaluate.read_class_folder(os.path.join(root, "train"))
     val_paths, val_y, val_names, _ = evaluate.read_class_folder(os.path.join(root, "val"))
     if names != val_names:
-        raise DataError(f"{root}: train/ and val/ have different class folders "
-                        f"({len(names)} vs {len(val_names)}; first differing: "
-                        f"{next((a, b) for a, b in zip(names + [None], val_names + [None]) if a != b)})")
+        raise DataError(f"{root}: train/ and val/ need the same class folders; only in one of them: "
+                        f"{sorted(set(names) ^ set(val_names))[:5]}")
     log(f"{root}: {len(train_paths)} train / {len(val_paths)} val images, {len(names)} classes "
         f"(chance top-1 {100 / len(names):.2f}%)")
     results, device = {}, dist_info[3]
     for spec in evaluate._split(cfg["model"], "model"):
         m = load_image_model(spec, device)
-        slug = hashlib.sha256(os.path.abspath(spec).encode() if os.path.exists(spec) else spec.encode()).hexdigest()[:12]
-        base = os.path.join(cfg["feature_dir"], f"{os.path.basename(os.path.normpath(spec))}-{slug}")
+        where = os.path.abspath(spec) if os.path.exists(spec) else spec  # a folder, or a hub name
+        base = os.path.join(cfg["feature_dir"], f"{os.path.basename(os.path.normpath(spec))}-"
+                                                f"{hashlib.sha256(where.encode()).hexdigest()[:12]}")
         xtr = cached_features(m, spec, train_paths, os.path.join(base, "train"), cfg, dist_info, log)
         xva = cached_features(m, spec, val_paths, os.path.join(base, "val"), cfg, dist_info, log)
         del m
@@ -370,7 +370,7 @@ def run_linear_probe(cfg, dist_info, log):
         torch.manual_seed(0)
         predict = train_linear_probe(xtr, train_y, len(names), cfg["probe_epochs"], cfg["probe_batch_size"],
                                      cfg["probe_lr"], cfg["probe_momentum"], cfg["probe_weight_decay"], device=device)
-        with torch.no_grad():
+        with torch.no_grad():  # logits @ I.T: the rank of the true class, ties as everywhere in evaluate.py
             rank = evaluate._ranks(predict(xva), torch.eye(len(names), device=device),
                                    torch.tensor(val_y, device=device))
         results[spec] = {"top1": evaluate._percent(rank < 1), "top5": evaluate._percent(rank < 5),

@@ -400,8 +400,8 @@ def convert_xm3600(src, lang, prefix="images/"):
         if not isinstance(key, str) or not key:
             raise DataError(f"{src}:{lineno}: expected an \"image/key\" string (Crossmodal-3600 captions.jsonl)")
         if lang not in obj:
-            raise DataError(f"{src}:{lineno}: image {key} has no {lang!r} captions; languages here: "
-                            f"{', '.join(sorted(langs)) or 'none'} (--lang=...)")
+            what = f"image {key} has no {lang!r} captions" if lang else "pick the captions' language with --lang"
+            raise DataError(f"{src}:{lineno}: {what}; languages here: {', '.join(sorted(langs)) or 'none'}")
         caps = obj[lang].get("caption") if isinstance(obj[lang], dict) else None
         if not isinstance(caps, list) or not caps or not all(isinstance(c, str) and c.strip() for c in caps):
             raise DataError(f"{src}:{lineno}: {lang}.caption of image {key} must be a non-empty list of non-empty strings")

@@ -45,9 +45,9 @@ amp = True               # bf16 autocast on CUDA (CPU always runs fp32)
 # zero-shot classification
 classnames = ""          # file, one class name per line in sorted-folder order; "" = folder names ("_" -> " ")
 templates = ""           # file, one prompt template per line with {}; "" = "a photo of a {}."
-# linear probe (Table 4, right half): the issue's recipe, SGD on cached frozen features
+# linear probe (Table 4, right half): a linear classifier trained with SGD on cached frozen features
 feature_dir = "out/probe_features"  # cached image features, one folder per model and split (reused on rerun)
-probe_epochs = 50
+probe_epochs = 50        # epochs, batch, lr, momentum, weight decay: the recipe issue 14 gives for the paper
 probe_batch_size = 1024
 probe_lr = 0.1           # peak lr, cosine to 0 over all steps (features are standardised first)
 probe_momentum = 0.9

@@ -60,6 +60,20 @@ def test_export_matches_timm_hidden_states_and_embedding(tmp_path, kind):
     assert torch.allclose(nn.functional.normalize(emb, dim=-1), M.ImageEncoder(v)(x), atol=1e-5)
 
 
+def test_export_checks_itself_against_timm(tmp_path, monkeypatch):
+    """A mapping mistake (q and k swapped in one layer) is caught by export_hf's own reload-and-compare."""
+    real = downstream.hf_vision_state_dict
+
+    def swapped(vit, family):
+        sd = real(vit, family)
+        p = "encoder.layers.1.self_attn."
+        sd[p + "q_proj.weight"], sd[p + "k_proj.weight"] = sd[p + "k_proj.weight"], sd[p + "q_proj.weight"]
+        return sd
+    monkeypatch.setattr(downstream, "hf_vision_state_dict", swapped)
+    with pytest.raises(RuntimeError, match=r"differs from timm's tower \(max relative difference .*not a faithful export"):
+        downstream.export_hf(tiny_tower(TOWERS["siglip"][0]), str(tmp_path))
+
+
 def test_export_refuses_eva02_and_names_the_supported_families(tmp_path):
     v = M.VisionTower("eva02_tiny_patch14_224.mim_in22k", timm_kwargs=dict(depth=1))
     with pytest.raises(downstream.UnsupportedTower, match=r"a timm Eva, not a VisionTransformer; export_hf supports "
@@ -231,6 +245,8 @@ def test_convert_xm3600(tmp_path):
         {"image": "images/0002.jpg", "captions": ["ein blaues Quadrat", "blau"]}]
     with pytest.raises(DataError, match=r"captions.jsonl:1: image 0001 has no 'fr' captions; languages here: de, en"):
         downstream.convert_xm3600(str(src), "fr")
+    with pytest.raises(DataError, match=r"captions.jsonl:1: pick the captions' language with --lang; languages here: de, en"):
+        downstream.convert_xm3600(str(src), "")
     src.write_text(json.dumps({"image/key": "0003", "en": {"caption": [""]}}) + "\n")
     with pytest.raises(DataError, match=r"captions.jsonl:1: en.caption of image 0003 must be a non-empty list"):
         downstream.convert_xm3600(str(src), "en")

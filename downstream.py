@@ -77,7 +77,8 @@ def hf_vision_config(vit, name="tower"):
              and not vit.dynamic_img_size and isinstance(pe.norm, nn.Identity), name,
              "register tokens, no_embed_class, no position embedding, dynamic size or a patch-embed norm")
     (h, w), (ph, pw) = pe.img_size, pe.patch_size
-    _require(h == w and ph == pw and h % ph == 0, name, f"image {h}x{w} / patch {ph}x{pw} is not square and divisible")
+    _require(h == w and ph == pw and tuple(pe.grid_size) == (h // ph, w // pw) and not getattr(pe, "dynamic_img_pad", False),
+             name, f"image {h}x{w} / patch {ph}x{pw}: not square, or padded")  # 384 / 14: both drop the remainder
     blocks = list(vit.blocks)
     norms = [vit.norm] + [n for b in blocks for n in (b.norm1, b.norm2)] + ([vit.norm_pre] if family == "clip" else [])
     for b in blocks:

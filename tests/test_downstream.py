@@ -20,11 +20,11 @@ torch.set_num_threads(1)
 TINY = dict(img_size=56, patch_size=14, embed_dim=32, depth=3, num_heads=2)  # 4x4 patches, 56 px as in /14 towers
 
 
-def tiny_tower(name, head=24, patch_bias=False, seed=0):
+def tiny_tower(name, head=24, patch_bias=False, seed=0, img_size=56):
     """A scaled-down timm tower with every weight randomised (LayerNorms included), so a swapped or
     missed tensor in the mapping shows."""
     torch.manual_seed(seed)
-    v = M.VisionTower(name, embed_dim=head, timm_kwargs=TINY)
+    v = M.VisionTower(name, embed_dim=head, timm_kwargs={**TINY, "img_size": img_size})
     if patch_bias:  # timm's CLIP towers have none (pre-norm); a bias must fold into the position table
         old = v.model.patch_embed.proj
         v.model.patch_embed.proj = nn.Conv2d(3, old.out_channels, old.kernel_size, old.stride, bias=True)
@@ -36,20 +36,23 @@ def tiny_tower(name, head=24, patch_bias=False, seed=0):
 
 TOWERS = {"clip_quickgelu": ("vit_base_patch16_clip_quickgelu_224.openai", False, "CLIPVisionModel"),
           "clip_patch_bias": ("vit_base_patch16_clip_224.openai", True, "CLIPVisionModel"),
-          "siglip": ("vit_base_patch16_siglip_224.v2_webli", False, "SiglipVisionModel")}
+          "siglip": ("vit_base_patch16_siglip_224.v2_webli", False, "SiglipVisionModel"),
+          "siglip_remainder": ("vit_base_patch16_siglip_224.v2_webli", False, "SiglipVisionModel")}  # 60 px / 14, like so400m-384
+IMG = {"siglip_remainder": 60}
 
 
 @pytest.mark.parametrize("kind", list(TOWERS))
 def test_export_matches_timm_hidden_states_and_embedding(tmp_path, kind):
     import transformers
     name, bias, cls = TOWERS[kind]
-    v = tiny_tower(name, patch_bias=bias)
+    img = IMG.get(kind, 56)
+    v = tiny_tower(name, patch_bias=bias, img_size=img)
     family, diff = downstream.export_hf(v, str(tmp_path))
     assert family == cls[:-len("VisionModel")].lower() and diff < 1e-5
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["architectures"] == [cls] and cfg["hidden_act"] == ("quick_gelu" if kind == "clip_quickgelu" else "gelu")
     hf = getattr(transformers, cls).from_pretrained(str(tmp_path)).eval()
-    x = torch.randn(3, 3, 56, 56, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(3, 3, img, img, generator=torch.Generator().manual_seed(1))
     hidden, emb = downstream.hf_forward(hf, str(tmp_path), x)
     want = downstream.timm_hidden_states(v.model, x)
     assert len(hidden) == len(want) == TINY["depth"] + 1  # embeddings, then one per block: LLaVA's [-2] is block -2

@@ -187,12 +187,12 @@ def timm_hidden_states(vit, x):
 def export_hf(vision, hf_dir, name="tower", atol=1e-4):
     """Write a VisionTower (model.VisionTower: timm model + data_config) as a transformers folder.
 
-    hf_dir gets config.json + model.safetensors (keys under `vision_model.`, the layout of every hub
-    CLIP/SigLIP vision checkpoint, which transformers 4.x and 5.x both load), preprocessor_config.json,
+    hf_dir gets config.json + model.safetensors (keys under `vision_model.`: the layout of the hub's
+    CLIP/SigLIP vision checkpoints, which transformers 5 maps on load and 4.x expects), preprocessor_config.json,
     and `projection.safetensors` when the tower has a head. transformers' CLIPVisionModelWithProjection
     cannot hold it: its projection has no bias and ours has one. The folder is loaded back and checked
-    against timm on a random input (every hidden state and the embedding, relative to atol) before
-    returning the family and the largest relative difference.
+    against timm on a random input (every hidden state and the embedding, relative to atol); if they
+    differ, the files written are removed again and RuntimeError says so. Returns (family, max difference).
     """
     from safetensors.torch import save_file
     from transformers import CLIPVisionModel, SiglipVisionModel
@@ -215,6 +215,9 @@ def export_hf(vision, hf_dir, name="tower", atol=1e-4):
     got, want = hf_forward(hf.eval(), hf_dir, x), (timm_hidden_states(vit, x), vit(x))
     diff = max(_rel_diff(a, b) for a, b in zip(got[0] + (got[1],), want[0] + [want[1]]))
     if len(got[0]) != len(want[0]) or diff > atol:
+        for n in ("config.json", "model.safetensors", "preprocessor_config.json", HF_PROJECTION):
+            if os.path.isfile(os.path.join(hf_dir, n)):
+                os.remove(os.path.join(hf_dir, n))
         raise RuntimeError(f"{hf_dir}: the transformers model differs from timm's {name} (max relative difference "
                            f"{diff:.2e} > {atol}); not a faithful export")
     return family, diff

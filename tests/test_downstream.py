@@ -75,6 +75,7 @@ def test_export_checks_itself_against_timm(tmp_path, monkeypatch):
     monkeypatch.setattr(downstream, "hf_vision_state_dict", swapped)
     with pytest.raises(RuntimeError, match=r"differs from timm's tower \(max relative difference .*not a faithful export"):
         downstream.export_hf(tiny_tower(TOWERS["siglip"][0]), str(tmp_path))
+    assert os.listdir(tmp_path) == []  # nothing half-right is left to load
 
 
 def test_export_refuses_eva02_and_names_the_supported_families(tmp_path):

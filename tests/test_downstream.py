@@ -51,6 +51,9 @@ def test_export_matches_timm_hidden_states_and_embedding(tmp_path, kind):
     assert family == cls[:-len("VisionModel")].lower() and diff < 1e-5
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["architectures"] == [cls] and cfg["hidden_act"] == ("quick_gelu" if kind == "clip_quickgelu" else "gelu")
+    proc = transformers.AutoImageProcessor.from_pretrained(str(tmp_path), backend="pil")  # SigLIP too: resize + crop
+    assert (proc.crop_size, proc.size) == ({"height": img, "width": img}, {"shortest_edge": int(img / 0.9)})
+    assert (tuple(proc.image_mean), tuple(proc.image_std)) == (v.data_config["mean"], v.data_config["std"])
     hf = getattr(transformers, cls).from_pretrained(str(tmp_path)).eval()
     x = torch.randn(3, 3, img, img, generator=torch.Generator().manual_seed(1))
     hidden, emb = downstream.hf_forward(hf, str(tmp_path), x)

@@ -67,8 +67,8 @@ def hf_vision_config(vit, name="tower"):
     _require(isinstance(vit, VisionTransformer), name, f"a timm {type(vit).__name__}, not a VisionTransformer")
     if vit.has_class_token and vit.global_pool == "token" and _norm_eps(vit.norm_pre):
         family = "clip"
-    elif not vit.has_class_token and vit.global_pool == "map":
-        family = "siglip"
+    elif not vit.has_class_token and vit.global_pool == "map" and isinstance(vit.norm_pre, nn.Identity):
+        family = "siglip"  # transformers' SigLIP has no norm before the blocks
     else:
         _require(False, name, f"class_token={vit.has_class_token}, global_pool={vit.global_pool!r}, "
                               f"pre_norm={not isinstance(vit.norm_pre, nn.Identity)}")
@@ -142,7 +142,8 @@ def hf_vision_state_dict(vit, family):
         for j, n in enumerate("qkv"):
             sd[p + f"self_attn.{n}_proj.weight"], sd[p + f"self_attn.{n}_proj.bias"] = qkv_w[j], qkv_b[j]
         sd[p + "self_attn.out_proj.weight"], sd[p + "self_attn.out_proj.bias"] = b.attn.proj.weight, _bias(b.attn.proj, D)
-        for ours, theirs in (("layer_norm1", b.norm1), ("layer_norm2", b.norm2), ("mlp.fc1", b.mlp.fc1), ("mlp.fc2", b.mlp.fc2)):
+        pairs = (("layer_norm1", b.norm1), ("layer_norm2", b.norm2), ("mlp.fc1", b.mlp.fc1), ("mlp.fc2", b.mlp.fc2))
+        for ours, theirs in pairs:
             sd[p + ours + ".weight"], sd[p + ours + ".bias"] = theirs.weight, _bias(theirs, theirs.weight.shape[0])
     sd["post_layernorm.weight"], sd["post_layernorm.bias"] = vit.norm.weight, vit.norm.bias
     if family == "siglip":

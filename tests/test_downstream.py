@@ -37,7 +37,8 @@ def tiny_tower(name, head=24, patch_bias=False, seed=0, img_size=56):
 TOWERS = {"clip_quickgelu": ("vit_base_patch16_clip_quickgelu_224.openai", False, "CLIPVisionModel"),
           "clip_patch_bias": ("vit_base_patch16_clip_224.openai", True, "CLIPVisionModel"),
           "siglip": ("vit_base_patch16_siglip_224.v2_webli", False, "SiglipVisionModel"),
-          "siglip_remainder": ("vit_base_patch16_siglip_224.v2_webli", False, "SiglipVisionModel")}  # 60 px / 14, like so400m-384
+          # 60 px / 14 leaves a remainder, as so400m at 384 px does
+          "siglip_remainder": ("vit_base_patch16_siglip_224.v2_webli", False, "SiglipVisionModel")}
 IMG = {"siglip_remainder": 60}
 
 

@@ -294,8 +294,11 @@ def _model_identity(spec):
 def cached_features(m, spec, paths, cache_dir, cfg, dist_info, log):
     """L2-normalised image features of `paths`, computed in chunks of PROBE_CHUNK saved under cache_dir
     (float16, one file per chunk, written atomically): a rerun reuses every finished chunk. meta.json
-    records the model identity, preprocessing and image list; a cache made by anything else is refused."""
+    records the model identity, preprocessing, precision and image list; a cache made by anything else
+    is refused."""
+    bf16 = bool(cfg.get("amp")) and str(dist_info[3]).startswith("cuda")  # evaluate's autocast rule
     meta = {"model": spec, "model_identity": _model_identity(spec), "data_config": common.jsonable(m.data_config),
+            "precision": "bfloat16 autocast" if bf16 else "float32",
             "images": hashlib.sha256("\n".join(paths).encode()).hexdigest(), "count": len(paths), "chunk": PROBE_CHUNK}
     meta_path = os.path.join(cache_dir, "meta.json")
     if os.path.isfile(meta_path):

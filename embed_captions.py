@@ -78,6 +78,13 @@ def fixed_size_batches(lengths, batch_size):
     return [np.arange(i, min(i + batch_size, len(lengths))) for i in range(0, len(lengths), batch_size)]
 
 
+def sorted_fixed_batches(lengths, batch_size):
+    """What sentence-transformers' encode does: `batch_size` texts at a time in length order (longest
+    first; it sorts by characters, this by tokens), each batch padded to its longest."""
+    order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
 def padded_tokens(batches, lengths):
     """Tokens the model actually processes (each batch padded to its longest)."""
     lengths = np.asarray(lengths)
@@ -107,20 +114,26 @@ def encode_batches(encoder, texts, batches, instruction=None, max_length=512):
         yield idx, encoder(**batch).float().cpu()
 
 
-def compare_batching(encoder, texts, batch_tokens=4096, max_length=512, repeats=3):
-    """Time token-budget batching against fixed-size batches in input order on the same texts.
+def compare_batching(encoder, texts, batch_tokens=4096, max_length=512, repeats=3, sorted_batch_size=0):
+    """Time token-budget batching against fixed-size batches in input order on the same texts, and
+    (sorted_batch_size > 0) against length-sorted fixed batches of that size (sentence-transformers').
 
     The naive batch size is what fits the same memory budget at the longest text (batch_tokens //
-    longest). Rounds interleave the two, so load changes on a shared machine hit both alike. Returns
+    longest). Rounds interleave the schemes, so load changes on a shared machine hit them alike. Returns
     medians (wall and process CPU seconds; on CPU with one thread the CPU time is the work, on GPU
-    read the wall time), padded tokens, and the largest relative difference between their rows."""
+    read the wall time), padded tokens, and the largest relative difference of each scheme's rows
+    from the fixed batches' rows."""
     lengths = text_lengths(encoder, texts, None, max_length)
     schemes = {"sorted": token_budget_batches(lengths, batch_tokens),
                "fixed": fixed_size_batches(lengths, max(1, batch_tokens // int(lengths.max())))}
+    if sorted_batch_size > 0:
+        schemes["sorted_fixed"] = sorted_fixed_batches(lengths, sorted_batch_size)
     times = {k: [] for k in schemes}
     outs = {}
     for rep in range(repeats + 1):  # the first round warms up
-        for k, batches in schemes.items():
+        names = list(schemes)[rep % len(schemes):] + list(schemes)[:rep % len(schemes)]  # none always first
+        for k in names:
+            batches = schemes[k]
             out = torch.empty(len(texts), encoder.dim)
             w, c = time.perf_counter(), time.process_time()
             for idx, e in encode_batches(encoder, texts, batches, None, max_length):
@@ -129,11 +142,11 @@ def compare_batching(encoder, texts, batch_tokens=4096, max_length=512, repeats=
                 times[k].append((time.perf_counter() - w, time.process_time() - c))
             outs[k] = out
     med = {k: np.median(np.array(v), axis=0) for k, v in times.items()}
+    diff = {k: float(((o - outs["fixed"]).norm(dim=1) / outs["fixed"].norm(dim=1)).max()) for k, o in outs.items()}
     return {"wall_ratio": med["fixed"][0] / med["sorted"][0], "cpu_ratio": med["fixed"][1] / med["sorted"][1],
-            "wall": {k: float(v[0]) for k, v in med.items()},
+            "wall": {k: float(v[0]) for k, v in med.items()}, "cpu": {k: float(v[1]) for k, v in med.items()},
             "padded": {k: padded_tokens(b, lengths) for k, b in schemes.items()},
-            "tokens": int(lengths.sum()),
-            "max_rel_diff": float(((outs["sorted"] - outs["fixed"]).norm(dim=1) / outs["fixed"].norm(dim=1)).max())}
+            "tokens": int(lengths.sum()), "max_rel_diff": max(diff.values()), "rel_diff": diff}
 
 
 # -----------------------------------------------------------------------------

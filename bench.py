@@ -81,6 +81,8 @@ embed_repeats = 2  # after a warm-up pass
 embed_batch_tokens = 16384  # embed_captions.py's default; fixed batches: this // the longest caption
 embed_sorted_batch = 32  # sentence-transformers' default batch size, for its length-sorted batches
 embed_copies = 1  # the caption mix repeated this many times: a larger corpus, so sorted batches pad ~nothing
+embed_attn = "sdpa"  # the (c) encoder's attention implementation (all schemes alike)
+embed_packed = False  # (c) also padding-free rows (embed_captions.encode_packed): needs embed_attn="flash_attention_2"
 embed_max_length = 512
 vocab_size = 2000  # BPE tokenizer trained offline on the captions
 # stage-1 memory (d)
@@ -99,11 +101,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 # --- models and data
 
-def text_encoder(tokenizer, shape, dev="cpu", dtype=None, lora=False):
+def text_encoder(tokenizer, shape, dev="cpu", dtype=None, lora=False, attn="sdpa"):
     """A random bidirectional Llama of `shape` (LlamaConfig kwargs) as a TextEncoder; dev="meta": shape only."""
     from transformers import AutoModel, LlamaConfig
-    conf = LlamaConfig(vocab_size=len(tokenizer) + 32, max_position_embeddings=4096, attn_implementation="sdpa",
-                       **shape)
+    conf = LlamaConfig(vocab_size=len(tokenizer) + 32, max_position_embeddings=4096, attn_implementation=attn, **shape)
     with torch.device(dev):
         llm = AutoModel.from_config(conf, **({"dtype": dtype} if dtype else {}))
     llm = M.enable_bidirectional(llm, verify=dev != "meta")
@@ -409,11 +410,15 @@ def main(argv=None):
         # batches in input order, as many as fit the same budget at the longest caption (same memory), and against
         # length-sorted batches of 32 (sentence-transformers' encode); embed_copies repeats the mix (a larger corpus)
         import embed_captions
-        enc = text_encoder(tok, text_shape(cfg, cfg["embed_layers"]), dev, text_dtype).eval().requires_grad_(False)
+        if cfg["embed_packed"] and cfg["embed_attn"] != "flash_attention_2":
+            raise ValueError("embed_packed=True needs embed_attn='flash_attention_2' (a variable-length kernel); "
+                             f"with {cfg['embed_attn']!r} a packed row would pay full attention over all its texts")
+        enc = text_encoder(tok, text_shape(cfg, cfg["embed_layers"]), dev, text_dtype,
+                           attn=cfg["embed_attn"]).eval().requires_grad_(False)
         corpus = texts * cfg["embed_copies"]
         with ctx:
             c = embed_captions.compare_batching(enc, corpus, cfg["embed_batch_tokens"], cfg["embed_max_length"],
-                                                cfg["embed_repeats"], cfg["embed_sorted_batch"])
+                                                cfg["embed_repeats"], cfg["embed_sorted_batch"], cfg["embed_packed"])
         n = embed_captions.text_lengths(enc, corpus, max_length=cfg["embed_max_length"])
         info.update(embed_n=len(corpus), embed_layers=enc.model.config.num_hidden_layers, embed_mean=n.mean(),
                     embed_max=n.max(), embed_diff=c["max_rel_diff"], embed_padded=c["padded"], embed_tokens=c["tokens"],
@@ -426,6 +431,10 @@ def main(argv=None):
             "captions/s")
         ratio("sorted / fixed", w["fixed"], w["sorted"], 2, ">=")
         ratio(f"sorted / sorted {cfg['embed_sorted_batch']}", w["sorted_fixed"], w["sorted"])
+        if cfg["embed_packed"]:
+            row("c", f"embed: packed, {cfg['embed_batch_tokens']}-token rows, varlen", len(corpus) / w["packed"],
+                "captions/s")
+            ratio("packed / sorted", w["sorted"], w["packed"])
         del enc
 
     if "d" in cfg["benchmarks"]:
@@ -494,7 +503,7 @@ def print_report(rows, info, cfg, peak):
         print(f"embed: {info['embed_n']} captions ({cfg['embed_copies']} x the mix), {info['captions']}; "
               f"{info['embed_layers']}-layer text encoder; tokens mean {info['embed_mean']:.0f}, max {info['embed_max']}; "
               f"padded tokens / unpadded: fixed {p['fixed'] / n:.2f}x, sorted {cfg['embed_sorted_batch']} "
-              f"{p['sorted_fixed'] / n:.2f}x, token-budget {p['sorted'] / n:.2f}x; embeddings max relative "
+              f"{p['sorted_fixed'] / n:.2f}x, token-budget {p['sorted'] / n:.2f}x; {cfg['embed_attn']}; embeddings max relative "
               f"difference {info['embed_diff']:.1e}")
     if "mem_baseline" in info:
         kind = "CUDA allocated" if info["device"].startswith("cuda") else "RSS"

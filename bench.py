@@ -481,7 +481,7 @@ def print_report(rows, info, cfg, peak):
     print(f"load average (1, 5, 15 min) at start {' '.join(f'{x:.2f}' for x in e['load_start'])} ({e['start']}), at "
           f"end {' '.join(f'{x:.2f}' for x in e.get('load_end', ()))} ({e.get('end', '?')})")
     print(f"medians of {cfg['repeats']} repeats x {cfg['steps']} steps (a, b), {cfg['embed_repeats']} passes (c), "
-          f"{cfg['mem_repeats']} processes per variant (d); times (a-c) in {cfg['clock']} time"
+          f"{cfg['mem_repeats']} processes per variant (d); times (a-d) in {cfg['clock']} time"
           + ("" if cfg["clock"] == "wall" else " (process CPU seconds: the work, not the other tenants' share)"))
     if "a_wall" in info and cfg["clock"] != "wall":
         print("wall ms/step (a, b): " + ", ".join(f"{k} {1e3 * v:.1f}" for k, v in info["a_wall"].items())

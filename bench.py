@@ -12,9 +12,9 @@ interleaved within each repeat so that load drift on a shared machine hits them 
   (c) caption embedding throughput (embed_captions.py's batching): length-sorted token-budget batches vs
       fixed-size batches padded to their longest in dataset order, and vs length-sorted batches of 32
       (sentence-transformers' encode), on real COCO + DOCCI captions (embed_copies: a larger corpus).
-  (d) stage-1 peak memory and step time at global batch 256 (cc_finetune.grad_cache_step), each variant
-      in a fresh subprocess minus a baseline process: gradient caching in chunks of 32 vs plain 256 vs
-      plain 32; and the peak memory of one embed_captions.py rank embedding (c)'s captions.
+  (d) stage-1 peak memory and step time at global batch 256 (model.grad_cache_step, as cc_finetune.py calls
+      it), each variant in a fresh subprocess minus a baseline process: gradient caching in chunks of 32 vs
+      plain 256 vs plain 32; and the peak memory of one embed_captions.py rank embedding (c)'s captions.
 The run's environment (torch version, threads, load average at start and end) is printed with the table.
 
 python bench.py                         # tiny CPU models (about 3 minutes on 2 CPU cores)
@@ -199,9 +199,8 @@ def rss_high_water(reset=False):
 
 def memory_child(variant, cfg):
     """Build the stage-1 model (tiny LoRA decoder) and inputs, restart the high-water mark, run mem_steps steps of
-    `variant` through cc_finetune's grad_cache_step, print the peak memory in MiB (RSS on CPU, allocated on CUDA)
-    and the median time of the steps after the first."""
-    from cc_finetune import grad_cache_step
+    `variant` through model.grad_cache_step (queries and positives, as cc_finetune.py calls it), print the peak
+    memory in MiB (RSS on CPU, allocated on CUDA) and the median time of the steps after the first."""
     torch.manual_seed(cfg["seed"])
     torch.set_num_threads(cfg["threads"])
     dev, G, C, T = cfg["device"], cfg["mem_global_batch"], cfg["mem_chunk"], cfg["mem_max_length"]
@@ -223,7 +222,7 @@ def memory_child(variant, cfg):
     times, clock = [], time.process_time if cfg["clock"] == "cpu" else time.perf_counter
     for _ in range(cfg["mem_steps"]):
         t0 = clock()
-        grad_cache_step(enc, side(ids[0]), side(ids[1]), lambda q, d, h: M.caption_contrastive_loss(q, d, 0.05, h))
+        M.grad_cache_step(lambda c: enc(**c), [side(ids[0]), side(ids[1])], lambda q, d: M.caption_contrastive_loss(q, d))
         opt.step()
         opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize() if cuda else None
@@ -370,7 +369,7 @@ def main(argv=None):
                 st["text"] = enc(ids, ones, ones)
 
         def clip_fwd_bwd():
-            post_train.forward_backward(clip, clip, images, st["text"], 0, ctx)
+            M.grad_cache_step(lambda c: clip(*c), [[(images, st["text"])]], lambda out: M.clip_loss(*out), autocast=ctx)
 
         def update(model, opt):  # post_train's order: clip, AdamW, zero the grads
             return [("grad clip", lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), pcfg["grad_clip"])),

@@ -17,7 +17,7 @@ interleaved within each repeat so that load drift on a shared machine hits them 
       plain 256 vs plain 32; and the peak memory of one embed_captions.py rank embedding (c)'s captions.
 The run's environment (torch version, threads, load average at start and end) is printed with the table.
 
-python bench.py                         # tiny CPU models (about 3 minutes on 2 CPU cores)
+python bench.py                         # tiny CPU models (a few minutes on 2 quiet CPU cores)
 python bench.py config/bench_gpu.py     # ViT-L/14-224 + a Llama-3-8B-shaped text encoder, with MFU
 """
 import json

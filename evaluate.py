@@ -190,12 +190,24 @@ class LLM2CLIP:
         return self.text_encoder.encode(texts, batch_size=len(texts))
 
 
-def load_model(spec, device):
-    """An LLM2CLIP out_dir (it has llm2clip.json) or else a HF CLIP/SigLIP folder or hub name."""
+def load_models(spec, device):
+    """--model item -> [(row name, model)]: one row per text encoder of an LLM2CLIP out_dir (it has
+    llm2clip.json: its LLM side, CLIP-T and Cat head, as `text_encoders` lists them; rows "spec [name]" when
+    the run has other than the LLM side alone), else one row of a HF CLIP/SigLIP folder or hub name.
+    The rows of one out_dir share its image encoder."""
     if os.path.isfile(os.path.join(spec, "llm2clip.json")):
-        from model import load_llm2clip  # local: baselines need no model.py
-        return LLM2CLIP(*load_llm2clip(spec, device=device))
-    return HFClip(spec, device)
+        import model as M  # local: baselines need no model.py
+        image_encoder, _ = M.load_llm2clip(spec, device=device, load_text=False)
+        with open(os.path.join(spec, "llm2clip.json")) as f:
+            names = json.load(f).get("text_encoders", ["llm"])
+        return [(spec if names == ["llm"] else f"{spec} [{n}]",
+                 LLM2CLIP(image_encoder, M.load_llm2clip_text(spec, n, device))) for n in names]
+    return [(spec, HFClip(spec, device))]
+
+
+def load_model(spec, device):
+    """The first (for an LLM2CLIP out_dir: its main) row of load_models."""
+    return load_models(spec, device)[0][1]
 
 
 # -----------------------------------------------------------------------------
@@ -324,15 +336,18 @@ def run_retrieval(cfg, dist_info, log):
             f"{d['captions_per_image'] or 'any'} per image) from {d['manifest']}")
     results = {}
     for spec in specs:
-        m, results[spec] = load_model(spec, dist_info[3]), {}
-        for d in datasets:
-            img = encode_images(m, [r["image"] for r in d["records"]], cfg, dist_info, f"{d['name']} images")
-            txt = encode_texts(m, d["texts"], cfg, dist_info, f"{d['name']} texts")
-            if dist_info[1] == 0:
-                r = retrieval_metrics(img, txt, d["text_to_image"])
-                results[spec][d["name"]] = {**r, "n_images": img.shape[0], "n_texts": txt.shape[0]}
-                log(f"{spec} on {d['name']}: " + ", ".join(f"{k} {v:.2f}" for k, v in r.items()))
-        del m
+        rows = load_models(spec, dist_info[3])
+        for name, _ in rows:
+            results[name] = {}
+        for d in datasets:  # images once per model: the rows of one run share its image encoder
+            img = encode_images(rows[0][1], [r["image"] for r in d["records"]], cfg, dist_info, f"{d['name']} images")
+            for name, m in rows:
+                txt = encode_texts(m, d["texts"], cfg, dist_info, f"{d['name']} texts")
+                if dist_info[1] == 0:
+                    r = retrieval_metrics(img, txt, d["text_to_image"])
+                    results[name][d["name"]] = {**r, "n_images": img.shape[0], "n_texts": txt.shape[0]}
+                    log(f"{name} on {d['name']}: " + ", ".join(f"{k} {v:.2f}" for k, v in r.items()))
+        del rows
     if dist_info[1] != 0:
         return None
     table = markdown_table(results, [d["name"] for d in datasets])
@@ -383,15 +398,16 @@ def run_classify(cfg, dist_info, log):
     log(f"{cfg['data']}: {len(paths)} images, {len(names)} classes, {len(templates)} templates")
     results = {}
     for spec in _split(cfg["model"], "model"):
-        m = load_model(spec, dist_info[3])
-        img = encode_images(m, paths, cfg, dist_info)
-        txt = encode_texts(m, [t.format(n) for n in names for t in templates], cfg, dist_info, "prompts")
-        if dist_info[1] == 0:
-            cls = F.normalize(txt.view(len(names), len(templates), -1).mean(1), dim=-1)
-            rank = _ranks(img, cls, torch.tensor(labels, device=img.device))
-            results[spec] = {"top1": _percent(rank < 1), "top5": _percent(rank < 5), "n": len(paths)}
-            log(f"{spec}: top-1 {results[spec]['top1']:.2f}, top-5 {results[spec]['top5']:.2f}")
-        del m
+        rows = load_models(spec, dist_info[3])
+        img = encode_images(rows[0][1], paths, cfg, dist_info)
+        for name, m in rows:
+            txt = encode_texts(m, [t.format(n) for n in names for t in templates], cfg, dist_info, "prompts")
+            if dist_info[1] == 0:
+                cls = F.normalize(txt.view(len(names), len(templates), -1).mean(1), dim=-1)
+                rank = _ranks(img, cls, torch.tensor(labels, device=img.device))
+                results[name] = {"top1": _percent(rank < 1), "top5": _percent(rank < 5), "n": len(paths)}
+                log(f"{name}: top-1 {results[name]['top1']:.2f}, top-5 {results[name]['top5']:.2f}")
+        del rows
     if dist_info[1] == 0 and cfg["out"]:
         _write_results(cfg["out"], {"task": "classify", "data": cfg["data"], "results": results}, cfg)
     return results

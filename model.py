@@ -329,11 +329,11 @@ class TransformerAdaptor(nn.Module):
 
     def __init__(self, in_dim, out_dim, num_layers=1, expansion=4, head_dim=64):
         super().__init__()
-        if in_dim % head_dim:
+        heads = max(1, in_dim // head_dim)  # a tiny test width gets one head
+        if in_dim % heads:
             raise ValueError(f"TransformerAdaptor: in_dim={in_dim} is not a multiple of head_dim={head_dim}")
         self.in_dim, self.out_dim, self.num_layers, self.expansion = in_dim, out_dim, num_layers, expansion
-        self.head_dim = head_dim
-        self.layers = nn.ModuleList([nn.TransformerEncoderLayer(in_dim, in_dim // head_dim, expansion * in_dim, dropout=0.0,
+        self.layers = nn.ModuleList([nn.TransformerEncoderLayer(in_dim, heads, expansion * in_dim, dropout=0.0,
                                                                 activation="gelu", batch_first=True, norm_first=True)
                                      for _ in range(num_layers)])
         self.norm = nn.LayerNorm(in_dim)
@@ -415,14 +415,25 @@ def load_clip_text(name_or_path, device=None):
     in the checkpoint are skipped (the text classes share the full model's weight names)."""
     from transformers import AutoConfig, AutoTokenizer
     import transformers
-    model_type = AutoConfig.from_pretrained(name_or_path).model_type
+    config = AutoConfig.from_pretrained(name_or_path)
+    model_type = config.model_type
     classes = {"clip": "CLIPTextModelWithProjection", "clip_text_model": "CLIPTextModelWithProjection",
                "siglip": "SiglipTextModel", "siglip_text_model": "SiglipTextModel",
                "siglip2": "Siglip2TextModel", "siglip2_text_model": "Siglip2TextModel"}
     if model_type not in classes:
         raise ValueError(f"clip_text={name_or_path!r}: model_type {model_type!r} is not a transformers CLIP/SigLIP "
                          f"model (expected one of {sorted(classes)}); other families load through open_clip")
-    model = getattr(transformers, classes[model_type]).from_pretrained(name_or_path)
+    if hasattr(config, "text_config"):  # a full CLIP/SigLIP: its text part (CLIP keeps projection_dim at the top)
+        text_config = config.text_config
+        if hasattr(config, "projection_dim"):
+            text_config.projection_dim = config.projection_dim
+        config = text_config
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the checkpoint's vision weights are skipped on purpose
+    try:
+        model = getattr(transformers, classes[model_type]).from_pretrained(name_or_path, config=config)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
     tower = CLIPText(model, AutoTokenizer.from_pretrained(name_or_path))
     return tower.to(device) if device is not None else tower
 

@@ -175,6 +175,33 @@ def build_tiny_text_model(out_dir, arch="llama", texts=None, vocab_size=512, see
     return out_dir
 
 
+def build_tiny_clip(out_dir, texts=None, projection_dim=64, kind="clip", vocab_size=400, seed=0, hidden_size=32):
+    """Save a tiny random CLIPModel (kind="clip") or SiglipModel ("siglip") + a BPE tokenizer trained on
+    `texts` ([CLS] text [SEP]; [SEP] is the EOS CLIP pools at) to out_dir: a stand-in for a pretrained CLIP
+    whose text tower (CLIP-T) stage 2 can load. Text width `hidden_size`, 2 layers, 77 positions."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel, SiglipConfig, SiglipModel
+    tok = train_tokenizer(list(texts) if texts else _DEFAULT_CORPUS, vocab_size, style="encoder")
+    tok.model_max_length = 77
+    text = dict(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=77, pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.sep_token_id, bos_token_id=tok.cls_token_id)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=16)
+    torch.manual_seed(seed)
+    if kind == "clip":
+        model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim))
+    elif kind == "siglip":  # SigLIP's text head maps to the text width: the joint space is hidden_size wide
+        model = SiglipModel(SiglipConfig(text_config={**text, "hidden_size": projection_dim,
+                                                      "intermediate_size": 2 * projection_dim}, vision_config=vision))
+    else:
+        raise ValueError(f"kind={kind!r}; expected 'clip' or 'siglip'")
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
 _DEFAULT_CORPUS = [
     "a red circle on a white background", "two blue squares next to a green triangle",
     "a small yellow star in the top left corner", "the quick brown fox jumps over the lazy dog",

@@ -25,7 +25,9 @@ from data import (DataError, ImageDataset, convert_docci, convert_karpathy, conv
 # config: every key can be overridden with --key=value or a config/*.py file
 task = "retrieval"       # retrieval | classify | c2c | convert
 model = ""               # comma-separated; each a HF CLIP/SigLIP folder or hub name (baseline, own text
-                         # tower) or an LLM2CLIP out_dir (has llm2clip.json): one table row per model
+                         # tower), open_clip:NAME/PRETRAINED (e.g. open_clip:EVA02-L-14-336/merged2b_s6b_b61k;
+                         # needs pip install open_clip_torch) or an LLM2CLIP out_dir (has llm2clip.json): one
+                         # table row per model, one per text encoder of an out_dir (LLM side, CLIP-T, Cat head)
 data = ""                # retrieval: comma-separated known names or manifest .jsonl paths; classify: a folder
 data_root = "data"       # known names resolve to <data_root>/<name>/manifest.jsonl, images under <data_root>/<name>/
 image_root = ""          # image root of manifest paths given in --data; "" = the manifest's folder
@@ -174,6 +176,35 @@ class HFClip:
         return _pooled(self.model.get_text_features(**tok))
 
 
+class OpenCLIP:
+    """Baseline of a family transformers lacks (EVA02-CLIP, ...): `open_clip:NAME/PRETRAINED`, PRETRAINED an
+    open_clip tag or a local checkpoint file (open_clip:NAME//abs/path.pt). open_clip is an optional
+    dependency, imported only here."""
+
+    PREFIX = "open_clip:"
+
+    def __init__(self, spec, device):
+        try:
+            import open_clip
+        except ImportError:
+            raise ImportError(f"--model={spec}: open_clip models need the open_clip package, which is not installed: "
+                              "pip install open_clip_torch") from None
+        name, _, pretrained = spec[len(self.PREFIX):].partition("/")
+        self.model = open_clip.create_model(name, pretrained=pretrained or None, device=device).eval()
+        self.tokenizer = open_clip.get_tokenizer(name)
+        pp = self.model.visual.preprocess_cfg  # its size, mean/std; our eval rule: short-side resize + centre crop
+        size = pp["size"] if isinstance(pp["size"], (tuple, list)) else (pp["size"], pp["size"])
+        self.data_config = {"input_size": (3, *size), "interpolation": pp.get("interpolation", "bicubic"),
+                            "crop_pct": 1.0, "crop_mode": "center", "mean": tuple(pp["mean"]), "std": tuple(pp["std"])}
+        self.device = device
+
+    def encode_images(self, images):
+        return self.model.encode_image(images)
+
+    def encode_texts(self, texts):
+        return self.model.encode_text(self.tokenizer(texts).to(self.device))
+
+
 class LLM2CLIP:
     """A post-trained model: image_encoder(images) -> (B, D), text_encoder.encode(texts) -> (N, D)."""
 
@@ -202,6 +233,8 @@ def load_models(spec, device):
             names = json.load(f).get("text_encoders", ["llm"])
         return [(spec if names == ["llm"] else f"{spec} [{n}]",
                  LLM2CLIP(image_encoder, M.load_llm2clip_text(spec, n, device))) for n in names]
+    if spec.startswith(OpenCLIP.PREFIX):
+        return [(spec, OpenCLIP(spec, device))]
     return [(spec, HFClip(spec, device))]
 
 

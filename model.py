@@ -625,6 +625,30 @@ class LLM2CLIP(nn.Module):
         return multi_clip_loss(feats, self.terms, outputs[-1])
 
 
+def text_inputs(model, texts, embeddings=None, frozen_llm=None, instruction=None, max_length=512, device=None):
+    """An LLM2CLIP's text input for a batch of captions, as the variant needs it:
+    "llm": the cached embeddings (B, C), or the frozen LLM's pooled embedding or token states (B, T, C) +
+    "llm_mask" (transformer adaptor); "llm_ids", ...: tokens when the LLM trains (LoRA, model.text_encoder);
+    "clip_ids", "clip_mask": CLIP-T tokens (77, truncated). Run it under the step's autocast."""
+    text = {}
+    if model.adaptor is not None:
+        llm = model.text_encoder or frozen_llm
+        if llm is None:
+            text["llm"] = embeddings
+        else:
+            tok = llm.tokenize(texts, instruction, max_length)
+            if model.text_encoder is not None:  # runs inside the model, with gradient
+                text.update(llm_ids=tok["input_ids"], llm_attention_mask=tok["attention_mask"], llm_embed_mask=tok["embed_mask"])
+            else:
+                with torch.no_grad():
+                    out = llm(**{k: v.to(llm.device) for k, v in tok.items()},
+                              pool=not getattr(model.adaptor, "takes_tokens", False))
+                text.update({"llm": out.float()} if torch.is_tensor(out) else {"llm": out[0].float(), "llm_mask": out[1]})
+    if model.clip_text is not None:
+        text.update(model.clip_text.tokenize(texts))
+    return {k: v.to(device, non_blocking=True) for k, v in text.items()}
+
+
 class ImageEncoder(nn.Module):
     """Inference wrapper: images (B, 3, H, W) -> L2-normalised (B, D); `data_config` is the preprocessing."""
 

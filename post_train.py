@@ -258,32 +258,6 @@ def load_val(cfg, text_cfg, text_encoder, device, need_embeddings=True):
     return records, texts, emb.to(device), t2i
 
 
-def text_inputs(texts, embeddings, orig_model, frozen_llm, text_cfg, device, autocast):
-    """The model's text input for a batch of captions: {"llm": cached or frozen-LLM embedding (B, C), or the
-    frozen LLM's token states (B, T, C) + "llm_mask"; "llm_ids", ...: tokens when the LLM trains (LoRA);
-    "clip_ids", "clip_mask": CLIP-T tokens (77, truncated)}."""
-    text = {}
-    if orig_model.adaptor is not None:
-        llm = orig_model.text_encoder or frozen_llm
-        if llm is None:
-            text["llm"] = embeddings
-        else:
-            tok = llm.tokenize(texts, text_cfg["instruction"], text_cfg["max_length"])
-            if orig_model.text_encoder is not None:  # runs inside the model, with gradient
-                text.update(llm_ids=tok["input_ids"], llm_attention_mask=tok["attention_mask"], llm_embed_mask=tok["embed_mask"])
-            else:
-                with torch.no_grad(), autocast:
-                    out = llm(**{k: v.to(device) for k, v in tok.items()},
-                              pool=not getattr(orig_model.adaptor, "takes_tokens", False))
-                if torch.is_tensor(out):
-                    text["llm"] = out.float()
-                else:
-                    text["llm"], text["llm_mask"] = out[0].float(), out[1]
-    if orig_model.clip_text is not None:
-        text.update(orig_model.clip_text.tokenize(texts))
-    return {k: v.to(device, non_blocking=True) for k, v in text.items()}
-
-
 def write_metrics(out_dir, rec):
     with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(rec) + "\n")
@@ -370,6 +344,7 @@ def main(argv=None):
     elif cfg["text_source"] == "cache" and uses_llm:
         raise ValueError(f"text_source='cache' needs cache_dir: run embed_captions.py --manifest={manifest_path}")
     text_cfg = text_settings(cfg, cache) if uses_llm else None
+    llm_args = (text_cfg["instruction"], text_cfg["max_length"]) if uses_llm else (None, 512)
     log(f"{len(records)} training records, {len(records) // cfg['batch_size']} steps per epoch; losses "
         f"{cfg['losses']}: " + " + ".join(f"CL({a}, {b})" for a, b in M.LOSS_TERMS[cfg["losses"]])
         + (f"; LLM: {text_cfg['model']} ({cfg['text_source']})" if uses_llm else "")
@@ -469,9 +444,9 @@ def main(argv=None):
         orig_model.eval()
         with torch.no_grad():
             for s in range(0, len(v_texts), bs):
-                text = text_inputs(v_texts[s:s + bs], None if v_emb is None else v_emb[s:s + bs], orig_model,
-                                   text_encoder, text_cfg, device, autocast)
                 with autocast:
+                    text = M.text_inputs(orig_model, v_texts[s:s + bs], None if v_emb is None else v_emb[s:s + bs],
+                                         text_encoder, *llm_args, device=device)
                     for name, f in orig_model.text_features(text).items():
                         feats.setdefault(name, []).append(f.float())
         orig_model.train()
@@ -504,7 +479,8 @@ def main(argv=None):
         batch = next(batches)
         wait_interval += time.time() - t0
         images = batch["image"].to(device, non_blocking=True)
-        text = text_inputs(batch["text"], batch["embedding"], orig_model, text_encoder, text_cfg, device, autocast)
+        with autocast:
+            text = M.text_inputs(orig_model, batch["text"], batch["embedding"], text_encoder, *llm_args, device=device)
         bad_images += batch["bad"]
         lr = get_lr(step, cfg)
         for g in optimizer.param_groups:

@@ -340,3 +340,49 @@ def test_online_lora_changes_only_lora_vision_adaptor_and_export_reloads(w, tmp_
                                    "llm_embed_mask": tok["embed_mask"]})
     exported = M.load_llm2clip_text(str(out)).encode(texts)
     assert (exported - trained).abs().max().item() < 1e-5
+
+
+# --- open_clip: an optional dependency for the families transformers lacks (EVA02-CLIP)
+
+def test_open_clip_missing_names_the_pip_package():
+    import evaluate
+    try:
+        import open_clip  # noqa: F401
+        pytest.skip("open_clip is installed")
+    except ImportError:
+        pass
+    with pytest.raises(ImportError, match="open_clip:EVA02-L-14-336/merged2b_s6b_b61k: open_clip models need the "
+                                          "open_clip package.*pip install open_clip_torch"):
+        evaluate.load_models("open_clip:EVA02-L-14-336/merged2b_s6b_b61k", "cpu")
+
+
+def test_open_clip_baseline_side_by_side_with_an_export(w, tmp_path):
+    """A tiny random open_clip model (config registered here, weights saved locally) and an LLM2CLIP export in
+    one evaluate.py table; the open_clip row equals open_clip's own encode_image/encode_text scored directly."""
+    open_clip = pytest.importorskip("open_clip")
+    import evaluate
+    cfg = {"embed_dim": 64, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "tiny-test-clip.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(str(tmp_path / "cfg"))
+    torch.manual_seed(0)
+    oc = open_clip.create_model("tiny-test-clip")
+    torch.save(oc.state_dict(), tmp_path / "tiny.pt")
+    spec = f"open_clip:tiny-test-clip/{tmp_path / 'tiny.pt'}"
+    run(w, tmp_path / "export")
+    res = evaluate.main(["--task=retrieval", f"--model={spec},{tmp_path / 'export'}", f"--data={w.val}",
+                         "--caption_field=long_captions", "--captions_per_image=0", "--num_workers=0"])
+    assert list(res["results"]) == [spec, str(tmp_path / "export")]
+    records = data.read_manifest(w.val)
+    tf = data.eval_transform({"input_size": (3, 32, 32), "interpolation": "bicubic", "crop_pct": 1.0,
+                              "crop_mode": "center", "mean": open_clip.OPENAI_DATASET_MEAN, "std": open_clip.OPENAI_DATASET_STD})
+    oc.eval()
+    with torch.no_grad():
+        img = oc.encode_image(torch.stack([tf(data.open_image(r)) for r in records]))
+        txt = oc.encode_text(open_clip.get_tokenizer("tiny-test-clip")([c for r in records for c in r["long_captions"]]))
+    t2i = [i for i, r in enumerate(records) for _ in r["long_captions"]]
+    direct = evaluate.retrieval_metrics(F.normalize(img, dim=-1), F.normalize(txt, dim=-1), t2i)
+    (scores,) = res["results"][spec].values()
+    for k in direct:
+        assert scores[k] == pytest.approx(direct[k], abs=1e-9), k

@@ -228,11 +228,12 @@ def load_models(spec, device):
     The rows of one out_dir share its image encoder."""
     if os.path.isfile(os.path.join(spec, "llm2clip.json")):
         import model as M  # local: baselines need no model.py
-        image_encoder, _ = M.load_llm2clip(spec, device=device, load_text=False)
         with open(os.path.join(spec, "llm2clip.json")) as f:
             names = json.load(f).get("text_encoders", ["llm"])
-        return [(spec if names == ["llm"] else f"{spec} [{n}]",
-                 LLM2CLIP(image_encoder, M.load_llm2clip_text(spec, n, device))) for n in names]
+        if names == ["llm"]:  # the paper's default run: one row, named by its folder
+            return [(spec, LLM2CLIP(*M.load_llm2clip(spec, device=device)))]
+        image_encoder, _ = M.load_llm2clip(spec, device=device, load_text=False)
+        return [(f"{spec} [{n}]", LLM2CLIP(image_encoder, M.load_llm2clip_text(spec, n, device))) for n in names]
     if spec.startswith(OpenCLIP.PREFIX):
         return [(spec, OpenCLIP(spec, device))]
     return [(spec, HFClip(spec, device))]

@@ -124,62 +124,6 @@ def param_groups(orig_model, cfg):
     return [g for g in groups if g["params"]]
 
 
-def _split(text, micro):
-    """A batch's text input (tensor or dict of tensors) -> per-chunk list, split along dim 0."""
-    if torch.is_tensor(text):
-        return list(text.split(micro))
-    parts = {k: v.split(micro) for k, v in text.items()}
-    return [{k: parts[k][j] for k in parts} for j in range(len(next(iter(parts.values()))))]
-
-
-def forward_backward(model, orig_model, images, text, micro, autocast):
-    """Loss of one rank's batch (the global batch's negatives), gradients accumulated into the params.
-
-    The model returns (per-sample features..., logit scale) and `orig_model.loss(outputs)` is the
-    variant's loss. micro < batch: gradient caching (GradCache / open_clip accum): embed every chunk
-    without grad, take the loss's gradient w.r.t. the features, then re-run each chunk with grad and
-    backpropagate those feature gradients. Same gradients as one big forward, memory of one chunk.
-    """
-    B = images.shape[0]
-    if micro <= 0 or micro >= B:
-        with autocast:
-            outputs = model(images, text)
-        loss = orig_model.loss(outputs)
-        loss.backward()
-        return loss.detach()
-    chunks = list(zip(images.split(micro), _split(text, micro)))
-    rng_states, feats = [], []
-    with torch.no_grad():
-        for x, e in chunks:  # RNG saved per chunk so dropout/drop-path repeat exactly in the re-run
-            rng_states.append((torch.get_rng_state(), torch.cuda.get_rng_state() if x.is_cuda else None))
-            with autocast:
-                feats.append(orig_model(x, e))
-    # gradient cache: the whole batch's features (B, D) and the logit scale, as leaves
-    cached = [torch.cat([f[i] for f in feats]).requires_grad_() for i in range(len(feats[0]) - 1)]
-    scale = feats[0][-1].detach().requires_grad_()
-    loss = orig_model.loss((*cached, scale))
-    loss.backward()  # d(sum of ranks' losses)/d(this rank's features), through the all-gather
-    ddp = hasattr(model, "no_sync")
-    start = 0
-    for j, (x, e) in enumerate(chunks):
-        last = j == len(chunks) - 1
-        cpu_state, cuda_state = rng_states[j]
-        torch.set_rng_state(cpu_state)
-        if cuda_state is not None:
-            torch.cuda.set_rng_state(cuda_state)
-        sync = contextlib.nullcontext() if (last or not ddp) else model.no_sync()
-        with sync:
-            with autocast:
-                out = model(x, e)
-            n = x.shape[0]
-            surrogate = sum((o * c.grad[start:start + n]).sum() for o, c in zip(out[:-1], cached))
-            if last:  # the logit scale's gradient, once (it is shared by all chunks)
-                surrogate = surrogate + out[-1] * scale.grad
-            surrogate.backward()
-        start += n
-    return loss.detach()
-
-
 @torch.no_grad()
 def embed_images(orig_model, records, data_config, device, batch_size, autocast):
     """L2-normalised image features of `records` with the eval preprocessing (in order)."""
@@ -486,7 +430,10 @@ def main(argv=None):
         for g in optimizer.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)
 
-        loss = forward_backward(model, orig_model, images, text, micro, autocast)
+        # chunks of `micro`: more than one -> gradient caching (the full batch's negatives, one chunk's memory)
+        chunks = list(zip(images.split(micro), M.split_batch(text, micro)))
+        loss = M.grad_cache_step(lambda c: model(*c), [chunks], orig_model.loss,
+                                 no_sync=model.no_sync if ddp else None, autocast=autocast)
         if ddp:
             dist.all_reduce(loss, op=dist.ReduceOp.AVG)  # every rank sees the same value: stop together
         if not torch.isfinite(loss):

@@ -81,6 +81,13 @@ def reference_loss(net, images, text):
     return sum(plain_clip_loss(feats[name], other, scale) for name, other in pairs)
 
 
+def step(model, net, images, text, micro=0):
+    """post_train's step: chunks of `micro` (0 = one chunk) through model.grad_cache_step with the variant's loss."""
+    micro = micro or images.shape[0]
+    chunks = list(zip(images.split(micro), M.split_batch(text, micro)))
+    return M.grad_cache_step(lambda c: model(*c), [chunks], net.loss, no_sync=getattr(model, "no_sync", None))
+
+
 def grads(net):
     return {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
 
@@ -102,10 +109,10 @@ def test_each_losses_variant_equals_plain_reference_and_gradient_cache(clip_dir)
         ref.backward()
         g_ref = grads(net)
         net.zero_grad(set_to_none=True)
-        loss = post_train.forward_backward(net, net, images, text, 0, post_train.contextlib.nullcontext())
+        loss = step(net, net, images, text)
         g_one = grads(net)
         net.zero_grad(set_to_none=True)
-        cached = post_train.forward_backward(net, net, images, text, 3, post_train.contextlib.nullcontext())  # 3+3+2
+        cached = step(net, net, images, text, 3)  # chunks of 3, 3, 2
         g_cached = grads(net)
         assert loss.item() == pytest.approx(ref.item(), abs=1e-5), losses
         assert cached.item() == pytest.approx(ref.item(), abs=1e-5), losses
@@ -160,8 +167,7 @@ def _ddp_worker(rank, world, port, clip_dir, out):
         images, text = batch(net.clip_text)
         lo, hi = rank * B // world, (rank + 1) * B // world
         ddp = torch.nn.parallel.DistributedDataParallel(net)
-        loss = post_train.forward_backward(ddp, net, images[lo:hi], {k: v[lo:hi] for k, v in text.items()}, 2,
-                                           post_train.contextlib.nullcontext())
+        loss = step(ddp, net, images[lo:hi], {k: v[lo:hi] for k, v in text.items()}, 2)
         dist.all_reduce(loss, op=dist.ReduceOp.AVG)
         res[losses] = {"loss": loss.item(), "grads": grads(net)}
     if rank == 0:
@@ -208,11 +214,10 @@ def test_transformer_adaptor_pools_only_masked_tokens_and_gradient_cache():
         assert torch.allclose(net.adaptor(states, mask), net.adaptor(padded, mask), atol=1e-5)
     images = torch.randn(B, 3, 32, 32, generator=g)
     text = {"llm": states, "llm_mask": mask}
-    nullctx = post_train.contextlib.nullcontext()
-    one = post_train.forward_backward(net, net, images, text, 0, nullctx)
+    one = step(net, net, images, text)
     g1 = grads(net)
     net.zero_grad(set_to_none=True)
-    cached = post_train.forward_backward(net, net, images, text, 3, nullctx)
+    cached = step(net, net, images, text, 3)
     assert cached.item() == pytest.approx(one.item(), abs=1e-6)
     assert_same_grads(g1, grads(net), 1e-6)
     with pytest.raises(ValueError, match="needs the LLM's token states"):

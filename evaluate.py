@@ -176,6 +176,37 @@ class HFClip:
         return _pooled(self.model.get_text_features(**tok))
 
 
+def import_open_clip(spec):
+    """open_clip, imported only when a name asks for it, with an error naming the pip package."""
+    try:
+        import open_clip
+    except ImportError:
+        raise ImportError(f"{spec}: open_clip models need the open_clip package, which is not installed: "
+                          "pip install open_clip_torch") from None
+    return open_clip
+
+
+def load_open_clip_text(spec, device="cpu"):
+    """CLIP-T (stage 2's `clip_text`) from `open_clip:NAME/PRETRAINED`, or from an export's clip_text/ folder
+    (an open_clip one has open_clip.json, else it is a transformers CLIP/SigLIP folder)."""
+    import model as M
+    meta = None
+    if os.path.isfile(os.path.join(spec, "open_clip.json")):
+        with open(os.path.join(spec, "open_clip.json")) as f:
+            meta = json.load(f)
+        name, pretrained = meta["open_clip"], ""
+    elif spec.startswith(OpenCLIP.PREFIX):
+        name, _, pretrained = spec[len(OpenCLIP.PREFIX):].partition("/")
+    else:
+        return M.load_clip_text(spec, device=device)
+    open_clip = import_open_clip(spec)
+    model = open_clip.create_model(name, pretrained=pretrained or None)
+    tower = M.OpenCLIPText(model, open_clip.get_tokenizer(name), name, open_clip.get_model_config(name)["embed_dim"])
+    if meta is not None:
+        tower.model.load_state_dict(torch.load(os.path.join(spec, meta["file"]), map_location="cpu", weights_only=True))
+    return tower.to(device)
+
+
 class OpenCLIP:
     """Baseline of a family transformers lacks (EVA02-CLIP, ...): `open_clip:NAME/PRETRAINED`, PRETRAINED an
     open_clip tag or a local checkpoint file (open_clip:NAME//abs/path.pt). open_clip is an optional
@@ -184,11 +215,7 @@ class OpenCLIP:
     PREFIX = "open_clip:"
 
     def __init__(self, spec, device):
-        try:
-            import open_clip
-        except ImportError:
-            raise ImportError(f"--model={spec}: open_clip models need the open_clip package, which is not installed: "
-                              "pip install open_clip_torch") from None
+        open_clip = import_open_clip(spec)
         name, _, pretrained = spec[len(self.PREFIX):].partition("/")
         self.model = open_clip.create_model(name, pretrained=pretrained or None, device=device).eval()
         self.tokenizer = open_clip.get_tokenizer(name)
@@ -233,7 +260,8 @@ def load_models(spec, device):
         if names == ["llm"]:  # the paper's default run: one row, named by its folder
             return [(spec, LLM2CLIP(*M.load_llm2clip(spec, device=device)))]
         image_encoder, _ = M.load_llm2clip(spec, device=device, load_text=False)
-        return [(f"{spec} [{n}]", LLM2CLIP(image_encoder, M.load_llm2clip_text(spec, n, device))) for n in names]
+        return [(f"{spec} [{n}]", LLM2CLIP(image_encoder, M.load_llm2clip_text(spec, n, device, load_open_clip_text)))
+                for n in names]
     if spec.startswith(OpenCLIP.PREFIX):
         return [(spec, OpenCLIP(spec, device))]
     return [(spec, HFClip(spec, device))]

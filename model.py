@@ -412,6 +412,31 @@ class CLIPText(nn.Module):
         self.tokenizer.save_pretrained(path)
 
 
+class OpenCLIPText(CLIPText):
+    """CLIP-T of an open_clip model (EVA02-CLIP and other families transformers lacks), with CLIPText's
+    interface. Built by evaluate.load_open_clip_text: open_clip is an optional dependency and never imported
+    here. The vision tower is dropped; open_clip's tokenizer pads to its context (77) and the tower finds the
+    end-of-text token itself, so there is no mask."""
+
+    def __init__(self, model, tokenizer, name, dim):
+        nn.Module.__init__(self)
+        model.visual = None  # CLIP-T only
+        self.model, self.tokenizer, self.name, self.dim, self.siglip = model, tokenizer, name, dim, False
+
+    def tokenize(self, texts):
+        return {"clip_ids": self.tokenizer(list(texts))}
+
+    def forward(self, clip_ids, clip_mask=None):
+        return self.model.encode_text(clip_ids)
+
+    def save_pretrained(self, path):
+        """open_clip.json (model name, dim) + the text tower's state dict: what load_open_clip_text rebuilds."""
+        os.makedirs(path, exist_ok=True)
+        torch.save(self.model.state_dict(), os.path.join(path, "open_clip_text.pt"))
+        with open(os.path.join(path, "open_clip.json"), "w") as f:
+            json.dump({"open_clip": self.name, "dim": self.dim, "file": "open_clip_text.pt"}, f)
+
+
 def load_clip_text(name_or_path, device=None):
     """The text tower + projection of a transformers CLIPModel / SiglipModel / Siglip2Model folder or hub
     name (or of a folder this function's CLIPText.save_pretrained wrote) -> CLIPText. The vision weights
@@ -635,7 +660,7 @@ def text_inputs(model, texts, embeddings=None, frozen_llm=None, instruction=None
     "clip_ids", "clip_mask": CLIP-T tokens (77, truncated). Run it under the step's autocast."""
     text = {}
     if model.adaptor is not None:
-        llm = model.text_encoder or frozen_llm
+        llm = model.text_encoder if model.text_encoder is not None else frozen_llm
         if llm is None:
             text["llm"] = embeddings
         else:
@@ -734,9 +759,11 @@ def load_llm2clip(out_dir, device="cpu", load_text=True, text=None):
     return image_encoder, (load_llm2clip_text(out_dir, text, device) if load_text else None)
 
 
-def load_llm2clip_text(out_dir, text=None, device="cpu"):
+def load_llm2clip_text(out_dir, text=None, device="cpu", clip_loader=None):
     """One text encoder of a post_train.py export: "llm" (LLM + adaptor, with the stage-2 LoRA if the run
-    trained one), "clip_t" (CLIP's own text tower as fine-tuned) or "cat" (both through the Cat head)."""
+    trained one), "clip_t" (CLIP's own text tower as fine-tuned) or "cat" (both through the Cat head).
+    clip_loader(folder, device) loads the exported CLIP-T (default load_clip_text; an open_clip CLIP-T
+    needs evaluate.load_open_clip_text)."""
     meta = _read_llm2clip(out_dir)
     names = meta.get("text_encoders", ["llm"])
     text = text or names[0]
@@ -755,7 +782,11 @@ def load_llm2clip_text(out_dir, text=None, device="cpu"):
         llm_side = LLM2CLIPTextEncoder(enc, adaptor.to(device), t.get("instruction"), t.get("max_length", 512)).eval()
         if text == "llm":
             return llm_side
-    clip_text = load_clip_text(os.path.join(out_dir, meta["clip_text"]["dir"]), device=device).eval()
+    clip_dir = os.path.join(out_dir, meta["clip_text"]["dir"])
+    if clip_loader is None and os.path.isfile(os.path.join(clip_dir, "open_clip.json")):
+        raise ValueError(f"{out_dir}: its CLIP-T is an open_clip model; load it with "
+                         "clip_loader=evaluate.load_open_clip_text (pip install open_clip_torch)")
+    clip_text = (clip_loader or load_clip_text)(clip_dir, device=device).eval()
     if text == "clip_t":
         return clip_text
     h = meta["cat_head"]

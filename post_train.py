@@ -57,7 +57,7 @@ adaptor_blocks = 4  # residual MLP blocks in the adaptor (Table 8: 0, 1, 2, 4); 
 adaptor_expansion = 2  # MLP width / input width (the transformer's paper-sized MLP: 4)
 # ablations of the text side (Tables 10, 11): which text towers train against the images
 losses = "a"  # a: LLM only (default) | direct: CLIP-T only | b: LLM + CLIP-T | c: b + CL(CLIP-T, LLM) | d: Cat head
-clip_text = ""  # CLIP/SigLIP folder or hub name whose own text tower (CLIP-T) joins stage 2; needed by all but a
+clip_text = ""  # CLIP/SigLIP folder or hub name, or open_clip:NAME/PRETRAINED: its text tower (CLIP-T) joins stage 2
 clip_text_trainable = True  # CLIP-T fine-tunes at learning_rate; False keeps it frozen
 text_lora_r = 0  # > 0: trainable LoRA of this rank on the stage-1 LLM (text_source="online" only, Table 11)
 text_lora_lr = 1e-4  # the LoRA's own peak learning rate (same schedule)
@@ -316,7 +316,8 @@ def main(argv=None):
             text_encoder = enc.eval().requires_grad_(False)
     clip_text = None
     if cfg["clip_text"]:
-        clip_text = M.load_clip_text(cfg["clip_text"]).requires_grad_(cfg["clip_text_trainable"])
+        # transformers' CLIP/SigLIP text towers, or open_clip:NAME/PRETRAINED (optional package; EVA02-CLIP)
+        clip_text = evaluate.load_open_clip_text(cfg["clip_text"]).requires_grad_(cfg["clip_text_trainable"])
     orig_model = M.LLM2CLIP(vision, text_dim, cfg["adaptor_blocks"], cfg["adaptor_expansion"], cfg["logit_scale_init"],
                             losses=cfg["losses"], clip_text=clip_text, adaptor=cfg["adaptor"],
                             text_encoder=lora_encoder).to(device)

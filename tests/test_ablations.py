@@ -361,9 +361,10 @@ def test_open_clip_missing_names_the_pip_package():
         evaluate.load_models("open_clip:EVA02-L-14-336/merged2b_s6b_b61k", "cpu")
 
 
-def test_open_clip_baseline_side_by_side_with_an_export(w, tmp_path):
+def test_open_clip_baseline_side_by_side_with_an_export_and_as_clip_t(w, tmp_path):
     """A tiny random open_clip model (config registered here, weights saved locally) and an LLM2CLIP export in
-    one evaluate.py table; the open_clip row equals open_clip's own encode_image/encode_text scored directly."""
+    one evaluate.py table; the open_clip row equals open_clip's own encode_image/encode_text scored directly.
+    Then the same model is stage 2's CLIP-T (losses=b), exported and scored as its own row."""
     open_clip = pytest.importorskip("open_clip")
     import evaluate
     cfg = {"embed_dim": 64, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
@@ -391,3 +392,17 @@ def test_open_clip_baseline_side_by_side_with_an_export(w, tmp_path):
     (scores,) = res["results"][spec].values()
     for k in direct:
         assert scores[k] == pytest.approx(direct[k], abs=1e-9), k
+    # the same open_clip model as stage 2's CLIP-T (losses=b): its export reloads to post_train's own eval
+    out = tmp_path / "b"
+    run(w, out, "--losses=b", f"--clip_text={spec}", "--max_steps=2", f"--val_manifest={w.val}",
+        "--eval_field=long_captions", "--eval_interval=2")
+    assert json.load(open(out / "clip_text" / "open_clip.json"))["open_clip"] == "tiny-test-clip"
+    with pytest.raises(ValueError, match="its CLIP-T is an open_clip model; load it with clip_loader="):
+        M.load_llm2clip_text(str(out), "clip_t")
+    res = evaluate.main(["--task=retrieval", f"--model={out}", f"--data={w.val}", "--caption_field=long_captions",
+                         "--captions_per_image=0", "--num_workers=0"])
+    with open(out / "metrics.jsonl") as f:
+        final = [r for r in map(json.loads, f) if "eval" in r][-1]
+    for name in ("llm", "clip_t"):
+        (scores,) = res["results"][f"{out} [{name}]"].values()
+        assert all(scores[k] == pytest.approx(final[f"eval_{name}"][k], abs=1e-9) for k in ("i2t_R@1", "t2i_R@5")), name

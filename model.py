@@ -666,12 +666,14 @@ def text_inputs(model, texts, embeddings=None, frozen_llm=None, instruction=None
         else:
             tok = llm.tokenize(texts, instruction, max_length)
             if model.text_encoder is not None:  # runs inside the model, with gradient
-                text.update(llm_ids=tok["input_ids"], llm_attention_mask=tok["attention_mask"], llm_embed_mask=tok["embed_mask"])
+                text.update(llm_ids=tok["input_ids"], llm_attention_mask=tok["attention_mask"],
+                            llm_embed_mask=tok["embed_mask"])
             else:
                 with torch.no_grad():
                     out = llm(**{k: v.to(llm.device) for k, v in tok.items()},
                               pool=not getattr(model.adaptor, "takes_tokens", False))
-                text.update({"llm": out.float()} if torch.is_tensor(out) else {"llm": out[0].float(), "llm_mask": out[1]})
+                text.update({"llm": out.float()} if torch.is_tensor(out)  # pooled (B, C) | token states + mask
+                            else {"llm": out[0].float(), "llm_mask": out[1]})
     if model.clip_text is not None:
         text.update(model.clip_text.tokenize(texts))
     return {k: v.to(device, non_blocking=True) for k, v in text.items()}

@@ -381,8 +381,8 @@ def test_open_clip_baseline_side_by_side_with_an_export_and_as_clip_t(w, tmp_pat
                          "--caption_field=long_captions", "--captions_per_image=0", "--num_workers=0"])
     assert list(res["results"]) == [spec, str(tmp_path / "export")]
     records = data.read_manifest(w.val)
-    tf = data.eval_transform({"input_size": (3, 32, 32), "interpolation": "bicubic", "crop_pct": 1.0,
-                              "crop_mode": "center", "mean": open_clip.OPENAI_DATASET_MEAN, "std": open_clip.OPENAI_DATASET_STD})
+    tf = data.eval_transform({"input_size": (3, 32, 32), "interpolation": "bicubic", "crop_pct": 1.0, "crop_mode": "center",
+                              "mean": open_clip.OPENAI_DATASET_MEAN, "std": open_clip.OPENAI_DATASET_STD})
     oc.eval()
     with torch.no_grad():
         img = oc.encode_image(torch.stack([tf(data.open_image(r)) for r in records]))

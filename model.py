@@ -354,7 +354,9 @@ def build_adaptor(kind, in_dim, out_dim, num_blocks=4, expansion=2):
     if kind == "linear":
         return Adaptor(in_dim, out_dim, num_blocks, expansion)
     if kind == "transformer":
-        return TransformerAdaptor(in_dim, out_dim, num_layers=max(1, num_blocks), expansion=expansion)
+        if num_blocks < 1:
+            raise ValueError(f"adaptor='transformer' needs adaptor_blocks >= 1 (its layers), got {num_blocks}")
+        return TransformerAdaptor(in_dim, out_dim, num_layers=num_blocks, expansion=expansion)
     raise ValueError(f"adaptor={kind!r}; expected 'linear' or 'transformer'")
 
 

@@ -81,7 +81,8 @@ def _check_type(where, value, default):
 def configure(defaults, argv=None, doc=""):
     """Resolve a stage's config: `defaults` (name -> value), then config files, then `--key=value`.
 
-    argv items ending in `.py` are config files of plain assignments (nanoGPT style). Unknown keys,
+    argv items ending in `.py` are config files of plain assignments (nanoGPT style). A bare `--flag`
+    means `--flag=True` for a boolean key (an error for any other type). Unknown keys,
     in a file or on the command line, raise ValueError naming the key and listing the valid ones.
     `-h`/`--help` prints every key with its default and exits. Returns a new dict.
     """
@@ -107,11 +108,14 @@ def configure(defaults, argv=None, doc=""):
                     raise _unknown_key(f"{arg}: ", k, defaults)
                 config[k] = _check_type(f"{arg}: {k}", v, defaults[k])
             continue
-        if "=" not in arg:
-            raise ValueError(f"argument {arg!r}: expected --key=value")
-        key, raw = arg[2:].split("=", 1)
+        key, eq, raw = arg[2:].partition("=")
         if key not in defaults:
             raise _unknown_key("", key, defaults)
+        if not eq:  # a bare `--flag` sets a boolean key; any other type needs its value
+            if not isinstance(defaults[key], bool):
+                raise ValueError(f"--{key}: expected --{key}=value ({type(defaults[key]).__name__}, "
+                                 f"default {defaults[key]!r}); only boolean keys may be given as a bare flag")
+            raw = "true"
         config[key] = _convert(key, raw, defaults[key])
     return config
 

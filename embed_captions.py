@@ -86,14 +86,12 @@ def padded_tokens(batches, lengths):
 
 def text_lengths(encoder, texts, instruction=None, max_length=512, batch_size=4096):
     """Tokenised length of each text exactly as encoder.tokenize lays it out (special tokens,
-    instruction, truncation), without building padded tensors."""
-    probe = encoder.tokenize(["a"], instruction, max_length)["input_ids"].shape[1]
-    overhead = probe - len(encoder.tokenizer("a", add_special_tokens=False)["input_ids"])
+    instruction, chat template, truncation), without building padded tensors."""
     out = np.empty(len(texts), dtype=np.int64)
     for i in range(0, len(texts), batch_size):
-        bodies = encoder.tokenizer(texts[i:i + batch_size], add_special_tokens=False)["input_ids"]
-        out[i:i + len(bodies)] = [len(b) for b in bodies]
-    return np.minimum(out, max_length - overhead) + overhead
+        part = encoder.lengths(texts[i:i + batch_size], instruction, max_length)
+        out[i:i + len(part)] = part
+    return out
 
 
 @torch.no_grad()

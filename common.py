@@ -121,6 +121,33 @@ def configure(defaults, argv=None, doc=""):
 
 
 # -----------------------------------------------------------------------------
+# Text-encoder settings: the same keys in every script that loads the LLM caption encoder
+# (embed_captions.py, evaluate.py, post_train.py with text_source=online), as model.load_text_encoder
+# takes them. None / "" = the encoder's own (a stage-1 out_dir's encoder.json, else the defaults:
+# bidirectional, mean pooling, no chat template).
+
+def text_encoder_kwargs(cfg):
+    """cfg's `bidirectional`, `pooling`, `chat_template` as load_text_encoder kwargs (validated)."""
+    b = cfg["bidirectional"]
+    if isinstance(b, str):
+        b = {"true": True, "false": False, "": None, "none": None}.get(b.lower(), b)
+    if b not in (None, True, False):
+        raise ValueError(f"bidirectional={cfg['bidirectional']!r}: expected True, False or None (None = the "
+                         "encoder's own: a stage-1 out_dir's encoder.json, else True for a decoder)")
+    return {"bidirectional": b, "pooling": cfg["pooling"] or None, "chat_template": cfg["chat_template"] or None}
+
+
+def describe_text_encoder(encoder, kwargs):
+    """One log line: what the loaded encoder does and where each setting came from (set / encoder.json / default)."""
+    s = encoder.settings
+    own = "encoder.json" if "model_subdir" in s else "default"
+    src = lambda k: "set" if kwargs.get(k) is not None else own  # noqa: E731
+    return (f"text encoder {s['name_or_path']}: {'decoder' if s['decoder'] else 'encoder (BERT-like)'}, "
+            f"bidirectional={s['bidirectional']} ({src('bidirectional')}), pooling={encoder.pooling} "
+            f"({src('pooling')}), chat_template={encoder.chat_template or 'none'} ({src('chat_template')})")
+
+
+# -----------------------------------------------------------------------------
 # Distributed: works under torchrun on GPUs (nccl) and on CPUs (gloo), and without torchrun.
 
 def setup_distributed():

@@ -43,8 +43,13 @@ templates = ""           # file, one prompt template per line with {}; "" = "a p
 # caption-to-caption retrieval
 text_model = ""          # HF model folder or stage-1 out_dir, loaded with model.load_text_encoder
 captions = ""            # caption JSONL {"id", "captions": [>= 2]}: caption 1 queries, caption 2 is the gallery
-max_length = 512         # text tokens for the LLM encoder (the paper's stage-1 length)
-instruction = ""         # query-side instruction; "" = none (captions are embedded as documents, DESIGN.md)
+# LLM text-encoder settings (c2c, and the text side of an LLM2CLIP model in retrieval/classify, where
+# unset values are those recorded in its llm2clip.json, i.e. what its training cache used)
+max_length = 0           # text tokens; 0 = the model's own (llm2clip.json / encoder.json), else 512 (paper)
+instruction = ""         # c2c: query-side instruction, "" = none (captions are documents, DESIGN.md); retrieval: "" = recorded
+bidirectional = None     # None = the encoder's own (encoder.json, else True); False scores a causal LLM as trained
+pooling = ""             # "" = the encoder's own (encoder.json, else mean); "mean" | "eos"
+chat_template = ""       # "" = the encoder's own (encoder.json, else none); "none"; "llama3" (official embeddings)
 dtype = ""               # text encoder dtype for c2c ("bfloat16", ...); "" = the loader's default
 # convert public annotations into a manifest
 format = ""              # karpathy | sharegpt4v | urban1k | docci
@@ -190,11 +195,18 @@ class LLM2CLIP:
         return self.text_encoder.encode(texts, batch_size=len(texts))
 
 
-def load_model(spec, device):
-    """An LLM2CLIP out_dir (it has llm2clip.json) or else a HF CLIP/SigLIP folder or hub name."""
+def load_model(spec, device, cfg=None):
+    """An LLM2CLIP out_dir (it has llm2clip.json) or else a HF CLIP/SigLIP folder or hub name. cfg's
+    text-encoder settings, where set, override what llm2clip.json recorded."""
     if os.path.isfile(os.path.join(spec, "llm2clip.json")):
         from model import load_llm2clip  # local: baselines need no model.py
-        return LLM2CLIP(*load_llm2clip(spec, device=device))
+        text = {**common.text_encoder_kwargs(cfg), "instruction": cfg["instruction"] or None,
+                "max_length": cfg["max_length"] or None} if cfg else {}
+        m = LLM2CLIP(*load_llm2clip(spec, device=device, text_settings=text))
+        t = m.text_encoder
+        print(common.describe_text_encoder(t.text_encoder, text) + f", instruction={t.instruction!r}, "
+              f"max_length={t.max_length}")
+        return m
     return HFClip(spec, device)
 
 
@@ -324,7 +336,7 @@ def run_retrieval(cfg, dist_info, log):
             f"{d['captions_per_image'] or 'any'} per image) from {d['manifest']}")
     results = {}
     for spec in specs:
-        m, results[spec] = load_model(spec, dist_info[3]), {}
+        m, results[spec] = load_model(spec, dist_info[3], cfg), {}
         for d in datasets:
             img = encode_images(m, [r["image"] for r in d["records"]], cfg, dist_info, f"{d['name']} images")
             txt = encode_texts(m, d["texts"], cfg, dist_info, f"{d['name']} texts")
@@ -383,7 +395,7 @@ def run_classify(cfg, dist_info, log):
     log(f"{cfg['data']}: {len(paths)} images, {len(names)} classes, {len(templates)} templates")
     results = {}
     for spec in _split(cfg["model"], "model"):
-        m = load_model(spec, dist_info[3])
+        m = load_model(spec, dist_info[3], cfg)
         img = encode_images(m, paths, cfg, dist_info)
         txt = encode_texts(m, [t.format(n) for n in names for t in templates], cfg, dist_info, "prompts")
         if dist_info[1] == 0:
@@ -429,9 +441,14 @@ def run_c2c(cfg, log):
         raise ValueError("--task=c2c needs --text_model=PATH and --captions=FILE")
     records = read_caption_records(cfg["captions"])  # bad input fails before the model loads
     from model import load_text_encoder  # local: retrieval and convert run without model.py
-    enc = load_text_encoder(cfg["text_model"], dtype=getattr(torch, cfg["dtype"]) if cfg["dtype"] else None)
-    r = c2c_eval(enc, records, instruction=cfg["instruction"] or None, max_length=cfg["max_length"],
+    kwargs = common.text_encoder_kwargs(cfg)
+    enc = load_text_encoder(cfg["text_model"], dtype=getattr(torch, cfg["dtype"]) if cfg["dtype"] else None, **kwargs)
+    max_length = cfg["max_length"] or enc.settings.get("max_length") or 512
+    log(common.describe_text_encoder(enc, kwargs) + f", instruction={cfg['instruction']!r}, max_length={max_length}")
+    r = c2c_eval(enc, records, instruction=cfg["instruction"] or None, max_length=max_length,
                  batch_size=cfg["batch_size"])
+    r["text_encoder"] = {"bidirectional": enc.settings["bidirectional"], "pooling": enc.pooling,
+                         "chat_template": enc.chat_template, "instruction": cfg["instruction"], "max_length": max_length}
     log(f"| text model | captions | n | c2c top-1 | reverse |\n|---|---|---|---|---|\n"
         f"| {cfg['text_model']} | {cfg['captions']} | {r['n']} | {r['c2c_top1']:.1f} | {r['c2c_top1_reverse']:.1f} |")
     if cfg["out"]:

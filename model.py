@@ -495,11 +495,13 @@ class LLM2CLIPTextEncoder(nn.Module):
         return F.normalize(self.adaptor(embeddings.to(p.device)), dim=-1)
 
 
-def load_llm2clip(out_dir, device="cpu", load_text=True):
+def load_llm2clip(out_dir, device="cpu", load_text=True, text_settings=None):
     """Load a post_train.py export -> (ImageEncoder, LLM2CLIPTextEncoder or None), ready for inference.
 
     `llm2clip.json` names the timm model and kwargs, the files of the vision tower and adaptor state
-    dicts, and the stage-1 text encoder (with the instruction and max_length the cache used).
+    dicts, and the stage-1 text encoder with the settings its training captions were embedded with
+    (bidirectional, pooling, chat_template, instruction, max_length). text_settings: overrides of
+    those (a None value keeps the recorded one).
     """
     with open(os.path.join(out_dir, LLM2CLIP_CONFIG)) as f:
         meta = json.load(f)
@@ -516,8 +518,10 @@ def load_llm2clip(out_dir, device="cpu", load_text=True):
         text_path = t["model"] if os.path.isabs(t["model"]) else os.path.join(out_dir, t["model"])
         if not os.path.exists(text_path):
             text_path = t["model"]  # a hub name
-        enc = load_text_encoder(text_path, pooling=t.get("pooling"), device=device)
-        text_encoder = LLM2CLIPTextEncoder(enc, adaptor.to(device), t.get("instruction"), t.get("max_length", 512)).eval()
+        t = {**t, **{k: v for k, v in (text_settings or {}).items() if v is not None}}
+        enc = load_text_encoder(text_path, pooling=t.get("pooling"), bidirectional=t.get("bidirectional"),
+                                chat_template=t.get("chat_template"), device=device)
+        text_encoder = LLM2CLIPTextEncoder(enc, adaptor.to(device), t.get("instruction"), t.get("max_length") or 512).eval()
     return image_encoder, text_encoder
 
 

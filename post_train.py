@@ -46,6 +46,14 @@ eval_batch_size = 256
 # text side
 text_source = "cache"  # "cache" (the paper's offline trick) or "online" (frozen LLM in the loop, Table 11)
 text_model = ""  # stage-1 encoder (cc_finetune out_dir); "" = the one recorded in the cache
+# how captions are embedded (online and for the val captions): unset = the cache's record, else the
+# encoder's own (encoder.json, else bidirectional, mean, no instruction/template, 512). A value that
+# differs from the cache's record is refused with text_source="cache" (the rows were made otherwise).
+bidirectional = None  # None = as recorded; False keeps a decoder causal (Table 11 rows with a raw LLM)
+pooling = ""  # "mean" | "eos"
+instruction = ""  # captions are documents: none unless the cache used one
+max_length = 0  # 0 = as recorded, else 512
+chat_template = ""  # "none" | "llama3" (the official embedding extraction's wrapping)
 # model
 vision_model = "vit_large_patch14_clip_224.openai"  # any timm name
 pretrained = True  # timm's pretrained weights (when the machine has them)
@@ -54,8 +62,12 @@ timm_kwargs = {}  # extra timm.create_model kwargs (img_size, depth, ...), recor
 embed_dim = 1280  # new projection head of this size (official code: 1280); -1 keeps the model's own head
 adaptor_blocks = 4  # residual MLP blocks in the adaptor (Table 8: 0, 1, 2, 4)
 adaptor_expansion = 2
-logit_scale_init = math.log(1 / 0.07)  # CLIP's init (the paper uses the checkpoint's when there is one)
+# the pretrained CLIP's own logit scale (OpenAI and EVA02-CLIP: ln(100), at the clamp): the official run
+# loads it with the checkpoint, but timm's vision-only weights lack it, so it is set here (presets too);
+# ln(1/0.07) (x14.3, CLIP's init) only for a tower trained from scratch
+logit_scale_init = math.log(100)
 max_logit_scale = math.log(100)  # clamp after each step, like CLIP
+logit_scale_lr = 0.0  # the scale's own peak lr (same warm-up/cosine schedule); 0 = learning_rate (official)
 gradient_checkpointing = True  # recompute ViT activations in backward: larger batches per GPU
 compile = False  # torch.compile the model
 # data
@@ -82,7 +94,8 @@ keep_checkpoints = 2  # newest checkpoints kept (0 = all)
 resume = False  # continue from the newest checkpoint in out_dir/checkpoints
 log_interval = 10
 peak_flops = 989e12  # per GPU, for the MFU estimate (H100 bf16 dense)
-config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, list, dict))]
+config_keys = [k for k, v in globals().items()
+               if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, list, dict, type(None)))]
 # keys that may change on resume without changing the trajectory
 RESUME_FREE_KEYS = {"out_dir", "resume", "max_steps", "save_interval", "keep_checkpoints", "log_interval",
                      "eval_interval", "eval_batch_size", "val_manifest", "val_image_root", "val_cache_dir",
@@ -108,8 +121,11 @@ def param_groups(orig_model, cfg):
     groups = param_groups_layer_decay(vit, cfg["weight_decay"], nwd, layer_decay=cfg["layer_decay"])
     adaptor = list(orig_model.adaptor.parameters())
     groups.append({"params": [p for p in adaptor if p.ndim >= 2], "weight_decay": cfg["weight_decay"], "lr_scale": 1.0})
-    groups.append({"params": [p for p in adaptor if p.ndim < 2] + [orig_model.logit_scale], "weight_decay": 0.0,
-                   "lr_scale": 1.0})
+    groups.append({"params": [p for p in adaptor if p.ndim < 2], "weight_decay": 0.0, "lr_scale": 1.0})
+    # the logit scale: its own lr (logit_scale_lr) through lr_scale, so it follows the same schedule
+    lr = cfg.get("learning_rate")
+    groups.append({"params": [orig_model.logit_scale], "weight_decay": 0.0,
+                   "lr_scale": (cfg.get("logit_scale_lr") or lr) / lr if lr else 1.0})
     return groups
 
 
@@ -208,15 +224,36 @@ def checkpoint(out_dir, orig_model, optimizer, step, cfg, bad_images, world_size
     return path
 
 
+TEXT_KEYS = ("bidirectional", "pooling", "chat_template", "instruction", "max_length")
+
+
 def text_settings(cfg, cache):
-    """The stage-1 encoder and how the captions were embedded: the cache's record (text_model may name it)."""
+    """The stage-1 encoder and how the captions are embedded: the cache's record, overridden by the
+    text-encoder keys that are set (an override the cache contradicts is an error with text_source=cache)."""
     enc = dict(cache.meta["encoder"]) if cache is not None else {}
     model_path = cfg["text_model"] or enc.get("model") or ""
     if not model_path and cfg["text_source"] == "online":
         raise ValueError("text_source='online' needs text_model (the stage-1 encoder) or a cache_dir that names it")
-    return {"model": os.path.abspath(model_path) if os.path.exists(model_path) else model_path,
-            "pooling": enc.get("pooling"), "instruction": enc.get("instruction") or None,
-            "max_length": int(enc.get("max_length") or 512)}
+    out = {"model": os.path.abspath(model_path) if os.path.exists(model_path) else model_path,
+           **{k: enc.get(k) for k in TEXT_KEYS}}
+    given = {**common.text_encoder_kwargs(cfg), "instruction": cfg["instruction"] or None,
+             "max_length": cfg["max_length"] or None}
+    for k, v in given.items():
+        if v is None:
+            continue
+        if cache is not None and cfg["text_source"] == "cache" and k in enc and data.encoder_mismatch(enc, {k: v}):
+            raise ValueError(f"{k}={v!r}, but the cache {cfg['cache_dir']} was embedded with {k}={enc[k]!r}; "
+                             f"rebuild it with embed_captions.py --{k}={v} or drop --{k}")
+        out[k] = v
+    out["instruction"] = out["instruction"] or None
+    out["max_length"] = int(out["max_length"] or 512)
+    return out
+
+
+def load_text_model(text_cfg, device):
+    """The frozen stage-1 encoder with the settings in text_cfg (None = the encoder's own)."""
+    return M.load_text_encoder(text_cfg["model"], pooling=text_cfg["pooling"], bidirectional=text_cfg["bidirectional"],
+                               chat_template=text_cfg["chat_template"], device=device)
 
 
 def load_val(cfg, text_cfg, text_encoder, device):
@@ -226,11 +263,11 @@ def load_val(cfg, text_cfg, text_encoder, device):
     texts = [t for rec in records for t in rec[field]]
     t2i = [r for r, rec in enumerate(records) for _ in rec[field]]
     if cfg["val_cache_dir"]:
-        same = {k: text_cfg[k] for k in ("model", "pooling", "instruction", "max_length") if text_cfg[k] is not None}
+        same = {k: text_cfg[k] for k in ("model",) + TEXT_KEYS if text_cfg[k] is not None}
         vc = data.EmbeddingCache(cfg["val_cache_dir"], manifest=path, fields=[field], expect=same)
         emb = torch.from_numpy(np.concatenate([np.asarray(vc.rows(r, field), np.float32) for r in range(len(records))]))
     else:  # embed once with the frozen stage-1 encoder, then free it
-        enc = text_encoder or M.load_text_encoder(text_cfg["model"], pooling=text_cfg["pooling"], device=device)
+        enc = text_encoder or load_text_model(text_cfg, device)
         emb = enc.encode(texts, text_cfg["instruction"], text_cfg["max_length"])
         del enc
     return records, emb.to(device), t2i
@@ -249,8 +286,7 @@ def export(out_dir, orig_model, cfg, text_cfg):
     meta = {"vision": {"model_name": vision.model_name, "timm_kwargs": vision.timm_kwargs, "file": "vision_tower.pt"},
             "adaptor": {"in_dim": adaptor.in_dim, "out_dim": adaptor.out_dim, "num_blocks": adaptor.num_blocks,
                         "expansion": adaptor.expansion, "file": "adaptor.pt"},
-            "text": {"model": text_cfg["model"], "pooling": text_cfg["pooling"],
-                     "instruction": text_cfg["instruction"], "max_length": text_cfg["max_length"]},
+            "text": {"model": text_cfg["model"], **{k: text_cfg[k] for k in TEXT_KEYS}},
             "logit_scale": orig_model.logit_scale.exp().item(), "code_version": common.code_version()}
     common.atomic_write_text(os.path.join(out_dir, M.LLM2CLIP_CONFIG), json.dumps(common.jsonable(meta), indent=2) + "\n")
 
@@ -314,15 +350,21 @@ def main(argv=None):
     text_dim = cache.dim if cache is not None else None
     text_encoder = None
     if cfg["text_source"] == "online":
-        text_encoder = M.load_text_encoder(text_cfg["model"], pooling=text_cfg["pooling"], device=device).eval()
+        text_encoder = load_text_model(text_cfg, device).eval()
         text_encoder.requires_grad_(False)
         text_dim = text_encoder.dim
+        text_cfg.update(bidirectional=text_encoder.settings["bidirectional"], pooling=text_encoder.pooling,
+                        chat_template=text_encoder.chat_template)  # resolved: recorded in llm2clip.json
+        log(common.describe_text_encoder(text_encoder, text_cfg) + f", instruction={text_cfg['instruction']!r}, "
+            f"max_length={text_cfg['max_length']}")
     orig_model = M.LLM2CLIP(vision, text_dim, cfg["adaptor_blocks"], cfg["adaptor_expansion"],
                             cfg["logit_scale_init"]).to(device)
     torch.manual_seed(cfg["seed"] + rank)
     n_params = sum(p.numel() for p in vision.parameters())
     log(f"vision {cfg['vision_model']}: {n_params / 1e6:.2f}M params, input {data_config['input_size']}, "
-        f"output dim {vision.output_dim}; adaptor {text_dim} -> {vision.output_dim}, {cfg['adaptor_blocks']} blocks")
+        f"output dim {vision.output_dim}; adaptor {text_dim} -> {vision.output_dim}, {cfg['adaptor_blocks']} blocks; "
+        f"logit scale starts at x{math.exp(cfg['logit_scale_init']):.1f} (logit_scale_init), lr "
+        f"{cfg['logit_scale_lr'] or cfg['learning_rate']:.3g}, clamped at x{math.exp(cfg['max_logit_scale']):.1f}")
 
     # -------------------------------------------------------------------------
     # optimizer, then resume (model, optimizer, step, RNG) from the newest checkpoint

@@ -391,3 +391,27 @@ def test_baseline_clip_and_post_trained_export_side_by_side(w, trained, tiny_cli
     (trained_scores,) = res["results"][str(trained)].values()
     (base_scores,) = res["results"][tiny_clip].values()
     assert trained_scores["t2i_R@1"] > base_scores["t2i_R@1"]  # the trained tower beats a random CLIP
+
+
+# --- issue 10: the logit scale starts where the pretrained CLIP's is and can be given its own lr
+
+def test_logit_scale_starts_at_the_pretrained_value_and_reaches_the_clamp(w, tmp_path):
+    import math
+    defaults = {k: getattr(post_train, k) for k in post_train.config_keys}
+    for name in ("post_clip_vitl14_224.py", "post_clip_vitl14_336.py", "post_eva02_l14.py",
+                 "post_official_eva02_l14_336.py"):
+        cfg = post_train.common.configure(defaults, [os.path.join(ROOT, "config", name)])
+        assert math.exp(cfg["logit_scale_init"]) == pytest.approx(100.0), name  # OpenAI / EVA02-CLIP: x100
+    out = tmp_path / "scale"
+    post_train.main(args(w, out, "--batch_size=32", "--max_steps=30", "--warmup_steps=0",
+                         f"--logit_scale_init={math.log(60)}", "--logit_scale_lr=0.05"))
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl") if '"logit_scale"' in line]
+    scales = [r["logit_scale"] for r in rows]
+    print("logit scale per step:", [round(s, 1) for s in scales])
+    assert scales[-1] == pytest.approx(100.0, abs=1e-4)  # pushed up by the loss, held at the ln(100) clamp
+    assert max(scales) <= 100.0 + 1e-4
+    groups = post_train.param_groups(M.LLM2CLIP(M.VisionTower("vit_tiny_patch16_224", embed_dim=8, timm_kwargs=dict(
+        img_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=1)), 8, adaptor_blocks=0),
+        {"weight_decay": 0.05, "layer_decay": 1.0, "learning_rate": 1e-5, "logit_scale_lr": 1e-3})
+    (g,) = [g for g in groups if any(p.ndim == 0 for p in g["params"])]
+    assert len(g["params"]) == 1 and g["lr_scale"] == pytest.approx(100.0) and g["weight_decay"] == 0.0

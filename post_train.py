@@ -129,6 +129,16 @@ def param_groups(orig_model, cfg):
     return groups
 
 
+def optimizer_step(orig_model, optimizer, cfg):
+    """Clip the gradient norm, step, zero the gradients, clamp the logit scale to max_logit_scale (CLIP)."""
+    if cfg["grad_clip"] > 0:
+        torch.nn.utils.clip_grad_norm_(orig_model.parameters(), cfg["grad_clip"])
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        orig_model.logit_scale.clamp_(max=cfg["max_logit_scale"])
+
+
 def forward_backward(model, orig_model, images, text_emb, micro, autocast):
     """Loss of one rank's batch (the global batch's negatives), gradients accumulated into the params.
 
@@ -465,12 +475,7 @@ def main(argv=None):
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}; last good checkpoint: "
                                      f"{last_ckpt or 'none (no checkpoint saved yet)'}")
-        if cfg["grad_clip"] > 0:
-            torch.nn.utils.clip_grad_norm_(orig_model.parameters(), cfg["grad_clip"])
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            orig_model.logit_scale.clamp_(max=cfg["max_logit_scale"])
+        optimizer_step(orig_model, optimizer, cfg)
         step += 1
         loss_interval += loss
         n_interval += 1

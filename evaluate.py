@@ -13,6 +13,7 @@ its top k; text->image is scored per caption. Ties are broken by lowest index (s
 """
 import json
 import os
+import re
 
 import torch
 import torch.nn.functional as F
@@ -38,8 +39,10 @@ text_batch_size = 256    # texts per forward pass; texts are length-sorted first
 num_workers = 4          # image decoding worker processes
 amp = True               # bf16 autocast on CUDA (CPU always runs fp32)
 # zero-shot classification
-classnames = ""          # file, one class name per line in sorted-folder order; "" = folder names ("_" -> " ")
-templates = ""           # file, one prompt template per line with {}; "" = "a photo of a {}."
+classnames = ""          # file, one class name per line in sorted-folder order; "" = for WordNet-id folders
+                         # (ImageNet) the shipped config/imagenet/classnames.tsv names, else folder names ("_" -> " ")
+templates = ""           # file, one prompt template per line with {}; "" = for WordNet-id folders CLIP's 80
+                         # ImageNet templates (config/imagenet/templates.txt), else "a photo of a {}."
 # caption-to-caption retrieval
 text_model = ""          # HF model folder or stage-1 out_dir, loaded with model.load_text_encoder
 captions = ""            # caption JSONL {"id", "captions": [>= 2]}: caption 1 queries, caption 2 is the gallery
@@ -358,27 +361,52 @@ def run_retrieval(cfg, dist_info, log):
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+# ImageNet-1k zero-shot defaults, shipped as data: WordNet id -> class name (the names CLIP's notebooks
+# and open_clip use, in sorted-WNID order) and CLIP's 80 prompt templates
+IMAGENET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "imagenet")
+IMAGENET_CLASSNAMES = os.path.join(IMAGENET_DIR, "classnames.tsv")
+IMAGENET_TEMPLATES = os.path.join(IMAGENET_DIR, "templates.txt")
+
+
+def imagenet_classnames():
+    """{wnid: class name} from the shipped config/imagenet/classnames.tsv."""
+    with open(IMAGENET_CLASSNAMES, encoding="utf-8") as f:
+        return dict(line.rstrip("\n").split("\t") for line in f if line.strip())
+
+
+def _read_templates(path):
+    with open(path, encoding="utf-8") as f:
+        templates = [ln.strip() for ln in f if ln.strip()]
+    bad = [t for t in templates if "{}" not in t]
+    if bad or not templates:
+        raise DataError(f"{path}: every template needs a {{}} for the class name; bad: {bad[:3]}")
+    return templates
 
 
 def read_class_folder(root, classnames_file="", templates_file=""):
     """ImageNet-style folder: (image paths, labels, class names, templates). Classes are the sorted
-    subfolders (torchvision ImageFolder order); names from a file (one per line, same order) or folders."""
+    subfolders (torchvision ImageFolder order); names from a file (one per line, same order), else for
+    WordNet-id folders (n01440764, ...) the shipped ImageNet names and CLIP's 80 templates, else the
+    folder names and "a photo of a {}."."""
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))) if os.path.isdir(root) else []
     if not classes:
         raise DataError(f"{root}: no class subfolders (expected an ImageNet-style folder: <root>/<class>/<image>)")
+    wnid = all(re.fullmatch(r"n\d{8}", c) for c in classes)
     names = [c.replace("_", " ") for c in classes]
     if classnames_file:
         with open(classnames_file, encoding="utf-8") as f:
             names = [ln.strip() for ln in f if ln.strip()]
         if len(names) != len(classes):
             raise DataError(f"{classnames_file}: {len(names)} class names, but {root} has {len(classes)} class folders")
-    templates = ["a photo of a {}."]
-    if templates_file:
-        with open(templates_file, encoding="utf-8") as f:
-            templates = [ln.strip() for ln in f if ln.strip()]
-        bad = [t for t in templates if "{}" not in t]
-        if bad or not templates:
-            raise DataError(f"{templates_file}: every template needs a {{}} for the class name; bad: {bad[:3]}")
+    elif wnid:
+        known = imagenet_classnames()
+        unknown = [c for c in classes if c not in known]
+        if unknown:
+            raise DataError(f"{root}: class folders {unknown[:5]} are WordNet ids but not ImageNet-1k classes "
+                            f"({IMAGENET_CLASSNAMES}); pass --classnames=FILE")
+        names = [known[c] for c in classes]
+    templates = _read_templates(templates_file) if templates_file else (
+        _read_templates(IMAGENET_TEMPLATES) if wnid else ["a photo of a {}."])
     paths, labels = [], []
     for c, cls in enumerate(classes):
         files = sorted(f for f in os.listdir(os.path.join(root, cls)) if f.lower().endswith(IMAGE_EXTENSIONS))
@@ -392,7 +420,8 @@ def read_class_folder(root, classnames_file="", templates_file=""):
 def run_classify(cfg, dist_info, log):
     """Zero-shot top-1/top-5: class embedding = mean of its normalised prompt embeddings, renormalised."""
     paths, labels, names, templates = read_class_folder(cfg["data"], cfg["classnames"], cfg["templates"])
-    log(f"{cfg['data']}: {len(paths)} images, {len(names)} classes, {len(templates)} templates")
+    log(f"{cfg['data']}: {len(paths)} images, {len(names)} classes (e.g. {', '.join(names[:3])}), "
+        f"{len(templates)} prompt templates (e.g. {templates[0]!r})")
     results = {}
     for spec in _split(cfg["model"], "model"):
         m = load_model(spec, dist_info[3], cfg)

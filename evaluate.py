@@ -476,12 +476,13 @@ def run_c2c(cfg, log):
     log(common.describe_text_encoder(enc, kwargs) + f", instruction={cfg['instruction']!r}, max_length={max_length}")
     r = c2c_eval(enc, records, instruction=cfg["instruction"] or None, max_length=max_length,
                  batch_size=cfg["batch_size"])
-    r["text_encoder"] = {"bidirectional": enc.settings["bidirectional"], "pooling": enc.pooling,
-                         "chat_template": enc.chat_template, "instruction": cfg["instruction"], "max_length": max_length}
+    used = {"bidirectional": enc.settings["bidirectional"], "pooling": enc.pooling,
+            "chat_template": enc.chat_template, "instruction": cfg["instruction"], "max_length": max_length}
     log(f"| text model | captions | n | c2c top-1 | reverse |\n|---|---|---|---|---|\n"
         f"| {cfg['text_model']} | {cfg['captions']} | {r['n']} | {r['c2c_top1']:.1f} | {r['c2c_top1_reverse']:.1f} |")
     if cfg["out"]:
-        _write_results(cfg["out"], {"task": "c2c", "text_model": cfg["text_model"], "captions": cfg["captions"], **r}, cfg)
+        _write_results(cfg["out"], {"task": "c2c", "text_model": cfg["text_model"], "captions": cfg["captions"],
+                                    "text_encoder": used, **r}, cfg)
     return r
 
 

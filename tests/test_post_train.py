@@ -443,3 +443,23 @@ def test_siglip2_preset_keeps_its_pooled_1152d_output():
     assert isinstance(vision.model.head, torch.nn.Identity)
     plain = timm.create_model(cfg["vision_model"], pretrained=False, **tiny)  # what the pretrained weights fill
     assert set(vision.model.state_dict()) == set(plain.state_dict())  # nothing new, nothing random beyond timm's
+
+
+def test_online_text_encoder_settings_match_a_cache_built_with_them(w, tmp_path):
+    """Issue 10 item 4: text_source=online with bidirectional=False embeds as a causal cache does (same
+    first-step loss), llm2clip.json records it, and a cache that contradicts a setting is refused."""
+    import embed_captions
+    causal = str(tmp_path / "causal_cache")
+    embed_captions.main([f"--text_model={w.llm}", f"--manifest={w.train}", f"--out_dir={causal}", "--bidirectional=False"])
+    post_train.main(args(w, tmp_path / "cache", f"--cache_dir={causal}"))
+    post_train.main(args(w, tmp_path / "online", "--text_source=online", "--bidirectional=False"))
+    a, b = metrics(tmp_path / "cache")[0][1], metrics(tmp_path / "online")[0][1]
+    print("causal: loss cache", a, "online", b)
+    assert abs(a - b) <= 1e-3
+    for run in ("cache", "online"):
+        text = json.load(open(tmp_path / run / M.LLM2CLIP_CONFIG))["text"]
+        assert text["bidirectional"] is False and text["pooling"] == "mean" and not text["chat_template"], run
+    _, enc = M.load_llm2clip(str(tmp_path / "online"))
+    assert enc.text_encoder.settings["bidirectional"] is False and M.is_causal_model(enc.text_encoder.model)
+    with pytest.raises(ValueError, match=r"bidirectional=False, but the cache .* was embedded with bidirectional=True"):
+        post_train.main(args(w, tmp_path / "bad", "--bidirectional=False"))

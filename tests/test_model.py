@@ -182,6 +182,23 @@ def test_llama3_chat_template_matches_the_official_layout(llama3_style):
         M.TextEncoder(plain.model, pipeline.train_tokenizer(TEXTS, 200, style="encoder"), chat_template="llama3")
 
 
+def test_stage1_out_dir_restores_its_text_encoder_settings(llama3_style, tmp_path):
+    """load_text_encoder(out_dir) restores bidirectional, pooling and chat_template from encoder.json
+    (instruction and max_length in .settings); an explicit argument overrides each."""
+    import json
+    import shutil
+    shutil.copytree(llama3_style, tmp_path / "merged")
+    (tmp_path / "encoder.json").write_text(json.dumps({
+        "model_subdir": "merged", "bidirectional": False, "pooling": "eos", "chat_template": "llama3",
+        "instruction": "Given a caption, retrieve a similar relevant caption.", "max_length": 64}))
+    enc = M.load_text_encoder(str(tmp_path))
+    assert (enc.pooling, enc.chat_template, enc.settings["bidirectional"]) == ("eos", "llama3", False)
+    assert M.is_causal_model(enc.model) and enc.settings["max_length"] == 64 and enc.settings["instruction"]
+    assert enc.tokenize(["A dog"])["input_ids"][0, -1].item() == enc.tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    over = M.load_text_encoder(str(tmp_path), bidirectional=True, pooling="mean", chat_template="none")
+    assert (over.pooling, over.chat_template, over.settings["bidirectional"]) == ("mean", "", True)
+
+
 def test_empty_text_is_an_error(tiny_models):
     enc = M.load_text_encoder(tiny_models("llama"))
     with pytest.raises(ValueError, match="text 1 is empty"):

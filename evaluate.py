@@ -205,10 +205,12 @@ def load_model(spec, device, cfg=None):
         from model import load_llm2clip  # local: baselines need no model.py
         text = {**common.text_encoder_kwargs(cfg), "instruction": cfg["instruction"] or None,
                 "max_length": cfg["max_length"] or None} if cfg else {}
-        m = LLM2CLIP(*load_llm2clip(spec, device=device, text_settings=text))
+        text = {k: v for k, v in text.items() if v is not None}  # the rest: as llm2clip.json recorded
+        m = LLM2CLIP(*load_llm2clip(spec, device=device, **({"text_settings": text} if text else {})))
         t = m.text_encoder
-        print(common.describe_text_encoder(t.text_encoder, text) + f", instruction={t.instruction!r}, "
-              f"max_length={t.max_length}")
+        if hasattr(getattr(t, "text_encoder", None), "settings"):  # a model.LLM2CLIPTextEncoder
+            print(common.describe_text_encoder(t.text_encoder, text) + f", instruction={t.instruction!r}, "
+                  f"max_length={t.max_length}")
         return m
     return HFClip(spec, device)
 

@@ -249,7 +249,7 @@ def export(out_dir, orig_model, cfg, text_cfg):
     meta = {"vision": {"model_name": vision.model_name, "timm_kwargs": vision.timm_kwargs, "file": "vision_tower.pt"},
             "adaptor": {"in_dim": adaptor.in_dim, "out_dim": adaptor.out_dim, "num_blocks": adaptor.num_blocks,
                         "expansion": adaptor.expansion, "file": "adaptor.pt"},
-            "text": {"model": text_cfg["model"], **{k: text_cfg[k] for k in TEXT_KEYS}},
+            "text": {"model": text_cfg["model"], **{k: text_cfg.get(k) for k in TEXT_KEYS}},
             "logit_scale": orig_model.logit_scale.exp().item(), "code_version": common.code_version()}
     common.atomic_write_text(os.path.join(out_dir, M.LLM2CLIP_CONFIG), json.dumps(common.jsonable(meta), indent=2) + "\n")
 

@@ -142,8 +142,8 @@ def describe_text_encoder(encoder, kwargs):
     s = encoder.settings
     own = "encoder.json" if "model_subdir" in s else "default"
     src = lambda k: "set" if kwargs.get(k) is not None else own  # noqa: E731
-    return (f"text encoder {s['name_or_path']}: {'decoder' if s['decoder'] else 'encoder (BERT-like)'}, "
-            f"bidirectional={s['bidirectional']} ({src('bidirectional')}), pooling={encoder.pooling} "
+    return (f"text encoder {s.get('name_or_path')}: {'decoder' if encoder.is_decoder else 'encoder (BERT-like)'}, "
+            f"bidirectional={s.get('bidirectional')} ({src('bidirectional')}), pooling={encoder.pooling} "
             f"({src('pooling')}), chat_template={encoder.chat_template or 'none'} ({src('chat_template')})")
 
 

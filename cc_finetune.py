@@ -172,7 +172,7 @@ def main(argv=None):
             m.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
     named = [(n, p) for n, p in encoder.model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
-    optimizer = torch.optim.AdamW(params, lr=cfg["learning_rate"], weight_decay=cfg["weight_decay"])
+    optimizer = common.adamw(params, lr=cfg["learning_rate"], weight_decay=cfg["weight_decay"])  # fused where torch can
     if ckpt:
         with torch.no_grad():
             for n, p in named:

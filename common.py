@@ -238,6 +238,23 @@ def atomic_torch_save(obj, path):
     os.replace(tmp, path)
 
 
+def adamw(params, fused=None, **kwargs):
+    """torch.optim.AdamW, fused where torch has the kernel for the params' device (CUDA; CPU since torch
+    2.4): one kernel over all tensors instead of about ten ops per tensor. Same update up to float
+    rounding (tests/test_common.py: 1e-6); at bench.py's tiny sizes it cut the stage-2 optimizer step
+    from ~23 to ~2.5 ms on one CPU thread. fused=None: fused if possible, else torch's default.
+
+    A checkpoint's param_groups carry `fused`, and optimizer.load_state_dict takes them: a resumed run
+    keeps the implementation it started with, so its updates continue bitwise."""
+    params = list(params)
+    if fused is None:
+        try:  # torch refuses fused=True for a device without the kernel (or non-float params)
+            return torch.optim.AdamW(params, fused=True, **kwargs)
+        except RuntimeError:
+            fused = False
+    return torch.optim.AdamW(params, fused=fused, **kwargs)
+
+
 class Logger:
     """Print on rank 0 and append the same line to out_dir/<name>.log."""
 

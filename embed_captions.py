@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 import common
 import data
-from model import load_text_encoder
+from model import POOLERS, load_text_encoder
 
 # -----------------------------------------------------------------------------
 # default config (override with config/*.py or --key=value)
@@ -76,6 +76,27 @@ def fixed_size_batches(lengths, batch_size):
     return [np.arange(i, min(i + batch_size, len(lengths))) for i in range(0, len(lengths), batch_size)]
 
 
+def sorted_fixed_batches(lengths, batch_size):
+    """What sentence-transformers' encode does: `batch_size` texts at a time in length order (longest
+    first; it sorts by characters, this by tokens), each batch padded to its longest."""
+    order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def packed_batches(lengths, batch_tokens):
+    """Padding-free batches: texts (longest first) laid end to end in one row of at most `batch_tokens`
+    tokens each (encode_packed); a text longer than the budget gets a row of its own."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    batches, cur, n = [], [], 0
+    for i in np.argsort(-lengths, kind="stable"):
+        if cur and n + lengths[i] > batch_tokens:
+            batches.append(np.array(cur))
+            cur, n = [], 0
+        cur.append(i)
+        n += int(lengths[i])
+    return batches + ([np.array(cur)] if cur else [])
+
+
 def padded_tokens(batches, lengths):
     """Tokens the model actually processes (each batch padded to its longest)."""
     lengths = np.asarray(lengths)
@@ -103,33 +124,66 @@ def encode_batches(encoder, texts, batches, instruction=None, max_length=512):
         yield idx, encoder(**batch).float().cpu()
 
 
-def compare_batching(encoder, texts, batch_tokens=4096, max_length=512, repeats=3):
-    """Time token-budget batching against fixed-size batches in input order on the same texts.
+@torch.no_grad()
+def encode_packed(encoder, texts, batches, instruction=None, max_length=512):
+    """Like encode_batches, but each batch's texts run as one unpadded row (1, N): position ids restart at
+    every text, and the attention must keep the texts apart. flash_attention_2 finds the boundaries in the
+    position ids (transformers calls its variable-length kernel: no padding anywhere); any other attention
+    gets a block-diagonal mask, which is exact but still costs N^2 attention (correctness checks only)."""
+    device = encoder.device
+    varlen = getattr(encoder.model.config, "_attn_implementation", "") == "flash_attention_2"
+    for idx in batches:
+        b = encoder.tokenize([texts[i] for i in idx], instruction, max_length)
+        keep = b["attention_mask"].bool()  # (n, T)
+        lens = keep.sum(1)
+        seg = torch.repeat_interleave(torch.arange(len(idx)), lens)  # (N,) text of each token
+        pos = torch.cat([torch.arange(int(n)) for n in lens])[None]  # (1, N)
+        kw = {} if varlen else {"attention_mask": (seg[:, None] == seg[None, :])[None, None].to(device)}
+        out = encoder.model(input_ids=b["input_ids"][keep][None].to(device), position_ids=pos.to(device), **kw)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (1, N, C)
+        padded = hidden.new_zeros(*keep.shape, hidden.shape[-1])  # back to (n, T, C) for the encoder's pooling
+        padded[keep.to(device)] = hidden[0]
+        yield idx, POOLERS[encoder.pooling](padded, (b["embed_mask"] * b["attention_mask"]).to(device)).float().cpu()
+
+
+def compare_batching(encoder, texts, batch_tokens=4096, max_length=512, repeats=3, sorted_batch_size=0,
+                     packed=False):
+    """Time token-budget batching against fixed-size batches in input order on the same texts, and
+    (sorted_batch_size > 0) against length-sorted fixed batches of that size (sentence-transformers'),
+    and (packed) against padding-free rows of batch_tokens tokens (encode_packed: for flash_attention_2).
 
     The naive batch size is what fits the same memory budget at the longest text (batch_tokens //
-    longest). Rounds interleave the two, so load changes on a shared machine hit both alike. Returns
+    longest). Rounds interleave the schemes, so load changes on a shared machine hit them alike. Returns
     medians (wall and process CPU seconds; on CPU with one thread the CPU time is the work, on GPU
-    read the wall time), padded tokens, and the largest relative difference between their rows."""
+    read the wall time), padded tokens, and the largest relative difference of each scheme's rows
+    from the fixed batches' rows."""
     lengths = text_lengths(encoder, texts, None, max_length)
     schemes = {"sorted": token_budget_batches(lengths, batch_tokens),
                "fixed": fixed_size_batches(lengths, max(1, batch_tokens // int(lengths.max())))}
+    if sorted_batch_size > 0:
+        schemes["sorted_fixed"] = sorted_fixed_batches(lengths, sorted_batch_size)
+    if packed:
+        schemes["packed"] = packed_batches(lengths, batch_tokens)
     times = {k: [] for k in schemes}
     outs = {}
     for rep in range(repeats + 1):  # the first round warms up
-        for k, batches in schemes.items():
+        names = list(schemes)[rep % len(schemes):] + list(schemes)[:rep % len(schemes)]  # none always first
+        for k in names:
+            batches = schemes[k]
             out = torch.empty(len(texts), encoder.dim)
             w, c = time.perf_counter(), time.process_time()
-            for idx, e in encode_batches(encoder, texts, batches, None, max_length):
+            run = encode_packed if k == "packed" else encode_batches
+            for idx, e in run(encoder, texts, batches, None, max_length):
                 out[torch.as_tensor(idx)] = e
             if rep:
                 times[k].append((time.perf_counter() - w, time.process_time() - c))
             outs[k] = out
     med = {k: np.median(np.array(v), axis=0) for k, v in times.items()}
+    diff = {k: float(((o - outs["fixed"]).norm(dim=1) / outs["fixed"].norm(dim=1)).max()) for k, o in outs.items()}
     return {"wall_ratio": med["fixed"][0] / med["sorted"][0], "cpu_ratio": med["fixed"][1] / med["sorted"][1],
-            "wall": {k: float(v[0]) for k, v in med.items()},
-            "padded": {k: padded_tokens(b, lengths) for k, b in schemes.items()},
-            "tokens": int(lengths.sum()),
-            "max_rel_diff": float(((outs["sorted"] - outs["fixed"]).norm(dim=1) / outs["fixed"].norm(dim=1)).max())}
+            "wall": {k: float(v[0]) for k, v in med.items()}, "cpu": {k: float(v[1]) for k, v in med.items()},
+            "padded": {k: int(lengths.sum()) if k == "packed" else padded_tokens(b, lengths) for k, b in schemes.items()},
+            "tokens": int(lengths.sum()), "max_rel_diff": max(diff.values()), "rel_diff": diff}
 
 
 # -----------------------------------------------------------------------------

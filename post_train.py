@@ -381,8 +381,8 @@ def main(argv=None):
 
     # -------------------------------------------------------------------------
     # optimizer, then resume (model, optimizer, step, RNG) from the newest checkpoint
-    optimizer = torch.optim.AdamW(param_groups(orig_model, cfg), lr=cfg["learning_rate"],
-                                  betas=(cfg["beta1"], cfg["beta2"]), eps=cfg["adam_eps"])
+    optimizer = common.adamw(param_groups(orig_model, cfg), lr=cfg["learning_rate"],  # fused where torch can
+                             betas=(cfg["beta1"], cfg["beta2"]), eps=cfg["adam_eps"])
     step, bad_images = 0, []
     last_ckpt = None
     ckpts = checkpoint_paths(out) if cfg["resume"] else []

@@ -93,6 +93,31 @@ def test_token_budget_batches_cover_everything_within_budget():
     assert embed_captions.padded_tokens(batches, lengths) < 0.6 * embed_captions.padded_tokens(naive, lengths)
 
 
+def test_sorted_fixed_and_packed_batches():
+    lengths = np.array([5, 40, 12, 40, 7, 300, 9])
+    sf = embed_captions.sorted_fixed_batches(lengths, 3)  # sentence-transformers': length order, fixed size
+    assert [b.tolist() for b in sf] == [[5, 1, 3], [2, 6, 4], [0]]
+    assert embed_captions.padded_tokens(sf, lengths) == 3 * 300 + 3 * 12 + 5
+    packed = embed_captions.packed_batches(lengths, 64)  # rows of <= 64 tokens, end to end; 300 alone
+    assert [b.tolist() for b in packed] == [[5], [1], [3, 2, 6], [4, 0]]
+    assert all(lengths[b].sum() <= 64 for b in packed if len(b) > 1)
+
+
+def test_packed_rows_give_each_texts_own_embedding(tmp_path, arch="llama"):
+    """Texts laid end to end in one unpadded row (restarting positions, block-diagonal attention) embed as
+    each text alone: nothing leaks across texts (a random model would show any leak)."""
+    texts = ["a red dog", "two cats on a mat near the door", "x", "a long caption " * 20, "blue sky"]
+    encoder = load_text_encoder(pipeline.build_tiny_text_model(str(tmp_path / arch), arch, texts=texts)).eval()
+    alone = torch.cat([e for _, e in embed_captions.encode_batches(encoder, texts, [[i] for i in range(5)])])
+    lengths = embed_captions.text_lengths(encoder, texts)
+    batches = embed_captions.packed_batches(lengths, 64)
+    assert max(len(b) for b in batches) >= 3  # some rows do hold several texts
+    out = torch.full_like(alone, float("nan"))
+    for idx, e in embed_captions.encode_packed(encoder, texts, batches):
+        out[torch.as_tensor(idx)] = e
+    assert torch.allclose(out, alone, atol=1e-5, rtol=1e-5)
+
+
 # -----------------------------------------------------------------------------
 # 1. every cached row equals encode([text]) of that text alone
 

@@ -39,6 +39,8 @@ fields = "captions,long_captions"  # record fields to embed, in this order; a mi
 instruction = ""  # captions are documents: no instruction (the official code's choice); recorded in meta
 max_length = 512  # tokens per text including special tokens (paper); longer texts are truncated
 pooling = ""  # "" = the encoder's own (encoder.json, else mean)
+bidirectional = None  # None = the encoder's own (encoder.json, else True); False scores a causal LLM as trained
+chat_template = ""  # "" = the encoder's own (encoder.json, else none); "none"; "llama3" (official embeddings)
 batch_tokens = 16384  # padded tokens per batch (rows x longest row): the memory knob
 chunk_rows = 4096  # rows per committed chunk: a killed run redoes at most this many per rank
 dtype = "auto"  # compute dtype: auto = bfloat16 on GPU, float32 on CPU (rows are stored as float16)
@@ -47,7 +49,7 @@ overwrite = False  # replace an existing cache built from other texts/settings (
 verify = True  # after embedding: re-hash the manifest, check every row is written and finite
 verify_only = False  # only verify an existing cache against the manifest (no model is loaded)
 # -----------------------------------------------------------------------------
-config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
+config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))]
 
 
 # -----------------------------------------------------------------------------
@@ -103,14 +105,12 @@ def padded_tokens(batches, lengths):
 
 def text_lengths(encoder, texts, instruction=None, max_length=512, batch_size=4096):
     """Tokenised length of each text exactly as encoder.tokenize lays it out (special tokens,
-    instruction, truncation), without building padded tensors."""
-    probe = encoder.tokenize(["a"], instruction, max_length)["input_ids"].shape[1]
-    overhead = probe - len(encoder.tokenizer("a", add_special_tokens=False)["input_ids"])
+    instruction, chat template, truncation), without building padded tensors."""
     out = np.empty(len(texts), dtype=np.int64)
     for i in range(0, len(texts), batch_size):
-        bodies = encoder.tokenizer(texts[i:i + batch_size], add_special_tokens=False)["input_ids"]
-        out[i:i + len(bodies)] = [len(b) for b in bodies]
-    return np.minimum(out, max_length - overhead) + overhead
+        part = encoder.lengths(texts[i:i + batch_size], instruction, max_length)
+        out[i:i + len(part)] = part
+    return out
 
 
 @torch.no_grad()
@@ -284,16 +284,19 @@ def main(argv=None):
 
     # --- model (frozen; bf16 on GPU)
     compute_dtype = cfg["dtype"] if cfg["dtype"] != "auto" else ("bfloat16" if "cuda" in device else "float32")
-    encoder = load_text_encoder(cfg["text_model"], pooling=cfg["pooling"] or None, dtype=compute_dtype,
-                                attn_implementation=cfg["attn_implementation"] or None, device=device)
+    enc_kwargs = common.text_encoder_kwargs(cfg)
+    encoder = load_text_encoder(cfg["text_model"], dtype=compute_dtype, device=device,
+                                attn_implementation=cfg["attn_implementation"] or None, **enc_kwargs)
     encoder.eval().requires_grad_(False)
+    log(common.describe_text_encoder(encoder, enc_kwargs) + f", instruction={cfg['instruction']!r}, "
+        f"max_length={cfg['max_length']}")
     s = encoder.settings
     model_path = os.path.abspath(cfg["text_model"]) if os.path.exists(cfg["text_model"]) else cfg["text_model"]
     enc = {"model": model_path, "fingerprint": data.model_fingerprint(model_path),  # differs if retrained in place
            "adapter": os.path.join(model_path, s["adapter_subdir"]) if s.get("adapter_subdir") else None,
            "base_model": s.get("base_model"), "pooling": encoder.pooling,
            "instruction": cfg["instruction"], "max_length": cfg["max_length"], "bidirectional": s["bidirectional"],
-           "dim": encoder.dim, "compute_dtype": compute_dtype}
+           "chat_template": encoder.chat_template, "dim": encoder.dim, "compute_dtype": compute_dtype}
     meta = build_meta(cfg, enc, texts, complete=False)
 
     # --- output: new, resume, already complete, or refuse a mismatch (every rank decides the same)

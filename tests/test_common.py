@@ -132,6 +132,28 @@ def test_checkpoint_checksum_and_fallback(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["step_1.pt", "step_1.pt.sha256"]
 
 
+def test_bare_flag_sets_a_boolean_key():
+    """Issue 10: `--flag` means `--flag=True` for a boolean key; for any other type it is an error
+    naming the key and its type."""
+    assert common.configure(DEFAULTS, ["--flag"])["flag"] is True
+    assert common.configure(DEFAULTS, ["--flag", "--flag=false"])["flag"] is False
+    with pytest.raises(ValueError, match=r"--steps: expected --steps=value \(int, default 10\)"):
+        common.configure(DEFAULTS, ["--steps"])
+    with pytest.raises(ValueError, match="unknown config key 'flagg'"):
+        common.configure(DEFAULTS, ["--flagg"])
+
+
+def test_bare_verify_flag_on_a_stage_script():
+    """`embed_captions.py --verify` and `post_train.py --batch_size` as users type them."""
+    import embed_captions
+    import post_train
+    defaults = {k: getattr(embed_captions, k) for k in embed_captions.config_keys}
+    assert common.configure(defaults, ["--verify", "--verify_only"])["verify_only"] is True
+    defaults = {k: getattr(post_train, k) for k in post_train.config_keys}
+    with pytest.raises(ValueError, match=r"--batch_size: expected --batch_size=value \(int, default 4096\)"):
+        common.configure(defaults, ["--batch_size"])
+
+
 def _tiny_run(fused, steps, state=None, resume_fused=None):
     """A LayerNorm MLP + a 0-d param (like the logit scale) in two AdamW groups, `steps` steps on fixed data;
     state: (params, optimizer state_dict) to resume from. Returns (params, optimizer)."""

@@ -273,6 +273,26 @@ def test_edited_manifest_is_refused(setup, tmp_path, capsys):
                              f"--out_dir={setup['ref']}"] + RUN)
 
 
+def test_raw_decoder_embedded_causal_when_asked(setup, tmp_path, capsys):
+    """Issue 10 item 4: --bidirectional=False embeds a raw decoder as it was trained (causal), rows equal
+    load_text_encoder(..., bidirectional=False) alone; meta records it; a bidirectional request refuses it."""
+    out = str(tmp_path / "causal")
+    embed_captions.main([f"--text_model={setup['model']}", f"--manifest={setup['manifest']}", f"--out_dir={out}",
+                         "--bidirectional=False"] + RUN)
+    assert "bidirectional=False (set)" in capsys.readouterr().out
+    meta = json.load(open(os.path.join(out, "meta.json")))["encoder"]
+    assert meta["bidirectional"] is False and meta["chat_template"] == "" and meta["pooling"] == "mean"
+    cache = data.EmbeddingCache(out, expect={"bidirectional": False, "chat_template": "none"})
+    texts = data.cache_texts(setup["manifest"], cache.fields).texts  # in row order
+    rows = np.asarray(cache.embeddings, np.float32)
+    causal = load_text_encoder(setup["model"], bidirectional=False).encode(texts, batch_size=128).numpy()
+    bidir = load_text_encoder(setup["model"]).encode(texts, batch_size=128).numpy()
+    assert max(rel_err(a, b) for a, b in zip(rows, causal)) <= 1e-3
+    assert min(rel_err(a, b) for a, b in zip(rows, bidir)) > 1e-2  # not what the default would have made
+    with pytest.raises(data.DataError, match="bidirectional: cache False, expected True"):
+        data.EmbeddingCache(out, expect={"bidirectional": True})
+
+
 def test_encoder_settings_and_fields_mismatch_refused(setup):
     with pytest.raises(data.DataError) as e:
         data.EmbeddingCache(setup["ref"], expect={"pooling": "eos", "instruction": "", "max_length": 256})

@@ -654,7 +654,8 @@ def main(argv=None):
     if cfg["task"] not in tasks:
         raise ValueError(f"--task={cfg['task']!r}: expected one of {', '.join(tasks)}")
     pos = (lambda v: v > 0, "a positive integer")
-    common.check_config(cfg, {"batch_size": pos, "text_batch_size": pos, "max_length": pos,
+    common.check_config(cfg, {"batch_size": pos, "text_batch_size": pos,
+                              "max_length": (lambda v: v >= 0, "an integer >= 0 (0 = the model's own)"),
                               "num_workers": (lambda v: v >= 0, "an integer >= 0")})
     if cfg["out"] and cfg["task"] != "export_hf":  # a results file: found now, not after every model is scored
         folder = os.path.dirname(os.path.abspath(cfg["out"]))

@@ -1134,13 +1134,14 @@ def _merge_index(index_dir, source, names, log):
     tmp = f"{records_file}.tmp{os.getpid()}"
     with open(tmp, "wb") as out:
         for i, name in enumerate(names):
-            part = np.load(os.path.join(parts_dir, name + ".npz"))
+            with np.load(os.path.join(parts_dir, name + ".npz")) as z:
+                img_off, img_size = z["image_offset"].tolist(), z["image_size"].tolist()
             with open(os.path.join(parts_dir, name + ".jsonl"), "rb") as f:
                 for j, line in enumerate(f):
                     obj = json.loads(line)
                     hash_record_texts(h, hashes, r, "captions", obj["captions"])
                     hash_record_texts(h, hashes, r, "long_captions", obj["long_captions"])
-                    b.add(offset, len(line), r + 1, i, int(part["image_offset"][j]), int(part["image_size"][j]),
+                    b.add(offset, len(line), r + 1, i, img_off[j], img_size[j],
                           len(obj["captions"]), len(obj["long_captions"]))
                     out.write(line)
                     offset += len(line)

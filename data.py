@@ -899,7 +899,6 @@ def scan_tar_shard(path):
                     s["image"] = m
                 elif ext in ("txt", "json"):
                     s[ext] = tf.extractfile(m).read().decode("utf-8")
-            tf.members = []  # the member list is not needed past here
     except (tarfile.TarError, OSError) as e:
         raise DataError(f"{path}: cannot read tar shard ({e})") from None
     for key, s in samples.items():

@@ -11,7 +11,8 @@ not fit one forward pass).
 
 Outputs in out_dir: checkpoints/step_*.pt (exact resume with resume=True), vision_tower.pt (timm state
 dict), adaptor.pt, llm2clip.json (read by model.load_llm2clip), metrics.jsonl, post_train.log,
-run_post_train.json (config + code version).
+run_post_train.json (config + code version). The training index (data.build_train_index: built on first
+use, then reused) lives beside the cache, or in out_dir/train_index, or where --train_index says.
 """
 import contextlib
 import glob

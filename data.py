@@ -633,14 +633,14 @@ class EmbeddingCache:
         if isinstance(manifest, TrainIndex):  # stage 2: the index hashed the texts once, when it was built
             if manifest.text_hash != meta["text_hash"]:
                 new = manifest.texts(self.fields) if self.fields == list(manifest.fields) else None
-                index = np.load(os.path.join(cache_dir, CACHE_INDEX))
+                index = load_cache_file(cache_dir, CACHE_INDEX)
                 why = (f"fields differ: cache {self.fields}, training records {manifest.fields}" if new is None else
                        describe_text_mismatch(index["counts"], index["text_hashes"], self.fields, new))
                 raise DataError(f"{cache_dir} is stale for {manifest.records_file}: {why}")
         elif manifest is not None:
             new = cache_texts(manifest, self.fields, lazy=True)
             if new.text_hash != meta["text_hash"]:  # per-text hashes are read only to say what differs
-                index = np.load(os.path.join(cache_dir, CACHE_INDEX))
+                index = load_cache_file(cache_dir, CACHE_INDEX)
                 raise DataError(f"{cache_dir} is stale for {_name(manifest)}: "
                                 + describe_text_mismatch(index["counts"], index["text_hashes"], self.fields, new))
         emb = self._open()
@@ -650,7 +650,7 @@ class EmbeddingCache:
 
     def _rows_index(self):
         if self._index is None:
-            index = np.load(os.path.join(self.cache_dir, CACHE_INDEX))
+            index = load_cache_file(self.cache_dir, CACHE_INDEX)
             offsets, counts = index["record_offsets"].astype(np.int64), index["counts"].astype(np.int32)
             # row of slot 0 of each (record, field)
             self._index = offsets, counts, offsets[:-1, None] + np.cumsum(counts, 1) - counts

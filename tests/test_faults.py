@@ -170,7 +170,7 @@ def test_corrupt_cache_files_are_named_and_verify_reports(w, tmp_path, capsys):
         shutil.copytree(w.cache, cache)
         damage(cache / name)
         with pytest.raises(data.DataError, match=re.escape(str(cache / name)) + ": (cannot read|corrupt)"):
-            data.EmbeddingCache(str(cache), manifest=w.train)
+            data.EmbeddingCache(str(cache), manifest=w.train).record_offsets  # index.npz: read on first use
         capsys.readouterr()
         with pytest.raises(SystemExit):  # reported, exit status 1, no traceback from numpy/json
             embed_captions.main([f"--manifest={w.train}", f"--out_dir={cache}", "--verify_only=True"])
@@ -218,7 +218,7 @@ def test_nan_cache_row_names_record_and_row(w, tmp_path):
     emb.flush()
     del emb
     with pytest.raises(data.DataError, match=re.escape(str(cache / "embeddings.npy")) +
-                       r": row \d+ is not finite: record \d+ \(line \d+, image .*\.png\), (long_)?captions\[\d\]"):
+                       r": row \d+ is not finite: record \d+ \(.*train.jsonl:\d+, image .*\.png\), (long_)?captions\[\d\]"):
         post_train.main(args(w, tmp_path / "o", f"--cache_dir={cache}"))
 
 

@@ -157,10 +157,11 @@ def tiny_text_config(arch, vocab_size, hidden_size=32, num_layers=2, num_heads=4
     return cls(**common, **extra, **ids)
 
 
-def build_tiny_text_model(out_dir, arch="llama", texts=None, vocab_size=512, seed=0, **config_kwargs):
-    """Save a tiny random `arch` model (AutoModel base, no LM head) + trained tokenizer to out_dir."""
+def build_tiny_text_model(out_dir, arch="llama", texts=None, vocab_size=512, seed=0, lm_head=False, **config_kwargs):
+    """Save a tiny random `arch` model + trained tokenizer to out_dir: the AutoModel base, or with
+    lm_head=True a causal LM (what MNTP needs; AutoModel still loads its base)."""
     import torch
-    from transformers import AutoModel
+    from transformers import AutoModel, AutoModelForCausalLM
     if arch not in TINY_ARCHS:
         raise ValueError(f"arch={arch!r}; expected one of {TINY_ARCHS}")
     texts = list(texts) if texts else _DEFAULT_CORPUS
@@ -168,7 +169,7 @@ def build_tiny_text_model(out_dir, arch="llama", texts=None, vocab_size=512, see
     # margin: some Auto tokenizer classes (Qwen2) add a special token or two when they load the files back
     config = tiny_text_config(arch, len(tokenizer) + 32, tokenizer=tokenizer, **config_kwargs)
     torch.manual_seed(seed)
-    model = AutoModel.from_config(config)
+    model = (AutoModelForCausalLM if lm_head else AutoModel).from_config(config)
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

@@ -17,7 +17,8 @@ next-token prediction), `init_from` (MNTP then SimCSE), `bidirectional`, `poolin
 A global batch larger than one forward pass runs in chunks with gradient caching: the objective is
 that of the full batch (all its negatives), not of micro-batches. Outputs in out_dir: adapter/ (peft),
 merged/ (HF model + tokenizer), encoder.json (how to use it: `model.load_text_encoder(out_dir)`),
-run_cc_finetune.json (resolved config + code version), cc_finetune.log, ckpt.pt (resumable), cc_adaptor.pt (with cc_adaptor_blocks >= 0).
+run_cc_finetune.json (resolved config + code version), cc_finetune.log, ckpt.pt (resumable), and with
+cc_adaptor_blocks >= 0 cc_adaptor.pt (the stage-1 adaptor, applied by load_text_encoder).
 """
 import contextlib
 import json

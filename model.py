@@ -439,7 +439,7 @@ def mntp_loss(hidden, labels, lm_head_weight, reduction="mean"):
     accumulation over micro-batches."""
     h, y = hidden[:, :-1], labels[:, 1:]  # output i-1 predicts token i
     sel = y != -100
-    logits = F.linear(h[sel].float(), lm_head_weight.float())  # (N, V)
+    logits = F.linear(h[sel].to(lm_head_weight.dtype), lm_head_weight).float()  # (N, V); no fp32 copy of the head
     return F.cross_entropy(logits, y[sel], reduction=reduction)
 
 

@@ -10,8 +10,9 @@ interleaved within each repeat so that load drift on a shared machine hits them 
       down by the same (printed) factor.
   (c) caption embedding throughput (embed_captions.py's batching): length-sorted token-budget batches vs
       fixed-size batches padded to their longest in dataset order, on real COCO + DOCCI captions.
-  (d) stage-1 peak memory at global batch 256 (cc_finetune.grad_cache_step), each variant in a fresh
-      subprocess minus a baseline process: gradient caching in chunks of 32 vs plain 256 vs plain 32.
+  (d) stage-1 peak memory at global batch 256 (model.grad_cache_step, as cc_finetune.py calls it), each
+      variant in a fresh subprocess minus a baseline process: gradient caching in chunks of 32 vs plain
+      256 vs plain 32.
 
 python bench.py                         # tiny CPU models (about 3 minutes on 2 CPU cores)
 python bench.py config/bench_gpu.py     # ViT-L/14-224 + a Llama-3-8B-shaped text encoder, with MFU
@@ -171,8 +172,8 @@ def rss_high_water(reset=False):
 
 def memory_child(variant, cfg):
     """Build the stage-1 model (tiny LoRA decoder) and inputs, restart the high-water mark, run two steps of
-    `variant` through cc_finetune's grad_cache_step, print the peak memory in MiB (RSS on CPU, allocated on CUDA)."""
-    from cc_finetune import grad_cache_step
+    `variant` through model.grad_cache_step (queries and positives, as cc_finetune.py calls it), print the peak
+    memory in MiB (RSS on CPU, allocated on CUDA)."""
     torch.manual_seed(cfg["seed"])
     torch.set_num_threads(cfg["threads"])
     dev, G, C, T = cfg["device"], cfg["mem_global_batch"], cfg["mem_chunk"], cfg["mem_max_length"]
@@ -191,7 +192,7 @@ def memory_child(variant, cfg):
     cuda = dev.startswith("cuda")
     torch.cuda.reset_peak_memory_stats() if cuda else rss_high_water(reset=True)
     for _ in range(2):
-        grad_cache_step(enc, side(ids[0]), side(ids[1]), lambda q, d, h: M.caption_contrastive_loss(q, d, 0.05, h))
+        M.grad_cache_step(lambda c: enc(**c), [side(ids[0]), side(ids[1])], lambda q, d: M.caption_contrastive_loss(q, d))
         opt.step()
         opt.zero_grad(set_to_none=True)
     print(f"PEAK_MIB {torch.cuda.max_memory_allocated() / 2**20 if cuda else rss_high_water():.2f}")
@@ -283,7 +284,7 @@ def main(argv=None):
             opt_v.zero_grad(set_to_none=True)
 
         def clip_step(text_emb):
-            post_train.forward_backward(clip, clip, images, text_emb, 0, ctx)
+            M.grad_cache_step(lambda c: clip(*c), [[(images, text_emb)]], lambda out: M.clip_loss(*out), autocast=ctx)
             torch.nn.utils.clip_grad_norm_(clip.parameters(), pcfg["grad_clip"])
             opt_c.step()
             opt_c.zero_grad(set_to_none=True)

@@ -86,78 +86,13 @@ from evaluate import c2c_eval  # noqa: E402  (the quality gate: caption 1 -> cap
 
 
 # -----------------------------------------------------------------------------
-# Gradient caching: the full-batch contrastive objective in micro-batch memory (GradCache)
-
-class _RNGState:
-    """The torch RNG state (CPU and this CUDA device) at one forward, to replay its dropout masks."""
-
-    def __init__(self, device):
-        self.device = device
-        self.cpu = torch.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-    @contextlib.contextmanager
-    def replay(self):
-        """Run the block with this state; the outer RNG stream is left as it was."""
-        with torch.random.fork_rng(devices=[self.device] if self.cuda is not None else []):
-            torch.set_rng_state(self.cpu)
-            if self.cuda is not None:
-                torch.cuda.set_rng_state(self.cuda, self.device)
-            yield
-
-
-def grad_cache_step(encoder, q_batches, d_batches, loss_fn, h_batches=None, autocast=None):
-    """One contrastive step over this rank's batch, given as tokenised chunks; returns the loss (detached).
-
-    q_batches, d_batches (and h_batches, hard negatives): lists of dicts (input_ids, attention_mask,
-    embed_mask) on the encoder's device, chunk k of each side holding the same records.
-    loss_fn(q, d, h) -> scalar gets the whole batch's (B, C) embeddings (h None without hard negatives)
-    and does any cross-rank gathering itself. Afterwards the trainable parameters' .grad hold (are
-    incremented by) d loss / d theta of the full batch.
-
-    One chunk per side: plain forward + backward. More: (1) embed every chunk without grad, keeping
-    each forward's RNG state; (2) loss over the full batch and its gradient w.r.t. the embeddings;
-    (3) re-run each chunk with grad, replaying its RNG state so dropout masks are the same, and
-    back-propagate the cached embedding gradient. Peak activation memory is that of one chunk.
-    """
-    autocast = autocast or contextlib.nullcontext()
-    sides = [q_batches, d_batches] + ([h_batches] if h_batches else [])
-    if all(len(s) == 1 for s in sides):
-        with autocast:
-            embs = [encoder(**s[0]) for s in sides]
-        loss = loss_fn(*embs, *([None] * (3 - len(embs))))
-        loss.backward()
-        return loss.detach()
-    # (1) embeddings without grad
-    device = q_batches[0]["input_ids"].device
-    states, embs = [], []
-    with torch.no_grad():
-        for side in sides:
-            outs = []
-            for chunk in side:
-                states.append(_RNGState(device))
-                with autocast:
-                    outs.append(encoder(**chunk).float())
-            embs.append(torch.cat(outs).requires_grad_())  # (B, C) leaf
-    # (2) full-batch loss and d loss / d embeddings (the loss's gathers run their collectives here)
-    loss = loss_fn(*embs, *([None] * (3 - len(embs))))
-    grads = torch.autograd.grad(loss, embs)
-    # (3) re-run each chunk with grad and back-propagate its slice of the cached gradient
-    state = iter(states)
-    for side, grad in zip(sides, grads):
-        grad_chunks = grad.split([c["input_ids"].shape[0] for c in side])
-        for chunk, g in zip(side, grad_chunks):
-            with next(state).replay(), autocast:
-                out = encoder(**chunk)
-            out.float().backward(g)
-    return loss.detach()
-
+# Distributed training helpers (gradient caching itself is model.grad_cache_step)
 
 def average_gradients(params, world_size):
     """All-reduce (mean) the gradients of `params` in one flat buffer: every rank then holds the
     gradient of the mean over ranks of the local losses, which is the full global-batch gradient
-    (the loss gathers features with gradient). Plain all_reduce instead of DDP keeps gradient
-    caching simple: no no_sync / reducer hooks across the chunk re-runs."""
+    (the loss gathers features with gradient). Plain all_reduce instead of DDP: one all-reduce after
+    every side's chunks, no reducer hooks to keep out of the re-runs."""
     grads = [p.grad for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
@@ -369,7 +304,7 @@ def main(argv=None):
     else:
         sampler = data.ResumableBatchSampler(len(dataset), cfg["batch_size"], rank, world_size, cfg["seed"],
                                              shuffle=True, start_step=start_step, max_steps=max_steps - start_step)
-    loss_fn = lambda q, d, h: M.caption_contrastive_loss(q, d, cfg["temperature"], h)  # noqa: E731
+    loss_fn = lambda q, d, h=None: M.caption_contrastive_loss(q, d, cfg["temperature"], h)  # noqa: E731
     instruction = cfg["instruction"] or None
     texts_per_step = cfg["batch_size"] * len(step_texts(dataset, [0], 0, objective, hard, instruction))
     encoder.train()
@@ -392,10 +327,10 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group["lr"] = lr_now
         torch.manual_seed(step_seed(cfg["seed"], rank, step))  # dropout masks: a function of the step
-        if objective == "mntp":
+        if objective == "mntp":  # a sum over tokens: plain micro-batch accumulation is exact
             loss = M.mntp_accumulate(encoder, chunks[0], lm_head, n_sel.item(), world_size, autocast)
-        else:
-            loss = grad_cache_step(encoder, *chunks[:2], loss_fn, chunks[2] if hard else None, autocast)
+        else:  # more than one chunk per side: gradient caching (the full batch's negatives, one chunk's memory)
+            loss = M.grad_cache_step(lambda c: encoder(**c), chunks, loss_fn, autocast=autocast)
         if ddp:
             average_gradients(params, world_size)
         if cfg["grad_clip"] > 0:

@@ -20,7 +20,6 @@ shared filesystem (every rank writes its rows into the same file and reads every
 import json
 import os
 import shutil
-import signal
 import time
 
 import numpy as np
@@ -49,9 +48,6 @@ verify = True  # after embedding: re-hash the manifest, check every row is writt
 verify_only = False  # only verify an existing cache against the manifest (no model is loaded)
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
-
-# test hook: after this many committed chunks, write part of the next one and SIGKILL this process
-KILL_ENV = "EMBED_CAPTIONS_TEST_KILL_AFTER_CHUNKS"
 
 
 # -----------------------------------------------------------------------------
@@ -298,7 +294,6 @@ def main(argv=None):
         my_chunks = []
 
     # --- embed
-    kill_after = int(os.environ.get(KILL_ENV, "-1"))
     my_rows = sum(len(chunks[c]) for c in my_chunks)
     stats = torch.zeros(3, dtype=torch.float64)  # texts, tokens, padded tokens
     t_start = time.time()
@@ -309,9 +304,9 @@ def main(argv=None):
         row_bytes = encoder.dim * 2
         progress_path = os.path.join(progress_dir, f"rank{rank:05d}.txt")
         bar = tqdm(total=my_rows, unit="text", disable=not master, desc=f"embed (rank 0 of {world_size})")
-        for k, c in enumerate(my_chunks):
+        for c in my_chunks:
             batches = [chunks[c][b] for b in token_budget_batches(lengths[chunks[c]], cfg["batch_tokens"])]
-            for j, (idx, emb) in enumerate(encode_batches(encoder, texts.texts, batches, cfg["instruction"], cfg["max_length"])):
+            for idx, emb in encode_batches(encoder, texts.texts, batches, cfg["instruction"], cfg["max_length"]):
                 rows16 = emb.numpy().astype(np.float16)
                 for i, r in enumerate(idx.tolist()):  # pwrite: exact bytes, safe beside other ranks' rows
                     os.pwrite(fd, rows16[i].tobytes(), offset + r * row_bytes)
@@ -319,8 +314,6 @@ def main(argv=None):
                 stats += torch.tensor([len(idx), lens.sum(), len(idx) * lens.max()], dtype=torch.float64)
                 bar.update(len(idx))
                 bar.set_postfix(tok_s=f"{stats[1].item() / max(time.time() - t_start, 1e-9):.0f}", refresh=False)
-                if k == kill_after and j == 0:  # test hook: die mid-chunk with its first batch written
-                    os.kill(os.getpid(), signal.SIGKILL)
             commit_chunk(fd, progress_path, c)
         bar.close()
         os.close(fd)

@@ -7,6 +7,8 @@
 3. The vision tower: a timm model with its own preprocessing config.
 4. The CLIP-style model (vision + adaptor + learnable logit scale) and the two contrastive losses,
    correct under DDP (features gathered with gradient, local rows, labels offset by rank).
+5. Gradient caching: a contrastive step over a batch larger than one forward pass, with the full
+   batch's negatives and gradient (both stages use it).
 """
 import contextlib
 import json
@@ -709,3 +711,92 @@ def caption_contrastive_loss(q, d, temperature=0.05, hard_negatives=None):
         cands = torch.cat([cands, gather_with_grad(F.normalize(_upcast(hard_negatives), dim=-1))], 0)
     logits = q @ cands.T / temperature  # (B, N or 2N)
     return F.cross_entropy(logits, _local_labels(q.shape[0], q.device))
+
+
+
+# -----------------------------------------------------------------------------
+# Gradient caching (GradCache, open_clip's accum-freq): the full-batch contrastive objective in the
+# activation memory of one chunk
+
+class _RNGState:
+    """The CPU and current CUDA device RNG states before one forward, to replay its dropout masks."""
+
+    def __init__(self):
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        self.device = torch.cuda.current_device() if cuda else None
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(self.device) if cuda else None
+
+    @contextlib.contextmanager
+    def replay(self):
+        """Run the block from this state; the outer RNG stream is left as it was."""
+        with torch.random.fork_rng(devices=[] if self.device is None else [self.device]):
+            torch.set_rng_state(self.cpu)
+            if self.cuda is not None:
+                torch.cuda.set_rng_state(self.cuda, self.device)
+            yield
+
+
+def grad_cache_step(forward, groups, loss_fn, *, no_sync=None, autocast=None):
+    """One contrastive step over a batch given in chunks; returns the loss (detached). Afterwards the
+    parameters' .grad hold (are incremented by) the gradient of the whole batch's loss.
+
+    groups: the sides embedded by the same model (stage 1: queries, positives, hard negatives; stage
+    2: one side of (images, text embeddings) chunks), each a list of chunks; forward(chunk) -> a
+    tensor (n, ...) or a tuple of them. A 0-dim output (the logit scale) is the same for every chunk:
+    the loss sees the first chunk's and its gradient is applied once per side. loss_fn(*sides) gets
+    each side's outputs concatenated over its chunks (shaped like forward's) and does any cross-rank
+    gathering itself. no_sync: e.g. DDP's `model.no_sync`, entered for every re-run but the last, so
+    gradients are all-reduced once. autocast: a context for the forwards.
+
+    One chunk per side: plain forward + backward. More: (1) run every chunk without grad, keeping its
+    RNG state; (2) the whole batch's loss and its gradient w.r.t. the outputs (the gradient cache);
+    (3) re-run each chunk with grad, its RNG state replayed so dropout masks repeat, and back-propagate
+    its slice of the cache. Activations of one chunk of one side are alive at a time; the RNG stream
+    is left as (1) left it, as if every chunk had run once.
+    """
+    autocast = autocast or contextlib.nullcontext()
+    if all(len(side) == 1 for side in groups):
+        with autocast:
+            outs = [forward(side[0]) for side in groups]
+        loss = loss_fn(*outs)
+        loss.backward()
+        return loss.detach()
+    # (1) outputs without grad; batched ones concatenated (float32 for the loss), 0-dim ones from the first chunk
+    states, cache, tuples = [], [], []
+    with torch.no_grad():
+        for side in groups:
+            outs = []
+            for chunk in side:
+                states.append(_RNGState())
+                with autocast:
+                    out = forward(chunk)
+                outs.append(out if isinstance(out, tuple) else (out,))
+            tuples.append(isinstance(out, tuple))
+            cache.append([_upcast(torch.cat(o) if o[0].ndim else o[0]).detach().requires_grad_() for o in zip(*outs)])
+    # (2) the loss of the whole batch and its gradient w.r.t. every output (the loss's gathers run here)
+    loss = loss_fn(*[tuple(c) if t else c[0] for c, t in zip(cache, tuples)])
+    flat = [x for c in cache for x in c]
+    grads = iter(torch.autograd.grad(loss, flat, allow_unused=True))
+    grad_cache = [[next(grads) for _ in c] for c in cache]  # per side, per output
+    # (3) re-run each chunk with grad; back-propagate its rows of the cached gradient
+    n_left = sum(len(side) for side in groups)
+    state = iter(states)
+    for side, cached in zip(groups, grad_cache):
+        start = 0
+        for j, chunk in enumerate(side):
+            n_left -= 1
+            with (no_sync() if no_sync is not None and n_left else contextlib.nullcontext()):
+                with next(state).replay(), autocast:
+                    out = forward(chunk)
+                out = out if isinstance(out, tuple) else (out,)
+                n = next(o.shape[0] for o in out if o.ndim)
+                roots, root_grads = [], []
+                for o, g in zip(out, cached):
+                    if g is not None and (o.ndim or j == len(side) - 1):  # a shared 0-dim output: once
+                        roots.append(_upcast(o))
+                        root_grads.append(g[start:start + n] if o.ndim else g)
+                if roots:
+                    torch.autograd.backward(roots, root_grads)
+            start += n
+    return loss.detach()

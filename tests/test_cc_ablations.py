@@ -116,14 +116,14 @@ def test_unsupervised_views_differ_only_by_dropout(tiny):
 
     # gradient caching with dropout on: each chunk replays its own masks, the views keep theirs
     enc.train()
-    loss_fn = lambda x, y, h: model.caption_contrastive_loss(x, y, 0.05, h)  # noqa: E731
+    loss_fn = lambda x, y: model.caption_contrastive_loss(x, y, 0.05)  # noqa: E731
     chunks = [enc.tokenize(q[i:i + 4], None, 64) for i in range(0, 8, 4)]
     torch.manual_seed(5)
-    ref = loss_fn(torch.cat([enc(**c) for c in chunks]), torch.cat([enc(**c) for c in chunks]), None)
+    ref = loss_fn(torch.cat([enc(**c) for c in chunks]), torch.cat([enc(**c) for c in chunks]))
     ref.backward()
     g_ref = _lora_grads(enc)
     torch.manual_seed(5)
-    loss = cc_finetune.grad_cache_step(enc, chunks, chunks, loss_fn)
+    loss = model.grad_cache_step(lambda c: enc(**c), [chunks, chunks], loss_fn)
     assert abs(loss.item() - ref.item()) <= 1e-5 and _max_diff(g_ref, _lora_grads(enc)) <= 1e-5
 
     with pytest.raises(ValueError, match=r"unsupervised_simcse needs dropout > 0 \(got -1.0\)"):

@@ -147,7 +147,7 @@ def test_grad_cache_equals_full_batch_gradient(tiny, hard):
     enc = _encoder_with_lora(tiny, dropout=0.0)
     ds = data.CaptionPairDataset(data.read_caption_records(tiny["train"]), seed=0)
     q, d, h = ds.batch(list(range(64)), step=0, hard_negatives=hard)
-    loss_fn = lambda a, b, c: model.caption_contrastive_loss(a, b, 0.05, c)  # noqa: E731
+    loss_fn = lambda a, b, c=None: model.caption_contrastive_loss(a, b, 0.05, c)  # noqa: E731
     instr = cc_finetune.instruction
 
     # plain: the whole batch of 64 in one forward per side, written out here independently
@@ -157,8 +157,8 @@ def test_grad_cache_equals_full_batch_gradient(tiny, hard):
     full.backward()
     g_full = _lora_grads(enc)
     # chunks of 16 with gradient caching
-    loss = cc_finetune.grad_cache_step(enc, _chunks(enc, q, instr, 16), _chunks(enc, d, None, 16), loss_fn,
-                                       _chunks(enc, h, None, 16) if hard else None)
+    sides = [_chunks(enc, q, instr, 16), _chunks(enc, d, None, 16)] + ([_chunks(enc, h, None, 16)] if hard else [])
+    loss = model.grad_cache_step(lambda c: enc(**c), sides, loss_fn)
     g_cached = _lora_grads(enc)
     assert abs(loss.item() - full.item()) <= 1e-5
     assert max(v.abs().max().item() for v in g_full.values()) > 1e-3  # a real gradient, not zeros
@@ -172,17 +172,17 @@ def test_grad_cache_replays_dropout(tiny):
     ds = data.CaptionPairDataset(data.read_caption_records(tiny["train"]), seed=0)
     q, d, _ = ds.batch(list(range(32)), step=0)
     qc, dc = _chunks(enc, q, None, 8), _chunks(enc, d, None, 8)
-    loss_fn = lambda a, b, c: model.caption_contrastive_loss(a, b, 0.05, c)  # noqa: E731
+    loss_fn = lambda a, b, c=None: model.caption_contrastive_loss(a, b, 0.05, c)  # noqa: E731
     torch.manual_seed(7)
     ref = loss_fn(torch.cat([enc(**c) for c in qc]), torch.cat([enc(**c) for c in dc]), None)
     ref.backward()
     g_ref = _lora_grads(enc)
     torch.manual_seed(7)
-    loss = cc_finetune.grad_cache_step(enc, qc, dc, loss_fn)
+    loss = model.grad_cache_step(lambda c: enc(**c), [qc, dc], loss_fn)
     g_cached = _lora_grads(enc)
     assert abs(loss.item() - ref.item()) <= 1e-5 and _max_diff(g_ref, g_cached) <= 1e-5
     torch.manual_seed(8)  # and dropout really is on: another seed, another gradient
-    cc_finetune.grad_cache_step(enc, qc, dc, loss_fn)
+    model.grad_cache_step(lambda c: enc(**c), [qc, dc], loss_fn)
     assert _max_diff(g_ref, _lora_grads(enc)) > 1e-4
 
 

@@ -3,8 +3,10 @@ import json
 import os
 import pickle
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -31,6 +33,16 @@ def subprocess_env(threads=1):
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false"}
 
 
+def embed_one_thread(model, manifest, out, run):
+    """embed_captions.main in-process with one thread: the bits of the one-thread subprocess runs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        embed_captions.main([f"--text_model={model}", f"--manifest={manifest}", f"--out_dir={out}"] + run)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A synthetic manifest (24 records x 2 short + 3 long captions), a tiny llama, and a reference
@@ -42,12 +54,7 @@ def setup(tmp_path_factory):
     model = pipeline.build_tiny_text_model(str(root / "tiny"), "llama", texts=texts)
     manifest = str(root / "syn" / "train.jsonl")
     ref = str(root / "ref")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        embed_captions.main([f"--text_model={model}", f"--manifest={manifest}", f"--out_dir={ref}"] + RUN)
-    finally:
-        torch.set_num_threads(threads)
+    embed_one_thread(model, manifest, ref, RUN)
     return {"root": root, "recs": recs, "model": model, "manifest": manifest, "ref": ref}
 
 
@@ -174,23 +181,34 @@ def test_torchrun_two_ranks_identical_to_one_process(setup, tmp_path):
 # 3. SIGKILL mid-way, rerun: identical to an uninterrupted run, finished work skipped
 
 def test_killed_run_resumes_to_identical_cache(setup, tmp_path):
+    """A real SIGKILL from outside once 3 chunks are committed (read from the progress file), rerun: the
+    committed chunks are skipped and the cache is byte-identical to an uninterrupted run's."""
+    run = ["--chunk_rows=2", "--batch_tokens=256"]  # 60 chunks: the kill lands with most of them still to do
+    ref = str(tmp_path / "ref")
+    embed_one_thread(setup["model"], setup["manifest"], ref, run)
     out = str(tmp_path / "killed")
     cmd = [PY, os.path.join(ROOT, "embed_captions.py"), f"--text_model={setup['model']}",
-           f"--manifest={setup['manifest']}", f"--out_dir={out}"] + RUN
-    env = {**subprocess_env(), embed_captions.KILL_ENV: "3"}  # dies inside chunk 4, its first batch written
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == -9, p.stdout[-2000:] + p.stderr[-2000:]
-    assert len(open(os.path.join(out, "progress", "rank00000.txt")).read().split()) == 3
+           f"--manifest={setup['manifest']}", f"--out_dir={out}"] + run
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress_dir = os.path.join(out, "progress")
+    deadline = time.time() + 240
+    while proc.poll() is None and time.time() < deadline and len(embed_captions.read_progress(progress_dir)) < 3:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL, "the run ended before the kill: make it longer"
+    done = len(embed_captions.read_progress(progress_dir))
+    print("killed with", done, "of 60 chunks committed")
+    assert 3 <= done < 60, done
     with pytest.raises(data.DataError, match="incomplete"):
         data.EmbeddingCache(out)
     p = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     log = open(os.path.join(out, "embed.log")).read()
-    assert "resuming: 3/8 chunks (48 of 120 rows) already done, skipping them" in log
-    assert "embedded 72 texts" in log  # only the rest was computed
-    assert cache_files(out) == cache_files(setup["ref"])
+    assert f"resuming: {done}/60 chunks ({2 * done} of 120 rows) already done, skipping them" in log
+    assert f"embedded {120 - 2 * done} texts" in log  # only the rest was computed
+    assert cache_files(out) == cache_files(ref)
     # a third run has nothing left to do
-    embed_captions.main([f"--text_model={setup['model']}", f"--manifest={setup['manifest']}", f"--out_dir={out}"] + RUN)
+    embed_captions.main([f"--text_model={setup['model']}", f"--manifest={setup['manifest']}", f"--out_dir={out}"] + run)
     assert "skipped all 120 rows" in open(os.path.join(out, "embed.log")).read()
 
 

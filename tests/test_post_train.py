@@ -267,7 +267,9 @@ def test_checkpoint_from_another_config_is_refused(w, tmp_path):
 
 
 def test_unknown_config_key(w, tmp_path):
-    with pytest.raises(ValueError, match="unknown config key 'lr'"):
+    with pytest.raises(ValueError, match="unknown config key 'lrate'"):
+        post_train.main(args(w, tmp_path, "--lrate=1"))
+    with pytest.raises(ValueError, match="config key 'lr' was renamed to 'learning_rate'"):  # an old name
         post_train.main(args(w, tmp_path, "--lr=1"))
 
 

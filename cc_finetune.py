@@ -306,7 +306,7 @@ def main(argv=None):
                                              shuffle=True, start_step=start_step, max_steps=max_steps - start_step)
     loss_fn = lambda q, d, h=None: M.caption_contrastive_loss(q, d, cfg["temperature"], h)  # noqa: E731
     instruction = cfg["instruction"] or None
-    texts_per_step = cfg["batch_size"] * len(step_texts(dataset, [0], 0, objective, hard, instruction))
+    texts_per_step = cfg["batch_size"] * ((1 if objective == "mntp" else 2) + hard)
     encoder.train()
     pbar = tqdm(total=max_steps, initial=start_step, desc="cc_finetune", disable=not master)
     t0, t0_step, loss = time.time(), start_step, None

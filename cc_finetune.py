@@ -236,7 +236,9 @@ def main(argv=None):
         encoder.adaptor = M.Adaptor(encoder.dim, encoder.dim, cfg["cc_adaptor_blocks"]).to(device)
     if cfg["dropout"] >= 0:
         M.set_dropout(encoder.model, cfg["dropout"])
-    if objective == "mntp":
+    if objective == "mntp":  # next-token prediction through the LM head: a decoder's objective
+        if not encoder.is_decoder:
+            raise ValueError(f"objective=mntp: {base_model} is not a decoder LLM (no next-token LM head)")
         lm_head, mask_id = M.load_lm_head(base_model, encoder.model), M.mntp_mask_token_id(encoder.tokenizer)
     if cfg["gradient_checkpointing"]:
         m, kw = encoder.model, {"use_reentrant": False}  # non-reentrant: no input needs requires_grad

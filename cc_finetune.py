@@ -32,23 +32,23 @@ import time
 text_model = "meta-llama/Meta-Llama-3-8B-Instruct"  # HF hub name or local folder (paper: Llama-3-8B-Instruct)
 bidirectional = True  # drop the causal mask: the paper's decoder -> encoder conversion (BERT-likes ignore it)
 pooling = "mean"  # "mean" over the caption tokens (paper) or "eos"
-lora_r = 16  # paper: r=16, alpha=32, dropout 0.05 on q,k,v,o,gate,up,down; 0 freezes the LLM (Table 9's last row)
+lora_r = 16  # paper: r=16, alpha=32, dropout 0.05 on q,k,v,o,gate,up,down; 0 freezes the LLM (Table 9)
 lora_alpha = 32
 lora_dropout = 0.05
 dtype = "auto"  # "auto": bfloat16 weights + bf16 autocast on CUDA, float32 on CPU; "float32" forces fp32
 gradient_checkpointing = True  # recompute activations in backward: less memory, same result
 attn_implementation = ""  # "" = transformers' default (sdpa); e.g. "flash_attention_2" where installed
-init_from = ""  # a previous stage-1 out_dir to start from (its LoRA merged, a fresh LoRA here): Table 9's MNTP + SimCSE
-cc_adaptor_blocks = -1  # >= 0: train an Adaptor with this many blocks on the pooled output, saved and applied on load (Table 8)
+init_from = ""  # a stage-1 out_dir to start from (its LoRA merged, a fresh LoRA here): Table 9's MNTP + SimCSE
+cc_adaptor_blocks = -1  # >= 0: an Adaptor of this many blocks trained on the pooled output, applied on load (Table 8)
 # objective
-objective = "supervised_simcse"  # supervised_simcse | unsupervised_simcse (positive: the same caption, other dropout) | mntp
-dropout = -1.0  # LLM attention/hidden dropout while training; -1 keeps the model's own (unsupervised SimCSE needs > 0; llm2vec 0.3)
+objective = "supervised_simcse"  # supervised_simcse | unsupervised_simcse (same caption, other dropout) | mntp
+dropout = -1.0  # LLM attention/hidden dropout in training; -1: the model's own (unsupervised SimCSE: > 0; llm2vec 0.3)
 mntp_mask_prob = 0.2  # mntp: fraction of caption tokens masked, 80/10/10 mask/random/keep (llm2vec's default)
 # data
 train_captions = ""  # caption JSONL file(s), comma-separated: {"id": ..., "captions": [>= 2 strings]}
-train_pairs = ""  # optional pure-text pairs JSONL {"query", "positive"[, "instruction", "negative"]}, mixed in as records
-single_source_batches = False  # each batch from one input file (the official sampler): caption and E5 negatives never mix
-source_weights = ""  # single_source_batches: share of batches per file (train_captions, then train_pairs), e.g. "3,1"; "": by size
+train_pairs = ""  # optional pure-text pairs JSONL {"query", "positive"[, "instruction", "negative"]}, as records
+single_source_batches = False  # each batch from one input file (official sampler): caption, E5 negatives never mix
+source_weights = ""  # share of batches per file (train_captions, then train_pairs), e.g. "3,1"; "": by file size
 val_captions = ""  # caption JSONL for the c2c gate (caption 1 -> caption 2 of every record); "" skips it
 instruction = "Given a caption, retrieve a similar relevant caption."  # query side only; attended, never pooled
 max_length = 512  # tokens per text, instruction and special tokens included (paper: 512)

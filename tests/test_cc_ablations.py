@@ -160,6 +160,14 @@ def test_frozen_llm_trains_only_the_adaptor_and_load_applies_it(tiny, tmp_path):
     val = data.read_caption_records(tiny["val"])
     assert res["c2c_after"]["c2c_top1"] == cc_finetune.c2c_eval(loaded, val, cc_finetune.instruction, 64)["c2c_top1"]
     assert res["c2c_after"] != res["c2c_before"]
+    # embed_captions.py caches the adaptor's outputs (stage 2 then adds its own adaptor on top)
+    import embed_captions
+    cache = str(tmp_path / "cache")
+    embed_captions.main([f"--text_model={out}", f"--manifest={tiny['val']}", f"--out_dir={cache}", "--fields=captions",
+                         "--max_length=64"])
+    rows = torch.from_numpy(data.EmbeddingCache(cache).rows(3, "captions")).float()
+    want = loaded.encode(val[3]["captions"], None, 64)
+    assert (rows - want).abs().max().item() <= 2e-3 * want.abs().max().item()
     fp = data.model_fingerprint(out)  # the embedding cache sees a retrained adaptor as another model
     torch.save({k: v + 1 for k, v in sd.items()}, os.path.join(out, "cc_adaptor.pt"))
     assert data.model_fingerprint(out) != fp

@@ -7,6 +7,9 @@ caption-to-caption retrieval (Table 1, the stage-1 quality gate), baseline and p
     python evaluate.py --task=classify --model=... --data=imagenet/val --classnames=names.txt
     python evaluate.py --task=c2c --text_model=out/stage1 --captions=coco_dev.jsonl
     python evaluate.py --task=convert --format=karpathy --src=dataset_coco.json --out=data/coco/manifest.jsonl
+    python evaluate.py --task=linear_probe --model=... --data=imagenet   (train/ and val/ class folders; Table 4)
+    python evaluate.py --task=export_hf --model=out/llm2clip --out=hf/llm2clip_vision   (LLaVA-ready folder)
+    python evaluate.py --task=convert --format=xm3600 --lang=de --src=captions.jsonl --out=data/xm3600_de/manifest.jsonl
 
 Metrics follow LAION CLIP_benchmark: image->text is a hit at k if ANY of the image's captions is in
 its top k; text->image is scored per caption. Ties are broken by lowest index (see `rank_of_target`).
@@ -23,15 +26,17 @@ from data import (DataError, ImageDataset, convert_docci, convert_karpathy, conv
 
 # -----------------------------------------------------------------------------
 # config: every key can be overridden with --key=value or a config/*.py file
-task = "retrieval"       # retrieval | classify | c2c | convert
+task = "retrieval"       # retrieval | classify | c2c | convert | linear_probe | export_hf (the last two: downstream.py)
 model = ""               # comma-separated; each a HF CLIP/SigLIP folder or hub name (baseline, own text
                          # tower) or an LLM2CLIP out_dir (has llm2clip.json): one table row per model
-data = ""                # retrieval: comma-separated known names or manifest .jsonl paths; classify: a folder
+data = ""                # retrieval: comma-separated known names or manifest .jsonl paths; classify: a folder;
+                         # linear_probe: a folder with train/ and val/ class folders
 data_root = "data"       # known names resolve to <data_root>/<name>/manifest.jsonl, images under <data_root>/<name>/
 image_root = ""          # image root of manifest paths given in --data; "" = the manifest's folder
 caption_field = ""       # "captions" | "long_captions"; "" = the dataset's own (long-caption sets: long_captions)
 captions_per_image = -1  # exact count required; -1 = per dataset (5 for flickr30k/coco, 1 for long sets), 0 = any
-out = ""                 # results JSON (retrieval/classify/c2c) or manifest (convert); "" = print only
+out = ""                 # results JSON (retrieval/classify/c2c/linear_probe), manifest (convert) or the
+                         # transformers folder (export_hf); "" = print only
 device = ""              # "" = cuda if available, else cpu
 batch_size = 64          # images (or texts for c2c) per forward pass, per rank
 text_batch_size = 256    # texts per forward pass; texts are length-sorted first so padding stays small
@@ -40,6 +45,13 @@ amp = True               # bf16 autocast on CUDA (CPU always runs fp32)
 # zero-shot classification
 classnames = ""          # file, one class name per line in sorted-folder order; "" = folder names ("_" -> " ")
 templates = ""           # file, one prompt template per line with {}; "" = "a photo of a {}."
+# linear probe (Table 4, right half): a linear classifier trained with SGD on cached frozen features
+feature_dir = "out/probe_features"  # cached image features, one folder per model and split (reused on rerun)
+probe_epochs = 50        # epochs, batch, lr, momentum, weight decay: the recipe issue 14 gives for the paper
+probe_batch_size = 1024
+probe_lr = 0.1           # peak lr, cosine to 0 over all steps (features are standardised first)
+probe_momentum = 0.9
+probe_weight_decay = 0.0
 # caption-to-caption retrieval
 text_model = ""          # HF model folder or stage-1 out_dir, loaded with model.load_text_encoder
 captions = ""            # caption JSONL {"id", "captions": [>= 2]}: caption 1 queries, caption 2 is the gallery
@@ -47,8 +59,9 @@ max_length = 512         # text tokens for the LLM encoder (the paper's stage-1 
 instruction = ""         # query-side instruction; "" = none (captions are embedded as documents, DESIGN.md)
 dtype = ""               # text encoder dtype for c2c ("bfloat16", ...); "" = the loader's default
 # convert public annotations into a manifest
-format = ""              # karpathy | sharegpt4v | urban1k | docci
-src = ""                 # annotation file (karpathy, sharegpt4v, docci) or folder (urban1k)
+format = ""              # karpathy | sharegpt4v | urban1k | docci | xm3600 | coco_cn | flickr30k_cn
+src = ""                 # annotation file (karpathy, sharegpt4v, docci, xm3600, flickr30k_cn) or folder (urban1k, coco_cn)
+lang = ""                # xm3600: its language code (de, zh, ...); coco_cn: zh | zh-translated; flickr30k_cn: zh
 split = "test"           # karpathy / docci split to keep
 num = 1000               # sharegpt4v: the first `num` entries (the paper's ShareGPT4V-1K)
 image_prefix = None      # prepended to image paths in the manifest; None = the format's default
@@ -446,6 +459,10 @@ def run_convert(cfg, log):
                   "sharegpt4v": lambda: convert_sharegpt4v(src, num=cfg["num"], **kw),
                   "urban1k": lambda: convert_urban1k(src, **kw),
                   "docci": lambda: convert_docci(src, split=cfg["split"], **kw)}
+    import downstream  # the multilingual sets (Table 3)
+    converters.update({"xm3600": lambda: downstream.convert_xm3600(src, lang=cfg["lang"], **kw),
+                       "coco_cn": lambda: downstream.convert_coco_cn(src, cfg["split"], cfg["lang"] or "zh", **kw),
+                       "flickr30k_cn": lambda: downstream.convert_flickr30k_cn(src, cfg["lang"], **kw)})
     if fmt not in converters:
         raise ValueError(f"--format={fmt!r}: expected one of {', '.join(converters)}")
     if not src or not os.path.exists(src):
@@ -468,16 +485,22 @@ def _split(value, key):
 
 def main(argv=None):
     cfg = common.configure({k: globals()[k] for k in config_keys}, argv, __doc__)
-    tasks = ("retrieval", "classify", "c2c", "convert")
+    tasks = ("retrieval", "classify", "c2c", "convert", "linear_probe", "export_hf")
     if cfg["task"] not in tasks:
         raise ValueError(f"--task={cfg['task']!r}: expected one of {', '.join(tasks)}")
-    if cfg["task"] in ("c2c", "convert"):  # single process
+    if cfg["task"] in ("c2c", "convert", "export_hf"):  # single process
         log = common.Logger(None, "evaluate")
+        if cfg["task"] == "export_hf":
+            import downstream
+            return downstream.run_export_hf(cfg, log)
         return run_c2c(cfg, log) if cfg["task"] == "c2c" else run_convert(cfg, log)
     ddp, rank, _, world, device = common.setup_distributed()
     device = cfg["device"] or device
     log = common.Logger(None, "evaluate", master_process=rank == 0)
     try:
+        if cfg["task"] == "linear_probe":
+            import downstream
+            return downstream.run_linear_probe(cfg, (ddp, rank, world, device), log)
         run = run_retrieval if cfg["task"] == "retrieval" else run_classify
         return run(cfg, (ddp, rank, world, device), log)
     finally:

@@ -17,6 +17,8 @@ REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, REPO)
 import evaluate  # noqa: E402
 
+EVAL_DEFAULTS = {k: getattr(evaluate, k) for k in evaluate.config_keys}
+
 
 torch.set_num_threads(1)
 COLORS = {"red": (1, 0, 0), "green": (0, 1, 0), "blue": (0, 0, 1), "yellow": (1, 1, 0), "white": (1, 1, 1)}
@@ -200,7 +202,6 @@ import sys, types
 sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
 import test_evaluate_e2e as t, evaluate
 
-EVAL_DEFAULTS = {k: getattr(evaluate, k) for k in evaluate.config_keys}
 sys.modules["model"] = types.SimpleNamespace(load_llm2clip=lambda path, device: (t.ColorImageEncoder(), t.ColorTextEncoder()))
 evaluate.main(sys.argv[1:])
 """

@@ -1,0 +1,476 @@
+"""Using the post-trained vision encoder downstream (driven by `evaluate.py --task=...`):
+
+1. `export_hf`: the timm tower of a post_train.py out_dir as a transformers `CLIPVisionModel` (OpenAI-CLIP
+   family) or `SiglipVisionModel` (SigLIP/SigLIP2) folder with a `preprocessor_config.json`, so LLaVA-style
+   code loads it with no remote code; the new projection head goes to `projection.safetensors`.
+2. `linear_probe` (the paper's Table 4, right half): frozen image features cached to disk in resumable
+   chunks, then a linear classifier trained with SGD on them; top-1/top-5, one row per model.
+3. Converters for the multilingual retrieval sets (Table 3): XM3600, COCO-CN, Flickr30k-CN -> manifests.
+
+A module of its own because evaluate.py already holds every scoring task; these three share its model
+loading and image encoding, and nothing else in the stage scripts needs them.
+"""
+import hashlib
+import json
+import math
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+import evaluate
+from data import DataError, read_jsonl
+
+# -----------------------------------------------------------------------------
+# 1. transformers export of the vision tower
+
+SUPPORTED = ("OpenAI-CLIP-style timm VisionTransformer (class token, pre-norm, token pooling: "
+             "vit_*_clip_* -> CLIPVisionModel) and SigLIP/SigLIP2 (no class token, attention-pool head: "
+             "vit_*_siglip_* -> SiglipVisionModel)")
+HF_PROJECTION = "projection.safetensors"  # our head: Linear(width -> embed_dim) with bias, {"weight", "bias"}
+
+
+class UnsupportedTower(ValueError):
+    """The timm tower has no transformers counterpart (e.g. EVA02's rotary embeddings and SwiGLU)."""
+
+
+def _require(ok, name, what):
+    if not ok:
+        raise UnsupportedTower(f"{name}: {what}; export_hf supports {SUPPORTED}. The timm export "
+                               "(vision_tower.pt + llm2clip.json, read by model.load_llm2clip) stays the way to load it.")
+
+
+def hidden_act(act):
+    """The transformers name of a timm activation module, found by evaluating it (never by class name)."""
+    x = torch.linspace(-6, 6, 1201)
+    refs = {"gelu": F.gelu(x), "gelu_pytorch_tanh": F.gelu(x, approximate="tanh"),
+            "quick_gelu": x * torch.sigmoid(1.702 * x)}
+    with torch.no_grad():
+        y = act(x)
+    return next((name for name, ref in refs.items() if torch.allclose(y, ref, rtol=0, atol=1e-6)), None)
+
+
+def _norm_eps(m):
+    return m.eps if isinstance(m, nn.LayerNorm) and m.elementwise_affine else None
+
+
+def _bias(linear, n):
+    return linear.bias if linear.bias is not None else torch.zeros(n)  # transformers always has the bias
+
+
+def hf_vision_config(vit, name="tower"):
+    """(family, transformers config) for a timm VisionTransformer, or UnsupportedTower saying why not."""
+    from timm.layers import Mlp
+    from timm.models.vision_transformer import Attention, Block, VisionTransformer
+    _require(isinstance(vit, VisionTransformer), name, f"a timm {type(vit).__name__}, not a VisionTransformer")
+    if vit.has_class_token and vit.global_pool == "token" and _norm_eps(vit.norm_pre):
+        family = "clip"
+    elif not vit.has_class_token and vit.global_pool == "map" and isinstance(vit.norm_pre, nn.Identity):
+        family = "siglip"  # transformers' SigLIP has no norm before the blocks
+    else:
+        _require(False, name, f"class_token={vit.has_class_token}, global_pool={vit.global_pool!r}, "
+                              f"pre_norm={not isinstance(vit.norm_pre, nn.Identity)}")
+    pe = vit.patch_embed
+    _require(vit.num_reg_tokens == 0 and not vit.no_embed_class and vit.pos_embed is not None
+             and not vit.dynamic_img_size and isinstance(pe.norm, nn.Identity), name,
+             "register tokens, no_embed_class, no position embedding, dynamic size or a patch-embed norm")
+    (h, w), (ph, pw) = pe.img_size, pe.patch_size
+    _require(h == w and ph == pw and tuple(pe.grid_size) == (h // ph, w // pw) and not getattr(pe, "dynamic_img_pad", False),
+             name, f"image {h}x{w} / patch {ph}x{pw}: not square, or padded")  # 384 / 14: both drop the remainder
+    blocks = list(vit.blocks)
+    norms = [vit.norm] + [n for b in blocks for n in (b.norm1, b.norm2)] + ([vit.norm_pre] if family == "clip" else [])
+    for b in blocks:
+        _require(type(b) is Block and type(b.attn) is Attention and type(b.mlp) is Mlp, name, "non-standard blocks")
+        extras = (b.ls1, b.ls2, b.attn.q_norm, b.attn.k_norm, getattr(b.attn, "norm", nn.Identity()), b.mlp.norm)
+        _require(all(isinstance(m, nn.Identity) for m in extras) and getattr(b.attn, "gate", None) is None,
+                 name, "layer scale, qk-norm, attention/MLP norms or gated attention")
+    acts = {hidden_act(b.mlp.act) for b in blocks}
+    mlp_dims = {b.mlp.fc1.out_features for b in blocks}
+    if family == "siglip":
+        p = vit.attn_pool
+        _require(p is not None and p.latent_len == 1 and p.pos_embed is None and p.pool == "token"
+                 and isinstance(p.q, nn.Linear) and p.mlp is not None and p.num_heads == blocks[0].attn.num_heads
+                 and isinstance(p.q_norm, nn.Identity) and p.proj.out_features == vit.embed_dim, name,
+                 "an attention-pool head other than SigLIP's (one latent, q projection, MLP, same heads)")
+        norms.append(p.norm)
+        acts.add(hidden_act(p.mlp.act))
+        mlp_dims.add(p.mlp.fc1.out_features)
+    _require(isinstance(vit.fc_norm, nn.Identity), name, "a norm after pooling (fc_norm)")
+    eps = {_norm_eps(n) for n in norms}
+    _require(len(eps) == 1 and None not in eps, name, f"LayerNorm eps differ across the tower ({eps})")
+    _require(len(acts) == 1 and None not in acts, name, "an activation other than gelu, gelu-tanh or quick-gelu")
+    _require(len(mlp_dims) == 1, name, f"MLP widths differ ({mlp_dims})")
+    kw = dict(hidden_size=vit.embed_dim, intermediate_size=mlp_dims.pop(), num_hidden_layers=len(blocks),
+              num_attention_heads=blocks[0].attn.num_heads, image_size=h, patch_size=ph, num_channels=pe.proj.in_channels,
+              hidden_act=acts.pop(), layer_norm_eps=eps.pop(), attention_dropout=0.0)
+    from transformers import CLIPVisionConfig, SiglipVisionConfig
+    if family == "clip":
+        return family, CLIPVisionConfig(**kw, architectures=["CLIPVisionModel"])
+    return family, SiglipVisionConfig(**kw, vision_use_head=True, architectures=["SiglipVisionModel"])
+
+
+@torch.no_grad()
+def hf_vision_state_dict(vit, family):
+    """timm VisionTransformer weights renamed and reshaped into transformers' CLIP/SigLIP vision layout.
+
+    - timm's fused qkv Linear (3D, D) splits into q_proj, k_proj, v_proj (that order); missing biases -> 0.
+    - CLIP: cls_token (1, 1, D) -> class_embedding (D,); pos_embed (1, 1+N, D) -> an Embedding table. CLIP's
+      patch conv has no bias in transformers: a timm bias adds the same vector to every patch token before
+      the position embedding, so it is folded into the patch rows of the position table (the class row
+      gets none, as in timm). timm's norm_pre is pre_layrnorm; its final norm is post_layernorm, which
+      transformers applies to the class token only: timm's head reads that token, so the pooled outputs agree.
+    - SigLIP: the patch conv keeps its bias; the final norm is post_layernorm; the attention-pool head maps
+      latent -> probe and q + kv -> nn.MultiheadAttention's packed in_proj.
+    """
+    sd, D = {}, vit.embed_dim
+    pos = vit.pos_embed[0].clone()                                        # (prefix + N, D)
+    sd["embeddings.patch_embedding.weight"] = vit.patch_embed.proj.weight
+    conv_bias = vit.patch_embed.proj.bias
+    if family == "clip":
+        sd["embeddings.class_embedding"] = vit.cls_token.reshape(D)
+        if conv_bias is not None:
+            pos[1:] += conv_bias
+        sd["pre_layrnorm.weight"], sd["pre_layrnorm.bias"] = vit.norm_pre.weight, vit.norm_pre.bias
+    else:
+        sd["embeddings.patch_embedding.bias"] = _bias(vit.patch_embed.proj, D)
+    sd["embeddings.position_embedding.weight"] = pos
+    for i, b in enumerate(vit.blocks):
+        p = f"encoder.layers.{i}."
+        qkv_w, qkv_b = b.attn.qkv.weight.chunk(3), _bias(b.attn.qkv, 3 * D).chunk(3)
+        for j, n in enumerate("qkv"):
+            sd[p + f"self_attn.{n}_proj.weight"], sd[p + f"self_attn.{n}_proj.bias"] = qkv_w[j], qkv_b[j]
+        sd[p + "self_attn.out_proj.weight"], sd[p + "self_attn.out_proj.bias"] = b.attn.proj.weight, _bias(b.attn.proj, D)
+        pairs = (("layer_norm1", b.norm1), ("layer_norm2", b.norm2), ("mlp.fc1", b.mlp.fc1), ("mlp.fc2", b.mlp.fc2))
+        for ours, theirs in pairs:
+            sd[p + ours + ".weight"], sd[p + ours + ".bias"] = theirs.weight, _bias(theirs, theirs.weight.shape[0])
+    sd["post_layernorm.weight"], sd["post_layernorm.bias"] = vit.norm.weight, vit.norm.bias
+    if family == "siglip":
+        a = vit.attn_pool
+        sd["head.probe"] = a.latent                                        # (1, 1, D)
+        sd["head.attention.in_proj_weight"] = torch.cat([a.q.weight, a.kv.weight])
+        sd["head.attention.in_proj_bias"] = torch.cat([_bias(a.q, D), _bias(a.kv, 2 * D)])
+        sd["head.attention.out_proj.weight"], sd["head.attention.out_proj.bias"] = a.proj.weight, _bias(a.proj, D)
+        sd["head.layernorm.weight"], sd["head.layernorm.bias"] = a.norm.weight, a.norm.bias
+        for n in ("fc1", "fc2"):
+            lin = getattr(a.mlp, n)
+            sd[f"head.mlp.{n}.weight"], sd[f"head.mlp.{n}.bias"] = lin.weight, _bias(lin, lin.weight.shape[0])
+    return {k: v.detach().float().contiguous().clone() for k, v in sd.items()}
+
+
+def hf_image_processor(data_config):
+    """A CLIPImageProcessor with our eval transform's geometry and statistics: bicubic resize of the short
+    side to floor(size / crop_pct), centre crop to size, the tower's mean/std (also for SigLIP towers:
+    SiglipImageProcessor can only squash to a square). Known difference: transformers' centre crop starts
+    at floor((L - size) / 2), torchvision's (ours) at round-half-even, one pixel further when L - size is
+    3 mod 4. transformers' default torchvision backend also resizes tensors, not PIL images (~1/255 apart);
+    `backend="pil"` reproduces our pixels exactly otherwise."""
+    from transformers import CLIPImageProcessor
+    _, h, w = data_config["input_size"]
+    if h != w or data_config.get("crop_mode", "center") != "center" or data_config.get("interpolation") != "bicubic":
+        raise UnsupportedTower(f"data config {data_config}: export_hf writes square, bicubic, centre-crop preprocessing only")
+    short = math.floor(h / data_config.get("crop_pct", 1.0))
+    return CLIPImageProcessor(size={"shortest_edge": short}, crop_size={"height": h, "width": w}, resample=3,
+                              do_center_crop=True, image_mean=list(data_config["mean"]), image_std=list(data_config["std"]))
+
+
+@torch.no_grad()
+def timm_hidden_states(vit, x):
+    """timm's counterpart of transformers' hidden_states: the input to block 0, then every block's output."""
+    out = [vit.norm_pre(vit._pos_embed(vit.patch_embed(x)))]
+    for b in vit.blocks:
+        out.append(b(out[-1]))
+    return out
+
+
+@torch.no_grad()
+def export_hf(vision, hf_dir, name="tower", atol=1e-4):
+    """Write a VisionTower (model.VisionTower: timm model + data_config) as a transformers folder.
+
+    hf_dir gets config.json + model.safetensors (keys under `vision_model.`: the layout of the hub's
+    CLIP/SigLIP vision checkpoints, which transformers 5 maps on load and 4.x expects), preprocessor_config.json,
+    and `projection.safetensors` when the tower has a head. transformers' CLIPVisionModelWithProjection
+    cannot hold it: its projection has no bias and ours has one. The folder is loaded back and checked
+    against timm on a random input (every hidden state and the embedding, relative to atol); if they
+    differ, the files written are removed again and RuntimeError says so. Returns (family, max difference).
+    """
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionModel, SiglipVisionModel
+    vit = vision.model.eval()
+    family, config = hf_vision_config(vit, name)
+    state = hf_vision_state_dict(vit, family)
+    Model = CLIPVisionModel if family == "clip" else SiglipVisionModel
+    os.makedirs(hf_dir, exist_ok=True)
+    config.save_pretrained(hf_dir)
+    save_file({"vision_model." + k: v for k, v in state.items()}, os.path.join(hf_dir, "model.safetensors"),
+              metadata={"format": "pt"})
+    hf_image_processor(vision.data_config).save_pretrained(hf_dir)
+    if isinstance(vit.head, nn.Linear):
+        save_file({"weight": vit.head.weight.detach().float().contiguous(),
+                   "bias": vit.head.bias.detach().float().contiguous()}, os.path.join(hf_dir, HF_PROJECTION))
+    hf, info = Model.from_pretrained(hf_dir, output_loading_info=True)
+    if info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]:
+        raise RuntimeError(f"{hf_dir}: {Model.__name__} reloaded with {info}; the weight mapping is incomplete")
+    x = torch.randn(2, 3, config.image_size, config.image_size, generator=torch.Generator().manual_seed(0))
+    got, want = hf_forward(hf.eval(), hf_dir, x), (timm_hidden_states(vit, x), vit(x))
+    diff = max(_rel_diff(a, b) for a, b in zip(got[0] + (got[1],), want[0] + [want[1]]))
+    if len(got[0]) != len(want[0]) or diff > atol:
+        for n in ("config.json", "model.safetensors", "preprocessor_config.json", HF_PROJECTION):
+            if os.path.isfile(os.path.join(hf_dir, n)):
+                os.remove(os.path.join(hf_dir, n))
+        raise RuntimeError(f"{hf_dir}: the transformers model differs from timm's {name} (max relative difference "
+                           f"{diff:.2e} > {atol}); not a faithful export")
+    return family, diff
+
+
+def _rel_diff(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1.0)).item()
+
+
+@torch.no_grad()
+def hf_forward(hf, hf_dir, pixels):
+    """(hidden_states, embedding) of an exported folder's model: embedding = projection(pooler_output)."""
+    from safetensors.torch import load_file
+    out = hf(pixel_values=pixels, output_hidden_states=True)
+    emb = out.pooler_output
+    path = os.path.join(hf_dir, HF_PROJECTION)
+    if os.path.isfile(path):
+        p = load_file(path)
+        emb = F.linear(emb, p["weight"], p["bias"])
+    return tuple(out.hidden_states), emb
+
+
+def run_export_hf(cfg, log):
+    """--task=export_hf --model=OUT_DIR --out=HF_DIR."""
+    from model import LLM2CLIP_CONFIG, load_llm2clip
+    spec = cfg["model"]
+    if not spec or "," in spec or not os.path.isfile(os.path.join(spec, LLM2CLIP_CONFIG)):
+        raise ValueError(f"--task=export_hf needs --model=ONE post_train.py out_dir (with {LLM2CLIP_CONFIG}); got {spec!r}")
+    if not cfg["out"]:
+        raise ValueError("--task=export_hf needs --out=HF_DIR (the transformers folder to write)")
+    image_encoder, _ = load_llm2clip(spec, load_text=False)
+    name = image_encoder.vision.model_name
+    family, diff = export_hf(image_encoder.vision, cfg["out"], name=f"{spec} ({name})")
+    common.save_run_info(cfg["out"], cfg, "evaluate.py", extra={"export_hf": {"family": family, "source": spec,
+                         "timm_model": name, "max_relative_difference": diff}})
+    cls = "CLIPVisionModel" if family == "clip" else "SiglipVisionModel"
+    log(f"wrote {cls} folder {cfg['out']} from {spec} ({name}); hidden states and embedding match timm "
+        f"(max relative difference {diff:.1e})")
+    return {"family": family, "max_relative_difference": diff, "out": cfg["out"]}
+
+
+# -----------------------------------------------------------------------------
+# 2. linear probe on frozen features (Table 4, right half)
+
+PROBE_CHUNK = 10000  # images per cached feature file: a killed run loses at most one chunk
+
+
+def load_image_model(spec, device):
+    """evaluate.load_model without the text side (an LLM2CLIP out_dir's LLM is not loaded)."""
+    from model import LLM2CLIP_CONFIG, load_llm2clip
+    if os.path.isfile(os.path.join(spec, LLM2CLIP_CONFIG)):
+        return evaluate.LLM2CLIP(load_llm2clip(spec, device=device, load_text=False)[0], None)
+    return evaluate.HFClip(spec, device)
+
+
+def _model_identity(spec):
+    """Which weights produced cached features: for a local folder, the weight files' names, sizes and
+    first/last MB; a hub name stands for itself."""
+    if not os.path.isdir(spec):
+        return spec
+    h = hashlib.sha256()
+    for n in sorted(os.listdir(spec)):
+        p = os.path.join(spec, n)
+        if n.endswith((".pt", ".safetensors", ".bin", ".json")) and not n.startswith("run_") and os.path.isfile(p):
+            size = os.path.getsize(p)
+            with open(p, "rb") as f:
+                head = f.read(1 << 20)
+                f.seek(max(0, size - (1 << 20)))
+                h.update(f"{n}\0{size}\0".encode() + head + f.read())
+    return h.hexdigest()
+
+
+def cached_features(m, spec, paths, cache_dir, cfg, dist_info, log):
+    """L2-normalised image features of `paths`, computed in chunks of PROBE_CHUNK saved under cache_dir
+    (float16, one file per chunk, written atomically): a rerun reuses every finished chunk. meta.json
+    records the model identity, preprocessing, precision and image list; a cache made by anything else
+    is refused."""
+    bf16 = bool(cfg.get("amp")) and str(dist_info[3]).startswith("cuda")  # evaluate's autocast rule
+    meta = {"model": spec, "model_identity": _model_identity(spec), "data_config": common.jsonable(m.data_config),
+            "precision": "bfloat16 autocast" if bf16 else "float32",
+            "images": hashlib.sha256("\n".join(paths).encode()).hexdigest(), "count": len(paths), "chunk": PROBE_CHUNK}
+    meta_path = os.path.join(cache_dir, "meta.json")
+    if os.path.isfile(meta_path):
+        with open(meta_path) as f:
+            old = json.load(f)
+        bad = [k for k in meta if old.get(k) != meta[k]]
+        if bad:
+            raise DataError(f"{meta_path}: cached features were made with different {', '.join(bad)}; "
+                            f"delete {cache_dir} or set another --feature_dir")
+    elif dist_info[1] == 0:
+        os.makedirs(cache_dir, exist_ok=True)
+        common.atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
+    parts, reused = [], 0
+    for c, lo in enumerate(range(0, len(paths), PROBE_CHUNK)):
+        path = os.path.join(cache_dir, f"chunk_{c:05d}.pt")
+        if os.path.isfile(path):
+            parts.append(torch.load(path, map_location="cpu", weights_only=True).float())
+            reused += 1
+            continue
+        f = evaluate.encode_images(m, paths[lo:lo + PROBE_CHUNK], cfg, dist_info, f"features {c}").cpu()
+        if dist_info[1] == 0:
+            common.atomic_torch_save(f.half(), path)
+        parts.append(f.half().float())  # the same values as a reused chunk
+    log(f"{cache_dir}: {len(paths)} images, {reused} of {len(parts)} chunks reused from the cache")
+    return torch.cat(parts)
+
+
+def train_linear_probe(x, y, num_classes, epochs=50, batch_size=1024, lr=0.1, momentum=0.9, weight_decay=0.0,
+                       seed=0, device="cpu"):
+    """A linear classifier on frozen features: SGD with momentum, cosine lr from `lr` to 0 over all steps,
+    zero-initialised weights. Features are standardised with the training set's mean/std first (a frozen
+    affine map, MAE's BatchNorm-without-affine), so one learning rate suits any tower's feature scale.
+    Returns predict(features) -> logits."""
+    x, y = x.float().to(device), torch.as_tensor(y, dtype=torch.long, device=device)
+    mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
+    clf = nn.Linear(x.shape[1], num_classes).to(device)
+    nn.init.zeros_(clf.weight), nn.init.zeros_(clf.bias)
+    opt = torch.optim.SGD(clf.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    g = torch.Generator().manual_seed(seed)
+    steps_per_epoch = math.ceil(len(x) / batch_size)
+    total, step = epochs * steps_per_epoch, 0
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=g).to(device)
+        for b in range(steps_per_epoch):
+            idx = order[b * batch_size:(b + 1) * batch_size]
+            for group in opt.param_groups:
+                group["lr"] = 0.5 * lr * (1 + math.cos(math.pi * step / total))
+            loss = F.cross_entropy(clf((x[idx] - mean) / std), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+    return lambda feats: clf((feats.float().to(device) - mean) / std)
+
+
+def run_linear_probe(cfg, dist_info, log):
+    """--task=linear_probe --model=A,B --data=ROOT (ROOT/train/<class>/..., ROOT/val/<class>/...)."""
+    root = cfg["data"]
+    train_paths, train_y, names, _ = evaluate.read_class_folder(os.path.join(root, "train"))
+    val_paths, val_y, val_names, _ = evaluate.read_class_folder(os.path.join(root, "val"))
+    if names != val_names:
+        raise DataError(f"{root}: train/ and val/ need the same class folders; only in one of them: "
+                        f"{sorted(set(names) ^ set(val_names))[:5]}")
+    log(f"{root}: {len(train_paths)} train / {len(val_paths)} val images, {len(names)} classes "
+        f"(chance top-1 {100 / len(names):.2f}%)")
+    results, device = {}, dist_info[3]
+    for spec in evaluate._split(cfg["model"], "model"):
+        m = load_image_model(spec, device)
+        where = os.path.abspath(spec) if os.path.exists(spec) else spec  # a folder, or a hub name
+        base = os.path.join(cfg["feature_dir"], f"{os.path.basename(os.path.normpath(spec))}-"
+                                                f"{hashlib.sha256(where.encode()).hexdigest()[:12]}")
+        xtr = cached_features(m, spec, train_paths, os.path.join(base, "train"), cfg, dist_info, log)
+        xva = cached_features(m, spec, val_paths, os.path.join(base, "val"), cfg, dist_info, log)
+        del m
+        if dist_info[1] != 0:
+            continue
+        torch.manual_seed(0)
+        predict = train_linear_probe(xtr, train_y, len(names), cfg["probe_epochs"], cfg["probe_batch_size"],
+                                     cfg["probe_lr"], cfg["probe_momentum"], cfg["probe_weight_decay"], device=device)
+        with torch.no_grad():  # logits @ I.T: the rank of the true class, ties as everywhere in evaluate.py
+            rank = evaluate._ranks(predict(xva), torch.eye(len(names), device=device),
+                                   torch.tensor(val_y, device=device))
+        results[spec] = {"top1": evaluate._percent(rank < 1), "top5": evaluate._percent(rank < 5),
+                         "n_train": len(train_paths), "n_val": len(val_paths), "dim": xtr.shape[1]}
+    if dist_info[1] != 0:
+        return None
+    table = "| model | linear probe top-1 | top-5 |\n|---|---|---|\n" + "\n".join(
+        f"| {s} | {r['top1']:.2f} | {r['top5']:.2f} |" for s, r in results.items())
+    log(table)
+    if cfg["out"]:
+        evaluate._write_results(cfg["out"], {"task": "linear_probe", "data": root, "classes": len(names),
+                                             "results": results, "table": table}, cfg)
+    return results
+
+
+# -----------------------------------------------------------------------------
+# 3. multilingual retrieval sets (Table 3) -> manifest records ("captions": all of an image's captions)
+
+def convert_xm3600(src, lang, prefix="images/"):
+    """Crossmodal-3600 `captions.jsonl`: per line {"image/key": K, "<lang>": {"caption": [...], ...}, ...}
+    for 36 languages; image = prefix + K + ".jpg". Keeps the `lang` captions (1-2 per image, so
+    evaluate with --captions_per_image=0)."""
+    records, langs = [], set()
+    for lineno, obj in read_jsonl(src):
+        key = obj.get("image/key")
+        langs.update(k for k, v in obj.items() if isinstance(v, dict) and "caption" in v)
+        if not isinstance(key, str) or not key:
+            raise DataError(f"{src}:{lineno}: expected an \"image/key\" string (Crossmodal-3600 captions.jsonl)")
+        if lang not in obj:
+            what = f"image {key} has no {lang!r} captions" if lang else "pick the captions' language with --lang"
+            raise DataError(f"{src}:{lineno}: {what}; languages here: {', '.join(sorted(langs)) or 'none'}")
+        caps = obj[lang].get("caption") if isinstance(obj[lang], dict) else None
+        if not isinstance(caps, list) or not caps or not all(isinstance(c, str) and c.strip() for c in caps):
+            raise DataError(f"{src}:{lineno}: {lang}.caption of image {key} must be a non-empty list of non-empty strings")
+        records.append({"image": f"{prefix}{key}.jpg", "captions": [c.strip() for c in caps]})
+    if not records:
+        raise DataError(f"{src}: no records (expected Crossmodal-3600 captions.jsonl)")
+    return records
+
+
+def _read_tagged_captions(path, sep):
+    """Lines '<image>#<tags...><sep><caption>' -> {image: [captions]} in file order; errors name the line."""
+    out = {}
+    with open(path, encoding="utf-8-sig") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            key, _, caption = line.rstrip("\r\n").partition(sep) if sep else line.strip().partition(" ")
+            if "#" not in key or not caption.strip():
+                raise DataError(f"{path}:{lineno}: expected '<image>#<n>' then a caption, got {line.strip()[:80]!r}")
+            out.setdefault(key.split("#")[0].strip(), []).append(caption.strip())
+    if not out:
+        raise DataError(f"{path}: no captions")
+    return out
+
+
+def convert_coco_cn(src, split="test", lang="zh", prefix=""):
+    """COCO-CN release folder: `coco-cn_<split>.txt` (one image id per line, e.g. COCO_val2014_000000000042)
+    and the captions `imageid.human-written-caption.txt` (lang "zh", the usual retrieval protocol:
+    1,000 test images, 1-2 captions each) or `imageid.manually-translated-caption.txt` (lang
+    "zh-translated", test only): lines '<id>#<n>\\t<caption>'. Image = prefix + train2014|val2014/<id>.jpg."""
+    files = {"zh": "imageid.human-written-caption.txt", "zh-translated": "imageid.manually-translated-caption.txt"}
+    if lang not in files:
+        raise ValueError(f"coco_cn --lang={lang!r}: expected one of {', '.join(files)}")
+    ids_path = os.path.join(src, f"coco-cn_{split}.txt")
+    if not os.path.isfile(ids_path):
+        raise DataError(f"{ids_path}: not found (the COCO-CN split list; --split=train|val|test)")
+    caps = _read_tagged_captions(os.path.join(src, files[lang]), "\t")
+    records = []
+    with open(ids_path, encoding="utf-8-sig") as f:
+        for lineno, line in enumerate(f, 1):
+            iid = line.strip()
+            if not iid:
+                continue
+            if iid not in caps:
+                raise DataError(f"{ids_path}:{lineno}: image {iid} has no caption in {files[lang]}")
+            folder = iid.split("_")[1] if iid.count("_") >= 2 else ""
+            records.append({"image": f"{prefix}{folder}/{iid}.jpg" if folder else f"{prefix}{iid}.jpg",
+                            "captions": caps[iid]})
+    if not records:
+        raise DataError(f"{ids_path}: no image ids")
+    return records
+
+
+def convert_flickr30k_cn(src, lang="zh", prefix="flickr30k-images/"):
+    """Flickr30k-CN caption file (e.g. the human-translated test set): lines '<image>.jpg#<tags> <caption>'
+    (Flickr8k-CN style, space or tab after the key), grouped by image in first-seen order; 5 per image in
+    the 1K test set. Image = prefix + <image>.jpg."""
+    if lang not in ("zh", ""):
+        raise ValueError(f"flickr30k_cn --lang={lang!r}: Flickr30k-CN is Chinese only (zh)")
+    with open(src, encoding="utf-8-sig") as f:
+        first = next((ln for ln in f if ln.strip()), "")
+    caps = _read_tagged_captions(src, "\t" if "\t" in first else None)
+    return [{"image": prefix + (img if os.path.splitext(img)[1] else img + ".jpg"), "captions": c}
+            for img, c in caps.items()]

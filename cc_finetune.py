@@ -9,7 +9,7 @@ The paper's stage-1 ablations are config keys (Tables 8, 9, 12): `objective` (su
 unsupervised_simcse: the same caption twice, the views differ only by `dropout`; mntp: llm2vec's masked
 next-token prediction), `init_from` (MNTP then SimCSE), `bidirectional`, `pooling`, `lora_r=0` with
 `cc_adaptor_blocks` (frozen LLM + adaptor), per-record instructions/negatives in `train_pairs` and
-`single_source_batches`. The table of all of them on tiny data: `python pipeline.py --ablate=stage1`.
+`single_source_batches`. The table of all of them on tiny data: `python pipeline.py --stage1_ablations=True`.
 
     python cc_finetune.py config/cc_tiny_cpu.py
     torchrun --nproc_per_node=8 cc_finetune.py config/cc_llama3_8b.py --train_captions=a.jsonl,b.jsonl

@@ -271,6 +271,8 @@ def load_image_model(spec, device):
     from model import LLM2CLIP_CONFIG, load_llm2clip
     if os.path.isfile(os.path.join(spec, LLM2CLIP_CONFIG)):
         return evaluate.LLM2CLIP(load_llm2clip(spec, device=device, load_text=False)[0], None)
+    if spec.startswith(evaluate.OpenCLIP.PREFIX):  # open_clip:NAME/PRETRAINED (optional package)
+        return evaluate.OpenCLIP(spec, device)
     return evaluate.HFClip(spec, device)
 
 

@@ -28,7 +28,9 @@ from data import (DataError, ImageDataset, convert_docci, convert_karpathy, conv
 # config: every key can be overridden with --key=value or a config/*.py file
 task = "retrieval"       # retrieval | classify | c2c | convert | linear_probe | export_hf (the last two: downstream.py)
 model = ""               # comma-separated; each a HF CLIP/SigLIP folder or hub name (baseline, own text
-                         # tower) or an LLM2CLIP out_dir (has llm2clip.json): one table row per model
+                         # tower), open_clip:NAME/PRETRAINED (e.g. open_clip:EVA02-L-14-336/merged2b_s6b_b61k;
+                         # needs pip install open_clip_torch) or an LLM2CLIP out_dir (has llm2clip.json): one
+                         # table row per model, one per text encoder of an out_dir (LLM side, CLIP-T, Cat head)
 data = ""                # retrieval: comma-separated known names or manifest .jsonl paths; classify: a folder;
                          # linear_probe: a folder with train/ and val/ class folders
 data_root = "data"       # known names resolve to <data_root>/<name>/manifest.jsonl, images under <data_root>/<name>/
@@ -187,6 +189,62 @@ class HFClip:
         return _pooled(self.model.get_text_features(**tok))
 
 
+def import_open_clip(spec):
+    """open_clip, imported only when a name asks for it, with an error naming the pip package."""
+    try:
+        import open_clip
+    except ImportError:
+        raise ImportError(f"{spec}: open_clip models need the open_clip package, which is not installed: "
+                          "pip install open_clip_torch") from None
+    return open_clip
+
+
+def load_open_clip_text(spec, device="cpu"):
+    """CLIP-T (stage 2's `clip_text`) from `open_clip:NAME/PRETRAINED`, or from an export's clip_text/ folder
+    (an open_clip one has open_clip.json, else it is a transformers CLIP/SigLIP folder)."""
+    import model as M
+    meta = None
+    if os.path.isfile(os.path.join(spec, "open_clip.json")):
+        with open(os.path.join(spec, "open_clip.json")) as f:
+            meta = json.load(f)
+        name, pretrained = meta["open_clip"], ""
+    elif spec.startswith(OpenCLIP.PREFIX):
+        name, _, pretrained = spec[len(OpenCLIP.PREFIX):].partition("/")
+    else:
+        return M.load_clip_text(spec, device=device)
+    open_clip = import_open_clip(spec)
+    model = open_clip.create_model(name, pretrained=pretrained or None)
+    tower = M.OpenCLIPText(model, open_clip.get_tokenizer(name), name, open_clip.get_model_config(name)["embed_dim"])
+    if meta is not None:
+        tower.model.load_state_dict(torch.load(os.path.join(spec, meta["file"]), map_location="cpu", weights_only=True))
+    return tower.to(device)
+
+
+class OpenCLIP:
+    """Baseline of a family transformers lacks (EVA02-CLIP, ...): `open_clip:NAME/PRETRAINED`, PRETRAINED an
+    open_clip tag or a local checkpoint file (open_clip:NAME//abs/path.pt). open_clip is an optional
+    dependency, imported only here."""
+
+    PREFIX = "open_clip:"
+
+    def __init__(self, spec, device):
+        open_clip = import_open_clip(spec)
+        name, _, pretrained = spec[len(self.PREFIX):].partition("/")
+        self.model = open_clip.create_model(name, pretrained=pretrained or None, device=device).eval()
+        self.tokenizer = open_clip.get_tokenizer(name)
+        pp = self.model.visual.preprocess_cfg  # its size, mean/std; our eval rule: short-side resize + centre crop
+        size = pp["size"] if isinstance(pp["size"], (tuple, list)) else (pp["size"], pp["size"])
+        self.data_config = {"input_size": (3, *size), "interpolation": pp.get("interpolation", "bicubic"),
+                            "crop_pct": 1.0, "crop_mode": "center", "mean": tuple(pp["mean"]), "std": tuple(pp["std"])}
+        self.device = device
+
+    def encode_images(self, images):
+        return self.model.encode_image(images)
+
+    def encode_texts(self, texts):
+        return self.model.encode_text(self.tokenizer(texts).to(self.device))
+
+
 class LLM2CLIP:
     """A post-trained model: image_encoder(images) -> (B, D), text_encoder.encode(texts) -> (N, D)."""
 
@@ -203,12 +261,28 @@ class LLM2CLIP:
         return self.text_encoder.encode(texts, batch_size=len(texts))
 
 
-def load_model(spec, device):
-    """An LLM2CLIP out_dir (it has llm2clip.json) or else a HF CLIP/SigLIP folder or hub name."""
+def load_models(spec, device):
+    """--model item -> [(row name, model)]: one row per text encoder of an LLM2CLIP out_dir (it has
+    llm2clip.json: its LLM side, CLIP-T and Cat head, as `text_encoders` lists them; rows "spec [name]" when
+    the run has other than the LLM side alone), else one row of a HF CLIP/SigLIP folder or hub name.
+    The rows of one out_dir share its image encoder."""
     if os.path.isfile(os.path.join(spec, "llm2clip.json")):
-        from model import load_llm2clip  # local: baselines need no model.py
-        return LLM2CLIP(*load_llm2clip(spec, device=device))
-    return HFClip(spec, device)
+        import model as M  # local: baselines need no model.py
+        with open(os.path.join(spec, "llm2clip.json")) as f:
+            names = json.load(f).get("text_encoders", ["llm"])
+        if names == ["llm"]:  # the paper's default run: one row, named by its folder
+            return [(spec, LLM2CLIP(*M.load_llm2clip(spec, device=device)))]
+        image_encoder, _ = M.load_llm2clip(spec, device=device, load_text=False)
+        return [(f"{spec} [{n}]", LLM2CLIP(image_encoder, M.load_llm2clip_text(spec, n, device, load_open_clip_text)))
+                for n in names]
+    if spec.startswith(OpenCLIP.PREFIX):
+        return [(spec, OpenCLIP(spec, device))]
+    return [(spec, HFClip(spec, device))]
+
+
+def load_model(spec, device):
+    """The first (for an LLM2CLIP out_dir: its main) row of load_models."""
+    return load_models(spec, device)[0][1]
 
 
 # -----------------------------------------------------------------------------
@@ -337,15 +411,18 @@ def run_retrieval(cfg, dist_info, log):
             f"{d['captions_per_image'] or 'any'} per image) from {d['manifest']}")
     results = {}
     for spec in specs:
-        m, results[spec] = load_model(spec, dist_info[3]), {}
-        for d in datasets:
-            img = encode_images(m, [r["image"] for r in d["records"]], cfg, dist_info, f"{d['name']} images")
-            txt = encode_texts(m, d["texts"], cfg, dist_info, f"{d['name']} texts")
-            if dist_info[1] == 0:
-                r = retrieval_metrics(img, txt, d["text_to_image"])
-                results[spec][d["name"]] = {**r, "n_images": img.shape[0], "n_texts": txt.shape[0]}
-                log(f"{spec} on {d['name']}: " + ", ".join(f"{k} {v:.2f}" for k, v in r.items()))
-        del m
+        rows = load_models(spec, dist_info[3])
+        for name, _ in rows:
+            results[name] = {}
+        for d in datasets:  # images once per model: the rows of one run share its image encoder
+            img = encode_images(rows[0][1], [r["image"] for r in d["records"]], cfg, dist_info, f"{d['name']} images")
+            for name, m in rows:
+                txt = encode_texts(m, d["texts"], cfg, dist_info, f"{d['name']} texts")
+                if dist_info[1] == 0:
+                    r = retrieval_metrics(img, txt, d["text_to_image"])
+                    results[name][d["name"]] = {**r, "n_images": img.shape[0], "n_texts": txt.shape[0]}
+                    log(f"{name} on {d['name']}: " + ", ".join(f"{k} {v:.2f}" for k, v in r.items()))
+        del rows
     if dist_info[1] != 0:
         return None
     table = markdown_table(results, [d["name"] for d in datasets])
@@ -396,15 +473,16 @@ def run_classify(cfg, dist_info, log):
     log(f"{cfg['data']}: {len(paths)} images, {len(names)} classes, {len(templates)} templates")
     results = {}
     for spec in _split(cfg["model"], "model"):
-        m = load_model(spec, dist_info[3])
-        img = encode_images(m, paths, cfg, dist_info)
-        txt = encode_texts(m, [t.format(n) for n in names for t in templates], cfg, dist_info, "prompts")
-        if dist_info[1] == 0:
-            cls = F.normalize(txt.view(len(names), len(templates), -1).mean(1), dim=-1)
-            rank = _ranks(img, cls, torch.tensor(labels, device=img.device))
-            results[spec] = {"top1": _percent(rank < 1), "top5": _percent(rank < 5), "n": len(paths)}
-            log(f"{spec}: top-1 {results[spec]['top1']:.2f}, top-5 {results[spec]['top5']:.2f}")
-        del m
+        rows = load_models(spec, dist_info[3])
+        img = encode_images(rows[0][1], paths, cfg, dist_info)
+        for name, m in rows:
+            txt = encode_texts(m, [t.format(n) for n in names for t in templates], cfg, dist_info, "prompts")
+            if dist_info[1] == 0:
+                cls = F.normalize(txt.view(len(names), len(templates), -1).mean(1), dim=-1)
+                rank = _ranks(img, cls, torch.tensor(labels, device=img.device))
+                results[name] = {"top1": _percent(rank < 1), "top5": _percent(rank < 5), "n": len(paths)}
+                log(f"{name}: top-1 {results[name]['top1']:.2f}, top-5 {results[name]['top5']:.2f}")
+        del rows
     if dist_info[1] == 0 and cfg["out"]:
         _write_results(cfg["out"], {"task": "classify", "data": cfg["data"], "results": results}, cfg)
     return results

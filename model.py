@@ -204,9 +204,15 @@ class TextEncoder(nn.Module):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, T, C)
 
-    def forward(self, input_ids, attention_mask, embed_mask=None):
+    def forward(self, input_ids, attention_mask, embed_mask=None, pool=True):
+        """-> (B, C) pooled (through the stage-1 adaptor, if any); pool=False -> (hidden (B, T, C), pool
+        mask (B, T)) for a token-level adaptor."""
         hidden = self.hidden_states(input_ids, attention_mask)  # (B, T, C)
         mask = attention_mask if embed_mask is None else embed_mask * attention_mask
+        if not pool:
+            if self.adaptor is not None:
+                raise ValueError("pool=False: this encoder's stage-1 adaptor works on pooled embeddings only")
+            return hidden, mask
         pooled = POOLERS[self.pooling](hidden, mask)
         return pooled if self.adaptor is None else self.adaptor(pooled)
 
@@ -329,6 +335,166 @@ class Adaptor(nn.Module):
     def forward(self, x):  # (B, in_dim) -> (B, out_dim)
         x = F.normalize(x.float(), dim=-1)
         return self.proj(self.norm(self.blocks(x)))
+
+
+class TransformerAdaptor(nn.Module):
+    """Table 8's "Transformer x1": `num_layers` pre-LN Transformer layers (width in_dim, MLP expansion x in_dim,
+    GELU) over the LLM's token states, masked mean pooling, LayerNorm, Linear(in_dim -> out_dim).
+
+    Needs the token states (B, T, in_dim), not a pooled embedding, so it only runs with the LLM online
+    (a cache of token states would hold T x in_dim values per caption). At in_dim=2048 -> 1280 with
+    expansion 4 it has 52.98M parameters: 12 d^2 per layer plus the projection.
+    """
+    takes_tokens = True
+
+    def __init__(self, in_dim, out_dim, num_layers=1, expansion=4, head_dim=64):
+        super().__init__()
+        heads = max(1, in_dim // head_dim)  # a tiny test width gets one head
+        if in_dim % heads:
+            raise ValueError(f"TransformerAdaptor: in_dim={in_dim} is not a multiple of head_dim={head_dim}")
+        self.in_dim, self.out_dim, self.num_layers, self.expansion = in_dim, out_dim, num_layers, expansion
+        self.layers = nn.ModuleList([nn.TransformerEncoderLayer(in_dim, heads, expansion * in_dim, dropout=0.0,
+                                                                activation="gelu", batch_first=True, norm_first=True)
+                                     for _ in range(num_layers)])
+        self.norm = nn.LayerNorm(in_dim)
+        self.proj = nn.Linear(in_dim, out_dim)
+
+    def forward(self, states, mask):  # (B, T, in_dim), (B, T) 1 = pooled token -> (B, out_dim)
+        x = states.float()
+        for layer in self.layers:
+            x = layer(x, src_key_padding_mask=mask == 0)
+        return self.proj(self.norm(mean_pool(x, mask)))
+
+
+def build_adaptor(kind, in_dim, out_dim, num_blocks=4, expansion=2):
+    """`adaptor` config value -> module: "linear" (the MLP `Adaptor`, the paper's default) or "transformer"."""
+    if kind == "linear":
+        return Adaptor(in_dim, out_dim, num_blocks, expansion)
+    if kind == "transformer":
+        if num_blocks < 1:
+            raise ValueError(f"adaptor='transformer' needs adaptor_blocks >= 1 (its layers), got {num_blocks}")
+        return TransformerAdaptor(in_dim, out_dim, num_layers=num_blocks, expansion=expansion)
+    raise ValueError(f"adaptor={kind!r}; expected 'linear' or 'transformer'")
+
+
+def adaptor_spec(adaptor):
+    """The constructor arguments that rebuild `adaptor` with build_adaptor (recorded in llm2clip.json)."""
+    if isinstance(adaptor, TransformerAdaptor):
+        return {"kind": "transformer", "in_dim": adaptor.in_dim, "out_dim": adaptor.out_dim,
+                "num_blocks": adaptor.num_layers, "expansion": adaptor.expansion}
+    return {"kind": "linear", "in_dim": adaptor.in_dim, "out_dim": adaptor.out_dim, "num_blocks": adaptor.num_blocks,
+            "expansion": adaptor.expansion}
+
+
+# -----------------------------------------------------------------------------
+# CLIP's own text tower (CLIP-T) and the concatenation head (Table 10 b-d)
+
+class CLIPText(nn.Module):
+    """A pretrained CLIP/SigLIP text tower with its projection: forward(clip_ids, clip_mask) -> (B, dim).
+
+    `tokenize` truncates to the tower's context (77 for CLIP, 64 for SigLIP); SigLIP was trained with
+    max-length padding, so it pads to that length (as its processor does), CLIP to the longest text.
+    """
+
+    def __init__(self, model, tokenizer):
+        super().__init__()
+        self.model, self.tokenizer = model, tokenizer
+        cfg = model.config
+        self.siglip = "siglip" in cfg.model_type
+        self.max_length = getattr(cfg, "max_position_embeddings", 77)
+        self.dim = getattr(cfg, "projection_dim", None) if not self.siglip else cfg.hidden_size
+
+    def tokenize(self, texts):
+        tok = self.tokenizer(list(texts), padding="max_length" if self.siglip else True, truncation=True,
+                             max_length=self.max_length, return_tensors="pt")
+        out = {"clip_ids": tok["input_ids"]}
+        if "attention_mask" in tok and not self.siglip:  # SigLIP attends to its padding, as in training
+            out["clip_mask"] = tok["attention_mask"]
+        return out
+
+    def forward(self, clip_ids, clip_mask=None):
+        out = self.model(input_ids=clip_ids, attention_mask=clip_mask)
+        return out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output  # (B, dim)
+
+    @torch.no_grad()
+    def encode(self, texts, batch_size=256):
+        """Raw strings -> L2-normalised (N, dim), in input order."""
+        device = next(self.parameters()).device
+        feats = []
+        for s in range(0, len(texts), batch_size):
+            tok = {k: v.to(device) for k, v in self.tokenize(texts[s:s + batch_size]).items()}
+            feats.append(F.normalize(self(**tok).float(), dim=-1))
+        return torch.cat(feats) if feats else torch.zeros(0, self.dim)
+
+    def save_pretrained(self, path):
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+
+
+class OpenCLIPText(CLIPText):
+    """CLIP-T of an open_clip model (EVA02-CLIP and other families transformers lacks), with CLIPText's
+    interface. Built by evaluate.load_open_clip_text: open_clip is an optional dependency and never imported
+    here. The vision tower is dropped; open_clip's tokenizer pads to its context (77) and the tower finds the
+    end-of-text token itself, so there is no mask."""
+
+    def __init__(self, model, tokenizer, name, dim):
+        nn.Module.__init__(self)
+        model.visual = None  # CLIP-T only
+        self.model, self.tokenizer, self.name, self.dim, self.siglip = model, tokenizer, name, dim, False
+
+    def tokenize(self, texts):
+        return {"clip_ids": self.tokenizer(list(texts))}
+
+    def forward(self, clip_ids, clip_mask=None):
+        return self.model.encode_text(clip_ids)
+
+    def save_pretrained(self, path):
+        """open_clip.json (model name, dim) + the text tower's state dict: what load_open_clip_text rebuilds."""
+        os.makedirs(path, exist_ok=True)
+        torch.save(self.model.state_dict(), os.path.join(path, "open_clip_text.pt"))
+        with open(os.path.join(path, "open_clip.json"), "w") as f:
+            json.dump({"open_clip": self.name, "dim": self.dim, "file": "open_clip_text.pt"}, f)
+
+
+def load_clip_text(name_or_path, device=None):
+    """The text tower + projection of a transformers CLIPModel / SiglipModel / Siglip2Model folder or hub
+    name (or of a folder this function's CLIPText.save_pretrained wrote) -> CLIPText. The vision weights
+    in the checkpoint are skipped (the text classes share the full model's weight names)."""
+    from transformers import AutoConfig, AutoTokenizer
+    import transformers
+    config = AutoConfig.from_pretrained(name_or_path)
+    model_type = config.model_type
+    classes = {"clip": "CLIPTextModelWithProjection", "clip_text_model": "CLIPTextModelWithProjection",
+               "siglip": "SiglipTextModel", "siglip_text_model": "SiglipTextModel",
+               "siglip2": "Siglip2TextModel", "siglip2_text_model": "Siglip2TextModel"}
+    if model_type not in classes:
+        raise ValueError(f"clip_text={name_or_path!r}: model_type {model_type!r} is not a transformers CLIP/SigLIP "
+                         f"model (expected one of {sorted(classes)}); other families load through open_clip")
+    if hasattr(config, "text_config"):  # a full CLIP/SigLIP: its text part (CLIP keeps projection_dim at the top)
+        text_config = config.text_config
+        if hasattr(config, "projection_dim"):
+            text_config.projection_dim = config.projection_dim
+        config = text_config
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the checkpoint's vision weights are skipped on purpose
+    try:
+        model = getattr(transformers, classes[model_type]).from_pretrained(name_or_path, config=config)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    tower = CLIPText(model, AutoTokenizer.from_pretrained(name_or_path))
+    return tower.to(device) if device is not None else tower
+
+
+class CatHead(nn.Module):
+    """Table 10 (d): Linear over the concatenated L2-normalised LLM-side and CLIP-T features -> joint space."""
+
+    def __init__(self, llm_dim, clip_dim, out_dim):
+        super().__init__()
+        self.llm_dim, self.clip_dim, self.out_dim = llm_dim, clip_dim, out_dim
+        self.proj = nn.Linear(llm_dim + clip_dim, out_dim)
+
+    def forward(self, llm, clip):  # (B, llm_dim), (B, clip_dim) -> (B, out_dim)
+        return self.proj(torch.cat([F.normalize(llm.float(), dim=-1), F.normalize(clip.float(), dim=-1)], -1))
 
 
 # -----------------------------------------------------------------------------
@@ -570,23 +736,131 @@ def llm_flops(llm, T, params=None):
 # -----------------------------------------------------------------------------
 # The CLIP-style model trained in stage 2
 
-class LLM2CLIP(nn.Module):
-    """Vision tower + adaptor over cached LLM embeddings + learnable log logit scale."""
+# Stage-2 losses (the paper's Table 10): CLIP losses between the image and each text side, summed.
+# "llm": the LLM through the adaptor; "clip_t": CLIP's own text tower; "cat": CatHead(llm, clip_t).
+LOSS_TERMS = {
+    "a": (("llm", "image"),),  # the paper's default: the LLM replaces CLIP's text tower
+    "direct": (("clip_t", "image"),),  # plain CLIP fine-tuning on the same data (baseline rows)
+    "b": (("llm", "image"), ("clip_t", "image")),
+    "c": (("llm", "image"), ("clip_t", "image"), ("clip_t", "llm")),
+    "d": (("cat", "image"),),
+}
 
-    def __init__(self, vision, text_dim, adaptor_blocks=4, adaptor_expansion=2, logit_scale_init=math.log(1 / 0.07)):
+
+def multi_clip_loss(features, terms, logit_scale):
+    """Sum of `clip_loss(features[a], features[b], logit_scale)` over terms (pairs of feature names).
+    Each term gathers its features across ranks like clip_loss, so the sum stays exact under DDP."""
+    return sum(clip_loss(features[a], features[b], logit_scale) for a, b in terms)
+
+
+class LLM2CLIP(nn.Module):
+    """Vision tower + text side(s) + learnable log logit scale; `losses` (LOSS_TERMS) picks the text sides.
+
+    LLM side: `adaptor` ("linear": the MLP Adaptor over a pooled LLM embedding, cached or online;
+    "transformer": TransformerAdaptor over the LLM's token states). With `text_encoder` (the LLM with
+    trainable LoRA) the LLM runs inside forward. CLIP-T side: `clip_text` (a CLIPText). forward(images,
+    text) takes the text as a tensor (the LLM embedding) or a dict with keys "llm" (embedding (B, C) or
+    token states (B, T, C)), "llm_mask", "llm_ids"/"llm_attention_mask"/"llm_embed_mask" (tokens for
+    `text_encoder`), "clip_ids"/"clip_mask"; it returns (image, *features of text_names, logit scale)
+    and `loss(outputs)` is the variant's summed CLIP loss. Every batch-sized input splits along dim 0.
+    """
+
+    def __init__(self, vision, text_dim, adaptor_blocks=4, adaptor_expansion=2, logit_scale_init=math.log(1 / 0.07),
+                 losses="a", clip_text=None, adaptor="linear", text_encoder=None):
         super().__init__()
-        self.vision = vision
-        self.adaptor = Adaptor(text_dim, vision.output_dim, adaptor_blocks, adaptor_expansion)
+        if losses not in LOSS_TERMS:
+            raise ValueError(f"losses={losses!r}; expected one of {', '.join(LOSS_TERMS)}")
+        self.losses, self.terms = losses, LOSS_TERMS[losses]
+        self.text_names = tuple(dict.fromkeys(n for t in self.terms for n in t if n != "image"))
+        D = vision.output_dim
+        uses_llm, uses_clip = losses != "direct", losses != "a"
+        if uses_clip != (clip_text is not None):
+            raise ValueError(f"losses={losses!r} " + ("needs clip_text (CLIP's own text tower)" if uses_clip
+                                                      else "does not use clip_text; set losses to direct, b, c or d"))
+        if uses_clip and losses != "d" and clip_text.dim != D:
+            raise ValueError(f"clip_text projects to {clip_text.dim}-d but the vision tower outputs {D}-d: CL(CLIP-T, "
+                             "CLIP-V) needs one space (keep the pretrained CLIP head: embed_dim=-1), or use losses=d")
+        self.vision, self.clip_text = vision, clip_text
+        self.adaptor = build_adaptor(adaptor, text_dim, D, adaptor_blocks, adaptor_expansion) if uses_llm else None
+        self.text_encoder = text_encoder if uses_llm else None  # LoRA online: trained with the adaptor
+        self.cat_head = CatHead(D, clip_text.dim, D) if losses == "d" else None
         self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)))  # stored as a log, like CLIP
 
     def encode_image(self, images):
         return F.normalize(self.vision(images).float(), dim=-1)
 
     def encode_text(self, text_embeddings):
-        return F.normalize(self.adaptor(text_embeddings), dim=-1)
+        """The LLM side from an embedding (or a dict of LLM inputs) -> L2-normalised (B, D)."""
+        text = text_embeddings if isinstance(text_embeddings, dict) else {"llm": text_embeddings}
+        return F.normalize(self._llm(text), dim=-1)
 
-    def forward(self, images, text_embeddings):
-        return self.encode_image(images), self.encode_text(text_embeddings), self.logit_scale.exp()
+    def _llm(self, text):
+        if self.text_encoder is not None and "llm_ids" in text:  # the LLM itself (LoRA) runs here
+            out = self.text_encoder(text["llm_ids"], text["llm_attention_mask"], text.get("llm_embed_mask"),
+                                    pool=not getattr(self.adaptor, "takes_tokens", False))
+            text = {"llm": out} if torch.is_tensor(out) else {"llm": out[0], "llm_mask": out[1]}
+        if getattr(self.adaptor, "takes_tokens", False):
+            if text["llm"].dim() != 3:
+                raise ValueError("the transformer adaptor needs the LLM's token states (B, T, C), not pooled embeddings")
+            return self.adaptor(text["llm"], text["llm_mask"])
+        return self.adaptor(text["llm"])
+
+    def text_features(self, text):
+        """L2-normalised features of every text side in text_names -> {name: (B, D)}."""
+        feats = {}
+        raw_llm = self._llm(text) if self.adaptor is not None else None
+        raw_clip = self.clip_text(text["clip_ids"], text.get("clip_mask")) if self.clip_text is not None else None
+        if "llm" in self.text_names:
+            feats["llm"] = F.normalize(raw_llm, dim=-1)
+        if "clip_t" in self.text_names:
+            feats["clip_t"] = F.normalize(raw_clip.float(), dim=-1)
+        if "cat" in self.text_names:
+            feats["cat"] = F.normalize(self.cat_head(raw_llm, raw_clip), dim=-1)
+        return feats
+
+    def forward(self, images, text):
+        text = text if isinstance(text, dict) else {"llm": text}
+        feats = self.text_features(text)
+        return (self.encode_image(images), *(feats[n] for n in self.text_names), self.logit_scale.exp())
+
+    def loss(self, outputs):
+        """The variant's loss from forward's outputs (or the same tensors gathered over chunks)."""
+        feats = dict(zip(("image",) + self.text_names, outputs[:-1]))
+        return multi_clip_loss(feats, self.terms, outputs[-1])
+
+
+def text_inputs(model, texts, embeddings=None, frozen_llm=None, instruction=None, max_length=512, device=None):
+    """An LLM2CLIP's text input for a batch of captions, as the variant needs it:
+    "llm": the cached embeddings (B, C), or the frozen LLM's pooled embedding or token states (B, T, C) +
+    "llm_mask" (transformer adaptor); "llm_ids", ...: tokens when the LLM trains (LoRA, model.text_encoder);
+    "clip_ids", "clip_mask": CLIP-T tokens (77, truncated). Run it under the step's autocast."""
+    text = {}
+    if model.adaptor is not None:
+        llm = model.text_encoder if model.text_encoder is not None else frozen_llm
+        if llm is None:
+            text["llm"] = embeddings
+        else:
+            tok = llm.tokenize(texts, instruction, max_length)
+            if model.text_encoder is not None:  # runs inside the model, with gradient
+                text.update(llm_ids=tok["input_ids"], llm_attention_mask=tok["attention_mask"],
+                            llm_embed_mask=tok["embed_mask"])
+            else:
+                with torch.no_grad():
+                    out = llm(**{k: v.to(llm.device) for k, v in tok.items()},
+                              pool=not getattr(model.adaptor, "takes_tokens", False))
+                text.update({"llm": out.float()} if torch.is_tensor(out)  # pooled (B, C) | token states + mask
+                            else {"llm": out[0].float(), "llm_mask": out[1]})
+    if model.clip_text is not None:
+        text.update(model.clip_text.tokenize(texts))
+    return {k: v.to(device, non_blocking=True) for k, v in text.items()}
+
+
+def split_batch(text, micro):
+    """A batch's text input (a tensor or a dict of tensors, as text_inputs gives) -> chunks of `micro` along dim 0."""
+    if torch.is_tensor(text):
+        return list(text.split(micro))
+    parts = {k: v.split(micro) for k, v in text.items()}
+    return [{k: parts[k][j] for k in parts} for j in range(len(next(iter(parts.values()))))]
 
 
 class ImageEncoder(nn.Module):
@@ -611,6 +885,13 @@ class LLM2CLIPTextEncoder(nn.Module):
 
     @torch.no_grad()
     def encode(self, texts, batch_size=64, show_progress=False):
+        if getattr(self.adaptor, "takes_tokens", False):  # the transformer adaptor reads token states
+            feats, device = [], self.text_encoder.device
+            for s in range(0, len(texts), batch_size):
+                tok = self.text_encoder.tokenize(texts[s:s + batch_size], self.instruction, self.max_length)
+                hidden, mask = self.text_encoder(**{k: v.to(device) for k, v in tok.items()}, pool=False)
+                feats.append(F.normalize(self.adaptor(hidden, mask), dim=-1).cpu())
+            return torch.cat(feats)
         emb = self.text_encoder.encode(texts, self.instruction, self.max_length, batch_size, show_progress)
         return self.encode_embeddings(emb)
 
@@ -620,30 +901,76 @@ class LLM2CLIPTextEncoder(nn.Module):
         return F.normalize(self.adaptor(embeddings.to(p.device)), dim=-1)
 
 
-def load_llm2clip(out_dir, device="cpu", load_text=True):
-    """Load a post_train.py export -> (ImageEncoder, LLM2CLIPTextEncoder or None), ready for inference.
+class CatTextEncoder(nn.Module):
+    """Inference wrapper of Table 10 (d): CatHead(LLM side, CLIP-T) -> L2-normalised (N, D)."""
+
+    def __init__(self, llm_side, clip_text, cat_head):
+        super().__init__()
+        self.llm_side, self.clip_text, self.cat_head = llm_side, clip_text, cat_head
+
+    @torch.no_grad()
+    def encode(self, texts, batch_size=64, show_progress=False):
+        llm = self.llm_side.encode(texts, batch_size, show_progress)  # CatHead normalises both inputs anyway
+        clip = self.clip_text.encode(texts, batch_size)
+        p = next(self.cat_head.parameters())
+        return F.normalize(self.cat_head(llm.to(p.device), clip.to(p.device)), dim=-1)
+
+
+def _read_llm2clip(out_dir):
+    with open(os.path.join(out_dir, LLM2CLIP_CONFIG)) as f:
+        return json.load(f)
+
+
+def load_llm2clip(out_dir, device="cpu", load_text=True, text=None):
+    """Load a post_train.py export -> (ImageEncoder, text encoder or None), ready for inference.
 
     `llm2clip.json` names the timm model and kwargs, the files of the vision tower and adaptor state
     dicts, and the stage-1 text encoder (with the instruction and max_length the cache used).
+    text: which of the run's text encoders (`text_encoders` in the json: "llm", "clip_t", "cat");
+    None = the first. Each has `.encode(texts, batch_size)` -> L2-normalised (N, D).
     """
-    with open(os.path.join(out_dir, LLM2CLIP_CONFIG)) as f:
-        meta = json.load(f)
+    meta = _read_llm2clip(out_dir)
     v = meta["vision"]
     vision = VisionTower(v["model_name"], pretrained=False, timm_kwargs=v.get("timm_kwargs", {}))
     vision.model.load_state_dict(torch.load(os.path.join(out_dir, v["file"]), map_location="cpu", weights_only=True))
-    a = meta["adaptor"]
-    adaptor = Adaptor(a["in_dim"], a["out_dim"], a["num_blocks"], a["expansion"])
-    adaptor.load_state_dict(torch.load(os.path.join(out_dir, a["file"]), map_location="cpu", weights_only=True))
     image_encoder = ImageEncoder(vision).to(device).eval()
-    text_encoder = None
-    if load_text:
+    return image_encoder, (load_llm2clip_text(out_dir, text, device) if load_text else None)
+
+
+def load_llm2clip_text(out_dir, text=None, device="cpu", clip_loader=None):
+    """One text encoder of a post_train.py export: "llm" (LLM + adaptor, with the stage-2 LoRA if the run
+    trained one), "clip_t" (CLIP's own text tower as fine-tuned) or "cat" (both through the Cat head).
+    clip_loader(folder, device) loads the exported CLIP-T (default load_clip_text; an open_clip CLIP-T
+    needs evaluate.load_open_clip_text)."""
+    meta = _read_llm2clip(out_dir)
+    names = meta.get("text_encoders", ["llm"])
+    text = text or names[0]
+    if text not in names:
+        raise ValueError(f"{out_dir}: text encoder {text!r} not in this run's {names}")
+    if text in ("llm", "cat"):
+        a = meta["adaptor"]
+        adaptor = build_adaptor(a.get("kind", "linear"), a["in_dim"], a["out_dim"], a["num_blocks"], a["expansion"])
+        adaptor.load_state_dict(torch.load(os.path.join(out_dir, a["file"]), map_location="cpu", weights_only=True))
         t = meta["text"]
         text_path = t["model"] if os.path.isabs(t["model"]) else os.path.join(out_dir, t["model"])
         if not os.path.exists(text_path):
             text_path = t["model"]  # a hub name
-        enc = load_text_encoder(text_path, pooling=t.get("pooling"), device=device)
-        text_encoder = LLM2CLIPTextEncoder(enc, adaptor.to(device), t.get("instruction"), t.get("max_length", 512)).eval()
-    return image_encoder, text_encoder
+        lora = os.path.join(out_dir, t["lora"]) if t.get("lora") else None
+        enc = load_text_encoder(text_path, pooling=t.get("pooling"), device=device, lora=lora)
+        llm_side = LLM2CLIPTextEncoder(enc, adaptor.to(device), t.get("instruction"), t.get("max_length", 512)).eval()
+        if text == "llm":
+            return llm_side
+    clip_dir = os.path.join(out_dir, meta["clip_text"]["dir"])
+    if clip_loader is None and os.path.isfile(os.path.join(clip_dir, "open_clip.json")):
+        raise ValueError(f"{out_dir}: its CLIP-T is an open_clip model; load it with "
+                         "clip_loader=evaluate.load_open_clip_text (pip install open_clip_torch)")
+    clip_text = (clip_loader or load_clip_text)(clip_dir, device=device).eval()
+    if text == "clip_t":
+        return clip_text
+    h = meta["cat_head"]
+    head = CatHead(h["llm_dim"], h["clip_dim"], h["out_dim"])
+    head.load_state_dict(torch.load(os.path.join(out_dir, h["file"]), map_location="cpu", weights_only=True))
+    return CatTextEncoder(llm_side, clip_text, head.to(device)).eval()
 
 
 # -----------------------------------------------------------------------------

@@ -6,14 +6,16 @@
   4. embed_captions.py  the offline caption cache
   5. post_train.py    stage 2 from that cache (and the untrained model, exported at step 0)
   6. evaluate.py      retrieval on the held-out test split: untrained vs post-trained, one table
+  7. (--ablations=True) the stage-2 ablation table: losses a/direct/b/c/d (a tiny random CLIP as CLIP-T),
+     LoRA on the LLM online, the transformer adaptor; each text encoder scored, wall time per run
 
 Every stage runs in-process through its own `main([...])` with its tiny preset (config/*_tiny_cpu.py),
 exactly as `python <stage>.py config/... --key=value` would. Outputs: <out_dir>/<stage>/.
 Also holds the tiny offline model builders the tests use.
 
-`python pipeline.py --ablate=stage1`: instead of stages 3-6, the stage-1 ablation table (the paper's
-Table 9 rows, each a cc_finetune.py config switch) on the same data: c2c before -> after and wall time
-per row, printed as a markdown table and saved in <out_dir>/ablate_stage1/results.json.
+`python pipeline.py --stage1_ablations=True`: instead of stages 3-6, the stage-1 ablation table (the
+paper's Table 9 rows, each a cc_finetune.py config switch) on the same data: c2c before -> after and
+wall time per row, printed as a markdown table and saved in <out_dir>/ablate_stage1/results.json.
 """
 import json
 import os
@@ -29,7 +31,8 @@ seed = 0
 arch = "llama"  # tiny text model architecture: llama | qwen2 | mistral | gemma | bert
 cc_steps = 60  # stage-1 steps (config/cc_tiny_cpu.py)
 post_steps = 800  # stage-2 steps (config/post_tiny_cpu.py: 300)
-ablate = ""  # "stage1": run the stage-1 ablation table (Table 9 rows) after steps 1-2 instead of the pipeline
+ablations = False  # also the stage-2 ablation table (Tables 8, 10, 11): 7 more stage-2 runs, a few minutes
+stage1_ablations = False  # instead of stages 3-6: the stage-1 ablation table (Table 9's rows), ~7 stage-1 runs
 config_keys = [k for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, str))]
 
 
@@ -58,12 +61,10 @@ def main(argv=None):
     corpus = []
     for _, rec in data.read_jsonl(p("data", "train.jsonl")):
         corpus += rec["captions"] + rec["long_captions"]
-    if cfg["ablate"] not in ("", "stage1"):
-        raise ValueError(f"ablate={cfg['ablate']!r}: expected '' (the pipeline) or 'stage1'")
     build_tiny_text_model(p("text_model"), cfg["arch"], texts=corpus, vocab_size=400, seed=cfg["seed"],
-                          hidden_size=64, num_layers=2, intermediate_size=128, lm_head=bool(cfg["ablate"]))
+                          hidden_size=64, num_layers=2, intermediate_size=128, lm_head=cfg["stage1_ablations"])
     done("tiny text model", t)
-    if cfg["ablate"]:
+    if cfg["stage1_ablations"]:
         return ablate_stage1(cfg, p)
 
     # --- 3. stage 1
@@ -111,6 +112,10 @@ def main(argv=None):
           f"post-trained i2t {trained[0]:.1f} t2i {trained[1]:.1f}")
     if not (min(trained) > 10 * chance and min(trained) > max(untrained) + 5):
         raise SystemExit("pipeline: the post-trained model did not clearly beat chance and the untrained model")
+    if cfg["ablations"]:
+        t = time.time()
+        res["ablations"] = ablation_table(common_args, p, cfg)
+        done("stage-2 ablations", t)
     print(f"pipeline finished in {time.time() - t0:.0f}s; stage times (s): {timings}")
     print(f"outputs under {root}/: data, text_model, cc, cache_train, cache_val, post_untrained, post, results.json")
     return res
@@ -151,6 +156,47 @@ def ablate_stage1(cfg, p):
     print("\n".join(table))
     with open(p("ablate_stage1", "results.json"), "w") as f:
         json.dump({"rows": rows, "config": cfg}, f, indent=2)
+    return rows
+
+
+# name -> post_train.py switches (Tables 10, 11, 8); every run gets the same data, steps and seed
+ABLATIONS = {
+    "a (default)": [],
+    "direct": ["--losses=direct", "--cache_dir="],
+    "b": ["--losses=b"],
+    "c": ["--losses=c"],
+    "d (Cat head)": ["--losses=d"],
+    "LoRA online": ["--text_source=online", "--text_lora_r=8"],
+    "transformer adaptor": ["--text_source=online", "--adaptor=transformer", "--adaptor_blocks=1", "--adaptor_expansion=4"],
+}
+
+
+def ablation_table(common_args, p, cfg):
+    """Every ABLATIONS run of post_train.py, each of its text encoders scored by evaluate.py on the held-out
+    test split (long captions): one markdown table of I2T/T2I R@1 with the training wall time per run."""
+    import data
+    import evaluate
+    import post_train
+    corpus = [c for _, rec in data.read_jsonl(p("data", "train.jsonl")) for c in rec["long_captions"]]
+    clip = build_tiny_clip(p("tiny_clip"), texts=corpus, projection_dim=64, seed=cfg["seed"])  # a random CLIP-T
+    rows, lines = {}, ["| variant | text encoder | test I2T R@1 | test T2I R@1 | train wall s |", "|---|---|---|---|---|"]
+    for name, switches in ABLATIONS.items():
+        out = p("ablations", name.split(" ")[0] if name != "transformer adaptor" else "transformer")
+        clip_args = [f"--clip_text={clip}"] if any(s.startswith("--losses=") for s in switches) else []
+        t = time.time()
+        post_train.main(common_args + [f"--out_dir={out}", f"--max_steps={cfg['post_steps']}", "--val_manifest="]
+                        + clip_args + switches)
+        wall = time.time() - t
+        res = evaluate.main(["--task=retrieval", f"--model={out}", f"--data={p('data', 'test.jsonl')}",
+                             "--caption_field=long_captions", "--captions_per_image=0", "--num_workers=0"])
+        for row, (i2t, t2i) in _r1(res).items():
+            encoder = row[len(out):].strip(" []") or "llm"
+            rows[f"{name} / {encoder}"] = {"i2t_R@1": i2t, "t2i_R@1": t2i, "train_s": round(wall, 1)}
+            lines.append(f"| {name} | {encoder} | {i2t:.1f} | {t2i:.1f} | {wall:.0f} |")
+    table = "\n".join(lines)
+    print(table)
+    with open(p("ablations.json"), "w") as f:
+        json.dump({"rows": rows, "table": table, "post_steps": cfg["post_steps"]}, f, indent=2)
     return rows
 
 
@@ -221,6 +267,33 @@ def build_tiny_text_model(out_dir, arch="llama", texts=None, vocab_size=512, see
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def build_tiny_clip(out_dir, texts=None, projection_dim=64, kind="clip", vocab_size=400, seed=0, hidden_size=32):
+    """Save a tiny random CLIPModel (kind="clip") or SiglipModel ("siglip") + a BPE tokenizer trained on
+    `texts` ([CLS] text [SEP]; [SEP] is the EOS CLIP pools at) to out_dir: a stand-in for a pretrained CLIP
+    whose text tower (CLIP-T) stage 2 can load. Text width `hidden_size`, 2 layers, 77 positions."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel, SiglipConfig, SiglipModel
+    tok = train_tokenizer(list(texts) if texts else _DEFAULT_CORPUS, vocab_size, style="encoder")
+    tok.model_max_length = 77
+    text = dict(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=77, pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.sep_token_id, bos_token_id=tok.cls_token_id)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=16)
+    torch.manual_seed(seed)
+    if kind == "clip":
+        model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim))
+    elif kind == "siglip":  # SigLIP's text head maps to the text width: the joint space is hidden_size wide
+        model = SiglipModel(SiglipConfig(text_config={**text, "hidden_size": projection_dim,
+                                                      "intermediate_size": 2 * projection_dim}, vision_config=vision))
+    else:
+        raise ValueError(f"kind={kind!r}; expected 'clip' or 'siglip'")
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
     return out_dir
 
 

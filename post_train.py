@@ -52,8 +52,15 @@ pretrained = True  # timm's pretrained weights (when the machine has them)
 vision_weights = ""  # local state dict file instead of hub weights
 timm_kwargs = {}  # extra timm.create_model kwargs (img_size, depth, ...), recorded for reloading
 embed_dim = 1280  # new projection head of this size (official code: 1280); -1 keeps the model's own head
-adaptor_blocks = 4  # residual MLP blocks in the adaptor (Table 8: 0, 1, 2, 4)
-adaptor_expansion = 2
+adaptor = "linear"  # "linear": MLP adaptor on the pooled embedding; "transformer": over token states (online only, Table 8)
+adaptor_blocks = 4  # residual MLP blocks in the adaptor (Table 8: 0, 1, 2, 4); transformer: its layers (x1 in Table 8)
+adaptor_expansion = 2  # MLP width / input width (the transformer's paper-sized MLP: 4)
+# ablations of the text side (Tables 10, 11): which text towers train against the images
+losses = "a"  # a: LLM only (default) | direct: CLIP-T only | b: LLM + CLIP-T | c: b + CL(CLIP-T, LLM) | d: Cat head
+clip_text = ""  # CLIP/SigLIP folder or hub name, or open_clip:NAME/PRETRAINED: its text tower (CLIP-T) joins stage 2
+clip_text_trainable = True  # CLIP-T fine-tunes at learning_rate; False keeps it frozen
+text_lora_r = 0  # > 0: trainable LoRA of this rank on the stage-1 LLM (text_source="online" only, Table 11)
+text_lora_lr = 1e-4  # the LoRA's own peak learning rate (same schedule)
 logit_scale_init = math.log(1 / 0.07)  # CLIP's init (the paper uses the checkpoint's when there is one)
 max_logit_scale = math.log(100)  # clamp after each step, like CLIP
 gradient_checkpointing = True  # recompute ViT activations in backward: larger batches per GPU
@@ -106,11 +113,15 @@ def param_groups(orig_model, cfg):
     vit = orig_model.vision.model
     nwd = set(getattr(vit, "no_weight_decay", lambda: set())())
     groups = param_groups_layer_decay(vit, cfg["weight_decay"], nwd, layer_decay=cfg["layer_decay"])
-    adaptor = list(orig_model.adaptor.parameters())
-    groups.append({"params": [p for p in adaptor if p.ndim >= 2], "weight_decay": cfg["weight_decay"], "lr_scale": 1.0})
-    groups.append({"params": [p for p in adaptor if p.ndim < 2] + [orig_model.logit_scale], "weight_decay": 0.0,
+    heads = [p for m in (orig_model.adaptor, orig_model.cat_head, orig_model.clip_text) if m is not None
+             for p in m.parameters() if p.requires_grad]  # CLIP-T: when clip_text_trainable
+    groups.append({"params": [p for p in heads if p.ndim >= 2], "weight_decay": cfg["weight_decay"], "lr_scale": 1.0})
+    groups.append({"params": [p for p in heads if p.ndim < 2] + [orig_model.logit_scale], "weight_decay": 0.0,
                    "lr_scale": 1.0})
-    return groups
+    if orig_model.text_encoder is not None:  # the LLM's LoRA (text_lora_r > 0), at its own lr
+        lora = [p for p in orig_model.text_encoder.parameters() if p.requires_grad]
+        groups.append({"params": lora, "weight_decay": 0.0, "lr_scale": cfg["text_lora_lr"] / cfg["learning_rate"]})
+    return [g for g in groups if g["params"]]
 
 
 @torch.no_grad()
@@ -172,12 +183,14 @@ def text_settings(cfg, cache):
             "max_length": int(enc.get("max_length") or 512)}
 
 
-def load_val(cfg, text_cfg, text_encoder, device):
-    """(records, text embeddings (N_txt, C) on device, text_to_image) for the held-out retrieval eval."""
+def load_val(cfg, text_cfg, text_encoder, device, need_embeddings=True):
+    """(records, texts, their LLM embeddings (N_txt, C) on device or None, text_to_image) for the held-out eval."""
     path, field = cfg["val_manifest"], cfg["eval_field"]
     records = data.read_manifest(path, cfg["val_image_root"] or None, field=field)
     texts = [t for rec in records for t in rec[field]]
     t2i = [r for r, rec in enumerate(records) for _ in rec[field]]
+    if not need_embeddings:  # CLIP-T only, or the LLM runs in the model's text side (LoRA, token-level adaptor)
+        return records, texts, None, t2i
     if cfg["val_cache_dir"]:
         same = {k: text_cfg[k] for k in ("model", "pooling", "instruction", "max_length") if text_cfg[k] is not None}
         vc = data.EmbeddingCache(cfg["val_cache_dir"], manifest=path, fields=[field], expect=same)
@@ -186,7 +199,7 @@ def load_val(cfg, text_cfg, text_encoder, device):
         enc = text_encoder or M.load_text_encoder(text_cfg["model"], pooling=text_cfg["pooling"], device=device)
         emb = enc.encode(texts, text_cfg["instruction"], text_cfg["max_length"])
         del enc
-    return records, emb.to(device), t2i
+    return records, texts, emb.to(device), t2i
 
 
 def write_metrics(out_dir, rec):
@@ -195,16 +208,28 @@ def write_metrics(out_dir, rec):
 
 
 def export(out_dir, orig_model, cfg, text_cfg):
-    """vision_tower.pt (timm state dict), adaptor.pt and llm2clip.json, as model.load_llm2clip reads them."""
+    """vision_tower.pt (timm state dict), adaptor.pt, clip_text/ (HF folder), cat_head.pt, text_lora/ (peft
+    adapter) as the variant has them, and llm2clip.json, as model.load_llm2clip reads them."""
     vision, adaptor = orig_model.vision, orig_model.adaptor
     common.atomic_torch_save(vision.model.state_dict(), os.path.join(out_dir, "vision_tower.pt"))
-    common.atomic_torch_save(adaptor.state_dict(), os.path.join(out_dir, "adaptor.pt"))
     meta = {"vision": {"model_name": vision.model_name, "timm_kwargs": vision.timm_kwargs, "file": "vision_tower.pt"},
-            "adaptor": {"in_dim": adaptor.in_dim, "out_dim": adaptor.out_dim, "num_blocks": adaptor.num_blocks,
-                        "expansion": adaptor.expansion, "file": "adaptor.pt"},
-            "text": {"model": text_cfg["model"], "pooling": text_cfg["pooling"],
-                     "instruction": text_cfg["instruction"], "max_length": text_cfg["max_length"]},
+            "text_encoders": list(orig_model.text_names), "losses": orig_model.losses,
             "logit_scale": orig_model.logit_scale.exp().item(), "code_version": common.code_version()}
+    if adaptor is not None:
+        common.atomic_torch_save(adaptor.state_dict(), os.path.join(out_dir, "adaptor.pt"))
+        meta["adaptor"] = {**M.adaptor_spec(adaptor), "file": "adaptor.pt"}
+        meta["text"] = {"model": text_cfg["model"], "pooling": text_cfg["pooling"],
+                        "instruction": text_cfg["instruction"], "max_length": text_cfg["max_length"]}
+    if orig_model.text_encoder is not None:  # the LLM's stage-2 LoRA, loaded on top of the stage-1 encoder
+        orig_model.text_encoder.model.save_pretrained(os.path.join(out_dir, "text_lora"))
+        meta["text"]["lora"] = "text_lora"
+    if orig_model.clip_text is not None:
+        orig_model.clip_text.save_pretrained(os.path.join(out_dir, "clip_text"))
+        meta["clip_text"] = {"dir": "clip_text", "source": cfg["clip_text"]}
+    if orig_model.cat_head is not None:
+        h = orig_model.cat_head
+        common.atomic_torch_save(h.state_dict(), os.path.join(out_dir, "cat_head.pt"))
+        meta["cat_head"] = {"llm_dim": h.llm_dim, "clip_dim": h.clip_dim, "out_dim": h.out_dim, "file": "cat_head.pt"}
     common.atomic_write_text(os.path.join(out_dir, M.LLM2CLIP_CONFIG), json.dumps(common.jsonable(meta), indent=2) + "\n")
 
 
@@ -214,6 +239,15 @@ def main(argv=None):
     cfg = common.configure({k: globals()[k] for k in config_keys}, argv, __doc__)
     if cfg["text_source"] not in ("cache", "online"):
         raise ValueError(f"text_source={cfg['text_source']!r}; expected 'cache' or 'online'")
+    if (cfg["losses"] != "a") != bool(cfg["clip_text"]):
+        raise ValueError(f"losses={cfg['losses']!r} with clip_text={cfg['clip_text']!r}: every variant but 'a' "
+                         "trains CLIP's own text tower, so clip_text must name it exactly when losses is not 'a'")
+    if cfg["text_source"] == "cache" and (cfg["adaptor"] == "transformer" or cfg["text_lora_r"] > 0) \
+            and cfg["losses"] != "direct":
+        raise ValueError(f"adaptor={cfg['adaptor']!r}, text_lora_r={cfg['text_lora_r']} need text_source='online': "
+                         "a cache holds one pooled embedding per caption, not the token states a transformer adaptor "
+                         "reads (T x d values: 4 MiB per caption at 4096-d x 512 tokens in fp16) nor a trainable LLM")
+    uses_llm = cfg["losses"] != "direct"  # direct: the LLM side is off (plain CLIP fine-tuning)
     if bool(cfg["train_manifest"]) == bool(cfg["train_shards"]):
         raise ValueError("set exactly one of train_manifest (JSONL + image_root) and train_shards (tar shards)")
     ddp, rank, local_rank, world_size, device = common.setup_distributed()
@@ -251,11 +285,14 @@ def main(argv=None):
         used = [f for f in data.CACHE_FIELDS if any(r.get(f) for r in records)]
         cache = data.EmbeddingCache(cfg["cache_dir"], manifest=cfg["train_manifest"] or records, fields=used,
                                     expect={"model": cfg["text_model"]} if cfg["text_model"] else None)
-    elif cfg["text_source"] == "cache":
+    elif cfg["text_source"] == "cache" and uses_llm:
         raise ValueError(f"text_source='cache' needs cache_dir: run embed_captions.py --manifest={manifest_path}")
-    text_cfg = text_settings(cfg, cache)
-    log(f"{len(records)} training records, {len(records) // cfg['batch_size']} steps per epoch; "
-        f"text: {text_cfg['model']} ({cfg['text_source']})")
+    text_cfg = text_settings(cfg, cache) if uses_llm else None
+    llm_args = (text_cfg["instruction"], text_cfg["max_length"]) if uses_llm else (None, 512)
+    log(f"{len(records)} training records, {len(records) // cfg['batch_size']} steps per epoch; losses "
+        f"{cfg['losses']}: " + " + ".join(f"CL({a}, {b})" for a, b in M.LOSS_TERMS[cfg["losses"]])
+        + (f"; LLM: {text_cfg['model']} ({cfg['text_source']})" if uses_llm else "")
+        + (f"; CLIP-T: {cfg['clip_text']}" if cfg["clip_text"] else ""))
 
     # -------------------------------------------------------------------------
     # model: same init on every rank (seed), then per-rank seeds for dropout/drop-path
@@ -265,17 +302,31 @@ def main(argv=None):
                            gradient_checkpointing=cfg["gradient_checkpointing"], timm_kwargs=cfg["timm_kwargs"])
     data_config = vision.data_config  # the model's own preprocessing: size, interpolation, mean/std
     text_dim = cache.dim if cache is not None else None
-    text_encoder = None
-    if cfg["text_source"] == "online":
-        text_encoder = M.load_text_encoder(text_cfg["model"], pooling=text_cfg["pooling"], device=device).eval()
-        text_encoder.requires_grad_(False)
-        text_dim = text_encoder.dim
-    orig_model = M.LLM2CLIP(vision, text_dim, cfg["adaptor_blocks"], cfg["adaptor_expansion"],
-                            cfg["logit_scale_init"]).to(device)
+    text_encoder = lora_encoder = None  # the frozen LLM (online) | the LLM with trainable LoRA, part of the model
+    if uses_llm and cfg["text_source"] == "online":
+        r = cfg["text_lora_r"]
+        enc = M.load_text_encoder(text_cfg["model"], pooling=text_cfg["pooling"], device=device,
+                                  lora=dict(r=r, alpha=2 * r) if r > 0 else None)
+        text_dim = enc.dim
+        if r > 0:
+            lora_encoder = enc
+            if cfg["gradient_checkpointing"]:
+                enc.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            text_encoder = enc.eval().requires_grad_(False)
+    clip_text = None
+    if cfg["clip_text"]:
+        # transformers' CLIP/SigLIP text towers, or open_clip:NAME/PRETRAINED (optional package; EVA02-CLIP)
+        clip_text = evaluate.load_open_clip_text(cfg["clip_text"]).requires_grad_(cfg["clip_text_trainable"])
+    orig_model = M.LLM2CLIP(vision, text_dim, cfg["adaptor_blocks"], cfg["adaptor_expansion"], cfg["logit_scale_init"],
+                            losses=cfg["losses"], clip_text=clip_text, adaptor=cfg["adaptor"],
+                            text_encoder=lora_encoder).to(device)
     torch.manual_seed(cfg["seed"] + rank)
     n_params = sum(p.numel() for p in vision.parameters())
     log(f"vision {cfg['vision_model']}: {n_params / 1e6:.2f}M params, input {data_config['input_size']}, "
-        f"output dim {vision.output_dim}; adaptor {text_dim} -> {vision.output_dim}, {cfg['adaptor_blocks']} blocks")
+        f"output dim {vision.output_dim}; " + (f"{cfg['adaptor']} adaptor {text_dim} -> {vision.output_dim}, "
+        f"{cfg['adaptor_blocks']} blocks, {sum(p.numel() for p in orig_model.adaptor.parameters()) / 1e6:.2f}M params"
+        if uses_llm else "no LLM side"))
 
     # -------------------------------------------------------------------------
     # optimizer, then resume (model, optimizer, step, RNG) from the newest checkpoint
@@ -314,7 +365,7 @@ def main(argv=None):
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device_type == "cuda" else None)
 
     train_set = data.TrainSamples(records, data.TrainTransform(data_config, tuple(cfg["crop_scale"])),
-                                  cache if cfg["text_source"] == "cache" else None, cfg["seed"],
+                                  cache if cfg["text_source"] == "cache" and uses_llm else None, cfg["seed"],
                                   cfg["real_caption_ratio"], cfg["skip_bad_images"])
     sampler = data.EpochBatchSampler(len(records), cfg["batch_size"], rank, world_size, cfg["seed"], True,
                                      start_step=step, max_steps=max(0, cfg["max_steps"] - step))
@@ -325,21 +376,35 @@ def main(argv=None):
     # held-out retrieval eval (unwrapped model, rank 0)
     val = None
     if cfg["val_manifest"] and master:
-        val = load_val(cfg, text_cfg, text_encoder, device)
+        pooled_llm = uses_llm and lora_encoder is None and cfg["adaptor"] == "linear"
+        val = load_val(cfg, text_cfg, text_encoder, device, need_embeddings=pooled_llm)
 
     def run_eval(at_step):
+        """Retrieval with each text side of the variant ("eval": the first; "eval_<name>": every one)."""
         if val is None:
             return None
-        v_records, v_emb, t2i = val
+        v_records, v_texts, v_emb, t2i = val
         img = embed_images(orig_model, v_records, data_config, device, cfg["eval_batch_size"], autocast)
-        with torch.no_grad(), autocast:
-            txt = orig_model.encode_text(v_emb).float()
-        metrics = evaluate.retrieval_metrics(img, txt, t2i)
-        metrics["chance_R@1"] = 100 / len(v_records)
-        log(f"eval step {at_step} ({len(v_records)} images): "
-            + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
-        write_metrics(out, {"step": at_step, "eval": metrics})
-        return metrics
+        feats, bs = {}, cfg["eval_batch_size"]
+        orig_model.eval()
+        with torch.no_grad():
+            for s in range(0, len(v_texts), bs):
+                with autocast:
+                    text = M.text_inputs(orig_model, v_texts[s:s + bs], None if v_emb is None else v_emb[s:s + bs],
+                                         text_encoder, *llm_args, device=device)
+                    for name, f in orig_model.text_features(text).items():
+                        feats.setdefault(name, []).append(f.float())
+        orig_model.train()
+        rec = {"step": at_step}
+        for name in orig_model.text_names:
+            metrics = evaluate.retrieval_metrics(img, torch.cat(feats[name]), t2i)
+            metrics["chance_R@1"] = 100 / len(v_records)
+            log(f"eval step {at_step} ({len(v_records)} images, text side {name}): "
+                + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+            rec.setdefault("eval", metrics)
+            rec[f"eval_{name}"] = metrics
+        write_metrics(out, rec)
+        return rec["eval"]
 
     # -------------------------------------------------------------------------
     # training loop
@@ -359,20 +424,16 @@ def main(argv=None):
         batch = next(batches)
         wait_interval += time.time() - t0
         images = batch["image"].to(device, non_blocking=True)
-        if text_encoder is not None:
-            with torch.no_grad(), autocast:
-                text_emb = text_encoder.encode(batch["text"], text_cfg["instruction"], text_cfg["max_length"],
-                                               batch_size=len(batch["text"])).to(device)
-        else:
-            text_emb = batch["embedding"].to(device, non_blocking=True)
+        with autocast:
+            text = M.text_inputs(orig_model, batch["text"], batch["embedding"], text_encoder, *llm_args, device=device)
         bad_images += batch["bad"]
         lr = get_lr(step, cfg)
         for g in optimizer.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)
 
         # chunks of `micro`: more than one -> gradient caching (the full batch's negatives, one chunk's memory)
-        chunks = list(zip(images.split(micro), text_emb.split(micro)))
-        loss = M.grad_cache_step(lambda c: model(*c), [chunks], lambda out: M.clip_loss(*out),
+        chunks = list(zip(images.split(micro), M.split_batch(text, micro)))
+        loss = M.grad_cache_step(lambda c: model(*c), [chunks], orig_model.loss,
                                  no_sync=model.no_sync if ddp else None, autocast=autocast)
         if ddp:
             dist.all_reduce(loss, op=dist.ReduceOp.AVG)  # every rank sees the same value: stop together

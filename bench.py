@@ -4,22 +4,26 @@ interleaved within each repeat so that load drift on a shared machine hits them 
 
   (a) post_train.py's step with text from a real on-disk cache (embed_captions.py output, read through
       data.EmbeddingCache with the real caption choice; adaptor, clip_loss, AdamW, clip, clamp) vs the
-      bare vision tower forward+backward+AdamW at the same batch: the text side's overhead.
+      bare vision tower forward+backward+AdamW at the same batch: the text side's overhead. Both use
+      post_train's AdamW (common.adamw: fused where torch has it); each step's phases are also timed.
   (b) the same step with the frozen text encoder online, shaped so that its FLOPs per caption over the
       ViT's FLOPs per image equal Llama-3-8B's over ViT-L/14-224's at the paper's settings, both scaled
       down by the same (printed) factor.
   (c) caption embedding throughput (embed_captions.py's batching): length-sorted token-budget batches vs
-      fixed-size batches padded to their longest in dataset order, on real COCO + DOCCI captions.
-  (d) stage-1 peak memory at global batch 256 (model.grad_cache_step, as cc_finetune.py calls it), each
-      variant in a fresh subprocess minus a baseline process: gradient caching in chunks of 32 vs plain
-      256 vs plain 32.
+      fixed-size batches padded to their longest in dataset order, and vs length-sorted batches of 32
+      (sentence-transformers' encode), on real COCO + DOCCI captions (embed_copies: a larger corpus).
+  (d) stage-1 peak memory and step time at global batch 256 (model.grad_cache_step, as cc_finetune.py calls
+      it), each variant in a fresh subprocess minus a baseline process: gradient caching in chunks of 32 vs
+      plain 256 vs plain 32; and the peak memory of one embed_captions.py rank embedding (c)'s captions.
+The run's environment (torch version, threads, load average at start and end) is printed with the table.
 
-python bench.py                         # tiny CPU models (about 3 minutes on 2 CPU cores)
+python bench.py                         # tiny CPU models (a few minutes on 2 quiet CPU cores)
 python bench.py config/bench_gpu.py     # ViT-L/14-224 + a Llama-3-8B-shaped text encoder, with MFU
 """
 import json
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -41,11 +45,14 @@ benchmarks = "abcd"  # which of (a)-(d) to run
 device = "auto"  # cuda if available, else cpu
 dtype = "bfloat16"  # autocast dtype on GPU (and the frozen text encoder's weights); CPU always runs float32
 threads = 1  # CPU threads: one keeps medians steady on a shared machine
+clock = "auto"  # "cpu" (process CPU time) or "wall"; auto: cpu for a 1-thread CPU run (the work itself, not the
+# share of a shared machine's cores the scheduler gave other tenants meanwhile), wall otherwise (GPU)
 seed = 0
 repeats = 7  # timed repeats per variant; the table shows medians
 warmup = 2  # untimed steps per variant first
 steps = 2  # steps per timed repeat
 peak_flops = 0.0  # for MFU; 0: bf16 dense peak by device name (H100 989e12, A100 312e12)
+fused_adamw = True  # (a, b, d) AdamW through common.adamw, as the stage scripts (fused where torch has it); False: torch's default
 # stage 2 (a, b)
 batch_size = 32
 vision_model = "vit_tiny_patch16_224"  # a timm ViT (width 192); timm_kwargs reshape it: 65 tokens, 4 blocks
@@ -72,6 +79,10 @@ embed_long = 200  # DOCCI descriptions, all of them (1:1, like the real + dense 
 embed_layers = 1  # the text encoder above with this many layers (0: all); fewer keeps the CPU run short
 embed_repeats = 2  # after a warm-up pass
 embed_batch_tokens = 16384  # embed_captions.py's default; fixed batches: this // the longest caption
+embed_sorted_batch = 32  # sentence-transformers' default batch size, for its length-sorted batches
+embed_copies = 1  # the caption mix repeated this many times: a larger corpus, so sorted batches pad ~nothing
+embed_attn = "sdpa"  # the (c) encoder's attention implementation (all schemes alike)
+embed_packed = False  # (c) also padding-free rows (embed_captions.encode_packed): needs embed_attn="flash_attention_2"
 embed_max_length = 512
 vocab_size = 2000  # BPE tokenizer trained offline on the captions
 # stage-1 memory (d)
@@ -81,6 +92,7 @@ mem_max_length = 128  # long-ish so activations dominate
 mem_width = 32
 mem_layers = 2
 mem_repeats = 2  # subprocesses per variant; medians
+mem_steps = 3  # steps per subprocess: the peak over all, the time of the last ones (the first warms up)
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items()
                if not k.startswith("_") and k.islower() and isinstance(v, (int, float, str, dict))]
@@ -89,11 +101,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 # --- models and data
 
-def text_encoder(tokenizer, shape, dev="cpu", dtype=None, lora=False):
+def text_encoder(tokenizer, shape, dev="cpu", dtype=None, lora=False, attn="sdpa"):
     """A random bidirectional Llama of `shape` (LlamaConfig kwargs) as a TextEncoder; dev="meta": shape only."""
     from transformers import AutoModel, LlamaConfig
-    conf = LlamaConfig(vocab_size=len(tokenizer) + 32, max_position_embeddings=4096, attn_implementation="sdpa",
-                       **shape)
+    conf = LlamaConfig(vocab_size=len(tokenizer) + 32, max_position_embeddings=4096, attn_implementation=attn, **shape)
     with torch.device(dev):
         llm = AutoModel.from_config(conf, **({"dtype": dtype} if dtype else {}))
     llm = M.enable_bidirectional(llm, verify=dev != "meta")
@@ -140,7 +151,8 @@ def build_cache(cfg, tmp):
 
 
 def timed(fns, cfg, sync):
-    """fns: name -> step(). Median seconds per step over `repeats`, the variants interleaved in each repeat."""
+    """fns: name -> step(). Median seconds per step over `repeats`, the variants interleaved in each repeat:
+    {"wall": {name: s}, "cpu": {name: s}} (process CPU time)."""
     for f in fns.values():
         for _ in range(cfg["warmup"]):
             f()
@@ -149,12 +161,27 @@ def timed(fns, cfg, sync):
         for k in names[r % len(names):] + names[:r % len(names)]:  # rotated: none always follows the same one
             f = fns[k]
             sync()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(cfg["steps"]):
                 f()
             sync()
-            times[k].append((time.perf_counter() - t0) / cfg["steps"])
-    return {k: statistics.median(v) for k, v in times.items()}
+            times[k].append(((time.perf_counter() - t0) / cfg["steps"], (time.process_time() - c0) / cfg["steps"]))
+    return {c: {k: statistics.median(x[i] for x in v) for k, v in times.items()} for i, c in enumerate(("wall", "cpu"))}
+
+
+def timed_phases(phases, cfg, sync, clock):
+    """phases: name -> [(phase, fn)]. Median ms of each phase over `repeats` steps on `clock`, synchronised around
+    each phase (so a GPU's queue does not move time between them): where a step's time goes."""
+    times = {k: {p: [] for p, _ in ph} for k, ph in phases.items()}
+    for _ in range(cfg["repeats"]):
+        for k, ph in phases.items():
+            for p, f in ph:
+                sync()
+                t0 = clock()
+                f()
+                sync()
+                times[k][p].append(clock() - t0)
+    return {k: {p: 1e3 * statistics.median(v) for p, v in ph.items()} for k, ph in times.items()}
 
 
 # --- stage-1 memory (d): one variant per fresh process
@@ -171,9 +198,9 @@ def rss_high_water(reset=False):
 
 
 def memory_child(variant, cfg):
-    """Build the stage-1 model (tiny LoRA decoder) and inputs, restart the high-water mark, run two steps of
+    """Build the stage-1 model (tiny LoRA decoder) and inputs, restart the high-water mark, run mem_steps steps of
     `variant` through model.grad_cache_step (queries and positives, as cc_finetune.py calls it), print the peak
-    memory in MiB (RSS on CPU, allocated on CUDA)."""
+    memory in MiB (RSS on CPU, allocated on CUDA) and the median time of the steps after the first."""
     torch.manual_seed(cfg["seed"])
     torch.set_num_threads(cfg["threads"])
     dev, G, C, T = cfg["device"], cfg["mem_global_batch"], cfg["mem_chunk"], cfg["mem_max_length"]
@@ -181,7 +208,8 @@ def memory_child(variant, cfg):
     shape = dict(hidden_size=cfg["mem_width"], intermediate_size=4 * cfg["mem_width"],
                  num_hidden_layers=cfg["mem_layers"], num_attention_heads=4, num_key_value_heads=2)
     enc = text_encoder(tok, shape, dev, lora=True).train()
-    opt = torch.optim.AdamW([p for p in enc.parameters() if p.requires_grad], lr=1e-4)
+    opt = common.adamw([p for p in enc.parameters() if p.requires_grad], lr=1e-4,
+                       fused=None if cfg["fused_adamw"] else False)
     ids = torch.randint(10, len(tok), (2, G, T), device=dev)  # queries, positives: full-length captions
     n, chunk = {"baseline": (1, 1), "plain_global": (G, G), "plain_chunk": (C, C), "grad_cache": (G, C)}[variant]
 
@@ -191,20 +219,60 @@ def memory_child(variant, cfg):
 
     cuda = dev.startswith("cuda")
     torch.cuda.reset_peak_memory_stats() if cuda else rss_high_water(reset=True)
-    for _ in range(2):
+    times, clock = [], time.process_time if cfg["clock"] == "cpu" else time.perf_counter
+    for _ in range(cfg["mem_steps"]):
+        t0 = clock()
         M.grad_cache_step(lambda c: enc(**c), [side(ids[0]), side(ids[1])], lambda q, d: M.caption_contrastive_loss(q, d))
         opt.step()
         opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize() if cuda else None
+        times.append(clock() - t0)
+    print(f"STEP_S {statistics.median(times[1:] or times):.6f}")
     print(f"PEAK_MIB {torch.cuda.max_memory_allocated() / 2**20 if cuda else rss_high_water():.2f}")
 
 
-def peak_mib(variant, cfg):
-    code = "import sys, json, bench; bench.memory_child(sys.argv[1], json.loads(sys.argv[2]))"
-    r = subprocess.run([sys.executable, "-c", code, variant, json.dumps(cfg)], cwd=HERE, capture_output=True,
-                       text=True)
+def embed_memory_child(cfg, model_dir, manifest, out_dir):
+    """One embed_captions.py rank (this process) embedding `manifest`. A first run on the manifest's first line
+    loads the lazily imported libraries; then the high-water mark restarts and the real run's peak above it is
+    printed in MiB (RSS on CPU: the encoder, the batches, the rows; allocated on CUDA), with the process total."""
+    import embed_captions
+    torch.set_num_threads(cfg["threads"])
+    cuda = cfg["device"].startswith("cuda")
+    with open(manifest) as f:
+        first = f.readline()
+    with open(f"{manifest}.first", "w") as f:
+        f.write(first)
+    args = [f"--text_model={model_dir}", f"--batch_tokens={cfg['embed_batch_tokens']}",
+            f"--max_length={cfg['embed_max_length']}"]
+    with open(os.devnull, "w") as null, redirect_stdout(null), redirect_stderr(null):
+        embed_captions.main(args + [f"--manifest={manifest}.first", f"--out_dir={out_dir}.first"])
+        torch.cuda.reset_peak_memory_stats() if cuda else None
+        before = torch.cuda.memory_allocated() / 2**20 if cuda else rss_high_water(reset=True)
+        embed_captions.main(args + [f"--manifest={manifest}", f"--out_dir={out_dir}"])
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else rss_high_water()
+    print(f"PEAK_MIB {peak - before:.2f}\nTOTAL_MIB {peak:.2f}")
+
+
+def child(code, *args):
+    """Run `code` (python, after `import sys, json, bench`) in a fresh process -> its printed {KEY: float}."""
+    r = subprocess.run([sys.executable, "-c", "import sys, json, bench; " + code, *args], cwd=HERE,
+                       capture_output=True, text=True)
     if r.returncode:
-        raise RuntimeError(f"memory subprocess {variant} failed:\n{r.stderr[-3000:]}")
-    return float(r.stdout.split("PEAK_MIB")[-1])
+        raise RuntimeError(f"bench subprocess {args[:1]} failed:\n{r.stderr[-3000:]}")
+    return {k: float(v) for k, v in re.findall(r"^(PEAK_MIB|TOTAL_MIB|STEP_S) (\S+)$", r.stdout, re.M)}
+
+
+def peak_mib(variant, cfg):
+    return child("bench.memory_child(sys.argv[1], json.loads(sys.argv[2]))", variant, json.dumps(cfg))
+
+
+def environment():
+    """What a reader needs to judge the numbers: versions, CPU, threads, and the machine's load at the start."""
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?") \
+        if os.path.exists("/proc/cpuinfo") else "?"
+    return {"torch": torch.__version__, "python": sys.version.split()[0], "cpu": cpu, "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "load_start": os.getloadavg(),
+            "start": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
 # -----------------------------------------------------------------------------
@@ -215,6 +283,10 @@ def main(argv=None):
         cfg["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     dev = cfg["device"]
     cuda = dev.startswith("cuda")
+    if cfg["clock"] == "auto":
+        cfg["clock"] = "cpu" if not cuda and cfg["threads"] == 1 else "wall"
+    if cfg["clock"] not in ("cpu", "wall"):
+        raise ValueError(f"clock={cfg['clock']!r}; expected 'auto', 'cpu' or 'wall'")
     torch.set_num_threads(cfg["threads"])
     torch.manual_seed(cfg["seed"])
     amp = M._resolve_dtype(cfg["dtype"]) if cuda else torch.float32
@@ -223,17 +295,17 @@ def main(argv=None):
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     name = torch.cuda.get_device_name() if cuda else ""
     peak = cfg["peak_flops"] or next((v for k, v in (("H100", 989e12), ("A100", 312e12)) if k in name), 0.0)
-    rows, info = [], {"device": f"{dev} {name}".strip(), "threads": cfg["threads"]}
+    rows, info = [], {"device": f"{dev} {name}".strip(), "threads": cfg["threads"], "env": environment()}
 
     def row(bench, label, value, unit, flops=None):
         mfu = flops / value / peak if flops and peak else None
         rows.append(dict(bench=bench, name=label, median=value * 1e3 if unit == "ms/step" else value, unit=unit,
                          mfu=mfu, ratios=[]))
 
-    def ratio(what, num, den, floor, cmp):  # attached to the last row
+    def ratio(what, num, den, floor=None, cmp=None):  # attached to the last row; floor None: a finding, no floor
         r = num / den
-        ok = bool(r <= floor if cmp == "<=" else r >= floor)
-        rows[-1]["ratios"].append(dict(ratio=r, of=what, floor=f"{cmp} {floor}", ok=ok))
+        ok = None if floor is None else bool(r <= floor if cmp == "<=" else r >= floor)
+        rows[-1]["ratios"].append(dict(ratio=r, of=what, floor="" if floor is None else f"{cmp} {floor}", ok=ok))
 
     texts, info["captions"] = caption_mix(cfg)
     tok = pipeline.train_tokenizer(texts, cfg["vocab_size"])
@@ -262,11 +334,13 @@ def main(argv=None):
         clip = M.LLM2CLIP(vision, cfg["text_width"], cfg["adaptor_blocks"]).to(dev)
         pcfg = {k: getattr(post_train, k) for k in ("weight_decay", "layer_decay", "learning_rate", "beta1", "beta2",
                                                      "adam_eps", "grad_clip", "max_logit_scale", "real_caption_ratio")}
-        adamw = dict(lr=pcfg["learning_rate"], betas=(pcfg["beta1"], pcfg["beta2"]), eps=pcfg["adam_eps"])
-        opt_c = torch.optim.AdamW(post_train.param_groups(clip, pcfg), **adamw)
+        adamw = dict(lr=pcfg["learning_rate"], betas=(pcfg["beta1"], pcfg["beta2"]), eps=pcfg["adam_eps"],
+                     fused=None if cfg["fused_adamw"] else False)
+        opt_c = common.adamw(post_train.param_groups(clip, pcfg), **adamw)
         from timm.optim import param_groups_layer_decay
-        opt_v = torch.optim.AdamW(param_groups_layer_decay(vision.model, pcfg["weight_decay"],
-                                                           layer_decay=pcfg["layer_decay"]), **adamw)
+        opt_v = common.adamw(param_groups_layer_decay(vision.model, pcfg["weight_decay"],
+                                                      layer_decay=pcfg["layer_decay"]), **adamw)
+        info["adamw"] = "fused" if opt_c.param_groups[0]["fused"] else "torch's default kernel"
         B = cfg["batch_size"]
         images = torch.randn(B, 3, *vision.model.patch_embed.img_size, device=dev)  # loading images: same for all
         ids = torch.randint(10, len(tok), (B, T), device=dev)
@@ -275,46 +349,55 @@ def main(argv=None):
         records, cache = build_cache(cfg, tmp.name)
         sampler = iter(data.ResumableBatchSampler(len(records), B, seed=cfg["seed"]))
 
-        def vision_step():
+        st = {}  # the text embeddings, from one phase to the next
+
+        def vision_fwd_bwd():
             with ctx:
                 loss = vision(images).float().square().mean()
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(vision.parameters(), pcfg["grad_clip"])
-            opt_v.step()
-            opt_v.zero_grad(set_to_none=True)
 
-        def clip_step(text_emb):
-            M.grad_cache_step(lambda c: clip(*c), [[(images, text_emb)]], lambda out: M.clip_loss(*out), autocast=ctx)
-            torch.nn.utils.clip_grad_norm_(clip.parameters(), pcfg["grad_clip"])
-            opt_c.step()
-            opt_c.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                clip.logit_scale.clamp_(max=pcfg["max_logit_scale"])
-
-        def cached_step():  # the sampler's records -> caption choice -> cache rows, as data.TrainSamples does
+        def cache_rows():  # the sampler's records -> caption choice -> cache rows, as data.TrainSamples does
             rows_ = []
             for i in next(sampler):
                 rng = data.sample_rng(cfg["seed"], 0, i)
                 field, slot = data.choose_caption(records[i], rng, pcfg["real_caption_ratio"])
                 rows_.append(cache.row(i, field, slot))
-            clip_step(torch.from_numpy(cache.take(rows_).astype(np.float32)).to(dev, non_blocking=True))
+            st["text"] = torch.from_numpy(cache.take(rows_).astype(np.float32)).to(dev, non_blocking=True)
 
-        def online_step():
+        def online_text():
             with torch.no_grad(), ctx:
-                text_emb = enc(ids, ones, ones)
-            clip_step(text_emb)
+                st["text"] = enc(ids, ones, ones)
 
-        fns = {"vision": vision_step, "cache": cached_step}
-        if "b" in cfg["benchmarks"]:
-            fns["online"] = online_step
-        t = timed(fns, cfg, sync)
+        def clip_fwd_bwd():
+            M.grad_cache_step(lambda c: clip(*c), [[(images, st["text"])]], lambda out: M.clip_loss(*out), autocast=ctx)
+
+        def update(model, opt):  # post_train's order: clip, AdamW, zero the grads
+            return [("grad clip", lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), pcfg["grad_clip"])),
+                    ("AdamW", lambda: (opt.step(), opt.zero_grad(set_to_none=True)))]
+
+        def clamp():
+            with torch.no_grad():
+                clip.logit_scale.clamp_(max=pcfg["max_logit_scale"])
+
+        phases = {"vision": [("fwd+bwd", vision_fwd_bwd)] + update(vision, opt_v),
+                  "cache": [("cache rows", cache_rows), ("fwd+bwd", clip_fwd_bwd)] + update(clip, opt_c)
+                  + [("clamp", clamp)],
+                  "online": [("text encoder", online_text), ("fwd+bwd", clip_fwd_bwd)] + update(clip, opt_c)
+                  + [("clamp", clamp)]}
+        if "b" not in cfg["benchmarks"]:
+            del phases["online"]
+        fns = {k: (lambda ph=ph: [f() for _, f in ph]) for k, ph in phases.items()}
+        both = timed(fns, cfg, sync)
+        t, info["a_wall"] = both[cfg["clock"]], both["wall"]
+        info["phases"] = timed_phases({k: phases[k] for k in ("vision", "cache")}, cfg, sync,
+                                      time.process_time if cfg["clock"] == "cpu" else time.perf_counter)
         fa = 2 * M.matmul_params(clip.adaptor)
         # what (a) and (b) would be if time followed FLOPs (training = 3x forward; the text encoder only forward)
         info.update(flops_a=(fv + fa) / fv, flops_b=(3 * (fv + fa) + ft) / (3 * (fv + fa)),
                     paper_flops_a=(pv + pa) / pv, paper_flops_b=(3 * (pv + pa) + pt) / (3 * (pv + pa)))
         row("a", "vision tower alone: fwd+bwd+AdamW", t["vision"], "ms/step", 3 * fv * B)
         row("a", "stage-2 step, text from the cache", t["cache"], "ms/step", 3 * (fv + fa) * B)
-        ratio("cache / vision", t["cache"], t["vision"], 1.10, "<=")
+        ratio("cache / vision", t["cache"], t["vision"], 1.05, "<=")
         if "b" in cfg["benchmarks"]:
             row("b", "stage-2 step, text encoder online", t["online"], "ms/step", (3 * (fv + fa) + ft) * B)
             ratio("online / cache", t["online"], t["cache"], 3, ">=")
@@ -323,46 +406,86 @@ def main(argv=None):
 
     if "c" in cfg["benchmarks"]:
         # --- embedding throughput: embed_captions.compare_batching times its token-budget batches against fixed
-        # batches in input order, as many as fit the same budget at the longest caption (same memory)
+        # batches in input order, as many as fit the same budget at the longest caption (same memory), and against
+        # length-sorted batches of 32 (sentence-transformers' encode); embed_copies repeats the mix (a larger corpus)
         import embed_captions
-        enc = text_encoder(tok, text_shape(cfg, cfg["embed_layers"]), dev, text_dtype).eval().requires_grad_(False)
+        if cfg["embed_packed"] and cfg["embed_attn"] != "flash_attention_2":
+            raise ValueError("embed_packed=True needs embed_attn='flash_attention_2' (a variable-length kernel); "
+                             f"with {cfg['embed_attn']!r} a packed row would pay full attention over all its texts")
+        enc = text_encoder(tok, text_shape(cfg, cfg["embed_layers"]), dev, text_dtype,
+                           attn=cfg["embed_attn"]).eval().requires_grad_(False)
+        corpus = texts * cfg["embed_copies"]
         with ctx:
-            c = embed_captions.compare_batching(enc, texts, cfg["embed_batch_tokens"], cfg["embed_max_length"],
-                                                cfg["embed_repeats"])
-        n = embed_captions.text_lengths(enc, texts, max_length=cfg["embed_max_length"])
-        info.update(embed_n=len(texts), embed_layers=enc.model.config.num_hidden_layers, embed_mean=n.mean(),
+            c = embed_captions.compare_batching(enc, corpus, cfg["embed_batch_tokens"], cfg["embed_max_length"],
+                                                cfg["embed_repeats"], cfg["embed_sorted_batch"], cfg["embed_packed"])
+        n = embed_captions.text_lengths(enc, corpus, max_length=cfg["embed_max_length"])
+        info.update(embed_n=len(corpus), embed_layers=enc.model.config.num_hidden_layers, embed_mean=n.mean(),
                     embed_max=n.max(), embed_diff=c["max_rel_diff"], embed_padded=c["padded"], embed_tokens=c["tokens"],
                     embed_fixed_batch=max(1, cfg["embed_batch_tokens"] // int(n.max())))
-        row("c", f"embed: fixed batches of {info['embed_fixed_batch']}, in order", len(texts) / c["wall"]["fixed"],
+        w, info["embed_wall"] = c[cfg["clock"]], c["wall"]
+        row("c", f"embed: fixed batches of {info['embed_fixed_batch']}, in order", len(corpus) / w["fixed"], "captions/s")
+        row("c", f"embed: length-sorted batches of {cfg['embed_sorted_batch']}", len(corpus) / w["sorted_fixed"],
             "captions/s")
-        row("c", f"embed: length-sorted, {cfg['embed_batch_tokens']}-token batches", len(texts) / c["wall"]["sorted"],
+        row("c", f"embed: length-sorted, {cfg['embed_batch_tokens']}-token batches", len(corpus) / w["sorted"],
             "captions/s")
-        ratio("sorted / fixed", c["wall"]["fixed"], c["wall"]["sorted"], 2, ">=")
+        ratio("sorted / fixed", w["fixed"], w["sorted"], 2, ">=")
+        ratio(f"sorted / sorted {cfg['embed_sorted_batch']}", w["sorted_fixed"], w["sorted"])
+        if cfg["embed_packed"]:
+            row("c", f"embed: packed, {cfg['embed_batch_tokens']}-token rows, varlen", len(corpus) / w["packed"],
+                "captions/s")
+            ratio("packed / sorted", w["sorted"], w["packed"])
         del enc
 
     if "d" in cfg["benchmarks"]:
-        # --- stage-1 peak memory during two steps, minus that of a baseline process doing a 1-pair step
+        # --- stage-1 peak memory and step time, minus the memory of a baseline process doing a 1-pair step
         G, C = cfg["mem_global_batch"], cfg["mem_chunk"]
-        mib = {v: [] for v in ("baseline", "plain_chunk", "plain_global", "grad_cache")}
+        runs = {v: [] for v in ("baseline", "plain_chunk", "plain_global", "grad_cache")}
         for _ in range(cfg["mem_repeats"]):
-            for v in mib:
-                mib[v].append(peak_mib(v, cfg))
-        info["mem_baseline"] = base = statistics.median(mib["baseline"])
-        m = {v: statistics.median(x) - base for v, x in mib.items()}
+            for v in runs:
+                runs[v].append(peak_mib(v, cfg))
+        info["mem_baseline"] = base = statistics.median(r["PEAK_MIB"] for r in runs["baseline"])
+        m = {v: statistics.median(r["PEAK_MIB"] for r in x) - base for v, x in runs.items()}
+        s_ = {v: statistics.median(r["STEP_S"] for r in x) for v, x in runs.items()}
+        info["mem_step_ms"] = {v: 1e3 * x for v, x in s_.items()}
         row("d", f"stage 1: plain batch {C}", m["plain_chunk"], "MiB")
         row("d", f"stage 1: plain batch {G}", m["plain_global"], "MiB")
         row("d", f"stage 1: batch {G}, grad cache, chunks of {C}", m["grad_cache"], "MiB")
         ratio(f"grad cache / plain {G}", m["grad_cache"], m["plain_global"], 0.5, "<=")
         ratio(f"grad cache / plain {C}", m["grad_cache"], m["plain_chunk"], 1.5, "<=")
+        row("d", f"stage 1: plain batch {G}, step time", s_["plain_global"], "ms/step")
+        row("d", f"stage 1: batch {G}, grad cache, step time", s_["grad_cache"], "ms/step")
+        ratio(f"grad cache / plain {G}", s_["grad_cache"], s_["plain_global"])  # the extra forward: ~4/3 by FLOPs
+        # --- one embed_captions.py rank embedding (c)'s captions (a width-text_width 1-layer model), peak memory
+        with tempfile.TemporaryDirectory() as tmp:
+            with open(os.devnull, "w") as null, redirect_stdout(null), redirect_stderr(null):
+                pipeline.build_tiny_text_model(f"{tmp}/llm", texts=texts, hidden_size=cfg["text_width"], num_layers=1,
+                                               num_heads=cfg["text_heads"], intermediate_size=cfg["text_ffn"])
+            data.write_manifest(f"{tmp}/captions.jsonl", [{"id": str(i), "captions": [t]} for i, t in enumerate(texts)])
+            e = [child("bench.embed_memory_child(json.loads(sys.argv[1]), *sys.argv[2:])", json.dumps(cfg),
+                       f"{tmp}/llm", f"{tmp}/captions.jsonl", f"{tmp}/cache{r}") for r in range(cfg["mem_repeats"])]
+        info["embed_total_mib"] = statistics.median(x["TOTAL_MIB"] for x in e)
+        row("d", f"embed_captions.py, one rank, {len(texts)} captions", statistics.median(x["PEAK_MIB"] for x in e),
+            "MiB")
 
+    info["env"]["load_end"] = os.getloadavg()
+    info["env"]["end"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     print_report(rows, info, cfg, peak)
     return {"rows": rows, "info": info, "config": cfg}
 
 
 def print_report(rows, info, cfg, peak):
-    print(f"device {info['device']}, {info['threads']} CPU thread(s); medians of {cfg['repeats']} repeats x "
-          f"{cfg['steps']} steps (a, b), {cfg['embed_repeats']} passes (c), {cfg['mem_repeats']} processes per "
-          "variant (d)")
+    e = info["env"]
+    print(f"device {info['device']}, {info['threads']} CPU thread(s) (torch.get_num_threads() {e['torch_threads']}) "
+          f"of {e['cores']} cores ({e['cpu']}); torch {e['torch']}, python {e['python']}")
+    print(f"load average (1, 5, 15 min) at start {' '.join(f'{x:.2f}' for x in e['load_start'])} ({e['start']}), at "
+          f"end {' '.join(f'{x:.2f}' for x in e.get('load_end', ()))} ({e.get('end', '?')})")
+    print(f"medians of {cfg['repeats']} repeats x {cfg['steps']} steps (a, b), {cfg['embed_repeats']} passes (c), "
+          f"{cfg['mem_repeats']} processes per variant (d); times (a-d) in {cfg['clock']} time"
+          + ("" if cfg["clock"] == "wall" else " (process CPU seconds: the work, not the other tenants' share)"))
+    if "a_wall" in info and cfg["clock"] != "wall":
+        print("wall ms/step (a, b): " + ", ".join(f"{k} {1e3 * v:.1f}" for k, v in info["a_wall"].items())
+              + (f"; wall captions/s (c): " + ", ".join(f"{k} {info['embed_n'] / v:.1f}" for k, v in
+                                                       info["embed_wall"].items()) if "embed_wall" in info else ""))
     if "scale" in info:
         print(f"paper: ViT-L/14-224 {info['paper_vision_gflops']:.1f} GFLOPs/image, Llama-3-8B-shaped "
               f"{info['paper_text_gflops']:.0f} GFLOPs/caption ({cfg['paper_caption_tokens']} tokens): text/vision "
@@ -372,20 +495,27 @@ def print_report(rows, info, cfg, peak):
               f"{info['ratio']:.2f}; both scaled down {info['scale']:.0f}x; batch {cfg['batch_size']}")
         print(f"if time followed FLOPs: cache/vision {info['flops_a']:.3f}x here, {info['paper_flops_a']:.3f}x at "
               f"the paper's scale; online/cache {info['flops_b']:.2f}x here, {info['paper_flops_b']:.2f}x there")
+        print(f"(a) phases, ms (each synchronised; AdamW {info['adamw']}): " + "; ".join(
+            f"{k}: " + ", ".join(f"{p} {v:.2f}" for p, v in ph.items()) for k, ph in info["phases"].items()))
     if "embed_n" in info:
-        print(f"embed: {info['embed_n']} captions, {info['captions']}; {info['embed_layers']}-layer text encoder; "
-              f"tokens mean {info['embed_mean']:.0f}, max {info['embed_max']}; padded tokens fixed/sorted "
-              f"{info['embed_padded']['fixed'] / info['embed_padded']['sorted']:.2f}x, fixed/unpadded "
-              f"{info['embed_padded']['fixed'] / info['embed_tokens']:.2f}x (the limit for a large corpus); "
-              f"embeddings max relative difference {info['embed_diff']:.1e}")
+        p, n = info["embed_padded"], info["embed_tokens"]
+        print(f"embed: {info['embed_n']} captions ({cfg['embed_copies']} x the mix), {info['captions']}; "
+              f"{info['embed_layers']}-layer text encoder; tokens mean {info['embed_mean']:.0f}, max {info['embed_max']}; "
+              f"padded tokens / unpadded: fixed {p['fixed'] / n:.2f}x, sorted {cfg['embed_sorted_batch']} "
+              f"{p['sorted_fixed'] / n:.2f}x, token-budget {p['sorted'] / n:.2f}x; {cfg['embed_attn']}; embeddings max relative "
+              f"difference {info['embed_diff']:.1e}")
     if "mem_baseline" in info:
         kind = "CUDA allocated" if info["device"].startswith("cuda") else "RSS"
         print(f"memory: peak {kind} above a baseline process of {info['mem_baseline']:.0f} MiB; LoRA decoder width "
-              f"{cfg['mem_width']}, {cfg['mem_layers']} layers, {cfg['mem_max_length']} tokens")
+              f"{cfg['mem_width']}, {cfg['mem_layers']} layers, {cfg['mem_max_length']} tokens; step ms (median of "
+              f"steps 2..{cfg['mem_steps']}): " + ", ".join(f"{k} {v:.1f}" for k, v in info["mem_step_ms"].items()))
+        print(f"embed_captions.py: peak above the process after a 1-line warm-up run (libraries loaded); the "
+              f"process's whole peak {kind} {info['embed_total_mib']:.0f} MiB; text_width {cfg['text_width']}, 1 layer, "
+              f"{cfg['embed_batch_tokens']}-token batches")
     head = f"    {'':47}{'median':>10} {'unit':<11}{'ratio':>7}  {'of':<24}{'floor':<13}{'MFU' if peak else ''}"
     print(head.rstrip())
     for r in rows:
-        rats = [f"{x['ratio']:6.2f}x  {x['of']:<24}{x['floor']:<9}{'ok' if x['ok'] else 'MISS':<4}"
+        rats = [f"{x['ratio']:6.2f}x  {x['of']:<24}{x['floor']:<9}{({True: 'ok', False: 'MISS'}.get(x['ok'], '')):<4}"
                 for x in r["ratios"]] or [" " * 46]
         mfu = f"{100 * r['mfu']:5.1f}%" if r["mfu"] is not None else ""
         print(f"({r['bench']}) {r['name']:<47}{r['median']:10.1f} {r['unit']:<11}{rats[0]}{mfu}".rstrip())

@@ -32,6 +32,7 @@ import time
 text_model = "meta-llama/Meta-Llama-3-8B-Instruct"  # HF hub name or local folder (paper: Llama-3-8B-Instruct)
 bidirectional = True  # drop the causal mask: the paper's decoder -> encoder conversion (BERT-likes ignore it)
 pooling = "mean"  # "mean" over the caption tokens (paper) or "eos"
+chat_template = ""  # "" = none; "llama3" wraps every text in a Llama-3 user turn, <|eot_id|> pooled (model.CHAT_TEMPLATES)
 lora_r = 16  # paper: r=16, alpha=32, dropout 0.05 on q,k,v,o,gate,up,down; 0 freezes the LLM (Table 9)
 lora_alpha = 32
 lora_dropout = 0.05
@@ -57,7 +58,7 @@ hard_negatives = False  # one extra negative per query: its record's "negative",
 batch_size = 2048  # GLOBAL contrastive batch (paper 2048, official code 512): all of it serves as negatives
 micro_batch_size = 32  # texts per forward pass on one rank; a larger per-rank batch uses gradient caching
 max_steps = -1  # -1: one epoch over the training records (paper)
-learning_rate = 2e-4  # AdamW peak learning rate (official code 2e-4; paper appendix 2.5e-4)
+learning_rate = 2.5e-4  # AdamW peak learning rate (paper appendix; the official code used 2e-4)
 warmup_steps = 300  # linear warm-up, then linear decay to 0 at max_steps (paper: 300)
 weight_decay = 0.0  # on LoRA weights (HF Trainer default, as in the official code)
 grad_clip = 1.0  # max global gradient norm (HF Trainer default); 0 disables
@@ -227,6 +228,7 @@ def main(argv=None):
     torch.manual_seed(cfg["seed"])
     encoder = M.load_text_encoder(
         cfg["init_from"] or cfg["text_model"], bidirectional=cfg["bidirectional"], pooling=cfg["pooling"],
+        chat_template=cfg["chat_template"] or "none",
         lora=dict(r=cfg["lora_r"], alpha=cfg["lora_alpha"], dropout=cfg["lora_dropout"]) if cfg["lora_r"] else None,
         dtype=torch.bfloat16 if use_bf16 else torch.float32,
         attn_implementation=cfg["attn_implementation"] or None, device=device)
@@ -248,7 +250,7 @@ def main(argv=None):
             m.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
     named = [(n, p) for n, p in encoder.named_parameters() if p.requires_grad]  # LoRA and/or adaptor
     params = [p for _, p in named]
-    optimizer = torch.optim.AdamW(params, lr=cfg["learning_rate"], weight_decay=cfg["weight_decay"])
+    optimizer = common.adamw(params, lr=cfg["learning_rate"], weight_decay=cfg["weight_decay"])  # fused where torch can
     if ckpt:
         with torch.no_grad():
             for n, p in named:
@@ -261,6 +263,7 @@ def main(argv=None):
     n_total = sum(p.numel() for p in encoder.parameters())
     log(f"model {cfg['init_from'] or cfg['text_model']}: {'decoder' if encoder.is_decoder else 'encoder'}, "
         f"bidirectional={encoder.settings['bidirectional']}, pooling={cfg['pooling']}, "
+        f"chat_template={encoder.chat_template or 'none'}, "
         f"{'bf16 autocast' if use_bf16 else 'fp32'} on {device}; "
         + (f"LoRA r={cfg['lora_r']} alpha={cfg['lora_alpha']}" if cfg["lora_r"] else "LLM frozen")
         + (f", adaptor {cfg['cc_adaptor_blocks']} blocks" if encoder.adaptor is not None else "")
@@ -385,6 +388,7 @@ def main(argv=None):
                 "base_model": base_model, "init_from": cfg["init_from"] or None, "chain": chain,
                 "objective": objective, "dropout": cfg["dropout"], "adaptor": adaptor,
                 "pooling": cfg["pooling"], "bidirectional": encoder.settings["bidirectional"],
+                "chat_template": encoder.chat_template,
                 "instruction": cfg["instruction"], "max_length": cfg["max_length"],
                 "temperature": cfg["temperature"], "lora": {"r": cfg["lora_r"], "alpha": cfg["lora_alpha"],
                                                               "dropout": cfg["lora_dropout"]},

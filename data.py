@@ -515,8 +515,8 @@ def _name(manifest):
 
 
 def _normalise_setting(key, value):
-    if key == "instruction":
-        return value or ""
+    if key in ("instruction", "chat_template"):  # None, "" (and "none" for chat_template) all mean none
+        return "" if value in (None, "none") else value
     if key in ("model", "adapter", "base_model") and isinstance(value, str) and os.path.exists(value):
         return os.path.abspath(value)
     return value

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 import common
 import data
-from model import load_text_encoder
+from model import POOLERS, load_text_encoder
 
 # -----------------------------------------------------------------------------
 # default config (override with config/*.py or --key=value)
@@ -39,6 +39,8 @@ fields = "captions,long_captions"  # record fields to embed, in this order; a mi
 instruction = ""  # captions are documents: no instruction (the official code's choice); recorded in meta
 max_length = 512  # tokens per text including special tokens (paper); longer texts are truncated
 pooling = ""  # "" = the encoder's own (encoder.json, else mean)
+bidirectional = None  # None = the encoder's own (encoder.json, else True); False scores a causal LLM as trained
+chat_template = ""  # "" = the encoder's own (encoder.json, else none); "none"; "llama3" (official embeddings)
 batch_tokens = 16384  # padded tokens per batch (rows x longest row): the memory knob
 chunk_rows = 4096  # rows per committed chunk: a killed run redoes at most this many per rank
 dtype = "auto"  # compute dtype: auto = bfloat16 on GPU, float32 on CPU (rows are stored as float16)
@@ -47,7 +49,7 @@ overwrite = False  # replace an existing cache built from other texts/settings (
 verify = True  # after embedding: re-hash the manifest, check every row is written and finite
 verify_only = False  # only verify an existing cache against the manifest (no model is loaded)
 # -----------------------------------------------------------------------------
-config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
+config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))]
 
 
 # -----------------------------------------------------------------------------
@@ -74,6 +76,27 @@ def fixed_size_batches(lengths, batch_size):
     return [np.arange(i, min(i + batch_size, len(lengths))) for i in range(0, len(lengths), batch_size)]
 
 
+def sorted_fixed_batches(lengths, batch_size):
+    """What sentence-transformers' encode does: `batch_size` texts at a time in length order (longest
+    first; it sorts by characters, this by tokens), each batch padded to its longest."""
+    order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def packed_batches(lengths, batch_tokens):
+    """Padding-free batches: texts (longest first) laid end to end in one row of at most `batch_tokens`
+    tokens each (encode_packed); a text longer than the budget gets a row of its own."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    batches, cur, n = [], [], 0
+    for i in np.argsort(-lengths, kind="stable"):
+        if cur and n + lengths[i] > batch_tokens:
+            batches.append(np.array(cur))
+            cur, n = [], 0
+        cur.append(i)
+        n += int(lengths[i])
+    return batches + ([np.array(cur)] if cur else [])
+
+
 def padded_tokens(batches, lengths):
     """Tokens the model actually processes (each batch padded to its longest)."""
     lengths = np.asarray(lengths)
@@ -82,14 +105,12 @@ def padded_tokens(batches, lengths):
 
 def text_lengths(encoder, texts, instruction=None, max_length=512, batch_size=4096):
     """Tokenised length of each text exactly as encoder.tokenize lays it out (special tokens,
-    instruction, truncation), without building padded tensors."""
-    probe = encoder.tokenize(["a"], instruction, max_length)["input_ids"].shape[1]
-    overhead = probe - len(encoder.tokenizer("a", add_special_tokens=False)["input_ids"])
+    instruction, chat template, truncation), without building padded tensors."""
     out = np.empty(len(texts), dtype=np.int64)
     for i in range(0, len(texts), batch_size):
-        bodies = encoder.tokenizer(texts[i:i + batch_size], add_special_tokens=False)["input_ids"]
-        out[i:i + len(bodies)] = [len(b) for b in bodies]
-    return np.minimum(out, max_length - overhead) + overhead
+        part = encoder.lengths(texts[i:i + batch_size], instruction, max_length)
+        out[i:i + len(part)] = part
+    return out
 
 
 @torch.no_grad()
@@ -103,33 +124,66 @@ def encode_batches(encoder, texts, batches, instruction=None, max_length=512):
         yield idx, encoder(**batch).float().cpu()
 
 
-def compare_batching(encoder, texts, batch_tokens=4096, max_length=512, repeats=3):
-    """Time token-budget batching against fixed-size batches in input order on the same texts.
+@torch.no_grad()
+def encode_packed(encoder, texts, batches, instruction=None, max_length=512):
+    """Like encode_batches, but each batch's texts run as one unpadded row (1, N): position ids restart at
+    every text, and the attention must keep the texts apart. flash_attention_2 finds the boundaries in the
+    position ids (transformers calls its variable-length kernel: no padding anywhere); any other attention
+    gets a block-diagonal mask, which is exact but still costs N^2 attention (correctness checks only)."""
+    device = encoder.device
+    varlen = getattr(encoder.model.config, "_attn_implementation", "") == "flash_attention_2"
+    for idx in batches:
+        b = encoder.tokenize([texts[i] for i in idx], instruction, max_length)
+        keep = b["attention_mask"].bool()  # (n, T)
+        lens = keep.sum(1)
+        seg = torch.repeat_interleave(torch.arange(len(idx)), lens)  # (N,) text of each token
+        pos = torch.cat([torch.arange(int(n)) for n in lens])[None]  # (1, N)
+        kw = {} if varlen else {"attention_mask": (seg[:, None] == seg[None, :])[None, None].to(device)}
+        out = encoder.model(input_ids=b["input_ids"][keep][None].to(device), position_ids=pos.to(device), **kw)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (1, N, C)
+        padded = hidden.new_zeros(*keep.shape, hidden.shape[-1])  # back to (n, T, C) for the encoder's pooling
+        padded[keep.to(device)] = hidden[0]
+        yield idx, POOLERS[encoder.pooling](padded, (b["embed_mask"] * b["attention_mask"]).to(device)).float().cpu()
+
+
+def compare_batching(encoder, texts, batch_tokens=4096, max_length=512, repeats=3, sorted_batch_size=0,
+                     packed=False):
+    """Time token-budget batching against fixed-size batches in input order on the same texts, and
+    (sorted_batch_size > 0) against length-sorted fixed batches of that size (sentence-transformers'),
+    and (packed) against padding-free rows of batch_tokens tokens (encode_packed: for flash_attention_2).
 
     The naive batch size is what fits the same memory budget at the longest text (batch_tokens //
-    longest). Rounds interleave the two, so load changes on a shared machine hit both alike. Returns
+    longest). Rounds interleave the schemes, so load changes on a shared machine hit them alike. Returns
     medians (wall and process CPU seconds; on CPU with one thread the CPU time is the work, on GPU
-    read the wall time), padded tokens, and the largest relative difference between their rows."""
+    read the wall time), padded tokens, and the largest relative difference of each scheme's rows
+    from the fixed batches' rows."""
     lengths = text_lengths(encoder, texts, None, max_length)
     schemes = {"sorted": token_budget_batches(lengths, batch_tokens),
                "fixed": fixed_size_batches(lengths, max(1, batch_tokens // int(lengths.max())))}
+    if sorted_batch_size > 0:
+        schemes["sorted_fixed"] = sorted_fixed_batches(lengths, sorted_batch_size)
+    if packed:
+        schemes["packed"] = packed_batches(lengths, batch_tokens)
     times = {k: [] for k in schemes}
     outs = {}
     for rep in range(repeats + 1):  # the first round warms up
-        for k, batches in schemes.items():
+        names = list(schemes)[rep % len(schemes):] + list(schemes)[:rep % len(schemes)]  # none always first
+        for k in names:
+            batches = schemes[k]
             out = torch.empty(len(texts), encoder.dim)
             w, c = time.perf_counter(), time.process_time()
-            for idx, e in encode_batches(encoder, texts, batches, None, max_length):
+            run = encode_packed if k == "packed" else encode_batches
+            for idx, e in run(encoder, texts, batches, None, max_length):
                 out[torch.as_tensor(idx)] = e
             if rep:
                 times[k].append((time.perf_counter() - w, time.process_time() - c))
             outs[k] = out
     med = {k: np.median(np.array(v), axis=0) for k, v in times.items()}
+    diff = {k: float(((o - outs["fixed"]).norm(dim=1) / outs["fixed"].norm(dim=1)).max()) for k, o in outs.items()}
     return {"wall_ratio": med["fixed"][0] / med["sorted"][0], "cpu_ratio": med["fixed"][1] / med["sorted"][1],
-            "wall": {k: float(v[0]) for k, v in med.items()},
-            "padded": {k: padded_tokens(b, lengths) for k, b in schemes.items()},
-            "tokens": int(lengths.sum()),
-            "max_rel_diff": float(((outs["sorted"] - outs["fixed"]).norm(dim=1) / outs["fixed"].norm(dim=1)).max())}
+            "wall": {k: float(v[0]) for k, v in med.items()}, "cpu": {k: float(v[1]) for k, v in med.items()},
+            "padded": {k: int(lengths.sum()) if k == "packed" else padded_tokens(b, lengths) for k, b in schemes.items()},
+            "tokens": int(lengths.sum()), "max_rel_diff": max(diff.values()), "rel_diff": diff}
 
 
 # -----------------------------------------------------------------------------
@@ -220,16 +274,19 @@ def main(argv=None):
 
     # --- model (frozen; bf16 on GPU)
     compute_dtype = cfg["dtype"] if cfg["dtype"] != "auto" else ("bfloat16" if "cuda" in device else "float32")
-    encoder = load_text_encoder(cfg["text_model"], pooling=cfg["pooling"] or None, dtype=compute_dtype,
-                                attn_implementation=cfg["attn_implementation"] or None, device=device)
+    enc_kwargs = common.text_encoder_kwargs(cfg)
+    encoder = load_text_encoder(cfg["text_model"], dtype=compute_dtype, device=device,
+                                attn_implementation=cfg["attn_implementation"] or None, **enc_kwargs)
     encoder.eval().requires_grad_(False)
+    log(common.describe_text_encoder(encoder, enc_kwargs) + f", instruction={cfg['instruction']!r}, "
+        f"max_length={cfg['max_length']}")
     s = encoder.settings
     model_path = os.path.abspath(cfg["text_model"]) if os.path.exists(cfg["text_model"]) else cfg["text_model"]
     enc = {"model": model_path, "fingerprint": data.model_fingerprint(model_path),  # differs if retrained in place
            "adapter": os.path.join(model_path, s["adapter_subdir"]) if s.get("adapter_subdir") else None,
            "base_model": s.get("base_model"), "pooling": encoder.pooling,
            "instruction": cfg["instruction"], "max_length": cfg["max_length"], "bidirectional": s["bidirectional"],
-           "dim": encoder.dim, "compute_dtype": compute_dtype}
+           "chat_template": encoder.chat_template, "dim": encoder.dim, "compute_dtype": compute_dtype}
     meta = build_meta(cfg, enc, texts, complete=False)
 
     # --- output: new, resume, already complete, or refuse a mismatch (every rank decides the same)

@@ -16,6 +16,7 @@ its top k; text->image is scored per caption. Ties are broken by lowest index (s
 """
 import json
 import os
+import re
 
 import torch
 import torch.nn.functional as F
@@ -45,8 +46,10 @@ text_batch_size = 256    # texts per forward pass; texts are length-sorted first
 num_workers = 4          # image decoding worker processes
 amp = True               # bf16 autocast on CUDA (CPU always runs fp32)
 # zero-shot classification
-classnames = ""          # file, one class name per line in sorted-folder order; "" = folder names ("_" -> " ")
-templates = ""           # file, one prompt template per line with {}; "" = "a photo of a {}."
+classnames = ""          # file, one class name per line in sorted-folder order; "" = for WordNet-id folders
+                         # (ImageNet) the shipped config/imagenet/classnames.tsv names, else folder names ("_" -> " ")
+templates = ""           # file, one prompt template per line with {}; "" = for WordNet-id folders CLIP's 80
+                         # ImageNet templates (config/imagenet/templates.txt), else "a photo of a {}."
 # linear probe (Table 4, right half): a linear classifier trained with SGD on cached frozen features
 feature_dir = "out/probe_features"  # cached image features, one folder per model and split (reused on rerun)
 probe_epochs = 50        # epochs, batch, lr, momentum, weight decay: the recipe issue 14 gives for the paper
@@ -57,8 +60,13 @@ probe_weight_decay = 0.0
 # caption-to-caption retrieval
 text_model = ""          # HF model folder or stage-1 out_dir, loaded with model.load_text_encoder
 captions = ""            # caption JSONL {"id", "captions": [>= 2]}: caption 1 queries, caption 2 is the gallery
-max_length = 512         # text tokens for the LLM encoder (the paper's stage-1 length)
-instruction = ""         # query-side instruction; "" = none (captions are embedded as documents, DESIGN.md)
+# LLM text-encoder settings (c2c, and the text side of an LLM2CLIP model in retrieval/classify, where
+# unset values are those recorded in its llm2clip.json, i.e. what its training cache used)
+max_length = 0           # text tokens; 0 = the model's own (llm2clip.json / encoder.json), else 512 (paper)
+instruction = ""         # c2c: query-side instruction, "" = none (captions are documents, DESIGN.md); retrieval: "" = recorded
+bidirectional = None     # None = the encoder's own (encoder.json, else True); False scores a causal LLM as trained
+pooling = ""             # "" = the encoder's own (encoder.json, else mean); "mean" | "eos"
+chat_template = ""       # "" = the encoder's own (encoder.json, else none); "none"; "llama3" (official embeddings)
 dtype = ""               # text encoder dtype for c2c ("bfloat16", ...); "" = the loader's default
 # convert public annotations into a manifest
 format = ""              # karpathy | sharegpt4v | urban1k | docci | xm3600 | coco_cn | flickr30k_cn
@@ -261,28 +269,48 @@ class LLM2CLIP:
         return self.text_encoder.encode(texts, batch_size=len(texts))
 
 
-def load_models(spec, device):
+def _llm_text_settings(cfg):
+    """cfg's LLM text-encoder settings that are set (the others stay as llm2clip.json recorded them)."""
+    if not cfg:
+        return {}
+    text = {**common.text_encoder_kwargs(cfg), "instruction": cfg["instruction"] or None,
+            "max_length": cfg["max_length"] or None}
+    return {k: v for k, v in text.items() if v is not None}
+
+
+def _log_llm_side(m, text):
+    t = getattr(m.text_encoder, "llm_side", m.text_encoder)
+    if hasattr(getattr(t, "text_encoder", None), "settings"):  # a model.LLM2CLIPTextEncoder
+        print(common.describe_text_encoder(t.text_encoder, text) + f", instruction={t.instruction!r}, "
+              f"max_length={t.max_length}")
+    return m
+
+
+def load_models(spec, device, cfg=None):
     """--model item -> [(row name, model)]: one row per text encoder of an LLM2CLIP out_dir (it has
     llm2clip.json: its LLM side, CLIP-T and Cat head, as `text_encoders` lists them; rows "spec [name]" when
     the run has other than the LLM side alone), else one row of a HF CLIP/SigLIP folder or hub name.
-    The rows of one out_dir share its image encoder."""
+    The rows of one out_dir share its image encoder. cfg's LLM text-encoder settings (bidirectional,
+    pooling, chat_template, instruction, max_length), where set, override what llm2clip.json recorded."""
     if os.path.isfile(os.path.join(spec, "llm2clip.json")):
         import model as M  # local: baselines need no model.py
         with open(os.path.join(spec, "llm2clip.json")) as f:
             names = json.load(f).get("text_encoders", ["llm"])
+        text = _llm_text_settings(cfg)
+        kw = {"text_settings": text} if text else {}
         if names == ["llm"]:  # the paper's default run: one row, named by its folder
-            return [(spec, LLM2CLIP(*M.load_llm2clip(spec, device=device)))]
+            return [(spec, _log_llm_side(LLM2CLIP(*M.load_llm2clip(spec, device=device, **kw)), text))]
         image_encoder, _ = M.load_llm2clip(spec, device=device, load_text=False)
-        return [(f"{spec} [{n}]", LLM2CLIP(image_encoder, M.load_llm2clip_text(spec, n, device, load_open_clip_text)))
-                for n in names]
+        return [(f"{spec} [{n}]", _log_llm_side(LLM2CLIP(image_encoder, M.load_llm2clip_text(
+            spec, n, device, load_open_clip_text, **kw)), text)) for n in names]
     if spec.startswith(OpenCLIP.PREFIX):
         return [(spec, OpenCLIP(spec, device))]
     return [(spec, HFClip(spec, device))]
 
 
-def load_model(spec, device):
+def load_model(spec, device, cfg=None):
     """The first (for an LLM2CLIP out_dir: its main) row of load_models."""
-    return load_models(spec, device)[0][1]
+    return load_models(spec, device, cfg)[0][1]
 
 
 # -----------------------------------------------------------------------------
@@ -411,7 +439,7 @@ def run_retrieval(cfg, dist_info, log):
             f"{d['captions_per_image'] or 'any'} per image) from {d['manifest']}")
     results = {}
     for spec in specs:
-        rows = load_models(spec, dist_info[3])
+        rows = load_models(spec, dist_info[3], cfg)
         for name, _ in rows:
             results[name] = {}
         for d in datasets:  # images once per model: the rows of one run share its image encoder
@@ -436,27 +464,52 @@ def run_retrieval(cfg, dist_info, log):
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+# ImageNet-1k zero-shot defaults, shipped as data: WordNet id -> class name (the names CLIP's notebooks
+# and open_clip use, in sorted-WNID order) and CLIP's 80 prompt templates
+IMAGENET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "imagenet")
+IMAGENET_CLASSNAMES = os.path.join(IMAGENET_DIR, "classnames.tsv")
+IMAGENET_TEMPLATES = os.path.join(IMAGENET_DIR, "templates.txt")
+
+
+def imagenet_classnames():
+    """{wnid: class name} from the shipped config/imagenet/classnames.tsv."""
+    with open(IMAGENET_CLASSNAMES, encoding="utf-8") as f:
+        return dict(line.rstrip("\n").split("\t") for line in f if line.strip())
+
+
+def _read_templates(path):
+    with open(path, encoding="utf-8") as f:
+        templates = [ln.strip() for ln in f if ln.strip()]
+    bad = [t for t in templates if "{}" not in t]
+    if bad or not templates:
+        raise DataError(f"{path}: every template needs a {{}} for the class name; bad: {bad[:3]}")
+    return templates
 
 
 def read_class_folder(root, classnames_file="", templates_file=""):
     """ImageNet-style folder: (image paths, labels, class names, templates). Classes are the sorted
-    subfolders (torchvision ImageFolder order); names from a file (one per line, same order) or folders."""
+    subfolders (torchvision ImageFolder order); names from a file (one per line, same order), else for
+    WordNet-id folders (n01440764, ...) the shipped ImageNet names and CLIP's 80 templates, else the
+    folder names and "a photo of a {}."."""
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))) if os.path.isdir(root) else []
     if not classes:
         raise DataError(f"{root}: no class subfolders (expected an ImageNet-style folder: <root>/<class>/<image>)")
+    wnid = all(re.fullmatch(r"n\d{8}", c) for c in classes)
     names = [c.replace("_", " ") for c in classes]
     if classnames_file:
         with open(classnames_file, encoding="utf-8") as f:
             names = [ln.strip() for ln in f if ln.strip()]
         if len(names) != len(classes):
             raise DataError(f"{classnames_file}: {len(names)} class names, but {root} has {len(classes)} class folders")
-    templates = ["a photo of a {}."]
-    if templates_file:
-        with open(templates_file, encoding="utf-8") as f:
-            templates = [ln.strip() for ln in f if ln.strip()]
-        bad = [t for t in templates if "{}" not in t]
-        if bad or not templates:
-            raise DataError(f"{templates_file}: every template needs a {{}} for the class name; bad: {bad[:3]}")
+    elif wnid:
+        known = imagenet_classnames()
+        unknown = [c for c in classes if c not in known]
+        if unknown:
+            raise DataError(f"{root}: class folders {unknown[:5]} are WordNet ids but not ImageNet-1k classes "
+                            f"({IMAGENET_CLASSNAMES}); pass --classnames=FILE")
+        names = [known[c] for c in classes]
+    templates = _read_templates(templates_file) if templates_file else (
+        _read_templates(IMAGENET_TEMPLATES) if wnid else ["a photo of a {}."])
     paths, labels = [], []
     for c, cls in enumerate(classes):
         files = sorted(f for f in os.listdir(os.path.join(root, cls)) if f.lower().endswith(IMAGE_EXTENSIONS))
@@ -470,10 +523,11 @@ def read_class_folder(root, classnames_file="", templates_file=""):
 def run_classify(cfg, dist_info, log):
     """Zero-shot top-1/top-5: class embedding = mean of its normalised prompt embeddings, renormalised."""
     paths, labels, names, templates = read_class_folder(cfg["data"], cfg["classnames"], cfg["templates"])
-    log(f"{cfg['data']}: {len(paths)} images, {len(names)} classes, {len(templates)} templates")
+    log(f"{cfg['data']}: {len(paths)} images, {len(names)} classes (e.g. {', '.join(names[:3])}), "
+        f"{len(templates)} prompt templates (e.g. {templates[0]!r})")
     results = {}
     for spec in _split(cfg["model"], "model"):
-        rows = load_models(spec, dist_info[3])
+        rows = load_models(spec, dist_info[3], cfg)
         img = encode_images(rows[0][1], paths, cfg, dist_info)
         for name, m in rows:
             txt = encode_texts(m, [t.format(n) for n in names for t in templates], cfg, dist_info, "prompts")
@@ -520,13 +574,19 @@ def run_c2c(cfg, log):
         raise ValueError("--task=c2c needs --text_model=PATH and --captions=FILE")
     records = read_caption_records(cfg["captions"])  # bad input fails before the model loads
     from model import load_text_encoder  # local: retrieval and convert run without model.py
-    enc = load_text_encoder(cfg["text_model"], dtype=getattr(torch, cfg["dtype"]) if cfg["dtype"] else None)
-    r = c2c_eval(enc, records, instruction=cfg["instruction"] or None, max_length=cfg["max_length"],
+    kwargs = common.text_encoder_kwargs(cfg)
+    enc = load_text_encoder(cfg["text_model"], dtype=getattr(torch, cfg["dtype"]) if cfg["dtype"] else None, **kwargs)
+    max_length = cfg["max_length"] or enc.settings.get("max_length") or 512
+    log(common.describe_text_encoder(enc, kwargs) + f", instruction={cfg['instruction']!r}, max_length={max_length}")
+    r = c2c_eval(enc, records, instruction=cfg["instruction"] or None, max_length=max_length,
                  batch_size=cfg["batch_size"])
+    used = {"bidirectional": enc.settings["bidirectional"], "pooling": enc.pooling,
+            "chat_template": enc.chat_template, "instruction": cfg["instruction"], "max_length": max_length}
     log(f"| text model | captions | n | c2c top-1 | reverse |\n|---|---|---|---|---|\n"
         f"| {cfg['text_model']} | {cfg['captions']} | {r['n']} | {r['c2c_top1']:.1f} | {r['c2c_top1_reverse']:.1f} |")
     if cfg["out"]:
-        _write_results(cfg["out"], {"task": "c2c", "text_model": cfg["text_model"], "captions": cfg["captions"], **r}, cfg)
+        _write_results(cfg["out"], {"task": "c2c", "text_model": cfg["text_model"], "captions": cfg["captions"],
+                                    "text_encoder": used, **r}, cfg)
     return r
 
 

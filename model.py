@@ -14,6 +14,7 @@ import contextlib
 import json
 import math
 import os
+import re
 
 import torch
 import torch.distributed as dist
@@ -131,20 +132,33 @@ def merge_lora(model):
 # -----------------------------------------------------------------------------
 # The text encoder
 
+# Chat wrappings of the official code (microsoft/LLM2CLIP, llm2vec's prepare_for_tokenization): every
+# caption (and instruction) is put in one user turn; the closing token is pooled with the text. Its
+# released Llama-3 stage-1 weights and caption embeddings were made with "llama3".
+CHAT_TEMPLATES = {"llama3": ("<|start_header_id|>user<|end_header_id|>\n\n", "<|eot_id|>")}
+
+
 class TextEncoder(nn.Module):
     """A HF text model as a caption encoder: forward(input_ids, attention_mask, embed_mask) -> (B, C).
 
-    Sequences are laid out as [tokenizer prefix] [instruction] [text] [tokenizer suffix]; the pooled
-    span (`embed_mask`) is the text plus the suffix (e.g. EOS), and for BERT-like encoders also the
-    prefix ([CLS]), which is what sentence-transformers' mean pooling does. A decoder's BOS is never
-    pooled (its state is an attention sink with an outsized norm). The instruction is never pooled.
+    Sequences are laid out as [tokenizer prefix] [chat head] [instruction] [text] [chat tail]
+    [tokenizer suffix]; the pooled span (`embed_mask`) is the text, the chat tail (e.g. <|eot_id|>) and
+    the suffix (e.g. EOS), and for BERT-like encoders also the prefix ([CLS]), which is what
+    sentence-transformers' mean pooling does. A decoder's BOS is never pooled (its state is an
+    attention sink with an outsized norm). The instruction is never pooled. With an instruction the
+    tokens are those of the joined string `instruction + " " + text` (as llm2vec tokenises it), so a
+    byte-level BPE text keeps its first word's leading-space token; the text span is found by offsets.
+    chat_template: "" (none) or a key of CHAT_TEMPLATES.
     """
 
-    def __init__(self, model, tokenizer, pooling="mean", settings=None):
+    def __init__(self, model, tokenizer, pooling="mean", settings=None, chat_template=""):
         super().__init__()
         if pooling not in POOLERS:
             raise ValueError(f"pooling={pooling!r}; expected one of {sorted(POOLERS)}")
+        if chat_template and chat_template not in CHAT_TEMPLATES:
+            raise ValueError(f"chat_template={chat_template!r}; expected '' or one of {sorted(CHAT_TEMPLATES)}")
         self.model, self.tokenizer, self.pooling = model, tokenizer, pooling
+        self.chat_template = chat_template or ""
         self.settings = dict(settings or {})
         self.is_decoder = is_decoder_model(model)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
@@ -153,6 +167,13 @@ class TextEncoder(nn.Module):
                 and self.suffix[-1:] != [tokenizer.eos_token_id]:
             self.suffix = self.suffix + [tokenizer.eos_token_id]  # eos pooling needs an EOS to pool
         self.pool_prefix = not self.is_decoder
+        self.chat = CHAT_TEMPLATES[self.chat_template] if self.chat_template else ("", "")
+        for piece in self.chat:  # each special token of the wrapping must be one token of this vocabulary
+            for tok in re.findall(r"<\|[^|]+\|>", piece):
+                ids = tokenizer(tok, add_special_tokens=False)["input_ids"]
+                if len(ids) != 1 or ids[0] == tokenizer.unk_token_id:
+                    raise ValueError(f"chat_template={chat_template!r}: {tok} is not a special token of this "
+                                     f"tokenizer ({type(tokenizer).__name__}); use it with a Llama-3 tokenizer")
         self.adaptor = None  # optional stage-1 Adaptor on the pooled output (cc_finetune cc_adaptor_blocks)
 
     @property
@@ -169,24 +190,45 @@ class TextEncoder(nn.Module):
     def tokenize(self, texts, instruction=None, max_length=512):
         """Right-padded batch: dict of input_ids, attention_mask, embed_mask (LongTensors, (B, T))."""
         texts = list(texts)
-        bodies = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        return self._pack(bodies, self._instruction_ids(instruction), max_length, texts, range(len(texts)))
+        return self._pack(self.split_tokens(texts, instruction), max_length, texts, range(len(texts)))
 
-    def _instruction_ids(self, instruction):
-        return self.tokenizer(instruction, add_special_tokens=False)["input_ids"] if instruction else []
+    def split_tokens(self, texts, instruction=None):
+        """Per text, (head ids, text ids, tail ids) without the tokenizer's special affixes: head = chat
+        head + instruction (not pooled), tail = chat tail (pooled). Without either, the text alone."""
+        head = self.chat[0] + (instruction.strip() + " " if instruction else "")
+        tail = self.chat[1]
+        if not head and not tail:
+            return [([], ids, []) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        if not getattr(self.tokenizer, "is_fast", False):  # no offsets: the pieces tokenised apart
+            h, t = (self.tokenizer(x, add_special_tokens=False)["input_ids"] if x else [] for x in (head, tail))
+            return [(h, ids, t) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        enc = self.tokenizer([head + x + tail for x in texts], add_special_tokens=False, return_offsets_mapping=True)
+        out, a = [], len(head)
+        for x, ids, offsets in zip(texts, enc["input_ids"], enc["offset_mapping"]):
+            b = a + len(x)  # the text is chars [a, b) of the joined string; a token touching it is text
+            kinds = [0 if e <= a else (2 if s >= b else 1) for s, e in offsets]
+            out.append(tuple([i for i, k in zip(ids, kinds) if k == want] for want in (0, 1, 2)))
+        return out
 
-    def _pack(self, bodies, instr, max_length, texts, index):
-        """Lay out already-tokenised texts (bodies[k] is texts[index[k]]) as a right-padded batch."""
-        budget = max_length - len(self.prefix) - len(instr) - len(self.suffix)
-        if budget < 1:
-            raise ValueError(f"max_length={max_length} leaves no room for text after the instruction and special tokens")
+    def lengths(self, texts, instruction=None, max_length=512):
+        """Tokens per text exactly as `tokenize` lays them out (special tokens, instruction, truncation)."""
+        fixed = len(self.prefix) + len(self.suffix)
+        return [min(len(h) + len(b) + len(t) + fixed, max_length) for h, b, t in self.split_tokens(texts, instruction)]
+
+    def _pack(self, parts, max_length, texts, index):
+        """Lay out already-split texts (parts[k] = (head, body, tail) of texts[index[k]]) as a right-padded batch."""
         seqs, pools = [], []
-        for body, i in zip(bodies, index):
+        for (head, body, tail), i in zip(parts, index):
             if not body:
                 raise ValueError(f"text {i} is empty ({texts[i]!r}); every caption needs at least one token")
+            budget = max_length - len(self.prefix) - len(head) - len(tail) - len(self.suffix)
+            if budget < 1:
+                raise ValueError(f"max_length={max_length} leaves no room for text after the instruction, "
+                                 f"chat template and special tokens")
             body = body[:budget]
-            seqs.append(self.prefix + instr + body + self.suffix)
-            pools.append([int(self.pool_prefix)] * len(self.prefix) + [0] * len(instr) + [1] * (len(body) + len(self.suffix)))
+            seqs.append(self.prefix + head + body + tail + self.suffix)
+            pools.append([int(self.pool_prefix)] * len(self.prefix) + [0] * len(head)
+                         + [1] * (len(body) + len(tail) + len(self.suffix)))
         T = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), T), self.pad_id, dtype=torch.long)
         att = torch.zeros((len(seqs), T), dtype=torch.long)
@@ -220,9 +262,8 @@ class TextEncoder(nn.Module):
     def encode(self, texts, instruction=None, max_length=512, batch_size=64, show_progress=False):
         """Embed raw strings -> (N, C) float32 on CPU, in input order. Batches are length-sorted."""
         texts = list(texts)
-        bodies = self.tokenizer(texts, add_special_tokens=False)["input_ids"]  # tokenised once
-        instr = self._instruction_ids(instruction)
-        order = sorted(range(len(texts)), key=lambda i: -len(bodies[i]))
+        parts = self.split_tokens(texts, instruction)  # tokenised once
+        order = sorted(range(len(texts)), key=lambda i: -len(parts[i][1]))
         out = torch.empty((len(texts), self.dim), dtype=torch.float32)
         was_training = self.training
         self.eval()
@@ -233,7 +274,7 @@ class TextEncoder(nn.Module):
         device = self.device
         for s in starts:
             idx = order[s:s + batch_size]
-            batch = self._pack([bodies[i] for i in idx], instr, max_length, texts, idx)
+            batch = self._pack([parts[i] for i in idx], max_length, texts, idx)
             batch = {k: v.to(device) for k, v in batch.items()}
             out[idx] = self(**batch).float().cpu()
         self.train(was_training)
@@ -259,12 +300,16 @@ def _resolve_dtype(dtype):
 
 
 def load_text_encoder(name_or_path, *, bidirectional=None, pooling=None, lora=None, dtype=None,
-                      attn_implementation=None, device=None):
+                      attn_implementation=None, device=None, chat_template=None):
     """Load a HF model (local folder or hub name) or a cc_finetune.py out_dir as a `TextEncoder`.
 
-    - a stage-1 out_dir (has `encoder.json`): its merged model, pooling and bidirectional setting
-      are used unless overridden here; `encoder.settings` holds its instruction and max_length.
-    - bidirectional (default True): applied to decoders (verified); BERT-likes already are.
+    - a stage-1 out_dir (has `encoder.json`): its merged model and the bidirectional, pooling and
+      chat_template settings it was trained with are used unless overridden here; `encoder.settings`
+      also holds its instruction and max_length.
+    - bidirectional (None = the out_dir's, else True): applied to decoders (verified); BERT-likes
+      already are. False keeps a decoder causal (to score a raw LLM as it was trained).
+    - pooling (None = the out_dir's, else "mean"); chat_template (None = the out_dir's, else none;
+      "" or "none" = none; a key of CHAT_TEMPLATES, e.g. "llama3").
     - lora: None, a dict of `attach_lora` kwargs (fresh trainable adapters), or a saved adapter folder.
     - dtype: torch dtype or "bfloat16"/"float32"; attn_implementation: "eager", "sdpa", "flash_attention_2".
     - a stage-1 adaptor named in encoder.json (`cc_adaptor_blocks`) is loaded and applied by forward/encode.
@@ -278,6 +323,8 @@ def load_text_encoder(name_or_path, *, bidirectional=None, pooling=None, lora=No
         path = os.path.join(name_or_path, settings.get("model_subdir", "merged"))
     bidirectional = settings.get("bidirectional", True) if bidirectional is None else bidirectional
     pooling = settings.get("pooling", "mean") if pooling is None else pooling
+    chat_template = settings.get("chat_template") or "" if chat_template is None else chat_template
+    chat_template = "" if chat_template == "none" else chat_template
     kwargs = {"dtype": _resolve_dtype(dtype)} if dtype is not None else {}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -295,9 +342,9 @@ def load_text_encoder(name_or_path, *, bidirectional=None, pooling=None, lora=No
     elif isinstance(lora, str):
         from peft import PeftModel
         model = PeftModel.from_pretrained(model, lora, is_trainable=True)
-    settings.update({"name_or_path": name_or_path, "pooling": pooling,
+    settings.update({"name_or_path": name_or_path, "pooling": pooling, "chat_template": chat_template,
                      "bidirectional": bool(bidirectional and decoder), "decoder": decoder})
-    encoder = TextEncoder(model, tokenizer, pooling=pooling, settings=settings)
+    encoder = TextEncoder(model, tokenizer, pooling=pooling, settings=settings, chat_template=chat_template)
     if settings.get("adaptor"):  # a stage-1 adaptor trained on the frozen (or LoRA-tuned) LLM
         encoder.adaptor = load_adaptor(name_or_path, settings["adaptor"]).to(next(model.parameters()).device)
     return encoder
@@ -921,11 +968,13 @@ def _read_llm2clip(out_dir):
         return json.load(f)
 
 
-def load_llm2clip(out_dir, device="cpu", load_text=True, text=None):
+def load_llm2clip(out_dir, device="cpu", load_text=True, text=None, text_settings=None):
     """Load a post_train.py export -> (ImageEncoder, text encoder or None), ready for inference.
 
     `llm2clip.json` names the timm model and kwargs, the files of the vision tower and adaptor state
-    dicts, and the stage-1 text encoder (with the instruction and max_length the cache used).
+    dicts, and the stage-1 text encoder with the settings its training captions were embedded with
+    (bidirectional, pooling, chat_template, instruction, max_length). text_settings: overrides of
+    those (a None value keeps the recorded one).
     text: which of the run's text encoders (`text_encoders` in the json: "llm", "clip_t", "cat");
     None = the first. Each has `.encode(texts, batch_size)` -> L2-normalised (N, D).
     """
@@ -934,10 +983,10 @@ def load_llm2clip(out_dir, device="cpu", load_text=True, text=None):
     vision = VisionTower(v["model_name"], pretrained=False, timm_kwargs=v.get("timm_kwargs", {}))
     vision.model.load_state_dict(torch.load(os.path.join(out_dir, v["file"]), map_location="cpu", weights_only=True))
     image_encoder = ImageEncoder(vision).to(device).eval()
-    return image_encoder, (load_llm2clip_text(out_dir, text, device) if load_text else None)
+    return image_encoder, (load_llm2clip_text(out_dir, text, device, text_settings=text_settings) if load_text else None)
 
 
-def load_llm2clip_text(out_dir, text=None, device="cpu", clip_loader=None):
+def load_llm2clip_text(out_dir, text=None, device="cpu", clip_loader=None, text_settings=None):
     """One text encoder of a post_train.py export: "llm" (LLM + adaptor, with the stage-2 LoRA if the run
     trained one), "clip_t" (CLIP's own text tower as fine-tuned) or "cat" (both through the Cat head).
     clip_loader(folder, device) loads the exported CLIP-T (default load_clip_text; an open_clip CLIP-T
@@ -956,8 +1005,10 @@ def load_llm2clip_text(out_dir, text=None, device="cpu", clip_loader=None):
         if not os.path.exists(text_path):
             text_path = t["model"]  # a hub name
         lora = os.path.join(out_dir, t["lora"]) if t.get("lora") else None
-        enc = load_text_encoder(text_path, pooling=t.get("pooling"), device=device, lora=lora)
-        llm_side = LLM2CLIPTextEncoder(enc, adaptor.to(device), t.get("instruction"), t.get("max_length", 512)).eval()
+        t = {**t, **{k: v for k, v in (text_settings or {}).items() if v is not None}}
+        enc = load_text_encoder(text_path, pooling=t.get("pooling"), bidirectional=t.get("bidirectional"),
+                                chat_template=t.get("chat_template"), device=device, lora=lora)
+        llm_side = LLM2CLIPTextEncoder(enc, adaptor.to(device), t.get("instruction"), t.get("max_length") or 512).eval()
         if text == "llm":
             return llm_side
     clip_dir = os.path.join(out_dir, meta["clip_text"]["dir"])

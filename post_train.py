@@ -46,6 +46,14 @@ eval_batch_size = 256
 # text side
 text_source = "cache"  # "cache" (the paper's offline trick) or "online" (frozen LLM in the loop, Table 11)
 text_model = ""  # stage-1 encoder (cc_finetune out_dir); "" = the one recorded in the cache
+# how captions are embedded (online and for the val captions): unset = the cache's record, else the
+# encoder's own (encoder.json, else bidirectional, mean, no instruction/template, 512). A value that
+# differs from the cache's record is refused with text_source="cache" (the rows were made otherwise).
+bidirectional = None  # None = as recorded; False keeps a decoder causal (Table 11 rows with a raw LLM)
+pooling = ""  # "mean" | "eos"
+instruction = ""  # captions are documents: none unless the cache used one
+max_length = 0  # 0 = as recorded, else 512
+chat_template = ""  # "none" | "llama3" (the official embedding extraction's wrapping)
 # model
 vision_model = "vit_large_patch14_clip_224.openai"  # any timm name
 pretrained = True  # timm's pretrained weights (when the machine has them)
@@ -61,8 +69,12 @@ clip_text = ""  # CLIP/SigLIP folder or hub name, or open_clip:NAME/PRETRAINED: 
 clip_text_trainable = True  # CLIP-T fine-tunes at learning_rate; False keeps it frozen
 text_lora_r = 0  # > 0: trainable LoRA of this rank on the stage-1 LLM (text_source="online" only, Table 11)
 text_lora_lr = 1e-4  # the LoRA's own peak learning rate (same schedule)
-logit_scale_init = math.log(1 / 0.07)  # CLIP's init (the paper uses the checkpoint's when there is one)
+# the pretrained CLIP's own logit scale (OpenAI and EVA02-CLIP: ln(100), at the clamp): the official run
+# loads it with the checkpoint, but timm's vision-only weights lack it, so it is set here (presets too);
+# ln(1/0.07) (x14.3, CLIP's init) only for a tower trained from scratch
+logit_scale_init = math.log(100)
 max_logit_scale = math.log(100)  # clamp after each step, like CLIP
+logit_scale_lr = 0.0  # the scale's own peak lr (same warm-up/cosine schedule); 0 = learning_rate (official)
 gradient_checkpointing = True  # recompute ViT activations in backward: larger batches per GPU
 compile = False  # torch.compile the model
 # data
@@ -89,7 +101,8 @@ keep_checkpoints = 2  # newest checkpoints kept (0 = all)
 resume = False  # continue from the newest checkpoint in out_dir/checkpoints
 log_interval = 10
 peak_flops = 989e12  # per GPU, for the MFU estimate (H100 bf16 dense)
-config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, list, dict))]
+config_keys = [k for k, v in globals().items()
+               if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, list, dict, type(None)))]
 # keys that may change on resume without changing the trajectory
 RESUME_FREE_KEYS = {"out_dir", "resume", "max_steps", "save_interval", "keep_checkpoints", "log_interval",
                      "eval_interval", "eval_batch_size", "val_manifest", "val_image_root", "val_cache_dir",
@@ -116,12 +129,25 @@ def param_groups(orig_model, cfg):
     heads = [p for m in (orig_model.adaptor, orig_model.cat_head, orig_model.clip_text) if m is not None
              for p in m.parameters() if p.requires_grad]  # CLIP-T: when clip_text_trainable
     groups.append({"params": [p for p in heads if p.ndim >= 2], "weight_decay": cfg["weight_decay"], "lr_scale": 1.0})
-    groups.append({"params": [p for p in heads if p.ndim < 2] + [orig_model.logit_scale], "weight_decay": 0.0,
-                   "lr_scale": 1.0})
+    groups.append({"params": [p for p in heads if p.ndim < 2], "weight_decay": 0.0, "lr_scale": 1.0})
+    # the logit scale: its own lr (logit_scale_lr) through lr_scale, so it follows the same schedule
+    lr = cfg.get("learning_rate")
+    groups.append({"params": [orig_model.logit_scale], "weight_decay": 0.0,
+                   "lr_scale": (cfg.get("logit_scale_lr") or lr) / lr if lr else 1.0})
     if orig_model.text_encoder is not None:  # the LLM's LoRA (text_lora_r > 0), at its own lr
         lora = [p for p in orig_model.text_encoder.parameters() if p.requires_grad]
         groups.append({"params": lora, "weight_decay": 0.0, "lr_scale": cfg["text_lora_lr"] / cfg["learning_rate"]})
     return [g for g in groups if g["params"]]
+
+
+def optimizer_step(orig_model, optimizer, cfg):
+    """Clip the gradient norm, step, zero the gradients, clamp the logit scale to max_logit_scale (CLIP)."""
+    if cfg["grad_clip"] > 0:
+        torch.nn.utils.clip_grad_norm_(orig_model.parameters(), cfg["grad_clip"])
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        orig_model.logit_scale.clamp_(max=cfg["max_logit_scale"])
 
 
 @torch.no_grad()
@@ -172,15 +198,36 @@ def checkpoint(out_dir, orig_model, optimizer, step, cfg, bad_images, world_size
     return path
 
 
+TEXT_KEYS = ("bidirectional", "pooling", "chat_template", "instruction", "max_length")
+
+
 def text_settings(cfg, cache):
-    """The stage-1 encoder and how the captions were embedded: the cache's record (text_model may name it)."""
+    """The stage-1 encoder and how the captions are embedded: the cache's record, overridden by the
+    text-encoder keys that are set (an override the cache contradicts is an error with text_source=cache)."""
     enc = dict(cache.meta["encoder"]) if cache is not None else {}
     model_path = cfg["text_model"] or enc.get("model") or ""
     if not model_path and cfg["text_source"] == "online":
         raise ValueError("text_source='online' needs text_model (the stage-1 encoder) or a cache_dir that names it")
-    return {"model": os.path.abspath(model_path) if os.path.exists(model_path) else model_path,
-            "pooling": enc.get("pooling"), "instruction": enc.get("instruction") or None,
-            "max_length": int(enc.get("max_length") or 512)}
+    out = {"model": os.path.abspath(model_path) if os.path.exists(model_path) else model_path,
+           **{k: enc.get(k) for k in TEXT_KEYS}}
+    given = {**common.text_encoder_kwargs(cfg), "instruction": cfg["instruction"] or None,
+             "max_length": cfg["max_length"] or None}
+    for k, v in given.items():
+        if v is None:
+            continue
+        if cache is not None and cfg["text_source"] == "cache" and k in enc and data.encoder_mismatch(enc, {k: v}):
+            raise ValueError(f"{k}={v!r}, but the cache {cfg['cache_dir']} was embedded with {k}={enc[k]!r}; "
+                             f"rebuild it with embed_captions.py --{k}={v} or drop --{k}")
+        out[k] = v
+    out["instruction"] = out["instruction"] or None
+    out["max_length"] = int(out["max_length"] or 512)
+    return out
+
+
+def load_text_model(text_cfg, device, lora=None):
+    """The stage-1 encoder with the settings in text_cfg (None = the encoder's own); lora: see load_text_encoder."""
+    return M.load_text_encoder(text_cfg["model"], pooling=text_cfg["pooling"], bidirectional=text_cfg["bidirectional"],
+                               chat_template=text_cfg["chat_template"], device=device, lora=lora)
 
 
 def load_val(cfg, text_cfg, text_encoder, device, need_embeddings=True):
@@ -192,11 +239,11 @@ def load_val(cfg, text_cfg, text_encoder, device, need_embeddings=True):
     if not need_embeddings:  # CLIP-T only, or the LLM runs in the model's text side (LoRA, token-level adaptor)
         return records, texts, None, t2i
     if cfg["val_cache_dir"]:
-        same = {k: text_cfg[k] for k in ("model", "pooling", "instruction", "max_length") if text_cfg[k] is not None}
+        same = {k: text_cfg[k] for k in ("model",) + TEXT_KEYS if text_cfg[k] is not None}
         vc = data.EmbeddingCache(cfg["val_cache_dir"], manifest=path, fields=[field], expect=same)
         emb = torch.from_numpy(np.concatenate([np.asarray(vc.rows(r, field), np.float32) for r in range(len(records))]))
     else:  # embed once with the frozen stage-1 encoder, then free it
-        enc = text_encoder or M.load_text_encoder(text_cfg["model"], pooling=text_cfg["pooling"], device=device)
+        enc = text_encoder or load_text_model(text_cfg, device)
         emb = enc.encode(texts, text_cfg["instruction"], text_cfg["max_length"])
         del enc
     return records, texts, emb.to(device), t2i
@@ -218,8 +265,7 @@ def export(out_dir, orig_model, cfg, text_cfg):
     if adaptor is not None:
         common.atomic_torch_save(adaptor.state_dict(), os.path.join(out_dir, "adaptor.pt"))
         meta["adaptor"] = {**M.adaptor_spec(adaptor), "file": "adaptor.pt"}
-        meta["text"] = {"model": text_cfg["model"], "pooling": text_cfg["pooling"],
-                        "instruction": text_cfg["instruction"], "max_length": text_cfg["max_length"]}
+        meta["text"] = {"model": text_cfg["model"], **{k: text_cfg.get(k) for k in TEXT_KEYS}}
     if orig_model.text_encoder is not None:  # the LLM's stage-2 LoRA, loaded on top of the stage-1 encoder
         orig_model.text_encoder.model.save_pretrained(os.path.join(out_dir, "text_lora"))
         meta["text"]["lora"] = "text_lora"
@@ -305,9 +351,12 @@ def main(argv=None):
     text_encoder = lora_encoder = None  # the frozen LLM (online) | the LLM with trainable LoRA, part of the model
     if uses_llm and cfg["text_source"] == "online":
         r = cfg["text_lora_r"]
-        enc = M.load_text_encoder(text_cfg["model"], pooling=text_cfg["pooling"], device=device,
-                                  lora=dict(r=r, alpha=2 * r) if r > 0 else None)
+        enc = load_text_model(text_cfg, device, lora=dict(r=r, alpha=2 * r) if r > 0 else None)
         text_dim = enc.dim
+        text_cfg.update(bidirectional=enc.settings["bidirectional"], pooling=enc.pooling,
+                        chat_template=enc.chat_template)  # resolved: recorded in llm2clip.json
+        log(common.describe_text_encoder(enc, text_cfg) + f", instruction={text_cfg['instruction']!r}, "
+            f"max_length={text_cfg['max_length']}")
         if r > 0:
             lora_encoder = enc
             if cfg["gradient_checkpointing"]:
@@ -326,12 +375,14 @@ def main(argv=None):
     log(f"vision {cfg['vision_model']}: {n_params / 1e6:.2f}M params, input {data_config['input_size']}, "
         f"output dim {vision.output_dim}; " + (f"{cfg['adaptor']} adaptor {text_dim} -> {vision.output_dim}, "
         f"{cfg['adaptor_blocks']} blocks, {sum(p.numel() for p in orig_model.adaptor.parameters()) / 1e6:.2f}M params"
-        if uses_llm else "no LLM side"))
+        if uses_llm else "no LLM side") + f"; logit scale starts at x{math.exp(cfg['logit_scale_init']):.1f} "
+        f"(logit_scale_init), lr {cfg['logit_scale_lr'] or cfg['learning_rate']:.3g}, "
+        f"clamped at x{math.exp(cfg['max_logit_scale']):.1f}")
 
     # -------------------------------------------------------------------------
     # optimizer, then resume (model, optimizer, step, RNG) from the newest checkpoint
-    optimizer = torch.optim.AdamW(param_groups(orig_model, cfg), lr=cfg["learning_rate"],
-                                  betas=(cfg["beta1"], cfg["beta2"]), eps=cfg["adam_eps"])
+    optimizer = common.adamw(param_groups(orig_model, cfg), lr=cfg["learning_rate"],  # fused where torch can
+                             betas=(cfg["beta1"], cfg["beta2"]), eps=cfg["adam_eps"])
     step, bad_images = 0, []
     last_ckpt = None
     ckpts = checkpoint_paths(out) if cfg["resume"] else []
@@ -440,12 +491,7 @@ def main(argv=None):
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}; last good checkpoint: "
                                      f"{last_ckpt or 'none (no checkpoint saved yet)'}")
-        if cfg["grad_clip"] > 0:
-            torch.nn.utils.clip_grad_norm_(orig_model.parameters(), cfg["grad_clip"])
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            orig_model.logit_scale.clamp_(max=cfg["max_logit_scale"])
+        optimizer_step(orig_model, optimizer, cfg)
         step += 1
         loss_interval += loss
         n_interval += 1

@@ -26,6 +26,9 @@ embed_long = 200  # all of shared/data's DOCCI descriptions (synthetic lengths w
 embed_layers = 0  # the whole 8B-shaped encoder
 embed_repeats = 5
 embed_batch_tokens = 16384  # embed_captions.py's default; fixed batches of 16384 // 512 = 32
+embed_copies = 5  # 2000 captions: the sorted batches' padding near its large-corpus limit
+embed_attn = "flash_attention_2"  # pip install flash-attn; every (c) scheme runs on it (padded ones unpad inside attention)
+embed_packed = True  # padding-free rows, variable-length attention: what neither padding nor sorting can beat
 vocab_size = 8000
 mem_global_batch = 256
 mem_chunk = 32

@@ -25,3 +25,4 @@ mem_chunk = 8
 mem_max_length = 64
 mem_width = 16
 mem_repeats = 1
+mem_steps = 2

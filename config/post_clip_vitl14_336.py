@@ -1,10 +1,13 @@
 # Paper setting: OpenAI CLIP ViT-L/14 at 336 px post-trained with Llama-3-8B-CC (4096-d) embeddings.
 # torchrun --nproc_per_node=8 post_train.py config/post_clip_vitl14_336.py --train_manifest=... --cache_dir=...
 # max_steps: set it for your data (epochs x records / batch_size).
+import math
+
 vision_model = "vit_large_patch14_clip_336.openai"
 pretrained = True
 embed_dim = 1280  # a new 1280-d projection head, as the official code
 adaptor_blocks = 4
+logit_scale_init = math.log(100)  # the OpenAI CLIP checkpoint's own (x100, at the clamp); timm's weights lack it
 learning_rate = 1e-5
 weight_decay = 0.05
 layer_decay = 0.85

@@ -1,6 +1,8 @@
 # Tiny CPU run of stage 2 on the synthetic shapes data (data.make_synthetic_dataset) with a tiny
 # text model's cache: a 2-block width-64 ViT at 32x32 px from scratch, a few hundred steps on 2 cores.
 # python post_train.py config/post_tiny_cpu.py --train_manifest=... --cache_dir=... --val_manifest=...
+import math
+
 out_dir = "out/tiny/post"
 train_manifest = "out/tiny/data/train.jsonl"
 cache_dir = "out/tiny/cache_train"
@@ -16,6 +18,8 @@ dtype = "float32"
 batch_size = 64
 num_workers = 1
 learning_rate = 1e-3  # from scratch: far above the 1e-5 used to post-train a pretrained CLIP
+logit_scale_init = math.log(1 / 0.07)  # from scratch: CLIP's init (x14.3); a pretrained CLIP's is x100
+logit_scale_lr = 1e-2  # AdamW moves it ~lr per step: at 1e-3 it would barely leave x14 in a few hundred steps
 weight_decay = 0.05
 layer_decay = 1.0  # nothing pretrained to protect
 warmup_steps = 20

@@ -271,7 +271,8 @@ def test_direct_is_a_plain_clip_finetune_step(w, tmp_path):
     loss = plain_clip_loss(vision(b["image"]), tower.model(**tok).text_embeds, log_scale.exp())
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
-    opt = torch.optim.AdamW(params, lr=1e-3 / 3, betas=(cfg["beta1"], cfg["beta2"]), eps=cfg["adam_eps"], weight_decay=0)
+    groups = [{"params": params[:-1]}, {"params": [log_scale], "lr": cfg["logit_scale_lr"] / 3}]  # its own lr
+    opt = torch.optim.AdamW(groups, lr=1e-3 / 3, betas=(cfg["beta1"], cfg["beta2"]), eps=cfg["adam_eps"], weight_decay=0)
     opt.step()  # lr: warm-up step 0 of 2 -> learning_rate / 3
     ref = {**{f"vision.{k}": v for k, v in vision.state_dict().items()},
            **{f"clip_text.{k}": v for k, v in tower.state_dict().items()}, "logit_scale": log_scale.detach()}

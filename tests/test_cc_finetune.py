@@ -81,6 +81,7 @@ def test_single_process_trains_and_out_dir_loads(tiny, tmp_path):
 
     meta = json.load(open(os.path.join(out, "encoder.json")))
     assert meta["model_subdir"] == "merged" and meta["pooling"] == "mean" and meta["bidirectional"] is True
+    assert meta["chat_template"] == ""  # recorded, so load_text_encoder(out) restores it (issue 10)
     assert meta["instruction"] == cc_finetune.instruction and meta["max_length"] == 64 and meta["steps"] == 12
     assert meta["base_model"] == tiny["model"] and meta["temperature"] == 0.05 and meta["code_version"]
     run = json.load(open(os.path.join(out, "run_cc_finetune.json")))

@@ -71,3 +71,79 @@ def test_renamed_keys_name_the_new_key(tmp_path):
         common.configure(defaults, [str(f)])
     # a renamed key that is a valid key of this script (evaluate.py's --model) is accepted as usual
     assert common.configure(defaults, ["--model=y"])["model"] == "y"
+
+
+def test_bare_flag_sets_a_boolean_key():
+    """Issue 10: `--flag` means `--flag=True` for a boolean key; for any other type it is an error
+    naming the key and its type."""
+    assert common.configure(DEFAULTS, ["--flag"])["flag"] is True
+    assert common.configure(DEFAULTS, ["--flag", "--flag=false"])["flag"] is False
+    with pytest.raises(ValueError, match=r"--steps: expected --steps=value \(int, default 10\)"):
+        common.configure(DEFAULTS, ["--steps"])
+    with pytest.raises(ValueError, match="unknown config key 'flagg'"):
+        common.configure(DEFAULTS, ["--flagg"])
+
+
+def test_bare_verify_flag_on_a_stage_script():
+    """`embed_captions.py --verify` and `post_train.py --batch_size` as users type them."""
+    import embed_captions
+    import post_train
+    defaults = {k: getattr(embed_captions, k) for k in embed_captions.config_keys}
+    assert common.configure(defaults, ["--verify", "--verify_only"])["verify_only"] is True
+    defaults = {k: getattr(post_train, k) for k in post_train.config_keys}
+    with pytest.raises(ValueError, match=r"--batch_size: expected --batch_size=value \(int, default 4096\)"):
+        common.configure(defaults, ["--batch_size"])
+
+
+def _tiny_run(fused, steps, state=None, resume_fused=None):
+    """A LayerNorm MLP + a 0-d param (like the logit scale) in two AdamW groups, `steps` steps on fixed data;
+    state: (params, optimizer state_dict) to resume from. Returns (params, optimizer)."""
+    import torch
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+    scale = torch.nn.Parameter(torch.tensor(2.0))
+    params = list(net.parameters()) + [scale]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.05},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    opt = common.adamw(groups, fused=fused if state is None else resume_fused, lr=1e-2, betas=(0.9, 0.98), eps=1e-6)
+    if state is not None:
+        with torch.no_grad():
+            for p, q in zip(params, state[0]):
+                p.copy_(q)
+        opt.load_state_dict(state[1])
+    for step in range(0 if state is None else 3, steps):  # a resume continues the data at step 3
+        g = torch.Generator().manual_seed(100 + step)
+        x, y = torch.randn(32, 8, generator=g), torch.randn(32, 4, generator=g)
+        loss = ((net(x) - y) ** 2).mean() * scale
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return [p.detach().clone() for p in params], opt
+
+
+def test_fused_adamw_matches_plain_and_a_resume_keeps_the_checkpoints_kind():
+    import copy
+    import torch
+    start = [p.clone() for p in _tiny_run(False, 0)[0]]
+    plain, opt_plain = _tiny_run(False, 6)
+    fused, opt_fused = _tiny_run(None, 6)  # None: fused where torch has the kernel (CPU in torch >= 2.4)
+    assert opt_plain.param_groups[0]["fused"] is False and opt_fused.param_groups[0]["fused"] is True
+    assert min((a - b).abs().max() for a, b in zip(plain, start)) > 1e-3  # every param moved
+    assert max((a - b).abs().max() for a, b in zip(plain, fused)) < 1e-6
+    assert max((a - b).abs().max() for a, b in zip(plain, fused)) > 0  # two implementations, not one
+    # resume after 3 steps: the optimizer takes the checkpoint's kind, whatever it was built with -> bitwise
+    for kind, full in ((False, plain), (True, fused)):
+        mid, opt = _tiny_run(kind, 3)
+        state = torch.load(_roundtrip(copy.deepcopy(opt.state_dict())), weights_only=True)
+        resumed, opt2 = _tiny_run(None, 6, (mid, state), resume_fused=not kind)
+        assert opt2.param_groups[0]["fused"] is kind
+        assert all(torch.equal(a, b) for a, b in zip(resumed, full)), kind
+
+
+def _roundtrip(obj):
+    import io
+    import torch
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return buf

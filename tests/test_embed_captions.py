@@ -93,6 +93,31 @@ def test_token_budget_batches_cover_everything_within_budget():
     assert embed_captions.padded_tokens(batches, lengths) < 0.6 * embed_captions.padded_tokens(naive, lengths)
 
 
+def test_sorted_fixed_and_packed_batches():
+    lengths = np.array([5, 40, 12, 40, 7, 300, 9])
+    sf = embed_captions.sorted_fixed_batches(lengths, 3)  # sentence-transformers': length order, fixed size
+    assert [b.tolist() for b in sf] == [[5, 1, 3], [2, 6, 4], [0]]
+    assert embed_captions.padded_tokens(sf, lengths) == 3 * 300 + 3 * 12 + 5
+    packed = embed_captions.packed_batches(lengths, 64)  # rows of <= 64 tokens, end to end; 300 alone
+    assert [b.tolist() for b in packed] == [[5], [1], [3, 2, 6], [4, 0]]
+    assert all(lengths[b].sum() <= 64 for b in packed if len(b) > 1)
+
+
+def test_packed_rows_give_each_texts_own_embedding(tmp_path, arch="llama"):
+    """Texts laid end to end in one unpadded row (restarting positions, block-diagonal attention) embed as
+    each text alone: nothing leaks across texts (a random model would show any leak)."""
+    texts = ["a red dog", "two cats on a mat near the door", "x", "a long caption " * 20, "blue sky"]
+    encoder = load_text_encoder(pipeline.build_tiny_text_model(str(tmp_path / arch), arch, texts=texts)).eval()
+    alone = torch.cat([e for _, e in embed_captions.encode_batches(encoder, texts, [[i] for i in range(5)])])
+    lengths = embed_captions.text_lengths(encoder, texts)
+    batches = embed_captions.packed_batches(lengths, 64)
+    assert max(len(b) for b in batches) >= 3  # some rows do hold several texts
+    out = torch.full_like(alone, float("nan"))
+    for idx, e in embed_captions.encode_packed(encoder, texts, batches):
+        out[torch.as_tensor(idx)] = e
+    assert torch.allclose(out, alone, atol=1e-5, rtol=1e-5)
+
+
 # -----------------------------------------------------------------------------
 # 1. every cached row equals encode([text]) of that text alone
 
@@ -246,6 +271,26 @@ def test_edited_manifest_is_refused(setup, tmp_path, capsys):
     with pytest.raises(data.DataError, match="pass --overwrite=True"):
         embed_captions.main([f"--text_model={setup['model']}", f"--manifest={edited}",
                              f"--out_dir={setup['ref']}"] + RUN)
+
+
+def test_raw_decoder_embedded_causal_when_asked(setup, tmp_path, capsys):
+    """Issue 10 item 4: --bidirectional=False embeds a raw decoder as it was trained (causal), rows equal
+    load_text_encoder(..., bidirectional=False) alone; meta records it; a bidirectional request refuses it."""
+    out = str(tmp_path / "causal")
+    embed_captions.main([f"--text_model={setup['model']}", f"--manifest={setup['manifest']}", f"--out_dir={out}",
+                         "--bidirectional=False"] + RUN)
+    assert "bidirectional=False (set)" in capsys.readouterr().out
+    meta = json.load(open(os.path.join(out, "meta.json")))["encoder"]
+    assert meta["bidirectional"] is False and meta["chat_template"] == "" and meta["pooling"] == "mean"
+    cache = data.EmbeddingCache(out, expect={"bidirectional": False, "chat_template": "none"})
+    texts = data.cache_texts(setup["manifest"], cache.fields).texts  # in row order
+    rows = np.asarray(cache.embeddings, np.float32)
+    causal = load_text_encoder(setup["model"], bidirectional=False).encode(texts, batch_size=128).numpy()
+    bidir = load_text_encoder(setup["model"]).encode(texts, batch_size=128).numpy()
+    assert max(rel_err(a, b) for a, b in zip(rows, causal)) <= 1e-3
+    assert min(rel_err(a, b) for a, b in zip(rows, bidir)) > 1e-2  # not what the default would have made
+    with pytest.raises(data.DataError, match="bidirectional: cache False, expected True"):
+        data.EmbeddingCache(out, expect={"bidirectional": True})
 
 
 def test_encoder_settings_and_fields_mismatch_refused(setup):

@@ -361,3 +361,24 @@ def test_read_caption_records_errors(tmp_path, rows, message):
         evaluate.read_caption_records(_jsonl(tmp_path / "c.jsonl", rows))
     with pytest.raises(DataError, match=r"nope.jsonl: file not found"):
         evaluate.read_caption_records(str(tmp_path / "nope.jsonl"))
+
+
+def test_imagenet_wnid_folders_get_class_names_and_80_templates(tmp_path):
+    """Issue 10 item 5: WordNet-id class folders get the shipped ImageNet names and CLIP's 80 prompts by
+    default; other folders keep their names and one template; an unknown WNID is named."""
+    for wnid in ("n01440764", "n02012849", "n03126707"):  # tench, crane (bird), crane (machine)
+        os.makedirs(tmp_path / "in" / wnid)
+        Image.new("RGB", (8, 8)).save(tmp_path / "in" / wnid / "a.jpg")
+    paths, labels, names, templates = evaluate.read_class_folder(str(tmp_path / "in"))
+    assert names == ["tench", "crane bird", "construction crane"] and labels == [0, 1, 2]
+    assert len(templates) == 80 and templates[0] == "a bad photo of a {}." and all("{}" in t for t in templates)
+    full = evaluate.imagenet_classnames()
+    assert len(full) == 1000 and list(full) == sorted(full) and full["n04008634"] == "missile"
+    dupes = sorted({n for n in full.values() if list(full.values()).count(n) > 1})
+    assert dupes == ["missile", "sunglasses"]  # CLIP's list as published (two WNID pairs share a name)
+    os.makedirs(tmp_path / "plain" / "red_circle")
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain" / "red_circle" / "a.jpg")
+    assert evaluate.read_class_folder(str(tmp_path / "plain"))[2:] == (["red circle"], ["a photo of a {}."])
+    os.makedirs(tmp_path / "in" / "n99999999")
+    with pytest.raises(DataError, match=r"\['n99999999'\] are WordNet ids but not ImageNet-1k classes"):
+        evaluate.read_class_folder(str(tmp_path / "in"))

@@ -57,3 +57,24 @@ def test_c2c_cli_with_load_text_encoder(tmp_path, tiny_bert, capsys):
     assert {k: saved[k] for k in got} == got and saved["config"]["max_length"] == 32
     printed = capsys.readouterr().out
     assert f"| 5 | {got['c2c_top1']:.1f} | {got['c2c_top1_reverse']:.1f} |" in printed
+
+
+def test_c2c_scores_a_raw_decoder_causal_when_asked(tmp_path, tiny_models, capsys):
+    """Issue 10 item 4: --bidirectional=False keeps a raw decoder causal (Table 1's raw LLM row); the
+    default (bidirectional) is logged, and the results file records what was used."""
+    import model
+    caps = tmp_path / "caps.jsonl"
+    caps.write_text("".join(json.dumps({"id": i, "captions": c}) + "\n" for i, c in enumerate(CAPTIONS)))
+    llm = tiny_models("llama")
+    causal = evaluate.main(["--task=c2c", f"--text_model={llm}", f"--captions={caps}", "--bidirectional=False",
+                            f"--out={tmp_path / 'causal.json'}"])
+    assert "bidirectional=False (set)" in capsys.readouterr().out
+    ref = model.load_text_encoder(llm, bidirectional=False)
+    assert causal == pytest.approx(evaluate.c2c_eval(ref, CAPTIONS, max_length=512))
+    ref_q1 = ref.encode([c[0] for c in CAPTIONS])
+    bi_q1 = model.load_text_encoder(llm).encode([c[0] for c in CAPTIONS])
+    assert (ref_q1 - bi_q1).abs().max() > 1e-3  # the two settings really embed differently
+    saved = json.loads((tmp_path / "causal.json").read_text())["text_encoder"]
+    assert saved == {"bidirectional": False, "pooling": "mean", "chat_template": "", "instruction": "", "max_length": 512}
+    evaluate.main(["--task=c2c", f"--text_model={llm}", f"--captions={caps}"])
+    assert "bidirectional=True (default)" in capsys.readouterr().out

@@ -94,8 +94,9 @@ def test_padding_invariance(tiny_models, arch, pooling):
 def test_instruction_is_attended_but_not_pooled(tiny_models, arch):
     enc = M.load_text_encoder(tiny_models(arch)).eval()
     instr = "Given a caption, retrieve a similar relevant caption."
-    text_ids = enc.tokenizer(TEXTS[1], add_special_tokens=False)["input_ids"]
     instr_ids = enc.tokenizer(instr, add_special_tokens=False)["input_ids"]
+    # the text's tokens as they read after the instruction (llm2vec joins them with a space)
+    text_ids = enc.tokenizer(instr + " " + TEXTS[1], add_special_tokens=False)["input_ids"][len(instr_ids):]
     b = enc.tokenize([TEXTS[1]], instruction=instr)
     ids, pool = b["input_ids"][0].tolist(), b["embed_mask"][0].tolist()
     p = len(enc.prefix)
@@ -110,6 +111,94 @@ def test_instruction_is_attended_but_not_pooled(tiny_models, arch):
         without = enc.encode([TEXTS[1]])[0]
     assert (manual - with_instr).abs().max() <= 1e-5
     assert (with_instr - without).abs().max() > 1e-4  # the instruction is attended
+
+
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+
+@pytest.fixture(scope="module")
+def llama3_style(tmp_path_factory):
+    """A tiny Llama with a Llama-3-style tokenizer: byte-level BPE (no prefix space), BOS
+    <|begin_of_text|> added, the chat special tokens, no pad token. Saved as a HF folder."""
+    import pipeline
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import AutoModel, PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(TEXTS * 4 + ["user", "A dog", "caption. A dog runs on the grass."] * 8, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=LLAMA3_SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", tok.token_to_id("<|begin_of_text|>"))])
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                     additional_special_tokens=LLAMA3_SPECIALS[1:])
+    d = str(tmp_path_factory.mktemp("llama3_style"))
+    torch.manual_seed(0)
+    AutoModel.from_config(pipeline.tiny_text_config("llama", len(hf_tok) + 8, tokenizer=hf_tok)).save_pretrained(d)
+    hf_tok.save_pretrained(d)
+    return d
+
+
+def test_instruction_keeps_the_texts_leading_space_token(llama3_style):
+    """Issue 10 item 3: with a byte-level BPE tokenizer the pooled span is the text's tokens as they read
+    in `instruction + " " + text` (llm2vec), not the text tokenised alone ("...caption.A dog")."""
+    enc = M.load_text_encoder(llama3_style).eval()
+    tok, instr, text = enc.tokenizer, "Given a caption, retrieve a similar relevant caption.", "A dog runs on the grass."
+    instr_ids = tok(instr, add_special_tokens=False)["input_ids"]
+    joined = tok(instr + " " + text, add_special_tokens=False)["input_ids"]
+    assert joined[:len(instr_ids)] == instr_ids
+    want = joined[len(instr_ids):]
+    assert tok.convert_ids_to_tokens(want[:1]) == ["ĠA"]  # Llama-3 has the merge too: " A" is one token
+    assert want != tok(text, add_special_tokens=False)["input_ids"]  # "ĠA" vs "A": today's code pooled the latter
+    b = enc.tokenize([text], instruction=instr)
+    ids, pool = b["input_ids"][0].tolist(), b["embed_mask"][0].tolist()
+    assert ids == enc.prefix + joined  # the whole sequence is the joined string's tokens
+    assert [t for t, m in zip(ids, pool) if m] == want
+    assert enc.lengths([text], instr) == [len(ids)]
+
+
+def test_llama3_chat_template_matches_the_official_layout(llama3_style):
+    """Issue 10 item 4: chat_template="llama3" lays a caption out as the official embedding extraction
+    (llm2vec's prepare_for_tokenization + tokenize) does, with <|eot_id|> pooled; recorded in settings."""
+    enc = M.load_text_encoder(llama3_style, chat_template="llama3").eval()
+    assert enc.settings["chat_template"] == "llama3"
+    tok = enc.tokenizer
+    for instr in (None, "Given a caption, retrieve a similar relevant caption."):
+        text = "A dog runs on the grass."
+        # the official code: "instr !@#$%^&*()text" -> wrapped -> split at the separator; the whole string is
+        # tokenised with special tokens, and the last len(tokens of text + <|eot_id|>) positions are pooled
+        body = (instr.strip() + " " if instr else "") + text
+        official = tok("<|start_header_id|>user<|end_header_id|>\n\n" + body.strip() + "<|eot_id|>")["input_ids"]
+        n_pool = len(tok(text + "<|eot_id|>", add_special_tokens=False)["input_ids"])
+        b = enc.tokenize([text], instruction=instr)
+        ids, pool = b["input_ids"][0].tolist(), b["embed_mask"][0].tolist()
+        assert ids == official
+        assert pool == [0] * (len(official) - n_pool) + [1] * n_pool
+        assert ids[0] == tok.convert_tokens_to_ids("<|begin_of_text|>") and ids[1] == tok.convert_tokens_to_ids(
+            "<|start_header_id|>") and ids[-1] == tok.convert_tokens_to_ids("<|eot_id|>") and pool[-1] == 1
+    import pipeline
+    plain = M.load_text_encoder(llama3_style)
+    assert plain.tokenize(["A dog"])["input_ids"].shape[1] < enc.tokenize(["A dog"])["input_ids"].shape[1]
+    with pytest.raises(ValueError, match=r"chat_template='llama3': <\|start_header_id\|> is not a special token"):
+        M.TextEncoder(plain.model, pipeline.train_tokenizer(TEXTS, 200, style="encoder"), chat_template="llama3")
+
+
+def test_stage1_out_dir_restores_its_text_encoder_settings(llama3_style, tmp_path):
+    """load_text_encoder(out_dir) restores bidirectional, pooling and chat_template from encoder.json
+    (instruction and max_length in .settings); an explicit argument overrides each."""
+    import json
+    import shutil
+    shutil.copytree(llama3_style, tmp_path / "merged")
+    (tmp_path / "encoder.json").write_text(json.dumps({
+        "model_subdir": "merged", "bidirectional": False, "pooling": "eos", "chat_template": "llama3",
+        "instruction": "Given a caption, retrieve a similar relevant caption.", "max_length": 64}))
+    enc = M.load_text_encoder(str(tmp_path))
+    assert (enc.pooling, enc.chat_template, enc.settings["bidirectional"]) == ("eos", "llama3", False)
+    assert M.is_causal_model(enc.model) and enc.settings["max_length"] == 64 and enc.settings["instruction"]
+    assert enc.tokenize(["A dog"])["input_ids"][0, -1].item() == enc.tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    over = M.load_text_encoder(str(tmp_path), bidirectional=True, pooling="mean", chat_template="none")
+    assert (over.pooling, over.chat_template, over.settings["bidirectional"]) == ("mean", "", True)
 
 
 def test_empty_text_is_an_error(tiny_models):

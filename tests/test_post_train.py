@@ -393,3 +393,81 @@ def test_baseline_clip_and_post_trained_export_side_by_side(w, trained, tiny_cli
     (trained_scores,) = res["results"][str(trained)].values()
     (base_scores,) = res["results"][tiny_clip].values()
     assert trained_scores["t2i_R@1"] > base_scores["t2i_R@1"]  # the trained tower beats a random CLIP
+
+
+# --- issue 10: the logit scale starts where the pretrained CLIP's is and can be given its own lr
+
+def test_logit_scale_starts_at_the_pretrained_value_and_reaches_the_clamp(w, tmp_path):
+    import math
+    defaults = {k: getattr(post_train, k) for k in post_train.config_keys}
+    for name in ("post_clip_vitl14_224.py", "post_clip_vitl14_336.py", "post_eva02_l14.py",
+                 "post_official_eva02_l14_336.py"):
+        cfg = post_train.common.configure(defaults, [os.path.join(ROOT, "config", name)])
+        assert math.exp(cfg["logit_scale_init"]) == pytest.approx(100.0), name  # OpenAI / EVA02-CLIP: x100
+        net = M.LLM2CLIP(M.VisionTower("vit_tiny_patch16_224", embed_dim=8, timm_kwargs=dict(
+            img_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=1)), 8, 0, logit_scale_init=cfg["logit_scale_init"])
+        assert net(torch.zeros(1, 3, 16, 16), torch.ones(1, 8))[2].item() == pytest.approx(100.0)
+    # the tiny preset (from scratch, x14.3): with its own lr the scale moves in a short run; at the base lr it barely does
+    runs = {}
+    for scale_lr in (0.0, 0.05):
+        out = tmp_path / f"scale{scale_lr}"
+        post_train.main(args(w, out, "--batch_size=32", "--max_steps=20", "--warmup_steps=0", f"--logit_scale_lr={scale_lr}"))
+        runs[scale_lr] = [json.loads(ln)["logit_scale"] for ln in open(out / "metrics.jsonl") if '"logit_scale"' in ln]
+    print("logit scale per step:", {k: [round(s, 2) for s in v] for k, v in runs.items()})
+    moved = {k: abs(math.log(v[-1] * 0.07)) for k, v in runs.items()}  # |ln(scale / 14.3)|
+    assert moved[0.0] < 0.02 and moved[0.05] > 0.3
+    # where the gradient pushes it up, the scale reaches ln(100) and is held there by the clamp
+    net.logit_scale.data.fill_(math.log(90))
+    cfg = {**cfg, "logit_scale_lr": 1e-2}
+    opt = torch.optim.AdamW(post_train.param_groups(net, cfg), lr=cfg["learning_rate"])
+    for g in opt.param_groups:
+        g["lr"] = cfg["learning_rate"] * g["lr_scale"]
+    seen = []
+    for _ in range(20):
+        (-net.logit_scale).backward()  # a loss that always wants a larger scale
+        post_train.optimizer_step(net, opt, cfg)
+        seen.append(net.logit_scale.exp().item())
+    assert seen[0] > 90 and seen[-1] == pytest.approx(100.0, abs=1e-4) and max(seen) <= 100.0 + 1e-4
+    (g,) = [g for g in post_train.param_groups(net, cfg) if any(p is net.logit_scale for p in g["params"])]
+    assert len(g["params"]) == 1 and g["lr_scale"] == pytest.approx(1e-2 / cfg["learning_rate"]) and g["weight_decay"] == 0
+
+
+def test_siglip2_preset_keeps_its_pooled_1152d_output():
+    """Issue 10 item 2: the official SigLIP2 config keeps the attention-pool output (embed_dim 1152, no
+    projection); the preset builds the tower with no new Linear head."""
+    import timm
+    defaults = {k: getattr(post_train, k) for k in post_train.config_keys}
+    cfg = post_train.common.configure(defaults, [os.path.join(ROOT, "config", "post_siglip2_so400m.py")])
+    tiny = dict(img_size=28, depth=1)  # the real width (1152), one block, two patches a side
+    vision = M.VisionTower(cfg["vision_model"], embed_dim=None if cfg["embed_dim"] < 0 else cfg["embed_dim"],
+                           timm_kwargs=tiny)
+    assert vision.output_dim == 1152 and vision(torch.zeros(1, 3, 28, 28)).shape == (1, 1152)
+    assert isinstance(vision.model.head, torch.nn.Identity)
+    plain = timm.create_model(cfg["vision_model"], pretrained=False, **tiny)  # what the pretrained weights fill
+    assert set(vision.model.state_dict()) == set(plain.state_dict())  # nothing new, nothing random beyond timm's
+
+
+def test_online_text_encoder_settings_match_a_cache_built_with_them(w, tmp_path):
+    """Issue 10 item 4: text_source=online with bidirectional=False embeds as a causal cache does (same
+    first-step loss), llm2clip.json records it, and a cache that contradicts a setting is refused."""
+    import embed_captions
+    causal = str(tmp_path / "causal_cache")
+    embed_captions.main([f"--text_model={w.llm}", f"--manifest={w.train}", f"--out_dir={causal}", "--bidirectional=False"])
+    post_train.main(args(w, tmp_path / "cache", f"--cache_dir={causal}"))
+    post_train.main(args(w, tmp_path / "online", "--text_source=online", "--bidirectional=False"))
+    a, b = metrics(tmp_path / "cache")[0][1], metrics(tmp_path / "online")[0][1]
+    print("causal: loss cache", a, "online", b)
+    assert abs(a - b) <= 1e-3
+    for run in ("cache", "online"):
+        text = json.load(open(tmp_path / run / M.LLM2CLIP_CONFIG))["text"]
+        assert text["bidirectional"] is False and text["pooling"] == "mean" and not text["chat_template"], run
+    _, enc = M.load_llm2clip(str(tmp_path / "online"))
+    assert enc.text_encoder.settings["bidirectional"] is False and M.is_causal_model(enc.text_encoder.model)
+    # evaluate.py's retrieval text side: the recorded settings by default, its text-encoder keys override them
+    ev = {k: getattr(post_train.evaluate, k) for k in post_train.evaluate.config_keys}
+    t = post_train.evaluate.load_model(str(tmp_path / "online"), "cpu", ev).text_encoder
+    assert t.text_encoder.settings["bidirectional"] is False and t.max_length == 512
+    t = post_train.evaluate.load_model(str(tmp_path / "online"), "cpu", {**ev, "bidirectional": True, "max_length": 32}).text_encoder
+    assert t.text_encoder.settings["bidirectional"] is True and t.max_length == 32
+    with pytest.raises(ValueError, match=r"bidirectional=False, but the cache .* was embedded with bidirectional=True"):
+        post_train.main(args(w, tmp_path / "bad", "--bidirectional=False"))

@@ -11,21 +11,32 @@ class DataError(ValueError):
     """Bad input data: the message names the file (and line) and what was expected."""
 
 
-def read_jsonl(path):
-    """Yield (line_number, object) for each non-empty line of a JSONL file, with clear errors."""
+def scan_jsonl(path):
+    """Yield (line_number, byte_offset, byte_size, object) for each non-empty line of a JSONL file:
+    read_jsonl plus where each line lies, so a reader can come back to one record with one pread."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found")
-    with open(path, encoding="utf-8") as f:
+    offset = 0
+    with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg}); expected one JSON object per line") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
+            size = len(line)
+            if line.strip():
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg}); expected one JSON object per line") from None
+                except UnicodeDecodeError:
+                    raise DataError(f"{path}:{lineno}: not UTF-8 text; expected one JSON object per line") from None
+                if not isinstance(obj, dict):
+                    raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+                yield lineno, offset, size, obj
+            offset += size
+
+
+def read_jsonl(path):
+    """Yield (line_number, object) for each non-empty line of a JSONL file, with clear errors."""
+    for lineno, _, _, obj in scan_jsonl(path):
+        yield lineno, obj
 
 
 # === captions and caption pairs (stage 1, c2c eval) ===
@@ -195,15 +206,28 @@ class SourceBatchSampler:
 
 # === image-text manifests, images and transforms (stage 2, retrieval eval) ===
 
-def _caption_list(path, lineno, obj, key):
-    """obj[key] as a list of non-empty strings ([] when absent), else a DataError naming the line."""
+def _caption_list(where, obj, key):
+    """obj[key] as a list of non-empty strings ([] when absent), else a DataError naming `where` (file:line)."""
     caps = obj.get(key, [])
     if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
-        raise DataError(f"{path}:{lineno}: {key!r} must be a list of strings, got {caps!r:.80}")
+        raise DataError(f"{where}: {key!r} must be a list of strings, got {caps!r:.80}")
     for i, c in enumerate(caps):
         if not c.strip():
-            raise DataError(f"{path}:{lineno}: {key}[{i}] is an empty caption")
+            raise DataError(f"{where}: {key}[{i}] is an empty caption")
     return caps
+
+
+def train_record(where, obj):
+    """(image, captions, long_captions) of one stage-2 record (a manifest line, a tar sample's JSON),
+    validated as read_manifest validates: an image string and at least one caption, every caption a
+    non-empty string. The one check every stage-2 reader shares; errors name `where`."""
+    image = obj.get("image")
+    if not isinstance(image, str) or not image.strip():
+        raise DataError(f"{where}: missing \"image\" (expected a relative image path string)")
+    caps, longs = _caption_list(where, obj, "captions"), _caption_list(where, obj, "long_captions")
+    if not caps and not longs:
+        raise DataError(f"{where}: no captions (\"captions\" and \"long_captions\" are both empty or absent)")
+    return image, caps, longs
 
 
 def read_manifest(path, image_root=None, field=None, captions_per_image=0, check_images=True):
@@ -218,14 +242,8 @@ def read_manifest(path, image_root=None, field=None, captions_per_image=0, check
     root = os.path.dirname(os.path.abspath(path)) if image_root is None else image_root
     records = []
     for lineno, obj in read_jsonl(path):
-        image = obj.get("image")
-        if not isinstance(image, str) or not image.strip():
-            raise DataError(f"{path}:{lineno}: missing \"image\" (expected a relative image path string)")
-        rec = {"image": os.path.join(root, image), "line": lineno,
-               "captions": _caption_list(path, lineno, obj, "captions"),
-               "long_captions": _caption_list(path, lineno, obj, "long_captions")}
-        if not rec["captions"] and not rec["long_captions"]:
-            raise DataError(f"{path}:{lineno}: no captions (\"captions\" and \"long_captions\" are both empty or absent)")
+        image, caps, longs = train_record(f"{path}:{lineno}", obj)
+        rec = {"image": os.path.join(root, image), "line": lineno, "captions": caps, "long_captions": longs}
         if field is not None:
             n = len(rec.get(field, []))
             if n == 0:
@@ -415,32 +433,93 @@ def _field_texts(where, obj, field):
     return list(value)
 
 
-def cache_texts(manifest, fields=CACHE_FIELDS):
+def hash_record_texts(h, hashes, r, field, values):
+    """Add record r's texts of one field to the running text hash `h` (sha256) and their 8-byte
+    blake2b hashes to `hashes`: the one definition of a cache's text identity (cache_texts and the
+    training index both call it, so their hashes agree)."""
+    for s, t in enumerate(values):
+        b = t.encode("utf-8")
+        # length-prefixed, so no text can imitate a record boundary
+        h.update(f"{r}\0{field}\0{s}\0{len(b)}\0".encode() + b)
+        hashes.append(int.from_bytes(hashlib.blake2b(b, digest_size=8).digest(), "little"))
+
+
+class ManifestTexts:
+    """A manifest's texts in cache row order, read from the file on demand (one pread and one JSON
+    parse per record) instead of held as strings: len(), [row] and [start:stop]. What lets each
+    embed_captions.py rank hold only the texts of the chunk it is embedding."""
+
+    def __init__(self, path, fields, line_offset, line_size, record_offsets):
+        self.path, self.fields = path, list(fields)
+        self.line_offset, self.line_size, self.record_offsets = line_offset, line_size, record_offsets
+        self._fd, self._pid = None, None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_fd": None, "_pid": None}
+
+    def __len__(self):
+        return int(self.record_offsets[-1])
+
+    def record(self, r):
+        """Every text of record r, fields in order."""
+        if self._fd is None or self._pid != os.getpid():
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        obj = json.loads(os.pread(self._fd, int(self.line_size[r]), int(self.line_offset[r])))
+        return [t for f in self.fields for t in _field_texts(self.path, obj, f)]
+
+    def _record_of(self, row):
+        return int(np.searchsorted(self.record_offsets, row, side="right") - 1)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            start, stop, step = k.indices(len(self))
+            if step != 1:
+                raise ValueError("ManifestTexts supports contiguous slices only")
+            out = []
+            for r in range(self._record_of(start), self._record_of(stop - 1) + 1 if stop > start else 0):
+                out += self.record(r)
+            first = int(self.record_offsets[self._record_of(start)]) if stop > start else start
+            return out[start - first:stop - first]
+        k = int(k)
+        if not 0 <= k < len(self):
+            raise IndexError(f"text row {k} out of range (0..{len(self) - 1})")
+        r = self._record_of(k)
+        return self.record(r)[k - int(self.record_offsets[r])]
+
+
+def cache_texts(manifest, fields=CACHE_FIELDS, lazy=False):
     """Enumerate a manifest's texts in cache row order and hash them (see the section comment).
 
-    manifest: a JSONL path, or a list of record dicts in record order (e.g. from tar shards)."""
+    manifest: a JSONL path, or a list of record dicts in record order (e.g. from tar shards).
+    lazy (a path only): `texts` is a ManifestTexts that reads each text from the file when asked, so
+    memory is a few arrays of numbers per record, not the strings."""
+    import array
     fields = list(fields)
-    texts, counts, lines, hashes = [], [], [], []
+    texts, counts, lines, hashes = [], array.array("i"), array.array("q"), array.array("Q")
+    offsets, sizes = array.array("q"), array.array("q")
     h = hashlib.sha256()
     if isinstance(manifest, (str, os.PathLike)):
-        items = ((lineno, obj, f"{manifest}:{lineno}") for lineno, obj in read_jsonl(manifest))
+        items = ((lineno, off, size, obj, f"{manifest}:{lineno}") for lineno, off, size, obj in scan_jsonl(manifest))
     else:
-        items = ((r + 1, obj, f"record {r} (image {obj.get('image', '?')})") for r, obj in enumerate(manifest))
-    for r, (lineno, obj, where) in enumerate(items):
-        row_counts = []
+        lazy = False
+        items = ((r + 1, 0, 0, obj, f"record {r} (image {obj.get('image', '?')})") for r, obj in enumerate(manifest))
+    for r, (lineno, off, size, obj, where) in enumerate(items):
         for field in fields:
             values = _field_texts(where, obj, field)
-            for s, t in enumerate(values):
-                b = t.encode("utf-8")
-                # length-prefixed, so no text can imitate a record boundary
-                h.update(f"{r}\0{field}\0{s}\0{len(b)}\0".encode() + b)
-                hashes.append(int.from_bytes(hashlib.blake2b(b, digest_size=8).digest(), "little"))
-            texts.extend(values)
-            row_counts.append(len(values))
-        counts.append(row_counts)
+            hash_record_texts(h, hashes, r, field, values)
+            if not lazy:
+                texts.extend(values)
+            counts.append(len(values))
         lines.append(lineno)
-    return CacheTexts(manifest, fields, texts, np.asarray(counts, dtype=np.int32).reshape(len(counts), len(fields)),
-                      np.asarray(lines, dtype=np.int64), np.asarray(hashes, dtype=np.uint64), h.hexdigest())
+        offsets.append(off)
+        sizes.append(size)
+    counts = np.frombuffer(counts, dtype=np.int32).reshape(len(lines), len(fields))
+    out = CacheTexts(manifest, fields, texts, counts, np.frombuffer(lines, dtype=np.int64),
+                     np.frombuffer(hashes, dtype=np.uint64), h.hexdigest())
+    if lazy:
+        out.texts = ManifestTexts(manifest, fields, np.frombuffer(offsets, dtype=np.int64),
+                                  np.frombuffer(sizes, dtype=np.int64), out.record_offsets)
+    return out
 
 
 def _where(offsets, counts, fields, row):
@@ -553,8 +632,10 @@ class EmbeddingCache:
     fields: the fields the caller will read; each must be in the cache.
     expect: encoder settings (model, pooling, instruction, max_length, bidirectional, ...) that must
         equal the ones the cache was built with; DataError lists every differing key.
-    The float16 matrix is memory-mapped lazily, once per process (safe in DataLoader workers); only
-    the small index is held in memory.
+    manifest may also be a TrainIndex (stage 2): its text hash, computed once when the index was built,
+        is compared in O(1), and the cache's own index.npz is never loaded (rows come from the index).
+    The float16 matrix is memory-mapped lazily, once per process (safe in DataLoader workers); the
+    cache's index (row lookup by record) is loaded on first use of row/get/rows/counts.
     """
 
     def __init__(self, cache_dir, manifest=None, fields=None, expect=None):
@@ -574,20 +655,44 @@ class EmbeddingCache:
             diff = encoder_mismatch(meta["encoder"], expect)
             if diff:
                 raise DataError(f"{cache_dir}: built with different encoder settings: " + "; ".join(diff))
-        index = np.load(os.path.join(cache_dir, CACHE_INDEX))
-        self.record_offsets = index["record_offsets"].astype(np.int64)
-        self._counts = index["counts"].astype(np.int32)
-        if manifest is not None:
-            new = cache_texts(manifest, self.fields)
+        self._index = None  # (record_offsets, counts, starts): loaded on first use, never by stage 2
+        if isinstance(manifest, TrainIndex):  # stage 2: the index hashed the texts once, when it was built
+            if manifest.text_hash != meta["text_hash"]:
+                new = manifest.texts(self.fields) if self.fields == list(manifest.fields) else None
+                index = np.load(os.path.join(cache_dir, CACHE_INDEX))
+                why = (f"fields differ: cache {self.fields}, training records {manifest.fields}" if new is None else
+                       describe_text_mismatch(index["counts"], index["text_hashes"], self.fields, new))
+                raise DataError(f"{cache_dir} is stale for {manifest.records_file}: {why}")
+        elif manifest is not None:
+            new = cache_texts(manifest, self.fields, lazy=True)
             if new.text_hash != meta["text_hash"]:  # per-text hashes are read only to say what differs
+                index = np.load(os.path.join(cache_dir, CACHE_INDEX))
                 raise DataError(f"{cache_dir} is stale for {_name(manifest)}: "
-                                + describe_text_mismatch(self._counts, index["text_hashes"], self.fields, new))
-        # row of slot 0 of each (record, field)
-        self._starts = self.record_offsets[:-1, None] + np.cumsum(self._counts, 1) - self._counts
+                                + describe_text_mismatch(index["counts"], index["text_hashes"], self.fields, new))
         emb = self._open()
         if emb.shape != (meta["count"], meta["dim"]) or emb.dtype != np.float16:
             raise DataError(f"{cache_dir}/{CACHE_EMBEDDINGS}: {emb.dtype} {emb.shape}, meta.json says float16 "
                             f"{(meta['count'], meta['dim'])}")
+
+    def _rows_index(self):
+        if self._index is None:
+            index = np.load(os.path.join(self.cache_dir, CACHE_INDEX))
+            offsets, counts = index["record_offsets"].astype(np.int64), index["counts"].astype(np.int32)
+            # row of slot 0 of each (record, field)
+            self._index = offsets, counts, offsets[:-1, None] + np.cumsum(counts, 1) - counts
+        return self._index
+
+    @property
+    def record_offsets(self):
+        return self._rows_index()[0]
+
+    @property
+    def _counts(self):
+        return self._rows_index()[1]
+
+    @property
+    def _starts(self):
+        return self._rows_index()[2]
 
     def _open(self):
         if self._mm is None or self._pid != os.getpid():
@@ -613,7 +718,7 @@ class EmbeddingCache:
 
     @property
     def num_records(self):
-        return len(self._counts)
+        return int(self.meta["num_records"])
 
     def __len__(self):
         return self.num_records
@@ -654,7 +759,7 @@ class EmbeddingCache:
         return out
 
 
-def verify_cache(cache_dir, manifest=None, block_rows=65536, row_range=None):
+def verify_cache(cache_dir, manifest=None, block_bytes=64 << 20, row_range=None):
     """Check a cache: meta complete, the embedding file's shape, every row written and finite, and
     (given the manifest) the texts unchanged. Returns a list of problems (empty: all good).
     row_range=(start, end) checks only those rows (ranks split the scan)."""
@@ -664,7 +769,7 @@ def verify_cache(cache_dir, manifest=None, block_rows=65536, row_range=None):
         problems.append("meta.json says the cache is incomplete")
     index = np.load(os.path.join(cache_dir, CACHE_INDEX))
     if manifest is not None:
-        new = cache_texts(manifest, meta["fields"])
+        new = cache_texts(manifest, meta["fields"], lazy=True)  # streams: texts are not held
         if new.text_hash != meta["text_hash"]:
             problems.append(f"stale for {_name(manifest)}: "
                             + describe_text_mismatch(index["counts"], index["text_hashes"], meta["fields"], new))
@@ -674,8 +779,9 @@ def verify_cache(cache_dir, manifest=None, block_rows=65536, row_range=None):
         return problems
     start, end = row_range or (0, len(emb))
     bad, empty = [], []
+    block_rows = max(1, block_bytes // max(1, emb.shape[1] * 2))  # bounded memory at any width
     for a in range(start, end, block_rows):
-        block = np.asarray(emb[a:min(a + block_rows, end)], dtype=np.float32)
+        block = np.asarray(emb[a:min(a + block_rows, end)])  # float16: isfinite/any need no float32 copy
         bad.extend((a + np.flatnonzero(~np.isfinite(block).all(1))).tolist())
         empty.extend((a + np.flatnonzero(~block.any(1))).tolist())  # never written (all zeros)
     if bad:
@@ -717,8 +823,10 @@ class ResumableBatchSampler:
         import numpy as np
         epoch = self.epoch_of(step)
         if epoch != self._perm_epoch:
-            rng = np.random.default_rng([self.seed, epoch])
-            self._perm = rng.permutation(self.n) if self.shuffle else np.arange(self.n)
+            # uint32 (4 bytes per record; int64 past 2^32): the same permutation rng.permutation(n) gives
+            self._perm = np.arange(self.n, dtype=np.uint32 if self.n < 2 ** 32 else np.int64)
+            if self.shuffle:
+                np.random.default_rng([self.seed, epoch]).shuffle(self._perm)
             self._perm_epoch = epoch
         i = (step % self.steps_per_epoch) * self.global_batch
         return self._perm[i:i + self.global_batch].tolist()
@@ -843,8 +951,8 @@ def expand_shards(spec):
     return paths
 
 
-def index_tar_shards(paths):
-    """Manifest-style records from WebDataset tar shards (img2dataset output), in shard then member order.
+def scan_tar_shard(path):
+    """Yield the manifest-style records of one WebDataset tar shard (img2dataset output), in member order.
 
     A sample is the members sharing a key (the name up to the first dot): an image (.jpg/.png/...)
     plus `.txt` (the real caption) and/or `.json` (keys `captions`, `long_captions`, or `caption`).
@@ -852,53 +960,357 @@ def index_tar_shards(paths):
     rank or worker reads its own samples with a plain seek. Records with no caption are an error.
     """
     import tarfile
-    records = []
-    for path in paths:
-        samples = {}
-        try:
-            with tarfile.open(path) as tf:
-                for m in tf:
-                    if not m.isfile():
-                        continue
-                    d, base = os.path.split(m.name)
-                    key, _, ext = base.partition(".")
-                    s = samples.setdefault(os.path.join(d, key), {})
-                    ext = ext.lower()
-                    if ext in IMAGE_EXTS:
-                        s["image"] = m
-                    elif ext in ("txt", "json"):
-                        s[ext] = tf.extractfile(m).read().decode("utf-8")
-        except (tarfile.TarError, OSError) as e:
-            raise DataError(f"{path}: cannot read tar shard ({e})") from None
-        for key, s in samples.items():
-            where = f"{path}::{key}"
-            if "image" not in s:
-                continue  # img2dataset also writes failed samples as .json only
-            meta = {}
-            if "json" in s:
-                try:
-                    meta = json.loads(s["json"])
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{where}.json: malformed JSON ({e.msg})") from None
-            captions = list(meta.get("captions") or ([meta["caption"]] if meta.get("caption") else []))
-            if not captions and s.get("txt", "").strip():
-                captions = [s["txt"].strip()]
-            long_captions = list(meta.get("long_captions") or [])
-            if not captions and not long_captions:
-                raise DataError(f"{where}: no caption (expected {key}.txt or captions/long_captions in {key}.json)")
-            m = s["image"]
-            records.append({"image": f"{path}::{m.name}", "captions": captions, "long_captions": long_captions,
-                            "_tar": [path, m.offset_data, m.size]})
-    return records
+    samples = {}
+    try:
+        with tarfile.open(path) as tf:
+            for m in tf:
+                if not m.isfile():
+                    continue
+                d, base = os.path.split(m.name)
+                key, _, ext = base.partition(".")
+                s = samples.setdefault(os.path.join(d, key), {})
+                ext = ext.lower()
+                if ext in IMAGE_EXTS:
+                    s["image"] = m
+                elif ext in ("txt", "json"):
+                    s[ext] = tf.extractfile(m).read().decode("utf-8")
+    except (tarfile.TarError, OSError) as e:
+        raise DataError(f"{path}: cannot read tar shard ({e})") from None
+    for key, s in samples.items():
+        where = f"{path}::{key}"
+        if "image" not in s:
+            continue  # img2dataset also writes failed samples as .json only
+        meta = {}
+        if "json" in s:
+            try:
+                meta = json.loads(s["json"])
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}.json: malformed JSON ({e.msg})") from None
+        captions = list(meta.get("captions") or ([meta["caption"]] if meta.get("caption") else []))
+        if not captions and s.get("txt", "").strip():
+            captions = [s["txt"].strip()]
+        long_captions = list(meta.get("long_captions") or [])
+        if not captions and not long_captions:
+            raise DataError(f"{where}: no caption (expected {key}.txt or captions/long_captions in {key}.json)")
+        m = s["image"]
+        yield {"image": f"{path}::{m.name}", "captions": captions, "long_captions": long_captions,
+               "_tar": [path, m.offset_data, m.size]}
+
+
+def index_tar_shards(paths):
+    """Every record of the given tar shards (scan_tar_shard), in shard then member order, as a list."""
+    return [rec for path in paths for rec in scan_tar_shard(path)]
+
+
+# --- the training index: what a stage-2 rank needs per record, built once, memory-mapped by everyone
+# Built once per training set (post_train.py builds it on first use, ranks sharing the work, and
+# reuses it until the manifest or a shard changes), as plain .npy files that every rank and DataLoader
+# worker memory-maps read-only. 8 ranks and their workers share one copy through the page cache, there
+# is no per-record Python object (forked workers copied those as reference counts changed), and a rank
+# touches ~40 bytes of it per sample. Files in the index folder:
+#   index_meta.json   format, source (files, sizes, mtimes; image_root), num_records, fields,
+#                     num_texts, text_hash (equal to the cache's for the same texts), images_checked
+#   records.jsonl     tar shards only: their records as a manifest (image = "shard::member"); this is the
+#                     file embed_captions.py embeds and text_source="online" reads captions from
+#   line_offset.npy   int64 [N]   byte offset of record r's JSON line in the records file (the manifest,
+#   line_size.npy     int64 [N]   or records.jsonl): a record is re-read with one pread, on demand
+#   line_no.npy       int64 [N]   its line number, for messages
+#   image_shard.npy   int32 [N]   tar shard id of the image, or -1: a file named by the line's "image"
+#   image_offset.npy  int64 [N]   the image's byte range inside its shard
+#   image_size.npy    int64 [N]
+#   counts.npy        int32 [N, 2] number of captions, long_captions
+#   text_row.npy      int64 [N+1] cache row of record r's first text (= the cache's record_offsets)
+#   text_hashes.npy   uint64 [T]  per-text hashes; read only to say which caption differs from a cache
+INDEX_FORMAT = "llm2clip-train-index/1"
+INDEX_META = "index_meta.json"
+INDEX_ARRAYS = ("line_offset", "line_size", "line_no", "image_shard", "image_offset", "image_size", "counts",
+                "text_row", "text_hashes")
+
+
+def index_source(manifest=None, image_root=None, shards=None):
+    """What a training index is built from, with each file's size and mtime: a changed file rebuilds it."""
+    files = [os.path.abspath(manifest)] if manifest else [os.path.abspath(p) for p in shards]
+    for f in files:
+        if not os.path.isfile(f):
+            raise DataError(f"{f}: file not found")
+    stats = [os.stat(f) for f in files]
+    root = None
+    if manifest:
+        root = os.path.abspath(image_root) if image_root else os.path.dirname(files[0])
+    return {"kind": "manifest" if manifest else "shards", "files": files, "image_root": root,
+            "sizes": [st.st_size for st in stats], "mtimes_ns": [st.st_mtime_ns for st in stats]}
+
+
+class _IndexBuilder:
+    """Accumulates the index arrays record by record (compact typed buffers, not Python objects)."""
+
+    def __init__(self):
+        import array
+        self.a = {"line_offset": array.array("q"), "line_size": array.array("q"), "line_no": array.array("q"),
+                  "image_shard": array.array("i"), "image_offset": array.array("q"), "image_size": array.array("q"),
+                  "counts": array.array("i")}
+
+    def add(self, line_offset, line_size, line_no, shard, image_offset, image_size, n_real, n_long):
+        a = self.a
+        a["line_offset"].append(line_offset), a["line_size"].append(line_size), a["line_no"].append(line_no)
+        a["image_shard"].append(shard), a["image_offset"].append(image_offset), a["image_size"].append(image_size)
+        a["counts"].extend((n_real, n_long))
+
+    def arrays(self):
+        dt = {"q": np.int64, "i": np.int32}
+        out = {k: np.frombuffer(v, dtype=dt[v.typecode]) for k, v in self.a.items()}
+        out["counts"] = out["counts"].reshape(-1, 2)
+        return out
+
+
+def _save_npy(path, arr):
+    tmp = f"{path}.tmp{os.getpid()}.npy"
+    np.save(tmp, arr)
+    os.replace(tmp, path)
+
+
+def _shard_part_name(source, i):
+    key = hashlib.sha256(f"{source['files'][i]}\0{source['sizes'][i]}\0{source['mtimes_ns'][i]}".encode()).hexdigest()
+    return f"{i:06d}-{key[:16]}"
+
+
+def _scan_shard_part(source, i, parts_dir):
+    """One shard -> parts_dir/<part>.jsonl (its records as manifest lines) + <part>.npz (image byte
+    ranges, line sizes). Written under temp names and renamed: a part that exists is complete."""
+    name = _shard_part_name(source, i)
+    final = os.path.join(parts_dir, name + ".npz")
+    if os.path.exists(final):
+        return
+    path = source["files"][i]
+    offs, sizes, lines = [], [], []
+    tmp_jsonl = os.path.join(parts_dir, f"{name}.jsonl.tmp{os.getpid()}")
+    with open(tmp_jsonl, "wb") as f:
+        for rec in scan_tar_shard(path):
+            train_record(rec["image"], rec)  # the manifest's validation, naming shard::member
+            line = (json.dumps({k: rec[k] for k in ("image", "captions", "long_captions")}, ensure_ascii=False)
+                    + "\n").encode("utf-8")
+            f.write(line)
+            offs.append(rec["_tar"][1]), sizes.append(rec["_tar"][2]), lines.append(len(line))
+    os.replace(tmp_jsonl, os.path.join(parts_dir, name + ".jsonl"))
+    tmp = os.path.join(parts_dir, f"{name}.tmp{os.getpid()}.npz")
+    np.savez(tmp, image_offset=np.asarray(offs, np.int64), image_size=np.asarray(sizes, np.int64),
+             line_size=np.asarray(lines, np.int64))
+    os.replace(tmp, final)
+
+
+def _wait_for(cond, what, log, poll=0.5):
+    """Poll until cond() is true (another rank is building); a line every minute says what we wait for."""
+    import time
+    t0, said = time.time(), 0
+    while not cond():
+        time.sleep(poll)
+        if time.time() - t0 > 60 * (said + 1):
+            said += 1
+            log(f"still waiting for {what} ({int(time.time() - t0)} s)")
+
+
+def _read_index_meta(index_dir):
+    path = os.path.join(index_dir, INDEX_META)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _index_ready(index_dir, source, check_images):
+    meta = _read_index_meta(index_dir)
+    return (meta is not None and meta.get("format") == INDEX_FORMAT and meta.get("source") == source
+            and (meta.get("images_checked") or not check_images))
+
+
+def build_train_index(index_dir, manifest=None, image_root=None, shards=None, check_images=True,
+                      rank=0, world_size=1, log=print):
+    """Build (or reuse) the training index of a manifest or of tar shards in index_dir; return a TrainIndex.
+
+    Every rank calls it with the same arguments. An index whose source files (path, size, mtime) and
+    image_root are unchanged is reused at once. Otherwise: a manifest is read once by rank 0 (records
+    validated like read_manifest, image files checked to exist when check_images), while the other
+    ranks wait; tar shards are scanned once, rank k taking shards k, k + world_size, ... (a part per
+    shard, kept if the build is interrupted), and rank 0 merges the parts. Coordination is through
+    files, so it needs no process group and no collective timeout covers a long build.
+    """
+    import time
+    if bool(manifest) == bool(shards):
+        raise ValueError("build_train_index: give exactly one of manifest and shards")
+    source = index_source(manifest, image_root, shards)
+    if not _index_ready(index_dir, source, check_images):
+        os.makedirs(index_dir, exist_ok=True)
+        t0 = time.time()
+        if shards:
+            parts_dir = os.path.join(index_dir, "parts")
+            os.makedirs(parts_dir, exist_ok=True)
+            for i in range(rank, len(source["files"]), world_size):
+                _scan_shard_part(source, i, parts_dir)
+            if rank == 0:
+                names = [_shard_part_name(source, i) for i in range(len(source["files"]))]
+                _wait_for(lambda: all(os.path.exists(os.path.join(parts_dir, n + ".npz")) for n in names),
+                          f"the other ranks' tar shard scans in {parts_dir}", log)
+                _merge_index(index_dir, source, names, log)
+                log(f"training index: scanned {len(names)} tar shards over {world_size} rank(s) in "
+                    f"{time.time() - t0:.1f}s -> {index_dir}")
+        elif rank == 0:
+            _build_manifest_index(index_dir, source, check_images)
+            log(f"training index: read {manifest} in {time.time() - t0:.1f}s -> {index_dir}")
+        if rank != 0:
+            _wait_for(lambda: _index_ready(index_dir, source, check_images), f"rank 0 to build {index_dir}", log)
+    return TrainIndex(index_dir)
+
+
+def _finish_index(index_dir, source, arrays, text_hash, hashes, records_file, images_checked):
+    """Write the arrays, then index_meta.json last (its presence with this source means complete)."""
+    counts = arrays["counts"]
+    arrays["text_row"] = np.concatenate([[0], np.cumsum(counts.sum(1), dtype=np.int64)]).astype(np.int64)
+    arrays["text_hashes"] = np.frombuffer(hashes, dtype=np.uint64)
+    if len(counts) == 0:
+        raise DataError(f"{', '.join(source['files'][:3])}: no records; expected one image + captions per record")
+    meta_path = os.path.join(index_dir, INDEX_META)
+    if os.path.exists(meta_path):
+        os.remove(meta_path)
+    for k in INDEX_ARRAYS:
+        _save_npy(os.path.join(index_dir, k + ".npy"), arrays[k])
+    meta = {"format": INDEX_FORMAT, "source": source, "records_file": records_file, "num_records": len(counts),
+            "fields": list(CACHE_FIELDS), "field_texts": counts.sum(0).tolist(), "num_texts": int(counts.sum()),
+            "text_hash": text_hash, "images_checked": images_checked}
+    tmp = f"{meta_path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, meta_path)
+
+
+def _build_manifest_index(index_dir, source, check_images):
+    import array
+    path, root = source["files"][0], source["image_root"]
+    b, h, hashes = _IndexBuilder(), hashlib.sha256(), array.array("Q")
+    for r, (lineno, off, size, obj) in enumerate(scan_jsonl(path)):
+        where = f"{path}:{lineno}"
+        image, caps, longs = train_record(where, obj)
+        if check_images and not os.path.isfile(os.path.join(root, image)):
+            raise DataError(f"{where}: image file not found: {os.path.join(root, image)} (image root {root})")
+        hash_record_texts(h, hashes, r, "captions", caps)
+        hash_record_texts(h, hashes, r, "long_captions", longs)
+        b.add(off, size, lineno, -1, 0, 0, len(caps), len(longs))
+    _finish_index(index_dir, source, b.arrays(), h.hexdigest(), hashes, path, check_images)
+
+
+def _merge_index(index_dir, source, names, log):
+    """Rank 0: concatenate the shards' parts into records.jsonl and the arrays, hashing the texts."""
+    import array
+    parts_dir = os.path.join(index_dir, "parts")
+    records_file = os.path.join(index_dir, "records.jsonl")
+    b, h, hashes = _IndexBuilder(), hashlib.sha256(), array.array("Q")
+    offset, r = 0, 0
+    tmp = f"{records_file}.tmp{os.getpid()}"
+    with open(tmp, "wb") as out:
+        for i, name in enumerate(names):
+            with np.load(os.path.join(parts_dir, name + ".npz")) as z:
+                img_off, img_size = z["image_offset"].tolist(), z["image_size"].tolist()
+            with open(os.path.join(parts_dir, name + ".jsonl"), "rb") as f:
+                for j, line in enumerate(f):
+                    obj = json.loads(line)
+                    hash_record_texts(h, hashes, r, "captions", obj["captions"])
+                    hash_record_texts(h, hashes, r, "long_captions", obj["long_captions"])
+                    b.add(offset, len(line), r + 1, i, img_off[j], img_size[j],
+                          len(obj["captions"]), len(obj["long_captions"]))
+                    out.write(line)
+                    offset += len(line)
+                    r += 1
+    os.replace(tmp, records_file)
+    _finish_index(index_dir, source, b.arrays(), h.hexdigest(), hashes, records_file, True)
+    import shutil
+    shutil.rmtree(parts_dir, ignore_errors=True)
+
+
+class TrainIndex:
+    """Read a training index (build_train_index): len(index) records; index[r] -> the record as a dict
+    like read_manifest's ({"image", "captions", "long_captions"}, plus "_tar" for shards), re-read from
+    its line on demand; index.text_row(r) -> its first cache row. Arrays are memory-mapped lazily, once
+    per process, and files opened per process, so DataLoader workers (fork or spawn) share the pages."""
+
+    def __init__(self, index_dir):
+        self.dir = index_dir
+        meta = _read_index_meta(index_dir)
+        if meta is None or meta.get("format") != INDEX_FORMAT:
+            raise DataError(f"{index_dir}: no complete training index ({INDEX_META} missing or of another format)")
+        self.meta = meta
+        self.num_records, self.text_hash, self.fields = meta["num_records"], meta["text_hash"], meta["fields"]
+        self.records_file = meta["records_file"]
+        self.kind, self.files, self.image_root = meta["source"]["kind"], meta["source"]["files"], meta["source"]["image_root"]
+        self._mm, self._fds, self._pid = {}, {}, None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_mm": {}, "_fds": {}, "_pid": None}
+
+    def _mine(self):
+        if self._pid != os.getpid():  # a forked worker: its own mappings and file descriptors
+            self._mm, self._fds, self._pid = {}, {}, os.getpid()
+
+    def array(self, name):
+        self._mine()
+        if name not in self._mm:
+            self._mm[name] = np.load(os.path.join(self.dir, name + ".npy"), mmap_mode="r")
+        return self._mm[name]
+
+    def _fd(self, path):
+        self._mine()
+        if path not in self._fds:
+            self._fds[path] = os.open(path, os.O_RDONLY)
+        return self._fds[path]
+
+    def __len__(self):
+        return self.num_records
+
+    def where(self, r):
+        """'file:line' of record r, for messages."""
+        return f"{self.records_file}:{int(self.array('line_no')[r])}"
+
+    def __getitem__(self, r):
+        r = int(r)
+        if not 0 <= r < self.num_records:
+            raise IndexError(f"record {r} out of range (0..{self.num_records - 1})")
+        line = os.pread(self._fd(self.records_file), int(self.array("line_size")[r]), int(self.array("line_offset")[r]))
+        obj = json.loads(line)
+        shard = int(self.array("image_shard")[r])
+        if shard < 0:
+            return {"image": os.path.join(self.image_root, obj["image"]), "captions": obj.get("captions") or [],
+                    "long_captions": obj.get("long_captions") or []}
+        return {**obj, "_tar": [self.files[shard], int(self.array("image_offset")[r]), int(self.array("image_size")[r])]}
+
+    def text_row(self, r):
+        return int(self.array("text_row")[r])
+
+    def cache_row(self, r, record, field, slot):
+        """Cache row of (record r, field, slot); `record` is index[r] (its caption counts)."""
+        return self.text_row(r) + (len(record["captions"]) if field == "long_captions" else 0) + slot
+
+    def used_fields(self):
+        """The caption fields that have any text."""
+        return [f for f, n in zip(self.meta["fields"], self.meta["field_texts"]) if n]
+
+    def texts(self, fields):
+        """A CacheTexts-like view (counts, text_hashes, lazy texts, where) for describe_text_mismatch."""
+        cols = [self.meta["fields"].index(f) for f in fields]
+        counts = np.asarray(self.array("counts"))[:, cols]
+        view = CacheTexts(self.records_file, list(fields), None, counts, np.asarray(self.array("line_no")),
+                          np.asarray(self.array("text_hashes")), self.text_hash)
+        view.texts = ManifestTexts(self.records_file, fields, self.array("line_offset"), self.array("line_size"),
+                                   view.record_offsets)
+        return view
 
 
 class TrainSamples:
     """Stage-2 training samples: item (epoch, index) -> dict(image, embedding, text, index, bad).
 
-    The caption is chosen by `choose_caption`; its text embedding is the cache row of (record, field,
-    slot) (None for text_source="online", where the loop embeds `text`). A bad image raises DataError
-    with its path, or with skip_bad_images the next record (index + 1, + 2, ...) takes its place, so
-    every rank keeps the same batch size; `bad` lists the skipped images for the end-of-run report.
+    `records` is a TrainIndex (records re-read on demand, cache rows from the index). The caption is
+    chosen by `choose_caption`; its text embedding is the cache row of (record, field, slot) (None for
+    text_source="online", where the loop embeds `text`). A bad image raises DataError with its path,
+    or with skip_bad_images the next record (index + 1, + 2, ...) takes its place, so every rank keeps
+    the same batch size; `bad` lists the skipped images for the end-of-run report.
     """
 
     def __init__(self, records, transform, cache=None, seed=0, real_caption_ratio=0.5, skip_bad_images=False):
@@ -911,22 +1323,25 @@ class TrainSamples:
     def __getitem__(self, item):
         epoch, index = item
         bad = []
-        for k in range(len(self.records)):
-            i = (index + k) % len(self.records)
+        n = len(self.records)
+        for k in range(n):
+            i = (index + k) % n
+            rec = self.records[i]
             try:
-                img = open_image(self.records[i])
+                img = open_image(rec)
                 break
             except DataError as e:
                 if not self.skip_bad:
                     raise DataError(f"{e} (set skip_bad_images=True to skip bad images)") from None
-                bad.append(self.records[i]["image"])
+                bad.append(rec["image"])
         else:
-            raise DataError(f"no readable image among {len(self.records)} records")
+            raise DataError(f"no readable image among {n} records")
         rng = sample_rng(self.seed, epoch, i)
-        field, slot = choose_caption(self.records[i], rng, self.ratio)
-        emb = None if self.cache is None else self.cache.get(i, field, slot)
-        return {"image": self.transform(img, rng), "embedding": emb, "text": self.records[i][field][slot],
-                "index": i, "bad": bad}
+        field, slot = choose_caption(rec, rng, self.ratio)
+        emb = None
+        if self.cache is not None:
+            emb = np.array(self.cache.embeddings[self.records.cache_row(i, rec, field, slot)])
+        return {"image": self.transform(img, rng), "embedding": emb, "text": rec[field][slot], "index": i, "bad": bad}
 
 
 def collate_train(samples):

@@ -263,9 +263,10 @@ def main(argv=None):
         log("verify: ok" if not problems else f"verify: {len(problems)} problem(s)")
         return finish(problems)
 
-    # --- texts, in cache row order
+    # --- texts, in cache row order: counts and hashes only; each text is re-read from the manifest when
+    # its chunk is embedded (a rank holds the texts of one chunk, not of the whole manifest)
     t0 = time.time()
-    texts = data.cache_texts(cfg["manifest"], field_list)
+    texts = data.cache_texts(cfg["manifest"], field_list, lazy=True)
     n = len(texts.texts)
     if n == 0:
         raise data.DataError(f"{cfg['manifest']}: no texts in fields {field_list}")
@@ -327,7 +328,10 @@ def main(argv=None):
     chunks = []
     if state != "complete":
         shard = -(-n // world_size)  # each rank tokenises a slice; lengths are all-gathered
-        mine = text_lengths(encoder, texts.texts[rank * shard:(rank + 1) * shard], cfg["instruction"], cfg["max_length"])
+        lo, hi, step = min(rank * shard, n), min((rank + 1) * shard, n), 65536  # read in pieces: bounded memory
+        mine = np.concatenate([np.zeros(0, np.int64)] + [
+            text_lengths(encoder, texts.texts[a:min(a + step, hi)], cfg["instruction"], cfg["max_length"])
+            for a in range(lo, hi, step)])
         if ddp:
             buf = torch.zeros(shard, dtype=torch.long, device=device)
             buf[:len(mine)] = torch.from_numpy(mine)

@@ -11,10 +11,12 @@ not fit one forward pass).
 
 Outputs in out_dir: checkpoints/step_*.pt (exact resume with resume=True), vision_tower.pt (timm state
 dict), adaptor.pt, llm2clip.json (read by model.load_llm2clip), metrics.jsonl, post_train.log,
-run_post_train.json (config + code version).
+run_post_train.json (config + code version). The training index (data.build_train_index: built on first
+use, then reused) lives beside the cache, or in out_dir/train_index, or where --train_index says.
 """
 import contextlib
 import glob
+import hashlib
 import json
 import math
 import os
@@ -37,6 +39,7 @@ train_manifest = ""  # JSONL: {"image": rel/path, "captions": [...], "long_capti
 image_root = ""  # folder the manifest's image paths are relative to ("" = the manifest's folder)
 train_shards = ""  # instead of a manifest: WebDataset tar shards, "dir/{00000..00099}.tar" or globs
 cache_dir = ""  # embed_captions.py output for the training records (same records, same order)
+train_index = ""  # training index folder (data.build_train_index): "" = beside the cache, else in out_dir
 val_manifest = ""  # held-out manifest for the periodic retrieval eval ("" = no eval)
 val_image_root = ""  # "" = the val manifest's folder
 val_cache_dir = ""  # cache of the val captions; "" = embed them once at start with the frozen LLM
@@ -107,7 +110,7 @@ config_keys = [k for k, v in globals().items()
 RESUME_FREE_KEYS = {"out_dir", "resume", "max_steps", "save_interval", "keep_checkpoints", "log_interval",
                      "eval_interval", "eval_batch_size", "val_manifest", "val_image_root", "val_cache_dir",
                      "eval_field", "num_workers", "compile", "peak_flops", "image_root", "train_manifest",
-                     "train_shards", "cache_dir", "text_model", "text_source"}
+                     "train_shards", "cache_dir", "text_model", "text_source", "train_index"}
 # -----------------------------------------------------------------------------
 
 
@@ -196,6 +199,49 @@ def checkpoint(out_dir, orig_model, optimizer, step, cfg, bad_images, world_size
     if ddp:
         dist.barrier()
     return path
+
+
+def train_index_dir(cfg):
+    """Where the training index lives: train_index if set; else beside the cache, one folder per source
+    (every run on that cache reuses it); else in out_dir."""
+    if cfg["train_index"]:
+        return cfg["train_index"]
+    if not cfg["cache_dir"]:
+        return os.path.join(cfg["out_dir"], "train_index")
+    if cfg["train_manifest"]:
+        src = [os.path.abspath(cfg["train_manifest"]), os.path.abspath(cfg["image_root"]) if cfg["image_root"] else ""]
+    else:
+        src = [os.path.abspath(p) for p in data.expand_shards(cfg["train_shards"])]
+    return os.path.join(cfg["cache_dir"], "train_index-" + hashlib.sha256("\0".join(src).encode()).hexdigest()[:12])
+
+
+def train_data(cfg, rank, world_size, log, uses_llm=True):
+    """-> (data.TrainIndex, data.EmbeddingCache or None). Builds the index on first use (ranks share the
+    work; the manifest's image files are checked then, unless bad ones are to be skipped at load time),
+    then refuses a cache of other captions (naming the first differing record) or of another encoder."""
+    shards = data.expand_shards(cfg["train_shards"]) if cfg["train_shards"] else None
+    index = data.build_train_index(train_index_dir(cfg), manifest=cfg["train_manifest"] or None,
+                                   image_root=cfg["image_root"] or None, shards=shards,
+                                   check_images=not cfg["skip_bad_images"], rank=rank, world_size=world_size, log=log)
+    cache = None
+    if cfg["cache_dir"]:
+        cache = data.EmbeddingCache(cfg["cache_dir"], manifest=index, fields=index.used_fields(),
+                                    expect={"model": cfg["text_model"]} if cfg["text_model"] else None)
+    elif cfg["text_source"] == "cache" and uses_llm:
+        raise ValueError(f"text_source='cache' needs cache_dir: run embed_captions.py --manifest={index.records_file}")
+    return index, cache
+
+
+def train_loader(cfg, index, cache, data_config, rank, world_size, step, pin_memory=False):
+    """The DataLoader of this rank's batches from global step `step` on (the sampler's order is a function
+    of the step only: an exact resume)."""
+    train_set = data.TrainSamples(index, data.TrainTransform(data_config, tuple(cfg["crop_scale"])),
+                                  cache if cfg["text_source"] == "cache" else None, cfg["seed"],
+                                  cfg["real_caption_ratio"], cfg["skip_bad_images"])
+    sampler = data.EpochBatchSampler(len(index), cfg["batch_size"], rank, world_size, cfg["seed"], True,
+                                     start_step=step, max_steps=max(0, cfg["max_steps"] - step))
+    return torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=cfg["num_workers"],
+                                       collate_fn=data.collate_train, pin_memory=pin_memory)
 
 
 TEXT_KEYS = ("bidirectional", "pooling", "chat_template", "instruction", "max_length")
@@ -314,28 +360,11 @@ def main(argv=None):
         f" ({local_batch // micro if local_batch % micro == 0 else math.ceil(local_batch / micro)} forward chunks of {micro})")
 
     # -------------------------------------------------------------------------
-    # data: records, the embedding cache (validated against them), loader starting at the resume step
-    if cfg["train_manifest"]:
-        # image files are checked up front unless bad ones are to be skipped (then: at load time)
-        records = data.read_manifest(cfg["train_manifest"], cfg["image_root"] or None,
-                                     check_images=not cfg["skip_bad_images"])
-        manifest_path = cfg["train_manifest"]
-    else:  # tar shards: the cache is checked against their records; the JSONL is what embed_captions.py embeds
-        records = data.index_tar_shards(data.expand_shards(cfg["train_shards"]))
-        manifest_path = os.path.join(out, "train_shards.jsonl")
-        if master:
-            data.write_manifest(manifest_path, [{k: r[k] for k in ("image", "captions", "long_captions")} for r in records])
-    cache = None
-    if cfg["cache_dir"]:
-        # refuses a cache of other captions (names the first differing record) or of another encoder
-        used = [f for f in data.CACHE_FIELDS if any(r.get(f) for r in records)]
-        cache = data.EmbeddingCache(cfg["cache_dir"], manifest=cfg["train_manifest"] or records, fields=used,
-                                    expect={"model": cfg["text_model"]} if cfg["text_model"] else None)
-    elif cfg["text_source"] == "cache" and uses_llm:
-        raise ValueError(f"text_source='cache' needs cache_dir: run embed_captions.py --manifest={manifest_path}")
+    # data: the training index (built once, memory-mapped), the cache checked against it
+    index, cache = train_data(cfg, rank, world_size, log, uses_llm)
     text_cfg = text_settings(cfg, cache) if uses_llm else None
     llm_args = (text_cfg["instruction"], text_cfg["max_length"]) if uses_llm else (None, 512)
-    log(f"{len(records)} training records, {len(records) // cfg['batch_size']} steps per epoch; losses "
+    log(f"{len(index)} training records, {len(index) // cfg['batch_size']} steps per epoch; losses "
         f"{cfg['losses']}: " + " + ".join(f"CL({a}, {b})" for a, b in M.LOSS_TERMS[cfg["losses"]])
         + (f"; LLM: {text_cfg['model']} ({cfg['text_source']})" if uses_llm else "")
         + (f"; CLIP-T: {cfg['clip_text']}" if cfg["clip_text"] else ""))
@@ -415,13 +444,8 @@ def main(argv=None):
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device_type == "cuda" else None)
 
-    train_set = data.TrainSamples(records, data.TrainTransform(data_config, tuple(cfg["crop_scale"])),
-                                  cache if cfg["text_source"] == "cache" and uses_llm else None, cfg["seed"],
-                                  cfg["real_caption_ratio"], cfg["skip_bad_images"])
-    sampler = data.EpochBatchSampler(len(records), cfg["batch_size"], rank, world_size, cfg["seed"], True,
-                                     start_step=step, max_steps=max(0, cfg["max_steps"] - step))
-    loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=cfg["num_workers"],
-                                         collate_fn=data.collate_train, pin_memory=device_type == "cuda")
+    loader = train_loader(cfg, index, cache if uses_llm else None, data_config, rank, world_size, step,
+                          pin_memory=device_type == "cuda")
 
     # -------------------------------------------------------------------------
     # held-out retrieval eval (unwrapped model, rank 0)

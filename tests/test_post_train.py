@@ -157,7 +157,7 @@ def test_exact_resume_after_sigkill(w, tmp_path):
     post_train.main(args(w, out, *extra, "--resume=True"))
     full, resumed = final_state(tmp_path / "full"), final_state(out)
     assert resumed["step"] == 6
-    assert max_diff(full["model"], resumed["model"]) <= 1e-7
+    assert max_diff(full["model"], resumed["model"]) == 0  # bitwise on CPU
     opt_full, opt_res = full["optimizer"]["state"], resumed["optimizer"]["state"]
     assert all(torch.equal(opt_full[i]["exp_avg_sq"], opt_res[i]["exp_avg_sq"]) for i in opt_full)
     # the per-step losses (which depend on every caption choice and crop) replay exactly, also across the epoch

@@ -68,16 +68,23 @@ def read_caption_records(path):
 
 def read_text_pairs(path):
     """Pure-text pairs JSONL `{"query": ..., "positive": ...}` -> records whose two captions keep that
-    order (`"ordered": True`): the query is always the query side, the positive the positive side."""
+    order (`"ordered": True`): the query is always the query side, the positive the positive side.
+    Optional per record (E5-style data): "instruction" (the query's own instruction, instead of the
+    caption one) and "negative" (its own hard negative)."""
     records = []
     for lineno, obj in read_jsonl(path):
         where = f"{path}:{lineno}"
-        for key in ("query", "positive"):
+        for key in ("query", "positive", "instruction", "negative"):
             v = obj.get(key)
+            if key in ("instruction", "negative") and key not in obj:
+                continue
             if not isinstance(v, str) or not v.strip():
                 raise DataError(f"{where}: \"{key}\" is {v!r}; expected a non-empty string "
-                                "(pairs file: one {\"query\": ..., \"positive\": ...} per line)")
-        records.append({"id": str(obj.get("id", where)), "captions": [obj["query"], obj["positive"]], "ordered": True})
+                                "(pairs file: one {\"query\": ..., \"positive\": ...[, \"instruction\": ..., "
+                                "\"negative\": ...]} per line)")
+        rec = {"id": str(obj.get("id", where)), "captions": [obj["query"], obj["positive"]], "ordered": True}
+        rec.update({k: obj[k] for k in ("instruction", "negative") if k in obj})
+        records.append(rec)
     if not records:
         raise DataError(f"{path}: no records; expected one {{\"query\": ..., \"positive\": ...}} object per line")
     return records
@@ -95,13 +102,16 @@ class CaptionPairDataset:
 
     Item `i` at step `s` draws its two different captions (and the hard negative: a caption of another
     record) from an RNG seeded by (seed, s, i) only, so any step of any rank can be rebuilt exactly on
-    resume, whatever ran before. Ordered records (text pairs) always give (query, positive).
+    resume, whatever ran before. Ordered records (text pairs) always give (query, positive); a record's
+    own "negative" is its hard negative. `sources`: (start, end) index ranges (one per input file); a
+    drawn hard negative then comes from the record's own source, so caption and E5 negatives never mix.
     """
 
-    def __init__(self, records, seed=0):
+    def __init__(self, records, seed=0, sources=None):
         if len(records) < 2:
             raise DataError(f"{len(records)} caption record(s); expected at least 2 (negatives come from other records)")
         self.records, self.seed = records, seed
+        self.sources = sources or [(0, len(records))]
 
     def __len__(self):
         return len(self.records)
@@ -118,8 +128,13 @@ class CaptionPairDataset:
         return rec["captions"][a], rec["captions"][b]
 
     def hard_negative(self, index, step):
+        if "negative" in self.records[index]:
+            return self.records[index]["negative"]
+        lo, hi = next((a, b) for a, b in self.sources if a <= index < b)
+        if hi - lo < 2:
+            lo, hi = 0, len(self.records)
         rng = self._rng(index, step, 1)  # its own stream: independent of pair()'s draws
-        j = int(rng.integers(len(self.records) - 1))
+        j = lo + int(rng.integers(hi - lo - 1))
         j += j >= index  # any record but this one
         caps = self.records[j]["captions"]
         return caps[int(rng.integers(len(caps)))]
@@ -130,6 +145,63 @@ class CaptionPairDataset:
         hard = [self.hard_negative(i, step) for i in indices] if hard_negatives else None
         return [q for q, _ in pairs], [d for _, d in pairs], hard
 
+    def instructions(self, indices, default=None):
+        """The query-side instruction of each record: its own "instruction", else `default`."""
+        return [self.records[i].get("instruction", default) for i in indices]
+
+
+class SourceBatchSampler:
+    """Every global batch from ONE source (input file), as the official LLM2CLIP / llm2vec sampler
+    draws them, so in-batch negatives never mix caption and pure-text data.
+
+    Global step s picks source k with probability weights[k] (one draw seeded by (seed, s)); it then
+    takes the next block of source k's own ResumableBatchSampler order. Like ResumableBatchSampler its
+    only state is the step, so a resumed run replays the uninterrupted one. weights None: proportional
+    to each source's number of full batches (every batch once per epoch, in expectation).
+    """
+
+    def __init__(self, sizes, global_batch, rank=0, world_size=1, seed=0, weights=None, start_step=0,
+                 max_steps=None, names=None):
+        import numpy as np
+        names = names or [f"source {k}" for k in range(len(sizes))]
+        for n, name in zip(sizes, names):
+            if n < global_batch:
+                raise DataError(f"{name}: {n} records, fewer than one global batch of {global_batch} "
+                                "(single_source_batches draws each batch from one file)")
+        weights = [n // global_batch for n in sizes] if not weights else list(weights)
+        if len(weights) != len(sizes) or min(weights) < 0 or sum(weights) <= 0:
+            raise ValueError(f"source weights {weights}: expected {len(sizes)} non-negative numbers, one per "
+                             f"source ({', '.join(names)}), not all zero")
+        self.offsets = np.cumsum([0] + list(sizes))[:-1].tolist()
+        self.cum = np.cumsum(weights) / sum(weights)
+        self.inner = [ResumableBatchSampler(n, global_batch, rank, world_size, seed=int(np.random.SeedSequence(
+            [seed, k]).generate_state(1)[0]), shuffle=True) for k, n in enumerate(sizes)]
+        self.seed, self.start_step, self.max_steps = seed, start_step, max_steps
+        self.steps_per_epoch = sum(n // global_batch for n in sizes)
+        self._source, self._position = [], []  # per global step: its source, and that source's own step
+        self._taken = [0] * len(sizes)  # steps drawn so far from each source
+
+    def source_of(self, step):
+        """The source of global step `step` (draws every earlier step's once, to know each source's position)."""
+        import numpy as np
+        while len(self._source) <= step:
+            u = np.random.default_rng([self.seed, len(self._source), 7]).random()
+            k = min(int(np.searchsorted(self.cum, u, side="right")), len(self.cum) - 1)
+            self._source.append(k)
+            self._position.append(self._taken[k])
+            self._taken[k] += 1
+        return self._source[step]
+
+    def indices(self, step):
+        """This rank's indices (into the concatenated records) of global step `step`."""
+        k = self.source_of(step)
+        return [self.offsets[k] + i for i in self.inner[k].indices(self._position[step])]
+
+    def __iter__(self):
+        step = self.start_step
+        while self.max_steps is None or step < self.start_step + self.max_steps:
+            yield self.indices(step)
+            step += 1
 
 
 # === image-text manifests, images and transforms (stage 2, retrieval eval) ===
@@ -501,15 +573,18 @@ def describe_text_mismatch(cached_counts, cached_hashes, fields, new):
 
 def model_fingerprint(path, probe_bytes=1 << 20):
     """A cheap identity of a local model: sha256 over the files of the folder that is loaded (for a
-    stage-1 out_dir: encoder.json and its model subfolder), each by name, size, and its first and
+    stage-1 out_dir: encoder.json, its model subfolder and stage-1 adaptor), each by name, size, and its first and
     last `probe_bytes` (weights retrained in place change there). None for a hub name."""
     if not os.path.isdir(path):
         return None
     files, folder = [], path
     if os.path.isfile(os.path.join(path, "encoder.json")):
         with open(os.path.join(path, "encoder.json")) as f:
-            folder = os.path.join(path, json.load(f).get("model_subdir", "merged"))
+            meta = json.load(f)
+        folder = os.path.join(path, meta.get("model_subdir", "merged"))
         files.append(os.path.join(path, "encoder.json"))
+        if meta.get("adaptor"):  # a stage-1 adaptor changes the embeddings too
+            files.append(os.path.join(path, meta["adaptor"]["file"]))
     files += sorted(os.path.join(folder, n) for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n)))
     h = hashlib.sha256()
     for name in files:

@@ -302,6 +302,66 @@ class ImageDataset:
         return self.transform(open_image({"image": self.paths[i]})), i
 
 
+# --- class folders (zero-shot classification, linear probe): ImageNet layout <root>/<class>/<image>
+import re  # noqa: E402
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+# ImageNet-1k zero-shot defaults, shipped as data: WordNet id -> class name (the names CLIP's notebooks
+# and open_clip use, in sorted-WNID order) and CLIP's 80 prompt templates
+IMAGENET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "imagenet")
+IMAGENET_CLASSNAMES = os.path.join(IMAGENET_DIR, "classnames.tsv")
+IMAGENET_TEMPLATES = os.path.join(IMAGENET_DIR, "templates.txt")
+
+
+def imagenet_classnames():
+    """{wnid: class name} from the shipped config/imagenet/classnames.tsv."""
+    with open(IMAGENET_CLASSNAMES, encoding="utf-8") as f:
+        return dict(line.rstrip("\n").split("\t") for line in f if line.strip())
+
+
+def _read_templates(path):
+    with open(path, encoding="utf-8") as f:
+        templates = [ln.strip() for ln in f if ln.strip()]
+    bad = [t for t in templates if "{}" not in t]
+    if bad or not templates:
+        raise DataError(f"{path}: every template needs a {{}} for the class name; bad: {bad[:3]}")
+    return templates
+
+
+def read_class_folder(root, classnames_file="", templates_file=""):
+    """ImageNet-style folder: (image paths, labels, class names, templates). Classes are the sorted
+    subfolders (torchvision ImageFolder order); names from a file (one per line, same order), else for
+    WordNet-id folders (n01440764, ...) the shipped ImageNet names and CLIP's 80 templates, else the
+    folder names and "a photo of a {}."."""
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))) if os.path.isdir(root) else []
+    if not classes:
+        raise DataError(f"{root}: no class subfolders (expected an ImageNet-style folder: <root>/<class>/<image>)")
+    wnid = all(re.fullmatch(r"n\d{8}", c) for c in classes)
+    names = [c.replace("_", " ") for c in classes]
+    if classnames_file:
+        with open(classnames_file, encoding="utf-8") as f:
+            names = [ln.strip() for ln in f if ln.strip()]
+        if len(names) != len(classes):
+            raise DataError(f"{classnames_file}: {len(names)} class names, but {root} has {len(classes)} class folders")
+    elif wnid:
+        known = imagenet_classnames()
+        unknown = [c for c in classes if c not in known]
+        if unknown:
+            raise DataError(f"{root}: class folders {unknown[:5]} are WordNet ids but not ImageNet-1k classes "
+                            f"({IMAGENET_CLASSNAMES}); pass --classnames=FILE")
+        names = [known[c] for c in classes]
+    templates = _read_templates(templates_file) if templates_file else (
+        _read_templates(IMAGENET_TEMPLATES) if wnid else ["a photo of a {}."])
+    paths, labels = [], []
+    for c, cls in enumerate(classes):
+        files = sorted(f for f in os.listdir(os.path.join(root, cls)) if f.lower().endswith(IMAGE_EXTENSIONS))
+        paths += [os.path.join(root, cls, f) for f in files]
+        labels += [c] * len(files)
+    if not paths:
+        raise DataError(f"{root}: no images in the class folders")
+    return paths, labels, names, templates
+
+
 # --- converters: public annotation formats -> manifest records (see README, "Evaluation")
 
 def convert_karpathy(src, split="test", captions_per_image=5, prefix="", log=print):

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 import common
 import evaluate
-from data import DataError, read_jsonl
+import zoo
+from data import DataError, read_class_folder, read_jsonl
 
 # -----------------------------------------------------------------------------
 # 1. transformers export of the vision tower
@@ -267,13 +268,13 @@ PROBE_CHUNK = 10000  # images per cached feature file: a killed run loses at mos
 
 
 def load_image_model(spec, device):
-    """evaluate.load_model without the text side (an LLM2CLIP out_dir's LLM is not loaded)."""
+    """zoo.load_model without the text side (an LLM2CLIP out_dir's LLM is not loaded)."""
     from model import LLM2CLIP_CONFIG, load_llm2clip
     if os.path.isfile(os.path.join(spec, LLM2CLIP_CONFIG)):
-        return evaluate.LLM2CLIP(load_llm2clip(spec, device=device, load_text=False)[0], None)
-    if spec.startswith(evaluate.OpenCLIP.PREFIX):  # open_clip:NAME/PRETRAINED (optional package)
-        return evaluate.OpenCLIP(spec, device)
-    return evaluate.HFClip(spec, device)
+        return zoo.LLM2CLIP(load_llm2clip(spec, device=device, load_text=False)[0], None)
+    if spec.startswith(zoo.OpenCLIP.PREFIX):  # open_clip:NAME/PRETRAINED (optional package)
+        return zoo.OpenCLIP(spec, device)
+    return zoo.HFClip(spec, device)
 
 
 def _model_identity(spec):
@@ -320,7 +321,7 @@ def cached_features(m, spec, paths, cache_dir, cfg, dist_info, log):
             parts.append(torch.load(path, map_location="cpu", weights_only=True).float())
             reused += 1
             continue
-        f = evaluate.encode_images(m, paths[lo:lo + PROBE_CHUNK], cfg, dist_info, f"features {c}").cpu()
+        f = zoo.encode_images(m, paths[lo:lo + PROBE_CHUNK], cfg, dist_info, f"features {c}").cpu()
         if dist_info[1] == 0:
             common.atomic_torch_save(f.half(), path)
         parts.append(f.half().float())  # the same values as a reused chunk
@@ -359,8 +360,8 @@ def train_linear_probe(x, y, num_classes, epochs=50, batch_size=1024, lr=0.1, mo
 def run_linear_probe(cfg, dist_info, log):
     """--task=linear_probe --model=A,B --data=ROOT (ROOT/train/<class>/..., ROOT/val/<class>/...)."""
     root = cfg["data"]
-    train_paths, train_y, names, _ = evaluate.read_class_folder(os.path.join(root, "train"))
-    val_paths, val_y, val_names, _ = evaluate.read_class_folder(os.path.join(root, "val"))
+    train_paths, train_y, names, _ = read_class_folder(os.path.join(root, "train"))
+    val_paths, val_y, val_names, _ = read_class_folder(os.path.join(root, "val"))
     if names != val_names:
         raise DataError(f"{root}: train/ and val/ need the same class folders; only in one of them: "
                         f"{sorted(set(names) ^ set(val_names))[:5]}")

@@ -493,7 +493,7 @@ class CLIPText(nn.Module):
 
 class OpenCLIPText(CLIPText):
     """CLIP-T of an open_clip model (EVA02-CLIP and other families transformers lacks), with CLIPText's
-    interface. Built by evaluate.load_open_clip_text: open_clip is an optional dependency and never imported
+    interface. Built by zoo.load_open_clip_text: open_clip is an optional dependency and never imported
     here. The vision tower is dropped; open_clip's tokenizer pads to its context (77) and the tower finds the
     end-of-text token itself, so there is no mask."""
 
@@ -1019,7 +1019,7 @@ def load_llm2clip_text(out_dir, text=None, device="cpu", clip_loader=None, text_
     """One text encoder of a post_train.py export: "llm" (LLM + adaptor, with the stage-2 LoRA if the run
     trained one), "clip_t" (CLIP's own text tower as fine-tuned) or "cat" (both through the Cat head).
     clip_loader(folder, device) loads the exported CLIP-T (default load_clip_text; an open_clip CLIP-T
-    needs evaluate.load_open_clip_text)."""
+    needs zoo.load_open_clip_text)."""
     meta = _read_llm2clip(out_dir)
     names = meta.get("text_encoders", ["llm"])
     text = text or names[0]
@@ -1043,7 +1043,7 @@ def load_llm2clip_text(out_dir, text=None, device="cpu", clip_loader=None, text_
     clip_dir = os.path.join(out_dir, meta["clip_text"]["dir"])
     if clip_loader is None and os.path.isfile(os.path.join(clip_dir, "open_clip.json")):
         raise ValueError(f"{out_dir}: its CLIP-T is an open_clip model; load it with "
-                         "clip_loader=evaluate.load_open_clip_text (pip install open_clip_torch)")
+                         "clip_loader=zoo.load_open_clip_text (pip install open_clip_torch)")
     clip_text = (clip_loader or load_clip_text)(clip_dir, device=device).eval()
     if text == "clip_t":
         return clip_text

@@ -30,6 +30,7 @@ import common
 import data
 import evaluate
 import model as M
+import zoo
 
 # -----------------------------------------------------------------------------
 # default config (override with config/*.py files and --key=value)
@@ -410,7 +411,7 @@ def main(argv=None):
     clip_text = None
     if cfg["clip_text"]:
         # transformers' CLIP/SigLIP text towers, or open_clip:NAME/PRETRAINED (optional package; EVA02-CLIP)
-        clip_text = evaluate.load_open_clip_text(cfg["clip_text"]).requires_grad_(cfg["clip_text_trainable"])
+        clip_text = zoo.load_open_clip_text(cfg["clip_text"]).requires_grad_(cfg["clip_text_trainable"])
     orig_model = M.LLM2CLIP(vision, text_dim, cfg["adaptor_blocks"], cfg["adaptor_expansion"], cfg["logit_scale_init"],
                             losses=cfg["losses"], clip_text=clip_text, adaptor=cfg["adaptor"],
                             text_encoder=lora_encoder).to(device)

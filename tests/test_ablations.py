@@ -351,7 +351,7 @@ def test_online_lora_changes_only_lora_vision_adaptor_and_export_reloads(w, tmp_
 # --- open_clip: an optional dependency for the families transformers lacks (EVA02-CLIP)
 
 def test_open_clip_missing_names_the_pip_package():
-    import evaluate
+    import zoo
     try:
         import open_clip  # noqa: F401
         pytest.skip("open_clip is installed")
@@ -359,7 +359,7 @@ def test_open_clip_missing_names_the_pip_package():
         pass
     with pytest.raises(ImportError, match="open_clip:EVA02-L-14-336/merged2b_s6b_b61k: open_clip models need the "
                                           "open_clip package.*pip install open_clip_torch"):
-        evaluate.load_models("open_clip:EVA02-L-14-336/merged2b_s6b_b61k", "cpu")
+        zoo.load_models("open_clip:EVA02-L-14-336/merged2b_s6b_b61k", "cpu")
 
 
 def test_open_clip_baseline_side_by_side_with_an_export_and_as_clip_t(w, tmp_path):

@@ -13,6 +13,7 @@ from PIL import Image
 import downstream
 import evaluate
 import model as M
+import zoo
 from conftest import ROOT, find_shared_data
 from data import DataError, eval_transform, make_synthetic_dataset
 
@@ -201,8 +202,8 @@ def test_linear_probe_before_and_after_post_training_with_cached_features(tmp_pa
     classes = shapes_folders(root, 360, 120)
     before, after = post_trained(tmp_path, 150)
     calls = []
-    real_encode = evaluate.encode_images
-    monkeypatch.setattr(evaluate, "encode_images", lambda m, paths, *a: calls.append(len(paths)) or real_encode(m, paths, *a))
+    real_encode = zoo.encode_images
+    monkeypatch.setattr(zoo, "encode_images", lambda m, paths, *a: calls.append(len(paths)) or real_encode(m, paths, *a))
     monkeypatch.setattr(downstream, "PROBE_CHUNK", 100)
     capsys.readouterr()
     args = ["--task=linear_probe", f"--model={tiny_clip},{before},{after}", f"--data={root}", "--num_workers=0",

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import data  # noqa: E402
 import evaluate  # noqa: E402
 
 from data import DataError, ImageDataset, convert_karpathy, read_manifest  # noqa: E402
@@ -156,7 +157,7 @@ def test_eval_transform_resizes_short_side_and_center_crops(tmp_path):
     im.paste((255, 255, 255), (32, 0, 64, 32))
     path = tmp_path / "half.png"
     im.save(path)
-    x, idx = ImageDataset([str(path)], evaluate.eval_transform(cfg))[0]
+    x, idx = ImageDataset([str(path)], data.eval_transform(cfg))[0]
     assert idx == 0 and x.shape == (3, 16, 16)
     assert torch.allclose(x[:, :, :6], torch.tensor(-2.0), atol=1e-4)  # (0 - 0.5) / 0.25
     assert torch.allclose(x[:, :, 10:], torch.tensor(2.0), atol=1e-4)  # (1 - 0.5) / 0.25
@@ -358,9 +359,9 @@ def test_c2c_eval_restores_training_mode():
 ])
 def test_read_caption_records_errors(tmp_path, rows, message):
     with pytest.raises(DataError, match=message):
-        evaluate.read_caption_records(_jsonl(tmp_path / "c.jsonl", rows))
+        data.read_caption_records(_jsonl(tmp_path / "c.jsonl", rows))
     with pytest.raises(DataError, match=r"nope.jsonl: file not found"):
-        evaluate.read_caption_records(str(tmp_path / "nope.jsonl"))
+        data.read_caption_records(str(tmp_path / "nope.jsonl"))
 
 
 def test_imagenet_wnid_folders_get_class_names_and_80_templates(tmp_path):
@@ -369,16 +370,16 @@ def test_imagenet_wnid_folders_get_class_names_and_80_templates(tmp_path):
     for wnid in ("n01440764", "n02012849", "n03126707"):  # tench, crane (bird), crane (machine)
         os.makedirs(tmp_path / "in" / wnid)
         Image.new("RGB", (8, 8)).save(tmp_path / "in" / wnid / "a.jpg")
-    paths, labels, names, templates = evaluate.read_class_folder(str(tmp_path / "in"))
+    paths, labels, names, templates = data.read_class_folder(str(tmp_path / "in"))
     assert names == ["tench", "crane bird", "construction crane"] and labels == [0, 1, 2]
     assert len(templates) == 80 and templates[0] == "a bad photo of a {}." and all("{}" in t for t in templates)
-    full = evaluate.imagenet_classnames()
+    full = data.imagenet_classnames()
     assert len(full) == 1000 and list(full) == sorted(full) and full["n04008634"] == "missile"
     dupes = sorted({n for n in full.values() if list(full.values()).count(n) > 1})
     assert dupes == ["missile", "sunglasses"]  # CLIP's list as published (two WNID pairs share a name)
     os.makedirs(tmp_path / "plain" / "red_circle")
     Image.new("RGB", (8, 8)).save(tmp_path / "plain" / "red_circle" / "a.jpg")
-    assert evaluate.read_class_folder(str(tmp_path / "plain"))[2:] == (["red circle"], ["a photo of a {}."])
+    assert data.read_class_folder(str(tmp_path / "plain"))[2:] == (["red circle"], ["a photo of a {}."])
     os.makedirs(tmp_path / "in" / "n99999999")
     with pytest.raises(DataError, match=r"\['n99999999'\] are WordNet ids but not ImageNet-1k classes"):
-        evaluate.read_class_folder(str(tmp_path / "in"))
+        data.read_class_folder(str(tmp_path / "in"))

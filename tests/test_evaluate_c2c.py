@@ -7,6 +7,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import data  # noqa: E402
 import evaluate  # noqa: E402
 
 torch.set_num_threads(1)
@@ -22,7 +23,7 @@ def test_c2c_cli_errors_before_loading_a_model(tmp_path):
         evaluate.main(["--task=c2c", "--text_model=x"])
     bad = tmp_path / "c.jsonl"
     bad.write_text(json.dumps({"id": 1, "captions": ["only one"]}) + "\n")
-    with pytest.raises(evaluate.DataError, match=r"c.jsonl:1: expected >= 2 captions per record"):
+    with pytest.raises(data.DataError, match=r"c.jsonl:1: expected >= 2 captions per record"):
         evaluate.main(["--task=c2c", "--text_model=x", f"--captions={bad}"])
 
 

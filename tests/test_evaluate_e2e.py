@@ -15,7 +15,9 @@ from PIL import Image
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, REPO)
+import data  # noqa: E402
 import evaluate  # noqa: E402
+import zoo  # noqa: E402
 
 EVAL_DEFAULTS = {k: getattr(evaluate, k) for k in evaluate.config_keys}
 
@@ -127,20 +129,20 @@ def test_baseline_and_llm2clip_side_by_side(tmp_path, tiny_clip, fake_llm2clip, 
 def test_batched_encoding_equals_one_at_a_time(tmp_path, tiny_clip):
     """Length-sorted text batches and image batches give the features of one-by-one encoding, in order."""
     from transformers import AutoTokenizer, CLIPModel
-    m = evaluate.load_model(tiny_clip, "cpu")
+    m = zoo.load_model(tiny_clip, "cpu")
     assert m.data_config == {"input_size": (3, 32, 32), "interpolation": "bicubic", "crop_pct": 1.0, "crop_mode": "center",
                              "mean": pytest.approx((0.48145466, 0.4578275, 0.40821073)),
                              "std": pytest.approx((0.26862954, 0.26130258, 0.27577711))}
     texts = ["a red square", "the dog", "a young girl sitting next to a wooden table with a candle", "cat", "blue"]
     cfg = {**EVAL_DEFAULTS, "text_batch_size": 2, "batch_size": 3, "num_workers": 0}
-    got = evaluate.encode_texts(m, texts, cfg, (False, 0, 1, "cpu"))
+    got = zoo.encode_texts(m, texts, cfg, (False, 0, 1, "cpu"))
     model, tok = CLIPModel.from_pretrained(tiny_clip).eval(), AutoTokenizer.from_pretrained(tiny_clip)
     with torch.no_grad():
         want = torch.cat([model.get_text_features(**tok([t], return_tensors="pt")).pooler_output for t in texts])
         assert torch.allclose(got, F.normalize(want, dim=-1), atol=1e-5)
         paths = [color_manifest(tmp_path, "c", 5) and str(tmp_path / f"{c}.png") for c in COLORS]
-        got = evaluate.encode_images(m, paths, cfg, (False, 0, 1, "cpu"))
-        tf = evaluate.eval_transform(m.data_config)
+        got = zoo.encode_images(m, paths, cfg, (False, 0, 1, "cpu"))
+        tf = data.eval_transform(m.data_config)
         x = torch.stack([tf(Image.open(p).convert("RGB")) for p in paths])
         want = torch.cat([model.get_image_features(pixel_values=x[i:i + 1]).pooler_output for i in range(len(paths))])
     assert torch.allclose(got, F.normalize(want, dim=-1), atol=1e-5)
@@ -153,7 +155,7 @@ def test_hf_preprocessing_mapped_to_our_rules_matches_clip_processor(tiny_clip):
     yy, xx = torch.meshgrid(torch.linspace(0, 1, 45), torch.linspace(0, 1, 70), indexing="ij")
     arr = (torch.stack([xx, yy, xx * yy], -1) * 255).round().to(torch.uint8).numpy()  # smooth 70x45 image
     im = Image.fromarray(arr)
-    ours = evaluate.eval_transform(evaluate.hf_data_config(proc))(im)
+    ours = data.eval_transform(zoo.hf_data_config(proc))(im)
     theirs = proc(images=im, return_tensors="pt")["pixel_values"][0]
     assert ours.shape == theirs.shape == (3, 32, 32)
     assert (ours - theirs).abs().mean() < 0.02  # resampler details differ slightly, geometry must not
@@ -162,7 +164,7 @@ def test_hf_preprocessing_mapped_to_our_rules_matches_clip_processor(tiny_clip):
 def test_siglip_processor_maps_to_short_side_center_crop():
     proc = types.SimpleNamespace(size={"height": 384, "width": 384}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
                                  do_center_crop=None)
-    assert evaluate.hf_data_config(proc) == {"input_size": (3, 384, 384), "interpolation": "bicubic", "crop_pct": 1.0,
+    assert zoo.hf_data_config(proc) == {"input_size": (3, 384, 384), "interpolation": "bicubic", "crop_pct": 1.0,
                                              "crop_mode": "center", "mean": (0.5,) * 3, "std": (0.5,) * 3}
 
 
@@ -184,7 +186,7 @@ def test_zero_shot_classification(tmp_path, tiny_clip, fake_llm2clip):
     assert res[tiny_clip]["top5"] == 100.0  # 3 classes
     assert json.loads(out.read_text())["results"] == res
     (tmp_path / "names.txt").write_text("blue\ngreen\n")
-    with pytest.raises(evaluate.DataError, match="names.txt: 2 class names, but .*imagenet_val has 3 class folders"):
+    with pytest.raises(data.DataError, match="names.txt: 2 class names, but .*imagenet_val has 3 class folders"):
         evaluate.main(["--task=classify", f"--model={llm_dir}", f"--data={root}",
                        f"--classnames={tmp_path / 'names.txt'}"])
 
@@ -192,7 +194,7 @@ def test_zero_shot_classification(tmp_path, tiny_clip, fake_llm2clip):
 def test_missing_image_fails_before_any_model_loads(tmp_path, fake_llm2clip):
     m = color_manifest(tmp_path, "colors5", 5)
     os.remove(tmp_path / "blue.png")
-    with pytest.raises(evaluate.DataError, match=r"colors5.jsonl:3: image file not found: .*blue.png"):
+    with pytest.raises(data.DataError, match=r"colors5.jsonl:3: image file not found: .*blue.png"):
         evaluate.main([f"--model={fake_llm2clip[0]}", f"--data={m}"])
     assert fake_llm2clip[1] == []
 
@@ -266,10 +268,10 @@ def test_tiny_siglip_baseline(tmp_path):
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                            image_size=32, patch_size=8))).save_pretrained(d)
     SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(d)
-    m = evaluate.load_model(d, "cpu")
+    m = zoo.load_model(d, "cpu")
     assert (m.siglip, m.max_length, m.data_config["crop_pct"], m.data_config["mean"]) == (True, 16, 1.0, (0.5, 0.5, 0.5))
     texts = ["a red square", "the dog is sitting next to a wooden table"]
-    got = evaluate.encode_texts(m, texts, {**EVAL_DEFAULTS, "text_batch_size": 2}, (False, 0, 1, "cpu"))
+    got = zoo.encode_texts(m, texts, {**EVAL_DEFAULTS, "text_batch_size": 2}, (False, 0, 1, "cpu"))
     model = SiglipModel.from_pretrained(d).eval()
     ids = torch.tensor([[vocab[w] for w in t.split()] + [0] * (16 - len(t.split())) for t in texts])
     with torch.no_grad():
@@ -291,4 +293,4 @@ def test_duplicate_dataset_names_and_variable_size_processor(tmp_path):
         evaluate.main(["--model=x,x", f"--data={a / 'manifest.jsonl'},{b / 'manifest.jsonl'}"])
     naflex = types.SimpleNamespace(size=None, max_num_patches=256, image_mean=[0.5] * 3, image_std=[0.5] * 3)
     with pytest.raises(ValueError, match="no fixed input size; variable-resolution"):
-        evaluate.hf_data_config(naflex)
+        zoo.hf_data_config(naflex)

@@ -466,9 +466,9 @@ def test_online_text_encoder_settings_match_a_cache_built_with_them(w, tmp_path)
     assert enc.text_encoder.settings["bidirectional"] is False and M.is_causal_model(enc.text_encoder.model)
     # evaluate.py's retrieval text side: the recorded settings by default, its text-encoder keys override them
     ev = {k: getattr(post_train.evaluate, k) for k in post_train.evaluate.config_keys}
-    t = post_train.evaluate.load_model(str(tmp_path / "online"), "cpu", ev).text_encoder
+    t = post_train.zoo.load_model(str(tmp_path / "online"), "cpu", ev).text_encoder
     assert t.text_encoder.settings["bidirectional"] is False and t.max_length == 512
-    t = post_train.evaluate.load_model(str(tmp_path / "online"), "cpu", {**ev, "bidirectional": True, "max_length": 32}).text_encoder
+    t = post_train.zoo.load_model(str(tmp_path / "online"), "cpu", {**ev, "bidirectional": True, "max_length": 32}).text_encoder
     assert t.text_encoder.settings["bidirectional"] is True and t.max_length == 32
     with pytest.raises(ValueError, match=r"bidirectional=False, but the cache .* was embedded with bidirectional=True"):
         post_train.main(args(w, tmp_path / "bad", "--bidirectional=False"))

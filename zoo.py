@@ -1,0 +1,254 @@
+"""Every model family evaluate.py scores, behind one interface (data_config, encode_images(images),
+encode_texts(texts)): transformers CLIP/SigLIP folders or hub names, open_clip:NAME/PRETRAINED (an
+optional package, imported only when named), and LLM2CLIP out_dirs (one row per text encoder); plus
+the sharded encoding of images and texts with any of them.
+
+Kept out of evaluate.py so the stage script reads as metrics, datasets and tasks; downstream.py
+(linear probe, HF export) and post_train.py (CLIP-T of the ablations) load models from here too.
+"""
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+
+import common
+from data import ImageDataset, eval_transform
+
+# -----------------------------------------------------------------------------
+# models: one interface (data_config, encode_images, encode_texts) for baselines and LLM2CLIP
+
+def _get(d, key):
+    return d.get(key) if isinstance(d, dict) else getattr(d, key, None)
+
+
+def hf_data_config(processor):
+    """A HF image processor's settings as a timm data config, under our eval rules: bicubic resize of
+    the short side, centre crop, the processor's mean/std. (HF's SigLIP squashes to a square instead;
+    we keep one rule for every model, as DESIGN.md asks.)"""
+    size, crop = getattr(processor, "size", None), getattr(processor, "crop_size", None)
+    if size is None or not (_get(size, "shortest_edge") or (_get(size, "height") and _get(size, "width"))):
+        raise ValueError(f"{type(processor).__name__} (size={size!r}) has no fixed input size; variable-resolution "
+                         "processors (e.g. SigLIP2 NaFlex) are not supported, use a fixed-size checkpoint")
+    short = _get(size, "shortest_edge") or min(_get(size, "height"), _get(size, "width"))
+    if getattr(processor, "do_center_crop", False) and crop is not None and _get(crop, "height"):
+        h, w = _get(crop, "height"), _get(crop, "width")
+    else:
+        h, w = (_get(size, "height") or short), (_get(size, "width") or short)
+    return {"input_size": (3, h, w), "interpolation": "bicubic", "crop_pct": min(h, w) / short,
+            "crop_mode": "center", "mean": tuple(processor.image_mean), "std": tuple(processor.image_std)}
+
+
+def _pooled(out):
+    return out if torch.is_tensor(out) else out.pooler_output  # transformers 5 returns a ModelOutput
+
+
+class HFClip:
+    """Baseline: a transformers CLIPModel / SiglipModel with its own text tower."""
+
+    def __init__(self, path, device):
+        from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+        self.model = AutoModel.from_pretrained(path).to(device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.data_config = hf_data_config(AutoImageProcessor.from_pretrained(path))
+        self.device = device
+        self.siglip = "siglip" in self.model.config.model_type  # trained with max-length padding
+        self.max_length = getattr(self.model.config.text_config, "max_position_embeddings", 77)
+        self.truncation = dict(texts=0, truncated=0, tokens_cut=0, max_cut=0)  # as model.TextEncoder counts
+
+    def encode_images(self, images):
+        return _pooled(self.model.get_image_features(pixel_values=images))
+
+    def encode_texts(self, texts):
+        cut = [n - self.max_length for n in map(len, self.tokenizer(texts)["input_ids"]) if n > self.max_length]
+        t = self.truncation
+        t.update(texts=t["texts"] + len(texts), truncated=t["truncated"] + len(cut),
+                 tokens_cut=t["tokens_cut"] + sum(cut), max_cut=max([t["max_cut"], *cut]))
+        tok = self.tokenizer(texts, padding="max_length" if self.siglip else True, truncation=True,
+                             max_length=self.max_length, return_tensors="pt")
+        tok = {k: v.to(self.device) for k, v in tok.items() if k in ("input_ids", "attention_mask")}
+        return _pooled(self.model.get_text_features(**tok))
+
+
+def import_open_clip(spec):
+    """open_clip, imported only when a name asks for it, with an error naming the pip package."""
+    try:
+        import open_clip
+    except ImportError:
+        raise ImportError(f"{spec}: open_clip models need the open_clip package, which is not installed: "
+                          "pip install open_clip_torch") from None
+    return open_clip
+
+
+def load_open_clip_text(spec, device="cpu"):
+    """CLIP-T (stage 2's `clip_text`) from `open_clip:NAME/PRETRAINED`, or from an export's clip_text/ folder
+    (an open_clip one has open_clip.json, else it is a transformers CLIP/SigLIP folder)."""
+    import model as M
+    meta = None
+    if os.path.isfile(os.path.join(spec, "open_clip.json")):
+        with open(os.path.join(spec, "open_clip.json")) as f:
+            meta = json.load(f)
+        name, pretrained = meta["open_clip"], ""
+    elif spec.startswith(OpenCLIP.PREFIX):
+        name, _, pretrained = spec[len(OpenCLIP.PREFIX):].partition("/")
+    else:
+        return M.load_clip_text(spec, device=device)
+    open_clip = import_open_clip(spec)
+    model = open_clip.create_model(name, pretrained=pretrained or None)
+    tower = M.OpenCLIPText(model, open_clip.get_tokenizer(name), name, open_clip.get_model_config(name)["embed_dim"])
+    if meta is not None:
+        tower.model.load_state_dict(torch.load(os.path.join(spec, meta["file"]), map_location="cpu", weights_only=True))
+    return tower.to(device)
+
+
+class OpenCLIP:
+    """Baseline of a family transformers lacks (EVA02-CLIP, ...): `open_clip:NAME/PRETRAINED`, PRETRAINED an
+    open_clip tag or a local checkpoint file (open_clip:NAME//abs/path.pt). open_clip is an optional
+    dependency, imported only here."""
+
+    PREFIX = "open_clip:"
+
+    def __init__(self, spec, device):
+        open_clip = import_open_clip(spec)
+        name, _, pretrained = spec[len(self.PREFIX):].partition("/")
+        self.model = open_clip.create_model(name, pretrained=pretrained or None, device=device).eval()
+        self.tokenizer = open_clip.get_tokenizer(name)
+        pp = self.model.visual.preprocess_cfg  # its size, mean/std; our eval rule: short-side resize + centre crop
+        size = pp["size"] if isinstance(pp["size"], (tuple, list)) else (pp["size"], pp["size"])
+        self.data_config = {"input_size": (3, *size), "interpolation": pp.get("interpolation", "bicubic"),
+                            "crop_pct": 1.0, "crop_mode": "center", "mean": tuple(pp["mean"]), "std": tuple(pp["std"])}
+        self.device = device
+
+    def encode_images(self, images):
+        return self.model.encode_image(images)
+
+    def encode_texts(self, texts):
+        return self.model.encode_text(self.tokenizer(texts).to(self.device))
+
+
+class LLM2CLIP:
+    """A post-trained model: image_encoder(images) -> (B, D), text_encoder.encode(texts) -> (N, D)."""
+
+    def __init__(self, image_encoder, text_encoder):
+        self.image_encoder, self.text_encoder = image_encoder, text_encoder
+        self.data_config = image_encoder.data_config
+        if hasattr(image_encoder, "eval"):
+            image_encoder.eval()
+
+    def encode_images(self, images):
+        return self.image_encoder(images)
+
+    def encode_texts(self, texts):
+        return self.text_encoder.encode(texts, batch_size=len(texts))
+
+    @property
+    def truncation(self):  # the LLM's counts (None for a text encoder that does not count)
+        return getattr(getattr(self.text_encoder, "text_encoder", None), "truncation", None)
+
+    @property
+    def max_length(self):
+        return getattr(self.text_encoder, "max_length", None)
+
+
+def _llm_text_settings(cfg):
+    """cfg's LLM text-encoder settings that are set (the others stay as llm2clip.json recorded them)."""
+    if not cfg:
+        return {}
+    text = {**common.text_encoder_kwargs(cfg), "instruction": cfg["instruction"] or None,
+            "max_length": cfg["max_length"] or None}
+    return {k: v for k, v in text.items() if v is not None}
+
+
+def _log_llm_side(m, text):
+    t = getattr(m.text_encoder, "llm_side", m.text_encoder)
+    if hasattr(getattr(t, "text_encoder", None), "settings"):  # a model.LLM2CLIPTextEncoder
+        print(common.describe_text_encoder(t.text_encoder, text) + f", instruction={t.instruction!r}, "
+              f"max_length={t.max_length}")
+    return m
+
+
+def load_models(spec, device, cfg=None):
+    """--model item -> [(row name, model)]: one row per text encoder of an LLM2CLIP out_dir (it has
+    llm2clip.json: its LLM side, CLIP-T and Cat head, as `text_encoders` lists them; rows "spec [name]" when
+    the run has other than the LLM side alone), else one row of a HF CLIP/SigLIP folder or hub name.
+    The rows of one out_dir share its image encoder. cfg's LLM text-encoder settings (bidirectional,
+    pooling, chat_template, instruction, max_length), where set, override what llm2clip.json recorded."""
+    if os.path.isfile(os.path.join(spec, "llm2clip.json")):
+        import model as M  # local: baselines need no model.py
+        with open(os.path.join(spec, "llm2clip.json")) as f:
+            names = json.load(f).get("text_encoders", ["llm"])
+        text = _llm_text_settings(cfg)
+        kw = {"text_settings": text} if text else {}
+        if names == ["llm"]:  # the paper's default run: one row, named by its folder
+            return [(spec, _log_llm_side(LLM2CLIP(*M.load_llm2clip(spec, device=device, **kw)), text))]
+        image_encoder, _ = M.load_llm2clip(spec, device=device, load_text=False)
+        return [(f"{spec} [{n}]", _log_llm_side(LLM2CLIP(image_encoder, M.load_llm2clip_text(
+            spec, n, device, load_open_clip_text, **kw)), text)) for n in names]
+    if spec.startswith(OpenCLIP.PREFIX):
+        return [(spec, OpenCLIP(spec, device))]
+    return [(spec, HFClip(spec, device))]
+
+
+def load_model(spec, device, cfg=None):
+    """The first (for an LLM2CLIP out_dir: its main) row of load_models."""
+    return load_models(spec, device, cfg)[0][1]
+
+
+# -----------------------------------------------------------------------------
+# encoding: each rank takes a contiguous shard, features are gathered in rank order
+
+def _shard(n, rank, world):
+    return n * rank // world, n * (rank + 1) // world
+
+
+def gather_rows(x, ddp):
+    """Concatenate every rank's rows (n_i, D) in rank order; shards may differ in size (or be empty)."""
+    if not ddp:
+        return x
+    import torch.distributed as dist
+    meta = [None] * dist.get_world_size()
+    dist.all_gather_object(meta, (x.shape[0], x.shape[1] if x.numel() else 0))
+    n_max, d = max(m[0] for m in meta), max(m[1] for m in meta)
+    padded = x.new_zeros(n_max, d)
+    if x.shape[0]:
+        padded[:x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in meta]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:n] for p, (n, _) in zip(parts, meta)])
+
+
+def _autocast(device, amp):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and str(device).startswith("cuda"))
+
+
+@torch.no_grad()
+def encode_images(m, paths, cfg, dist_info, desc="images"):
+    """L2-normalised features of all images (every rank returns all of them)."""
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+    ddp, rank, world, device = dist_info
+    lo, hi = _shard(len(paths), rank, world)
+    loader = DataLoader(ImageDataset(paths[lo:hi], eval_transform(m.data_config)),
+                        batch_size=cfg["batch_size"], num_workers=cfg["num_workers"])
+    feats = []
+    for x, _ in tqdm(loader, desc=desc, disable=rank != 0):
+        with _autocast(device, cfg["amp"]):
+            feats.append(F.normalize(m.encode_images(x.to(device)).float(), dim=-1))
+    return gather_rows(torch.cat(feats) if feats else torch.zeros(0, 0, device=device), ddp)
+
+
+@torch.no_grad()
+def encode_texts(m, texts, cfg, dist_info, desc="texts"):
+    """L2-normalised features of all texts, encoded longest-first in batches (minimal padding)."""
+    from tqdm import tqdm
+    ddp, rank, world, device = dist_info
+    lo, hi = _shard(len(texts), rank, world)
+    order = sorted(range(lo, hi), key=lambda i: -len(texts[i]))
+    bs, feats = cfg["text_batch_size"], {}
+    for b in tqdm(range(0, len(order), bs), desc=desc, disable=rank != 0):
+        idx = order[b:b + bs]
+        with _autocast(device, cfg["amp"]):
+            f = F.normalize(m.encode_texts([texts[i] for i in idx]).float(), dim=-1)
+        feats.update(zip(idx, f.to(device)))
+    local = torch.stack([feats[i] for i in range(lo, hi)]) if feats else torch.zeros(0, 0, device=device)
+    return gather_rows(local, ddp)

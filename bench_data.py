@@ -8,7 +8,7 @@ dense captions), as a manifest (JSONL + image files) and as WebDataset tar shard
 cache whose text hash matches (rows are zeros: only the reader's work is measured, not a model). Each
 measurement runs in fresh processes:
 - index: the one-time data.build_train_index (tar shards: 2 ranks scanning in parallel, rank 0 merging);
-- startup: process start -> post_train.train_data + train_loader -> first batch ready, with the index
+- startup: process start -> data.train_data + train_loader -> first batch ready, with the index
   already built: 1 rank (0 workers), and 2 ranks x 2 workers (peak RSS per rank, PSS of all 6 processes);
 - embed setup: what embed_captions.py does before loading a model (data.cache_texts(lazy=True), then
   reading every text back in 64k-text pieces, as the length pass does; tokenising is left out).
@@ -187,9 +187,9 @@ def child(task, args):
         cfg.update(train_manifest=args.get("manifest") or "", train_shards=args.get("shards") or "",
                    cache_dir=args["cache_dir"], train_index=args["index_dir"], batch_size=args["batch_size"],
                    num_workers=args["workers"], max_steps=10, out_dir=args["index_dir"] + "_run")
-        index, cache = post_train.train_data(cfg, args["rank"], args["world"], quiet)
+        index, cache = data.train_data(cfg, args["rank"], args["world"], quiet)
         dc = {"input_size": (3, 32, 32), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
-        loader = post_train.train_loader(cfg, index, cache, dc, args["rank"], args["world"], 0)
+        loader = data.train_loader(cfg, index, cache, dc, args["rank"], args["world"], 0)
         batches = iter(loader)
         batch = next(batches)
         res["seconds"] = time.time() - args["t0"]  # from before this process was started

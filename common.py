@@ -5,6 +5,7 @@ Kept apart from model.py so that model.py stays copy-pasteable (torch/transforme
 import ast
 import contextlib
 import datetime
+import glob
 import hashlib
 import json
 import os
@@ -341,6 +342,11 @@ def remove_checkpoint(path):
     for p in (path, path + ".sha256"):
         with contextlib.suppress(FileNotFoundError):
             os.remove(p)
+
+
+def checkpoint_paths(out_dir):
+    """Checkpoints in out_dir, oldest first (zero-padded step numbers sort)."""
+    return sorted(glob.glob(os.path.join(out_dir, "checkpoints", "step_*.pt")))
 
 
 _LOCKS = {}  # lock file -> fd held by this process

@@ -1501,6 +1501,55 @@ class EpochBatchSampler(ResumableBatchSampler):
             yield [(epoch, i) for i in indices]
 
 
+# --- post_train.py's training data from its config: the index (built once, then reused), the cache
+# checked against it, and the resumable loader
+
+def train_index_dir(cfg):
+    """Where the training index lives: train_index if set; else beside the cache, one folder per source
+    (every run on that cache reuses it); else in out_dir."""
+    if cfg["train_index"]:
+        return cfg["train_index"]
+    if not cfg["cache_dir"]:
+        return os.path.join(cfg["out_dir"], "train_index")
+    if cfg["train_manifest"]:
+        src = [os.path.abspath(cfg["train_manifest"]), os.path.abspath(cfg["image_root"]) if cfg["image_root"] else ""]
+    else:
+        src = [os.path.abspath(p) for p in expand_shards(cfg["train_shards"])]
+    return os.path.join(cfg["cache_dir"], "train_index-" + hashlib.sha256("\0".join(src).encode()).hexdigest()[:12])
+
+
+def train_data(cfg, rank, world_size, log, uses_llm=True):
+    """-> (TrainIndex, EmbeddingCache or None). Builds the index on first use (ranks share the
+    work; the manifest's image files are checked then, unless bad ones are to be skipped at load time),
+    then refuses a cache of other captions (naming the first differing record) or of another encoder."""
+    shards = expand_shards(cfg["train_shards"]) if cfg["train_shards"] else None
+    index = build_train_index(train_index_dir(cfg), manifest=cfg["train_manifest"] or None,
+                              image_root=cfg["image_root"] or None, shards=shards,
+                              check_images=not cfg["skip_bad_images"], rank=rank, world_size=world_size, log=log)
+    cache = None
+    if cfg["cache_dir"]:
+        cache = EmbeddingCache(cfg["cache_dir"], manifest=index, fields=index.used_fields(),
+                               expect={"model": cfg["text_model"]} if cfg["text_model"] else None)
+    elif cfg["text_source"] == "cache" and uses_llm:
+        raise ValueError(f"text_source='cache' needs cache_dir: run embed_captions.py --manifest={index.records_file}")
+    return index, cache
+
+
+def train_loader(cfg, index, cache, data_config, rank, world_size, step, pin_memory=False):
+    """The DataLoader of this rank's batches from global step `step` on (the sampler's order is a function
+    of the step only: an exact resume)."""
+    import torch
+    train_set = TrainSamples(index, TrainTransform(data_config, tuple(cfg["crop_scale"])),
+                             cache if cfg["text_source"] == "cache" else None, cfg["seed"],
+                             cfg["real_caption_ratio"], cfg["skip_bad_images"])
+    sampler = EpochBatchSampler(len(index), cfg["batch_size"], rank, world_size, cfg["seed"], True,
+                                start_step=step, max_steps=max(0, cfg["max_steps"] - step))
+    # its own generator: building the iterator must not draw from the global stream a resume restored
+    return torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=cfg["num_workers"],
+                                       collate_fn=collate_train, pin_memory=pin_memory,
+                                       generator=torch.Generator().manual_seed(cfg["seed"] + rank))
+
+
 
 # === synthetic image-caption data (the tiny pipeline) ===
 # Coloured shapes on a plain background: a retrieval task that a tiny ViT learns in a few hundred CPU

@@ -15,14 +15,11 @@ run_post_train.json (config + code version). The training index (data.build_trai
 use, then reused) lives beside the cache, or in out_dir/train_index, or where --train_index says.
 """
 import contextlib
-import glob
-import hashlib
 import json
 import math
 import os
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -154,30 +151,11 @@ def optimizer_step(orig_model, optimizer, cfg):
         orig_model.logit_scale.clamp_(max=cfg["max_logit_scale"])
 
 
-@torch.no_grad()
-def embed_images(orig_model, records, data_config, device, batch_size, autocast):
-    """L2-normalised image features of `records` with the eval preprocessing (in order)."""
-    tf = data.eval_transform(data_config)
-    feats = []
-    orig_model.eval()
-    for s in range(0, len(records), batch_size):
-        x = torch.stack([tf(data.open_image(r)) for r in records[s:s + batch_size]]).to(device)
-        with autocast:
-            feats.append(orig_model.encode_image(x).float())
-    orig_model.train()
-    return torch.cat(feats)
-
-
 def save_checkpoint(path, state):
     """Atomic write (temp + rename) with a sha256 sidecar: a run killed mid-save leaves the previous
     checkpoint intact, and a corrupt one is caught at resume (common.load_newest_checkpoint)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     common.save_checkpoint(state, path)
-
-
-def checkpoint_paths(out_dir):
-    """Checkpoints in out_dir, oldest first (zero-padded step numbers sort)."""
-    return sorted(glob.glob(os.path.join(out_dir, "checkpoints", "step_*.pt")))
 
 
 def checkpoint(out_dir, orig_model, optimizer, step, cfg, bad_images, world_size, master, ddp, keep, data_id):
@@ -196,137 +174,16 @@ def checkpoint(out_dir, orig_model, optimizer, step, cfg, bad_images, world_size
             "rng": {"torch": [r["torch"] for r, _ in per_rank], "cuda": [r["cuda"] for r, _ in per_rank]},
             "bad_images": [list(b) for _, b in per_rank],  # per rank
             "data": data_id, "code_version": common.code_version()})
-        for old in checkpoint_paths(out_dir)[:-keep] if keep > 0 else []:
+        for old in common.checkpoint_paths(out_dir)[:-keep] if keep > 0 else []:
             common.remove_checkpoint(old)
     if ddp:
         dist.barrier()
     return path
 
 
-def train_index_dir(cfg):
-    """Where the training index lives: train_index if set; else beside the cache, one folder per source
-    (every run on that cache reuses it); else in out_dir."""
-    if cfg["train_index"]:
-        return cfg["train_index"]
-    if not cfg["cache_dir"]:
-        return os.path.join(cfg["out_dir"], "train_index")
-    if cfg["train_manifest"]:
-        src = [os.path.abspath(cfg["train_manifest"]), os.path.abspath(cfg["image_root"]) if cfg["image_root"] else ""]
-    else:
-        src = [os.path.abspath(p) for p in data.expand_shards(cfg["train_shards"])]
-    return os.path.join(cfg["cache_dir"], "train_index-" + hashlib.sha256("\0".join(src).encode()).hexdigest()[:12])
-
-
-def train_data(cfg, rank, world_size, log, uses_llm=True):
-    """-> (data.TrainIndex, data.EmbeddingCache or None). Builds the index on first use (ranks share the
-    work; the manifest's image files are checked then, unless bad ones are to be skipped at load time),
-    then refuses a cache of other captions (naming the first differing record) or of another encoder."""
-    shards = data.expand_shards(cfg["train_shards"]) if cfg["train_shards"] else None
-    index = data.build_train_index(train_index_dir(cfg), manifest=cfg["train_manifest"] or None,
-                                   image_root=cfg["image_root"] or None, shards=shards,
-                                   check_images=not cfg["skip_bad_images"], rank=rank, world_size=world_size, log=log)
-    cache = None
-    if cfg["cache_dir"]:
-        cache = data.EmbeddingCache(cfg["cache_dir"], manifest=index, fields=index.used_fields(),
-                                    expect={"model": cfg["text_model"]} if cfg["text_model"] else None)
-    elif cfg["text_source"] == "cache" and uses_llm:
-        raise ValueError(f"text_source='cache' needs cache_dir: run embed_captions.py --manifest={index.records_file}")
-    return index, cache
-
-
-def train_loader(cfg, index, cache, data_config, rank, world_size, step, pin_memory=False):
-    """The DataLoader of this rank's batches from global step `step` on (the sampler's order is a function
-    of the step only: an exact resume)."""
-    train_set = data.TrainSamples(index, data.TrainTransform(data_config, tuple(cfg["crop_scale"])),
-                                  cache if cfg["text_source"] == "cache" else None, cfg["seed"],
-                                  cfg["real_caption_ratio"], cfg["skip_bad_images"])
-    sampler = data.EpochBatchSampler(len(index), cfg["batch_size"], rank, world_size, cfg["seed"], True,
-                                     start_step=step, max_steps=max(0, cfg["max_steps"] - step))
-    # its own generator: building the iterator must not draw from the global stream a resume restored
-    return torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=cfg["num_workers"],
-                                       collate_fn=data.collate_train, pin_memory=pin_memory,
-                                       generator=torch.Generator().manual_seed(cfg["seed"] + rank))
-
-
-TEXT_KEYS = ("bidirectional", "pooling", "chat_template", "instruction", "max_length")
-
-
-def text_settings(cfg, cache):
-    """The stage-1 encoder and how the captions are embedded: the cache's record, overridden by the
-    text-encoder keys that are set (an override the cache contradicts is an error with text_source=cache)."""
-    enc = dict(cache.meta["encoder"]) if cache is not None else {}
-    model_path = cfg["text_model"] or enc.get("model") or ""
-    if not model_path and cfg["text_source"] == "online":
-        raise ValueError("text_source='online' needs text_model (the stage-1 encoder) or a cache_dir that names it")
-    out = {"model": os.path.abspath(model_path) if os.path.exists(model_path) else model_path,
-           **{k: enc.get(k) for k in TEXT_KEYS}}
-    given = {**common.text_encoder_kwargs(cfg), "instruction": cfg["instruction"] or None,
-             "max_length": cfg["max_length"] or None}
-    for k, v in given.items():
-        if v is None:
-            continue
-        if cache is not None and cfg["text_source"] == "cache" and k in enc and data.encoder_mismatch(enc, {k: v}):
-            raise ValueError(f"{k}={v!r}, but the cache {cfg['cache_dir']} was embedded with {k}={enc[k]!r}; "
-                             f"rebuild it with embed_captions.py --{k}={v} or drop --{k}")
-        out[k] = v
-    out["instruction"] = out["instruction"] or None
-    out["max_length"] = int(out["max_length"] or 512)
-    return out
-
-
-def load_text_model(text_cfg, device, lora=None):
-    """The stage-1 encoder with the settings in text_cfg (None = the encoder's own); lora: see load_text_encoder."""
-    return M.load_text_encoder(text_cfg["model"], pooling=text_cfg["pooling"], bidirectional=text_cfg["bidirectional"],
-                               chat_template=text_cfg["chat_template"], device=device, lora=lora)
-
-
-def load_val(cfg, text_cfg, text_encoder, device, need_embeddings=True):
-    """(records, texts, their LLM embeddings (N_txt, C) on device or None, text_to_image) for the held-out eval."""
-    path, field = cfg["val_manifest"], cfg["eval_field"]
-    records = data.read_manifest(path, cfg["val_image_root"] or None, field=field)
-    texts = [t for rec in records for t in rec[field]]
-    t2i = [r for r, rec in enumerate(records) for _ in rec[field]]
-    if not need_embeddings:  # CLIP-T only, or the LLM runs in the model's text side (LoRA, token-level adaptor)
-        return records, texts, None, t2i
-    if cfg["val_cache_dir"]:
-        same = {k: text_cfg[k] for k in ("model",) + TEXT_KEYS if text_cfg[k] is not None}
-        vc = data.EmbeddingCache(cfg["val_cache_dir"], manifest=path, fields=[field], expect=same)
-        emb = torch.from_numpy(np.concatenate([np.asarray(vc.rows(r, field), np.float32) for r in range(len(records))]))
-    else:  # embed once with the frozen stage-1 encoder, then free it
-        enc = text_encoder or load_text_model(text_cfg, device)
-        emb = enc.encode(texts, text_cfg["instruction"], text_cfg["max_length"])
-        del enc
-    return records, texts, emb.to(device), t2i
-
-
 def write_metrics(out_dir, rec):
     with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(rec) + "\n")
-
-
-def export(out_dir, orig_model, cfg, text_cfg):
-    """vision_tower.pt (timm state dict), adaptor.pt, clip_text/ (HF folder), cat_head.pt, text_lora/ (peft
-    adapter) as the variant has them, and llm2clip.json, as model.load_llm2clip reads them."""
-    vision, adaptor = orig_model.vision, orig_model.adaptor
-    common.atomic_torch_save(vision.model.state_dict(), os.path.join(out_dir, "vision_tower.pt"))
-    meta = {"vision": {"model_name": vision.model_name, "timm_kwargs": vision.timm_kwargs, "file": "vision_tower.pt"},
-            "text_encoders": list(orig_model.text_names), "losses": orig_model.losses,
-            "logit_scale": orig_model.logit_scale.exp().item(), "code_version": common.code_version()}
-    if adaptor is not None:
-        common.atomic_torch_save(adaptor.state_dict(), os.path.join(out_dir, "adaptor.pt"))
-        meta["adaptor"] = {**M.adaptor_spec(adaptor), "file": "adaptor.pt"}
-        meta["text"] = {"model": text_cfg["model"], **{k: text_cfg.get(k) for k in TEXT_KEYS}}
-    if orig_model.text_encoder is not None:  # the LLM's stage-2 LoRA, loaded on top of the stage-1 encoder
-        orig_model.text_encoder.model.save_pretrained(os.path.join(out_dir, "text_lora"))
-        meta["text"]["lora"] = "text_lora"
-    if orig_model.clip_text is not None:
-        orig_model.clip_text.save_pretrained(os.path.join(out_dir, "clip_text"))
-        meta["clip_text"] = {"dir": "clip_text", "source": cfg["clip_text"]}
-    if orig_model.cat_head is not None:
-        h = orig_model.cat_head
-        common.atomic_torch_save(h.state_dict(), os.path.join(out_dir, "cat_head.pt"))
-        meta["cat_head"] = {"llm_dim": h.llm_dim, "clip_dim": h.clip_dim, "out_dim": h.out_dim, "file": "cat_head.pt"}
-    common.atomic_write_text(os.path.join(out_dir, M.LLM2CLIP_CONFIG), json.dumps(common.jsonable(meta), indent=2) + "\n")
 
 
 def main(argv=None):
@@ -376,8 +233,8 @@ def main(argv=None):
 
     # -------------------------------------------------------------------------
     # data: the training index (built once, memory-mapped), the cache checked against it
-    index, cache = train_data(cfg, rank, world_size, log, uses_llm)
-    text_cfg = text_settings(cfg, cache) if uses_llm else None
+    index, cache = data.train_data(cfg, rank, world_size, log, uses_llm)
+    text_cfg = zoo.text_settings(cfg, cache) if uses_llm else None
     data_id = data.data_identity(index, cache, data.expand_shards(cfg["train_shards"]) if cfg["train_shards"] else ())
     llm_args = (text_cfg["instruction"], text_cfg["max_length"]) if uses_llm else (None, 512)
     log(f"{len(index)} training records, {len(index) // cfg['batch_size']} steps per epoch; losses "
@@ -396,7 +253,7 @@ def main(argv=None):
     text_encoder = lora_encoder = None  # the frozen LLM (online) | the LLM with trainable LoRA, part of the model
     if uses_llm and cfg["text_source"] == "online":
         r = cfg["text_lora_r"]
-        enc = load_text_model(text_cfg, device, lora=dict(r=r, alpha=2 * r) if r > 0 else None)
+        enc = zoo.load_text_model(text_cfg, device, lora=dict(r=r, alpha=2 * r) if r > 0 else None)
         text_dim = enc.dim
         text_cfg.update(bidirectional=enc.settings["bidirectional"], pooling=enc.pooling,
                         chat_template=enc.chat_template)  # resolved: recorded in llm2clip.json
@@ -430,7 +287,7 @@ def main(argv=None):
                              betas=(cfg["beta1"], cfg["beta2"]), eps=cfg["adam_eps"])
     step, bad_images = 0, []
     last_ckpt = None
-    ckpts = checkpoint_paths(out) if cfg["resume"] else []
+    ckpts = common.checkpoint_paths(out) if cfg["resume"] else []
     if ckpts:
         last_ckpt, ck = common.load_newest_checkpoint(ckpts, log)  # a corrupt newest one: the one before
         other_data = data.identity_mismatch(ck.get("data"), data_id)
@@ -462,22 +319,22 @@ def main(argv=None):
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device_type == "cuda" else None)
 
-    loader = train_loader(cfg, index, cache if uses_llm else None, data_config, rank, world_size, step,
-                          pin_memory=device_type == "cuda")
+    loader = data.train_loader(cfg, index, cache if uses_llm else None, data_config, rank, world_size, step,
+                               pin_memory=device_type == "cuda")
 
     # -------------------------------------------------------------------------
     # held-out retrieval eval (unwrapped model, rank 0)
     val = None
     if cfg["val_manifest"] and master:
         pooled_llm = uses_llm and lora_encoder is None and cfg["adaptor"] == "linear"
-        val = load_val(cfg, text_cfg, text_encoder, device, need_embeddings=pooled_llm)
+        val = zoo.load_val(cfg, text_cfg, text_encoder, device, need_embeddings=pooled_llm)
 
     def run_eval(at_step):
         """Retrieval with each text side of the variant ("eval": the first; "eval_<name>": every one)."""
         if val is None:
             return None
         v_records, v_texts, v_emb, t2i = val
-        img = embed_images(orig_model, v_records, data_config, device, cfg["eval_batch_size"], autocast)
+        img = zoo.embed_images(orig_model, v_records, data_config, device, cfg["eval_batch_size"], autocast)
         feats, bs = {}, cfg["eval_batch_size"]
         orig_model.eval()
         with torch.no_grad():
@@ -572,7 +429,7 @@ def main(argv=None):
         dist.all_gather_object(gathered, bad_images)
         bad_images = [b for part in gathered for b in part]
     if master:
-        export(out, orig_model, cfg, text_cfg)
+        zoo.export(out, orig_model, cfg, text_cfg)
         log(f"exported vision_tower.pt, adaptor.pt, llm2clip.json to {out}")
         if bad_images:
             log(f"skipped {len(bad_images)} bad images (skip_bad_images=True): " + ", ".join(sorted(set(bad_images))[:20])

@@ -9,11 +9,12 @@ Kept out of evaluate.py so the stage script reads as metrics, datasets and tasks
 import json
 import os
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 import common
-from data import ImageDataset, eval_transform
+from data import EmbeddingCache, ImageDataset, encoder_mismatch, eval_transform, open_image, read_manifest
 
 # -----------------------------------------------------------------------------
 # models: one interface (data_config, encode_images, encode_texts) for baselines and LLM2CLIP
@@ -252,3 +253,99 @@ def encode_texts(m, texts, cfg, dist_info, desc="texts"):
         feats.update(zip(idx, f.to(device)))
     local = torch.stack([feats[i] for i in range(lo, hi)]) if feats else torch.zeros(0, 0, device=device)
     return gather_rows(local, ddp)
+
+
+# -----------------------------------------------------------------------------
+# post_train.py's side of an LLM2CLIP out_dir: the text settings it embeds captions with, its held-out
+# eval set (texts with their LLM embeddings, images), and the export that load_models reads back
+
+TEXT_KEYS = ("bidirectional", "pooling", "chat_template", "instruction", "max_length")
+
+
+def text_settings(cfg, cache):
+    """The stage-1 encoder and how the captions are embedded: the cache's record, overridden by the
+    text-encoder keys that are set (an override the cache contradicts is an error with text_source=cache)."""
+    enc = dict(cache.meta["encoder"]) if cache is not None else {}
+    model_path = cfg["text_model"] or enc.get("model") or ""
+    if not model_path and cfg["text_source"] == "online":
+        raise ValueError("text_source='online' needs text_model (the stage-1 encoder) or a cache_dir that names it")
+    out = {"model": os.path.abspath(model_path) if os.path.exists(model_path) else model_path,
+           **{k: enc.get(k) for k in TEXT_KEYS}}
+    given = {**common.text_encoder_kwargs(cfg), "instruction": cfg["instruction"] or None,
+             "max_length": cfg["max_length"] or None}
+    for k, v in given.items():
+        if v is None:
+            continue
+        if cache is not None and cfg["text_source"] == "cache" and k in enc and encoder_mismatch(enc, {k: v}):
+            raise ValueError(f"{k}={v!r}, but the cache {cfg['cache_dir']} was embedded with {k}={enc[k]!r}; "
+                             f"rebuild it with embed_captions.py --{k}={v} or drop --{k}")
+        out[k] = v
+    out["instruction"] = out["instruction"] or None
+    out["max_length"] = int(out["max_length"] or 512)
+    return out
+
+
+def load_text_model(text_cfg, device, lora=None):
+    """The stage-1 encoder with the settings in text_cfg (None = the encoder's own); lora: see load_text_encoder."""
+    import model as M  # local: baselines need no model.py
+    return M.load_text_encoder(text_cfg["model"], pooling=text_cfg["pooling"], bidirectional=text_cfg["bidirectional"],
+                               chat_template=text_cfg["chat_template"], device=device, lora=lora)
+
+
+def load_val(cfg, text_cfg, text_encoder, device, need_embeddings=True):
+    """(records, texts, their LLM embeddings (N_txt, C) on device or None, text_to_image) for the held-out eval."""
+    path, field = cfg["val_manifest"], cfg["eval_field"]
+    records = read_manifest(path, cfg["val_image_root"] or None, field=field)
+    texts = [t for rec in records for t in rec[field]]
+    t2i = [r for r, rec in enumerate(records) for _ in rec[field]]
+    if not need_embeddings:  # CLIP-T only, or the LLM runs in the model's text side (LoRA, token-level adaptor)
+        return records, texts, None, t2i
+    if cfg["val_cache_dir"]:
+        same = {k: text_cfg[k] for k in ("model",) + TEXT_KEYS if text_cfg[k] is not None}
+        vc = EmbeddingCache(cfg["val_cache_dir"], manifest=path, fields=[field], expect=same)
+        emb = torch.from_numpy(np.concatenate([np.asarray(vc.rows(r, field), np.float32) for r in range(len(records))]))
+    else:  # embed once with the frozen stage-1 encoder, then free it
+        enc = text_encoder or load_text_model(text_cfg, device)
+        emb = enc.encode(texts, text_cfg["instruction"], text_cfg["max_length"])
+        del enc
+    return records, texts, emb.to(device), t2i
+
+
+@torch.no_grad()
+def embed_images(orig_model, records, data_config, device, batch_size, autocast):
+    """L2-normalised image features of `records` with the eval preprocessing (in order)."""
+    tf = eval_transform(data_config)
+    feats = []
+    orig_model.eval()
+    for s in range(0, len(records), batch_size):
+        x = torch.stack([tf(open_image(r)) for r in records[s:s + batch_size]]).to(device)
+        with autocast:
+            feats.append(orig_model.encode_image(x).float())
+    orig_model.train()
+    return torch.cat(feats)
+
+
+def export(out_dir, orig_model, cfg, text_cfg):
+    """vision_tower.pt (timm state dict), adaptor.pt, clip_text/ (HF folder), cat_head.pt, text_lora/ (peft
+    adapter) as the variant has them, and llm2clip.json, as model.load_llm2clip reads them."""
+    import model as M
+    vision, adaptor = orig_model.vision, orig_model.adaptor
+    common.atomic_torch_save(vision.model.state_dict(), os.path.join(out_dir, "vision_tower.pt"))
+    meta = {"vision": {"model_name": vision.model_name, "timm_kwargs": vision.timm_kwargs, "file": "vision_tower.pt"},
+            "text_encoders": list(orig_model.text_names), "losses": orig_model.losses,
+            "logit_scale": orig_model.logit_scale.exp().item(), "code_version": common.code_version()}
+    if adaptor is not None:
+        common.atomic_torch_save(adaptor.state_dict(), os.path.join(out_dir, "adaptor.pt"))
+        meta["adaptor"] = {**M.adaptor_spec(adaptor), "file": "adaptor.pt"}
+        meta["text"] = {"model": text_cfg["model"], **{k: text_cfg.get(k) for k in TEXT_KEYS}}
+    if orig_model.text_encoder is not None:  # the LLM's stage-2 LoRA, loaded on top of the stage-1 encoder
+        orig_model.text_encoder.model.save_pretrained(os.path.join(out_dir, "text_lora"))
+        meta["text"]["lora"] = "text_lora"
+    if orig_model.clip_text is not None:
+        orig_model.clip_text.save_pretrained(os.path.join(out_dir, "clip_text"))
+        meta["clip_text"] = {"dir": "clip_text", "source": cfg["clip_text"]}
+    if orig_model.cat_head is not None:
+        h = orig_model.cat_head
+        common.atomic_torch_save(h.state_dict(), os.path.join(out_dir, "cat_head.pt"))
+        meta["cat_head"] = {"llm_dim": h.llm_dim, "clip_dim": h.clip_dim, "out_dim": h.out_dim, "file": "cat_head.pt"}
+    common.atomic_write_text(os.path.join(out_dir, M.LLM2CLIP_CONFIG), json.dumps(common.jsonable(meta), indent=2) + "\n")

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from conftest import ROOT, free_port
 
 sys.path.insert(0, ROOT)
+import common  # noqa: E402
 import data  # noqa: E402
 import model as M  # noqa: E402
 import pipeline  # noqa: E402
@@ -248,7 +249,7 @@ def run(w, out, *extra):
 
 
 def last_checkpoint(out):
-    return torch.load(post_train.checkpoint_paths(str(out))[-1], map_location="cpu", weights_only=True)
+    return torch.load(common.checkpoint_paths(str(out))[-1], map_location="cpu", weights_only=True)
 
 
 def test_direct_is_a_plain_clip_finetune_step(w, tmp_path):

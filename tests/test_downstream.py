@@ -138,11 +138,10 @@ def readme_snippet():
 
 def test_export_hf_task_and_the_readme_llava_snippet(tmp_path):
     """evaluate.py --task=export_hf on a real post_train.py export; the README's LLaVA snippet runs on it."""
-    import post_train
     v = tiny_tower(TOWERS["clip_quickgelu"][0])
     out = tmp_path / "out"
     out.mkdir()
-    post_train.export(str(out), M.LLM2CLIP(v, text_dim=16, adaptor_blocks=1), {},
+    zoo.export(str(out), M.LLM2CLIP(v, text_dim=16, adaptor_blocks=1), {},
                       {"model": "unused", "pooling": "mean", "instruction": None, "max_length": 32})
     hf_dir = tmp_path / "hf"
     res = evaluate.main(["--task=export_hf", f"--model={out}", f"--out={hf_dir}"])

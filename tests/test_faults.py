@@ -71,7 +71,7 @@ def log_of(out, name="post_train"):
 
 
 def weights(out):
-    return torch.load(post_train.checkpoint_paths(str(out))[-1], weights_only=True)["model"]
+    return torch.load(common.checkpoint_paths(str(out))[-1], weights_only=True)["model"]
 
 
 # --- 1. tar shards: a truncated shard or a bad caption field is an error naming the shard, never fewer samples
@@ -180,7 +180,7 @@ def test_corrupt_cache_files_are_named_and_verify_reports(w, tmp_path, capsys):
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(w, tmp_path):
     out = tmp_path / "run"
     post_train.main(args(w, out))
-    first, newest = post_train.checkpoint_paths(str(out))
+    first, newest = common.checkpoint_paths(str(out))
     assert open(newest + ".sha256").read().strip() == common.file_sha256(newest)
     raw = bytearray(open(newest, "rb").read())
     raw[len(raw) // 2] ^= 0x01  # one bit flipped: torch.load alone would load it silently

@@ -18,6 +18,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import common  # noqa: E402
 import data  # noqa: E402
 import model as M  # noqa: E402
 import pipeline  # noqa: E402
@@ -65,7 +66,7 @@ def metrics(out):
 
 
 def final_state(out):
-    path = post_train.checkpoint_paths(str(out))[-1]
+    path = common.checkpoint_paths(str(out))[-1]
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -153,7 +154,7 @@ def test_exact_resume_after_sigkill(w, tmp_path):
     r = subprocess.run([sys.executable, "-c", KILL_AFTER.format(k=4), *args(w, out, *extra)], env=ENV,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == -9, r.stderr[-2000:]
-    assert [os.path.basename(p) for p in post_train.checkpoint_paths(str(out))] == ["step_00000002.pt", "step_00000004.pt"]
+    assert [os.path.basename(p) for p in common.checkpoint_paths(str(out))] == ["step_00000002.pt", "step_00000004.pt"]
     post_train.main(args(w, out, *extra, "--resume=True"))
     full, resumed = final_state(tmp_path / "full"), final_state(out)
     assert resumed["step"] == 6
@@ -355,7 +356,7 @@ def test_export_loads_in_timm_and_load_llm2clip(w, trained):
 def test_zero_steps_exports_the_untrained_model(w, tmp_path):
     """pipeline.py's baseline row: max_steps=0 exports the initial model (same init for the same seed)."""
     res = post_train.main(args(w, tmp_path / "z", "--max_steps=0"))
-    assert res["step"] == 0 and post_train.checkpoint_paths(str(tmp_path / "z")) == []
+    assert res["step"] == 0 and common.checkpoint_paths(str(tmp_path / "z")) == []
     image_enc, _ = M.load_llm2clip(str(tmp_path / "z"), load_text=False)
     torch.manual_seed(0)
     cfg = post_train.common.configure({k: getattr(post_train, k) for k in post_train.config_keys}, [PRESET])

@@ -1,10 +1,12 @@
 """Every model family evaluate.py scores, behind one interface (data_config, encode_images(images),
 encode_texts(texts)): transformers CLIP/SigLIP folders or hub names, open_clip:NAME/PRETRAINED (an
 optional package, imported only when named), and LLM2CLIP out_dirs (one row per text encoder); plus
-the sharded encoding of images and texts with any of them.
+the sharded encoding of images and texts with any of them. And the other end of an LLM2CLIP out_dir:
+the text settings post_train.py embeds captions with, its held-out eval set, and `export`, which writes
+what load_models (model.load_llm2clip) reads back.
 
-Kept out of evaluate.py so the stage script reads as metrics, datasets and tasks; downstream.py
-(linear probe, HF export) and post_train.py (CLIP-T of the ablations) load models from here too.
+Kept out of the stage scripts so evaluate.py reads as metrics, datasets and tasks and post_train.py as
+its training loop; downstream.py (linear probe, HF export) loads models from here too.
 """
 import json
 import os

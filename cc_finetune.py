@@ -5,13 +5,20 @@ Two captions of the same image are a positive pair; every other positive in the 
 which is attended to but not pooled; the positive side has none. The caption-to-caption (c2c)
 retrieval top-1 on `val_captions` is measured before and after: the stage's quality gate.
 
+The paper's stage-1 ablations are config keys (Tables 8, 9, 12): `objective` (supervised_simcse,
+unsupervised_simcse: the same caption twice, the views differ only by `dropout`; mntp: llm2vec's masked
+next-token prediction), `init_from` (MNTP then SimCSE), `bidirectional`, `pooling`, `lora_r=0` with
+`cc_adaptor_blocks` (frozen LLM + adaptor), per-record instructions/negatives in `train_pairs` and
+`single_source_batches`. The table of all of them on tiny data: `python pipeline.py --stage1_ablations=True`.
+
     python cc_finetune.py config/cc_tiny_cpu.py
     torchrun --nproc_per_node=8 cc_finetune.py config/cc_llama3_8b.py --train_captions=a.jsonl,b.jsonl
 
 A global batch larger than one forward pass runs in chunks with gradient caching: the objective is
 that of the full batch (all its negatives), not of micro-batches. Outputs in out_dir: adapter/ (peft),
 merged/ (HF model + tokenizer), encoder.json (how to use it: `model.load_text_encoder(out_dir)`),
-run_cc_finetune.json (resolved config + code version), cc_finetune.log, ckpt.pt (resumable).
+run_cc_finetune.json (resolved config + code version), cc_finetune.log, ckpt.pt (resumable), and with
+cc_adaptor_blocks >= 0 cc_adaptor.pt (the stage-1 adaptor, applied by load_text_encoder).
 """
 import contextlib
 import json
@@ -26,19 +33,27 @@ text_model = "meta-llama/Meta-Llama-3-8B-Instruct"  # HF hub name or local folde
 bidirectional = True  # drop the causal mask: the paper's decoder -> encoder conversion (BERT-likes ignore it)
 pooling = "mean"  # "mean" over the caption tokens (paper) or "eos"
 chat_template = ""  # "" = none; "llama3" wraps every text in a Llama-3 user turn, <|eot_id|> pooled (model.CHAT_TEMPLATES)
-lora_r = 16  # paper: r=16, alpha=32, dropout 0.05 on q,k,v,o,gate,up,down
+lora_r = 16  # paper: r=16, alpha=32, dropout 0.05 on q,k,v,o,gate,up,down; 0 freezes the LLM (Table 9)
 lora_alpha = 32
 lora_dropout = 0.05
 dtype = "auto"  # "auto": bfloat16 weights + bf16 autocast on CUDA, float32 on CPU; "float32" forces fp32
 gradient_checkpointing = True  # recompute activations in backward: less memory, same result
 attn_implementation = ""  # "" = transformers' default (sdpa); e.g. "flash_attention_2" where installed
+init_from = ""  # a stage-1 out_dir to start from (its LoRA merged, a fresh LoRA here): Table 9's MNTP + SimCSE
+cc_adaptor_blocks = -1  # >= 0: an Adaptor of this many blocks trained on the pooled output, applied on load (Table 8)
+# objective
+objective = "supervised_simcse"  # supervised_simcse | unsupervised_simcse (same caption, other dropout) | mntp
+dropout = -1.0  # LLM attention/hidden dropout in training; -1: the model's own (unsupervised SimCSE: > 0; llm2vec 0.3)
+mntp_mask_prob = 0.2  # mntp: fraction of caption tokens masked, 80/10/10 mask/random/keep (llm2vec's default)
 # data
 train_captions = ""  # caption JSONL file(s), comma-separated: {"id": ..., "captions": [>= 2 strings]}
-train_pairs = ""  # optional pure-text pairs JSONL {"query": ..., "positive": ...}, mixed in as records
+train_pairs = ""  # optional pure-text pairs JSONL {"query", "positive"[, "instruction", "negative"]}, as records
+single_source_batches = False  # each batch from one input file (official sampler): caption, E5 negatives never mix
+source_weights = ""  # share of batches per file (train_captions, then train_pairs), e.g. "3,1"; "": by file size
 val_captions = ""  # caption JSONL for the c2c gate (caption 1 -> caption 2 of every record); "" skips it
 instruction = "Given a caption, retrieve a similar relevant caption."  # query side only; attended, never pooled
 max_length = 512  # tokens per text, instruction and special tokens included (paper: 512)
-hard_negatives = False  # also score each query against a caption of another record (one extra negative each)
+hard_negatives = False  # one extra negative per query: its record's "negative", else a caption of another record
 # training
 batch_size = 2048  # GLOBAL contrastive batch (paper 2048, official code 512): all of it serves as negatives
 micro_batch_size = 32  # texts per forward pass on one rank; a larger per-rank batch uses gradient caching
@@ -93,6 +108,35 @@ def step_seed(seed, rank, step):
 
 
 # -----------------------------------------------------------------------------
+# The objectives' inputs
+
+OBJECTIVES = ("supervised_simcse", "unsupervised_simcse", "mntp")
+
+
+def step_texts(dataset, indices, step, objective, hard, instruction):
+    """One step's texts per side, [(texts, instructions)]: supervised SimCSE: query (its record's own
+    instruction, else `instruction`), positive[, hard negative]; unsupervised SimCSE: the same caption
+    twice, no instruction, so the two views differ only by dropout[, hard negative]; mntp: one caption."""
+    queries, positives, negatives = dataset.batch(indices, step, hard)
+    none = [None] * len(queries)
+    if objective == "supervised_simcse":
+        sides = [(queries, dataset.instructions(indices, instruction)), (positives, none)]
+    else:
+        sides = [(queries, none)] * (2 if objective == "unsupervised_simcse" else 1)
+    return sides + ([(negatives, none)] if hard else [])
+
+
+def mntp_batch(encoder, texts, indices, step, cfg, mask_id):
+    """Tokenised texts (no instruction) with llm2vec's MNTP corruption and labels; each record's mask
+    is drawn from (seed, step, record index) only, so micro-batching, ranks and resume do not change it."""
+    b = encoder.tokenize(texts, None, cfg["max_length"])
+    seeds = [step_seed(cfg["seed"], 10**9 + i, step) for i in indices]  # a stream per record, apart from ranks'
+    b["input_ids"], b["labels"] = M.mntp_mask(b["input_ids"], b["embed_mask"] * b["attention_mask"], mask_id,
+                                              len(encoder.tokenizer), cfg["mntp_mask_prob"], seeds)
+    return b
+
+
+# -----------------------------------------------------------------------------
 
 def get_lr(it, max_steps, cfg):
     """Linear warm-up to cfg['learning_rate'] over warmup_steps, then linear decay to 0 at max_steps."""
@@ -102,13 +146,14 @@ def get_lr(it, max_steps, cfg):
 
 
 def save_checkpoint(path, state):
-    """Atomic write of a plain-types checkpoint (readable with torch.load(weights_only=True))."""
-    common.atomic_torch_save(state, path)
+    """Atomic write of a plain-types checkpoint (readable with torch.load(weights_only=True)) + sha256 sidecar."""
+    common.save_checkpoint(state, path)
 
 
 def load_checkpoint(path, cfg):
-    """Read ckpt.pt and refuse it if a training-relevant config key differs (named in the error)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    """Read ckpt.pt (checksum checked; a corrupt file is named) and refuse it if a training-relevant config
+    key differs (named in the error)."""
+    ckpt = common.load_checkpoint(path)
     old = ckpt["config"]
     diff = [k for k in cfg if k not in RESUME_FREE_KEYS and old.get(k) != cfg[k]]
     if diff:
@@ -123,9 +168,24 @@ def main(argv=None):
     if not data.split_paths(cfg["train_captions"]) and not data.split_paths(cfg["train_pairs"]):
         raise ValueError("train_captions: expected one or more caption JSONL files (comma-separated), "
                          "or train_pairs: a {query, positive} JSONL file")
-    for k in ("batch_size", "micro_batch_size"):
-        if cfg[k] < 1:
-            raise ValueError(f"{k}={cfg[k]}: expected a positive integer")
+    pos = (lambda v: v > 0, "a positive integer")
+    common.check_config(cfg, {"batch_size": pos, "micro_batch_size": pos, "max_length": pos, "log_interval": pos,
+                              "save_interval": pos, "eval_batch_size": pos,
+                              "dtype": (lambda v: v in ("auto", "float32", "bfloat16", "bf16"), "'auto', 'float32' or 'bfloat16'"),
+                              "pooling": (lambda v: v in M.POOLERS, f"one of {sorted(M.POOLERS)}"),
+                              "temperature": (lambda v: v > 0, "a positive number")})
+    objective = cfg["objective"]
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective={objective!r}: expected one of {', '.join(OBJECTIVES)}")
+    if objective == "unsupervised_simcse" and not cfg["dropout"] > 0:
+        raise ValueError(f"objective=unsupervised_simcse needs dropout > 0 (got {cfg['dropout']}): "
+                         "its two views differ only by dropout (SimCSE 0.1, llm2vec 0.3)")
+    if objective == "mntp" and (cfg["hard_negatives"] or cfg["cc_adaptor_blocks"] >= 0):
+        raise ValueError("objective=mntp: hard_negatives and cc_adaptor_blocks apply to the SimCSE objectives only")
+    if cfg["lora_r"] == 0 and cfg["cc_adaptor_blocks"] < 0:
+        raise ValueError("lora_r=0 freezes the LLM: set cc_adaptor_blocks >= 0 to train a stage-1 adaptor")
+    if cfg["source_weights"] and not cfg["single_source_batches"]:
+        raise ValueError("source_weights: a share of batches per file needs single_source_batches=True")
 
     # --- distributed
     ddp, rank, local_rank, world_size, device = common.setup_distributed()
@@ -134,20 +194,25 @@ def main(argv=None):
     if cfg["batch_size"] % world_size:
         raise ValueError(f"batch_size={cfg['batch_size']} is not divisible by {world_size} ranks")
     out_dir = cfg["out_dir"]
-    if master:
-        os.makedirs(out_dir, exist_ok=True)
+    stale = common.lock_out_dir(out_dir) if master else []  # one run per out_dir; a killed run's temp files go
     log = common.Logger(out_dir, "cc_finetune", master)
+    if stale:
+        log(f"removed {len(stale)} temp file(s) of a killed run: {', '.join(stale)}")
     use_bf16 = device.type == "cuda" and cfg["dtype"] in ("auto", "bfloat16", "bf16")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
     # --- data: records, two captions each per step, a deterministic rank-split order
-    records = []
-    for p in data.split_paths(cfg["train_captions"]):
-        records += data.read_caption_records(p)
-    for p in data.split_paths(cfg["train_pairs"]):
-        records += data.read_text_pairs(p)
-    dataset = data.CaptionPairDataset(records, cfg["seed"])
-    steps_per_epoch = len(records) // cfg["batch_size"]
+    records, sources, names = [], [], []  # sources: each input file's (start, end) range in records
+    for read, key in ((data.read_caption_records, "train_captions"), (data.read_text_pairs, "train_pairs")):
+        for p in data.split_paths(cfg[key]):
+            records += read(p)
+            sources.append((sources[-1][1] if sources else 0, len(records)))
+            names.append(p)
+    single = cfg["single_source_batches"]
+    dataset = data.CaptionPairDataset(records, cfg["seed"], sources if single else None)
+    weights = [float(w) for w in cfg["source_weights"].split(",")] if cfg["source_weights"] else None
+    steps_per_epoch = (sum((b - a) // cfg["batch_size"] for a, b in sources) if single
+                       else len(records) // cfg["batch_size"])
     max_steps = cfg["max_steps"] if cfg["max_steps"] > 0 else steps_per_epoch
     val_records = data.read_caption_records(cfg["val_captions"]) if cfg["val_captions"] else None
 
@@ -156,78 +221,127 @@ def main(argv=None):
     ckpt = load_checkpoint(ckpt_path, cfg) if cfg["resume"] and os.path.isfile(ckpt_path) else None
     start_step = ckpt["step"] if ckpt else 0
 
-    # --- model: same seed on every rank, so every rank starts from the same LoRA init
+    # --- model: same seed on every rank, so every rank starts from the same LoRA (and adaptor) init
+    base_model, chain = cfg["text_model"], []
+    if cfg["init_from"]:  # a previous stage-1 out_dir: its merged weights (LoRA folded in), a fresh LoRA below
+        prev = M.read_encoder_config(cfg["init_from"])
+        if prev.get("adaptor"):
+            raise ValueError(f"init_from={cfg['init_from']}: it holds a stage-1 adaptor; chain from a LoRA run")
+        base_model = prev["base_model"]  # the chain's root (and MNTP's LM head)
+        chain = prev.get("chain", []) + [{"out_dir": os.path.abspath(cfg["init_from"]), "steps": prev["steps"],
+                                          "objective": prev.get("objective", "supervised_simcse")}]
     torch.manual_seed(cfg["seed"])
     encoder = M.load_text_encoder(
-        cfg["text_model"], bidirectional=cfg["bidirectional"], pooling=cfg["pooling"],
+        cfg["init_from"] or cfg["text_model"], bidirectional=cfg["bidirectional"], pooling=cfg["pooling"],
         chat_template=cfg["chat_template"] or "none",
-        lora=dict(r=cfg["lora_r"], alpha=cfg["lora_alpha"], dropout=cfg["lora_dropout"]),
+        lora=dict(r=cfg["lora_r"], alpha=cfg["lora_alpha"], dropout=cfg["lora_dropout"]) if cfg["lora_r"] else None,
         dtype=torch.bfloat16 if use_bf16 else torch.float32,
         attn_implementation=cfg["attn_implementation"] or None, device=device)
+    if not cfg["lora_r"]:
+        encoder.model.requires_grad_(False)  # frozen LLM: only the adaptor trains
+    if cfg["cc_adaptor_blocks"] >= 0:
+        encoder.adaptor = M.Adaptor(encoder.dim, encoder.dim, cfg["cc_adaptor_blocks"]).to(device)
+    if cfg["dropout"] >= 0:
+        M.set_dropout(encoder.model, cfg["dropout"])
+    if objective == "mntp":  # next-token prediction through the LM head: a decoder's objective
+        if not encoder.is_decoder:
+            raise ValueError(f"objective=mntp: {base_model} is not a decoder LLM (no next-token LM head)")
+        lm_head, mask_id = M.load_lm_head(base_model, encoder.model), M.mntp_mask_token_id(encoder.tokenizer)
     if cfg["gradient_checkpointing"]:
         m, kw = encoder.model, {"use_reentrant": False}  # non-reentrant: no input needs requires_grad
         if hasattr(m, "activation_checkpointing_enable"):  # transformers >= 5.2x name
             m.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
         else:
             m.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
-    named = [(n, p) for n, p in encoder.model.named_parameters() if p.requires_grad]
+    named = [(n, p) for n, p in encoder.named_parameters() if p.requires_grad]  # LoRA and/or adaptor
     params = [p for _, p in named]
     optimizer = common.adamw(params, lr=cfg["learning_rate"], weight_decay=cfg["weight_decay"])  # fused where torch can
     if ckpt:
         with torch.no_grad():
             for n, p in named:
-                p.copy_(ckpt["lora"][n])
+                p.copy_(ckpt["trainable"][n])
         optimizer.load_state_dict(ckpt["optimizer"])
 
     b_local = cfg["batch_size"] // world_size
     n_chunks = math.ceil(b_local / cfg["micro_batch_size"])
     hard = cfg["hard_negatives"]
-    n_total = sum(p.numel() for p in encoder.model.parameters())
-    log(f"model {cfg['text_model']}: {'decoder' if encoder.is_decoder else 'encoder'}, "
+    n_total = sum(p.numel() for p in encoder.parameters())
+    log(f"model {cfg['init_from'] or cfg['text_model']}: {'decoder' if encoder.is_decoder else 'encoder'}, "
         f"bidirectional={encoder.settings['bidirectional']}, pooling={cfg['pooling']}, "
         f"chat_template={encoder.chat_template or 'none'}, "
-        f"{'bf16 autocast' if use_bf16 else 'fp32'} on {device}; LoRA r={cfg['lora_r']} alpha={cfg['lora_alpha']}: "
-        f"{sum(p.numel() for p in params):,} trainable of {n_total:,} parameters")
+        f"{'bf16 autocast' if use_bf16 else 'fp32'} on {device}; "
+        + (f"LoRA r={cfg['lora_r']} alpha={cfg['lora_alpha']}" if cfg["lora_r"] else "LLM frozen")
+        + (f", adaptor {cfg['cc_adaptor_blocks']} blocks" if encoder.adaptor is not None else "")
+        + f": {sum(p.numel() for p in params):,} trainable of {n_total:,} parameters")
+    if chain:
+        log("init_from chain: " + " -> ".join([base_model] + [f"{c['objective']} {c['steps']} steps ({c['out_dir']})"
+                                                             for c in chain]) + f" -> {objective} (this run)")
+    log(f"objective {objective}" + (f", dropout {cfg['dropout']}" if cfg["dropout"] >= 0 else "")
+        + (f", mask prob {cfg['mntp_mask_prob']} (80/10/10), LM head of {base_model} (frozen)" if objective == "mntp" else ""))
     log(f"records: {len(records):,} ({steps_per_epoch} steps/epoch); steps {start_step} -> {max_steps}"
-        + (f" (resumed from {ckpt_path})" if ckpt else ""))
-    log(f"global contrastive batch {cfg['batch_size']} ({world_size} ranks x {b_local}), negatives per query: "
-        f"{cfg['batch_size'] - 1}" + (f" (+{cfg['batch_size']} hard negatives)" if hard else "")
-        + f", all gathered across ranks; temperature {cfg['temperature']}")
-    log(f"gradient caching: {n_chunks} chunks of <= {cfg['micro_batch_size']} texts per side per rank"
-        if n_chunks > 1 else "no gradient caching: one forward pass per side per rank")
+        + (f" (resumed from {ckpt_path})" if ckpt else "")
+        + (f"; one source per batch: {', '.join(names)}" + (f", weights {weights}" if weights else "") if single else ""))
+    unused = sum("negative" in r for r in records) if not hard else 0
+    if unused:
+        log(f"train_pairs: {unused} records carry a \"negative\" that hard_negatives=False leaves unused")
+    if objective == "mntp":
+        log(f"batch {cfg['batch_size']} ({world_size} ranks x {b_local}), {n_chunks} micro-batches of <= "
+            f"{cfg['micro_batch_size']} per rank (plain accumulation: the MNTP loss is a sum over tokens, exact)")
+    else:
+        log(f"global contrastive batch {cfg['batch_size']} ({world_size} ranks x {b_local}), negatives per query: "
+            f"{cfg['batch_size'] - 1}" + (f" (+{cfg['batch_size']} hard negatives)" if hard else "")
+            + f", all gathered across ranks; temperature {cfg['temperature']}")
+        log(f"gradient caching: {n_chunks} chunks of <= {cfg['micro_batch_size']} texts per side per rank"
+            if n_chunks > 1 else "no gradient caching: one forward pass per side per rank")
 
     # --- quality gate, before
     c2c_before = ckpt.get("c2c_before") if ckpt else None
     if val_records is not None and c2c_before is None:
-        if master:
+        if master:  # the LLM as loaded: a fresh stage-1 adaptor's random projection is not the baseline
+            adaptor, encoder.adaptor = encoder.adaptor, None
             c2c_before = c2c_eval(encoder, val_records, cfg["instruction"] or None, cfg["max_length"], cfg["eval_batch_size"])
+            encoder.adaptor = adaptor
             log(f"c2c before: top1 {c2c_before['c2c_top1']:.2f} reverse {c2c_before['c2c_top1_reverse']:.2f} "
-                f"(n={c2c_before['n']}, {cfg['val_captions']})")
+                f"(n={c2c_before['n']}, {cfg['val_captions']}" + (", without the adaptor)" if adaptor else ")"))
         if ddp:
             dist.barrier()
 
     # --- training loop
     from tqdm import tqdm
-    sampler = data.ResumableBatchSampler(len(dataset), cfg["batch_size"], rank, world_size, cfg["seed"],
-                                         shuffle=True, start_step=start_step, max_steps=max_steps - start_step)
+    if single:
+        sampler = data.SourceBatchSampler([b - a for a, b in sources], cfg["batch_size"], rank, world_size, cfg["seed"],
+                                          weights, start_step, max_steps - start_step, names)
+    else:
+        sampler = data.ResumableBatchSampler(len(dataset), cfg["batch_size"], rank, world_size, cfg["seed"],
+                                             shuffle=True, start_step=start_step, max_steps=max_steps - start_step)
     loss_fn = lambda q, d, h=None: M.caption_contrastive_loss(q, d, cfg["temperature"], h)  # noqa: E731
     instruction = cfg["instruction"] or None
-    texts_per_step = cfg["batch_size"] * (3 if hard else 2)
+    texts_per_step = cfg["batch_size"] * ((1 if objective == "mntp" else 2) + hard)
+    encoder.pop_truncation()  # from here on: the training texts only
     encoder.train()
     pbar = tqdm(total=max_steps, initial=start_step, desc="cc_finetune", disable=not master)
     t0, t0_step, loss = time.time(), start_step, None
     for step, indices in zip(range(start_step, max_steps), sampler):
-        queries, positives, negatives = dataset.batch(indices, step, hard)
-        sides = [(queries, instruction), (positives, None)] + ([(negatives, None)] if hard else [])
+        sides = step_texts(dataset, indices, step, objective, hard, instruction)
         m = cfg["micro_batch_size"]
-        chunks = [[{k: v.to(device) for k, v in encoder.tokenize(texts[i:i + m], instr, cfg["max_length"]).items()}
-                   for i in range(0, len(texts), m)] for texts, instr in sides]
+        if objective == "mntp":
+            b = mntp_batch(encoder, sides[0][0], indices, step, cfg, mask_id)
+            chunks = [[{k: v[i:i + m].to(device) for k, v in b.items()} for i in range(0, b_local, m)]]
+            n_sel = (b["labels"] != -100).sum().to(device)
+            if ddp:
+                dist.all_reduce(n_sel)  # the loss is a mean over the global batch's selected tokens
+        else:
+            chunks = [[{k: v.to(device) for k, v in M.tokenize_mixed(encoder, texts[i:i + m], instrs[i:i + m],
+                                                                     cfg["max_length"]).items()}
+                       for i in range(0, len(texts), m)] for texts, instrs in sides]
         lr_now = get_lr(step, max_steps, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr_now
         torch.manual_seed(step_seed(cfg["seed"], rank, step))  # dropout masks: a function of the step
-        # more than one chunk per side: gradient caching (the full batch's negatives, one chunk's memory)
-        loss = M.grad_cache_step(lambda c: encoder(**c), chunks, loss_fn, autocast=autocast)
+        if objective == "mntp":  # a sum over tokens: plain micro-batch accumulation is exact
+            loss = M.mntp_accumulate(encoder, chunks[0], lm_head, n_sel.item(), world_size, autocast)
+        else:  # more than one chunk per side: gradient caching (the full batch's negatives, one chunk's memory)
+            loss = M.grad_cache_step(lambda c: encoder(**c), chunks, loss_fn, autocast=autocast)
         if ddp:
             average_gradients(params, world_size)
         if cfg["grad_clip"] > 0:
@@ -247,28 +361,46 @@ def main(argv=None):
         if done % cfg["save_interval"] == 0 or done == max_steps:
             if master:
                 save_checkpoint(ckpt_path, {
-                    "step": done, "lora": {n: p.detach().cpu().clone() for n, p in named},
+                    "step": done, "trainable": {n: p.detach().cpu().clone() for n, p in named},
                     "optimizer": optimizer.state_dict(), "config": dict(cfg), "c2c_before": c2c_before,
                     "world_size": world_size, "code_version": common.code_version()})
             if ddp:
                 dist.barrier()
     pbar.close()
     encoder.eval()
+    trunc = encoder.pop_truncation()
+    if ddp:
+        counts = torch.tensor([trunc[k] for k in ("texts", "truncated", "tokens_cut")], dtype=torch.long, device=device)
+        dist.all_reduce(counts)
+        top = torch.tensor([trunc["max_cut"]], device=device)
+        dist.all_reduce(top, op=dist.ReduceOp.MAX)
+        trunc = dict(zip(("texts", "truncated", "tokens_cut"), counts.tolist()), max_cut=top.item())
+    log(common.describe_truncation(trunc, cfg["max_length"]) + " (training texts, instruction included)")
 
     # --- quality gate, after; save adapter, merged model, encoder.json (rank 0)
     result = {"steps": max_steps, "final_loss": None if loss is None else loss.item(),
-              "c2c_before": c2c_before, "c2c_after": None}
+              "c2c_before": c2c_before, "c2c_after": None, "truncation": trunc}
     if master:
         if val_records is not None:
             result["c2c_after"] = c2c_eval(encoder, val_records, instruction, cfg["max_length"], cfg["eval_batch_size"])
             b, a = c2c_before["c2c_top1"], result["c2c_after"]["c2c_top1"]
             log(f"c2c before -> after: top1 {b:.2f} -> {a:.2f} ({a - b:+.2f}), reverse "
                 f"{c2c_before['c2c_top1_reverse']:.2f} -> {result['c2c_after']['c2c_top1_reverse']:.2f}")
-        encoder.model.save_pretrained(os.path.join(out_dir, "adapter"))
-        merged = M.merge_lora(encoder.model)
+        if cfg["lora_r"]:
+            encoder.model.save_pretrained(os.path.join(out_dir, "adapter"))
+        merged = M.merge_lora(encoder.model)  # without LoRA: the (unchanged) frozen LLM, so the out_dir stands alone
         merged.save_pretrained(os.path.join(out_dir, "merged"))
         encoder.tokenizer.save_pretrained(os.path.join(out_dir, "merged"))
-        meta = {"model_subdir": "merged", "adapter_subdir": "adapter", "base_model": cfg["text_model"],
+        adaptor = None
+        if encoder.adaptor is not None:
+            a = encoder.adaptor
+            common.atomic_torch_save({k: v.detach().cpu() for k, v in a.state_dict().items()},
+                                     os.path.join(out_dir, M.CC_ADAPTOR_FILE))
+            adaptor = {"file": M.CC_ADAPTOR_FILE, "in_dim": a.in_dim, "out_dim": a.out_dim,
+                       "num_blocks": a.num_blocks, "expansion": a.expansion}
+        meta = {"model_subdir": "merged", "adapter_subdir": "adapter" if cfg["lora_r"] else None,
+                "base_model": base_model, "init_from": cfg["init_from"] or None, "chain": chain,
+                "objective": objective, "dropout": cfg["dropout"], "adaptor": adaptor,
                 "pooling": cfg["pooling"], "bidirectional": encoder.settings["bidirectional"],
                 "chat_template": encoder.chat_template,
                 "instruction": cfg["instruction"], "max_length": cfg["max_length"],
@@ -277,8 +409,11 @@ def main(argv=None):
                 "steps": max_steps, "batch_size": cfg["batch_size"], "c2c_before": c2c_before,
                 "c2c_after": result["c2c_after"], "code_version": common.code_version()}
         common.atomic_write_text(os.path.join(out_dir, M.ENCODER_CONFIG), json.dumps(meta, indent=2) + "\n")
-        common.save_run_info(out_dir, cfg, __file__, extra={"result": result, "world_size": world_size})
-        log(f"saved {out_dir}: adapter/, merged/, {M.ENCODER_CONFIG}; load with model.load_text_encoder({out_dir!r})")
+        common.save_run_info(out_dir, cfg, __file__, extra={"result": result, "world_size": world_size, "chain": chain})
+        log(f"saved {out_dir}: " + ("adapter/, " if cfg["lora_r"] else "") + "merged/, "
+            + (f"{M.CC_ADAPTOR_FILE}, " if adaptor else "")
+            + f"{M.ENCODER_CONFIG}; load with model.load_text_encoder({out_dir!r})")
+        common.unlock_out_dir(out_dir)
     common.cleanup_distributed(ddp)
     return result
 

@@ -3,9 +3,13 @@
 Kept apart from model.py so that model.py stays copy-pasteable (torch/transformers/peft/timm only).
 """
 import ast
+import contextlib
 import datetime
+import hashlib
 import json
 import os
+import re
+import socket
 import subprocess
 import sys
 import types
@@ -102,6 +106,8 @@ def configure(defaults, argv=None, doc=""):
                 print(f"  --{k}={v!r}")
             raise SystemExit(0)
         if not arg.startswith("--"):
+            if not arg.endswith(".py"):  # exec'ing any other file (a manifest, a checkpoint) would be a surprise
+                raise ValueError(f"argument {arg!r}: expected a config file ending in .py or --key=value")
             if not os.path.isfile(arg):
                 raise ValueError(f"config file {arg!r} not found (expected a config/*.py file or --key=value)")
             scope = {}
@@ -229,19 +235,177 @@ def save_run_info(out_dir, config, script, extra=None):
     return path
 
 
+def _atomic(path, write):
+    """write(tmp) then rename tmp -> path, so a crash never leaves a half-written `path`. On failure the
+    temp file is removed and an OSError (disk full, ...) names `path`; a SIGKILL leaves `{path}.tmp<pid>`,
+    which remove_stale_temp_files deletes at the next start."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
+        raise
+
+
 def atomic_write_text(path, text):
     """Write text to path via a temp file + rename, so a crash never leaves a half-written file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    _atomic(path, write)
 
 
 def atomic_torch_save(obj, path):
     """torch.save via temp file + rename (a killed run never leaves a truncated checkpoint)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    _atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def _pid_alive(pid):
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temp_files(root):
+    """Delete `*.tmp<pid>` files under root whose writer is dead (a run killed mid-write: at ViT-L scale
+    each is gigabytes). Call it with root's lock held (lock_out_dir). Returns the removed paths."""
+    removed = []
+    for d, _, names in os.walk(root):
+        for n in names:
+            m = re.search(r"\.tmp(\d+)$", n)
+            if m and not _pid_alive(int(m.group(1))):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(d, n))
+                    removed.append(os.path.join(d, n))
+    return removed
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints with a checksum, and one run per out_dir
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be trusted: truncated, corrupt, or not matching its checksum."""
+
+
+def file_sha256(path, block=1 << 24):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_checkpoint(obj, path):
+    """atomic_torch_save plus a sha256 sidecar `{path}.sha256` (written before the rename, so a .pt file
+    never exists without its checksum) that load_checkpoint checks: a bit flip is caught, not trained on."""
+    def write(tmp):
+        torch.save(obj, tmp)
+        atomic_write_text(path + ".sha256", file_sha256(tmp) + "\n")
+    _atomic(path, write)
+
+
+def load_checkpoint(path):
+    """torch.load(weights_only=True) after checking the sha256 sidecar. CheckpointError names the path and
+    what is wrong (checksum mismatch, truncated/unreadable). A file without a sidecar (older runs) loads."""
+    side = path + ".sha256"
+    if os.path.isfile(side):
+        with open(side) as f:
+            want = f.read().strip()
+        have = file_sha256(path)
+        if have != want:
+            raise CheckpointError(f"{path}: checksum mismatch (sha256 {have[:16]}..., {side} says {want[:16]}...): "
+                                  "the file is corrupt")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, bad pickle, missing file
+        raise CheckpointError(f"{path}: cannot load checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def load_newest_checkpoint(paths, log=print):
+    """(path, state) of the newest loadable checkpoint among `paths` (oldest first): a corrupt or truncated
+    newest one is skipped with a log line naming it, and the previous one is used."""
+    for path in reversed(paths):
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError as e:
+            log(f"warning: {e}; falling back to the previous checkpoint")
+    raise CheckpointError(f"none of the {len(paths)} checkpoints can be loaded: {', '.join(paths)}")
+
+
+def remove_checkpoint(path):
+    """Delete a checkpoint and its checksum; a file already gone is fine (pruning must not crash a run)."""
+    for p in (path, path + ".sha256"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(p)
+
+
+_LOCKS = {}  # lock file -> fd held by this process
+
+
+def lock_out_dir(out_dir, key="out_dir"):
+    """Make out_dir (ValueError naming `key` if it cannot be written) and take an exclusive lock on
+    out_dir/.lock for this run: a second run in the same out_dir is refused with the holder's pid, since
+    two runs would interleave logs and overwrite each other's checkpoints. flock is dropped by the OS when
+    the holder dies, so a killed run never leaves a stale lock. Then stale temp files are removed.
+    Returns the removed temp files."""
+    import fcntl
+    path = os.path.abspath(os.path.join(out_dir, ".lock"))
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise ValueError(f"{key}={out_dir!r}: cannot write there ({e.strerror or e})") from None
+    old = _LOCKS.pop(path, None)
+    if old is not None:  # an earlier main() in this process that raised: its run is over
+        os.close(old)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "pid unknown"
+        os.close(fd)
+        raise RuntimeError(f"{out_dir} is in use by another run ({holder}; lock {path}); wait for it to end "
+                           "or choose another out_dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    _LOCKS[path] = fd
+    return remove_stale_temp_files(out_dir)
+
+
+def unlock_out_dir(out_dir):
+    fd = _LOCKS.pop(os.path.abspath(os.path.join(out_dir, ".lock")), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def describe_truncation(t, max_length):
+    """One log line for model.TextEncoder.truncation counts (summed over ranks if need be)."""
+    if not t["truncated"]:
+        return f"truncation: none of {t['texts']} texts exceeded max_length={max_length}"
+    return (f"truncation: {t['truncated']} of {t['texts']} texts ({100 * t['truncated'] / max(1, t['texts']):.1f}%) "
+            f"were cut to max_length={max_length}: {t['tokens_cut']} tokens dropped, at most {t['max_cut']} from one text")
+
+
+def check_config(cfg, rules):
+    """rules: key -> (predicate, what is allowed). ValueError naming every key whose value fails, before
+    any model loads."""
+    def ok(pred, v):
+        try:
+            return bool(pred(v))
+        except (TypeError, ValueError):
+            return False
+    bad = [f"{k}={cfg[k]!r}: expected {what}" for k, (pred, what) in rules.items() if not ok(pred, cfg[k])]
+    if bad:
+        raise ValueError("invalid config: " + "; ".join(bad))
 
 
 def adamw(params, fused=None, **kwargs):

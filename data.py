@@ -68,16 +68,23 @@ def read_caption_records(path):
 
 def read_text_pairs(path):
     """Pure-text pairs JSONL `{"query": ..., "positive": ...}` -> records whose two captions keep that
-    order (`"ordered": True`): the query is always the query side, the positive the positive side."""
+    order (`"ordered": True`): the query is always the query side, the positive the positive side.
+    Optional per record (E5-style data): "instruction" (the query's own instruction, instead of the
+    caption one) and "negative" (its own hard negative)."""
     records = []
     for lineno, obj in read_jsonl(path):
         where = f"{path}:{lineno}"
-        for key in ("query", "positive"):
+        for key in ("query", "positive", "instruction", "negative"):
             v = obj.get(key)
+            if key in ("instruction", "negative") and key not in obj:
+                continue
             if not isinstance(v, str) or not v.strip():
                 raise DataError(f"{where}: \"{key}\" is {v!r}; expected a non-empty string "
-                                "(pairs file: one {\"query\": ..., \"positive\": ...} per line)")
-        records.append({"id": str(obj.get("id", where)), "captions": [obj["query"], obj["positive"]], "ordered": True})
+                                "(pairs file: one {\"query\": ..., \"positive\": ...[, \"instruction\": ..., "
+                                "\"negative\": ...]} per line)")
+        rec = {"id": str(obj.get("id", where)), "captions": [obj["query"], obj["positive"]], "ordered": True}
+        rec.update({k: obj[k] for k in ("instruction", "negative") if k in obj})
+        records.append(rec)
     if not records:
         raise DataError(f"{path}: no records; expected one {{\"query\": ..., \"positive\": ...}} object per line")
     return records
@@ -95,13 +102,16 @@ class CaptionPairDataset:
 
     Item `i` at step `s` draws its two different captions (and the hard negative: a caption of another
     record) from an RNG seeded by (seed, s, i) only, so any step of any rank can be rebuilt exactly on
-    resume, whatever ran before. Ordered records (text pairs) always give (query, positive).
+    resume, whatever ran before. Ordered records (text pairs) always give (query, positive); a record's
+    own "negative" is its hard negative. `sources`: (start, end) index ranges (one per input file); a
+    drawn hard negative then comes from the record's own source, so caption and E5 negatives never mix.
     """
 
-    def __init__(self, records, seed=0):
+    def __init__(self, records, seed=0, sources=None):
         if len(records) < 2:
             raise DataError(f"{len(records)} caption record(s); expected at least 2 (negatives come from other records)")
         self.records, self.seed = records, seed
+        self.sources = sources or [(0, len(records))]
 
     def __len__(self):
         return len(self.records)
@@ -118,8 +128,13 @@ class CaptionPairDataset:
         return rec["captions"][a], rec["captions"][b]
 
     def hard_negative(self, index, step):
+        if "negative" in self.records[index]:
+            return self.records[index]["negative"]
+        lo, hi = next((a, b) for a, b in self.sources if a <= index < b)
+        if hi - lo < 2:
+            lo, hi = 0, len(self.records)
         rng = self._rng(index, step, 1)  # its own stream: independent of pair()'s draws
-        j = int(rng.integers(len(self.records) - 1))
+        j = lo + int(rng.integers(hi - lo - 1))
         j += j >= index  # any record but this one
         caps = self.records[j]["captions"]
         return caps[int(rng.integers(len(caps)))]
@@ -130,12 +145,70 @@ class CaptionPairDataset:
         hard = [self.hard_negative(i, step) for i in indices] if hard_negatives else None
         return [q for q, _ in pairs], [d for _, d in pairs], hard
 
+    def instructions(self, indices, default=None):
+        """The query-side instruction of each record: its own "instruction", else `default`."""
+        return [self.records[i].get("instruction", default) for i in indices]
+
+
+class SourceBatchSampler:
+    """Every global batch from ONE source (input file), as the official LLM2CLIP / llm2vec sampler
+    draws them, so in-batch negatives never mix caption and pure-text data.
+
+    Global step s picks source k with probability weights[k] (one draw seeded by (seed, s)); it then
+    takes the next block of source k's own ResumableBatchSampler order. Like ResumableBatchSampler its
+    only state is the step, so a resumed run replays the uninterrupted one. weights None: proportional
+    to each source's number of full batches (every batch once per epoch, in expectation).
+    """
+
+    def __init__(self, sizes, global_batch, rank=0, world_size=1, seed=0, weights=None, start_step=0,
+                 max_steps=None, names=None):
+        import numpy as np
+        names = names or [f"source {k}" for k in range(len(sizes))]
+        for n, name in zip(sizes, names):
+            if n < global_batch:
+                raise DataError(f"{name}: {n} records, fewer than one global batch of {global_batch} "
+                                "(single_source_batches draws each batch from one file)")
+        weights = [n // global_batch for n in sizes] if not weights else list(weights)
+        if len(weights) != len(sizes) or min(weights) < 0 or sum(weights) <= 0:
+            raise ValueError(f"source weights {weights}: expected {len(sizes)} non-negative numbers, one per "
+                             f"source ({', '.join(names)}), not all zero")
+        self.offsets = np.cumsum([0] + list(sizes))[:-1].tolist()
+        self.cum = np.cumsum(weights) / sum(weights)
+        self.inner = [ResumableBatchSampler(n, global_batch, rank, world_size, seed=int(np.random.SeedSequence(
+            [seed, k]).generate_state(1)[0]), shuffle=True) for k, n in enumerate(sizes)]
+        self.seed, self.start_step, self.max_steps = seed, start_step, max_steps
+        self.steps_per_epoch = sum(n // global_batch for n in sizes)
+        self._source, self._position = [], []  # per global step: its source, and that source's own step
+        self._taken = [0] * len(sizes)  # steps drawn so far from each source
+
+    def source_of(self, step):
+        """The source of global step `step` (draws every earlier step's once, to know each source's position)."""
+        import numpy as np
+        while len(self._source) <= step:
+            u = np.random.default_rng([self.seed, len(self._source), 7]).random()
+            k = min(int(np.searchsorted(self.cum, u, side="right")), len(self.cum) - 1)
+            self._source.append(k)
+            self._position.append(self._taken[k])
+            self._taken[k] += 1
+        return self._source[step]
+
+    def indices(self, step):
+        """This rank's indices (into the concatenated records) of global step `step`."""
+        k = self.source_of(step)
+        return [self.offsets[k] + i for i in self.inner[k].indices(self._position[step])]
+
+    def __iter__(self):
+        step = self.start_step
+        while self.max_steps is None or step < self.start_step + self.max_steps:
+            yield self.indices(step)
+            step += 1
 
 
 # === image-text manifests, images and transforms (stage 2, retrieval eval) ===
 
 def _caption_list(where, obj, key):
-    """obj[key] as a list of non-empty strings ([] when absent), else a DataError naming `where` (file:line)."""
+    """obj[key] as a list of non-empty strings ([] when absent), else a DataError naming `where`
+    (file:line of a manifest, shard::key of a tar sample): manifests and shards are validated alike."""
     caps = obj.get(key, [])
     if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
         raise DataError(f"{where}: {key!r} must be a list of strings, got {caps!r:.80}")
@@ -191,10 +264,17 @@ def write_manifest(path, records):
     """Write manifest records (dicts with "image" and caption lists) as JSONL; returns the count."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException as e:  # no partial temp file left behind; a full disk names the file
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
+        raise
     return len(records)
 
 
@@ -315,6 +395,7 @@ def convert_docci(src, split="test", prefix="images/"):
 # order; a missing field has no texts), slot s -> one row, so
 #   row(r, f, s) = record_offsets[r] + counts[r, :f].sum() + s.
 import hashlib  # noqa: E402
+import zipfile  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -492,15 +573,18 @@ def describe_text_mismatch(cached_counts, cached_hashes, fields, new):
 
 def model_fingerprint(path, probe_bytes=1 << 20):
     """A cheap identity of a local model: sha256 over the files of the folder that is loaded (for a
-    stage-1 out_dir: encoder.json and its model subfolder), each by name, size, and its first and
+    stage-1 out_dir: encoder.json, its model subfolder and stage-1 adaptor), each by name, size, and its first and
     last `probe_bytes` (weights retrained in place change there). None for a hub name."""
     if not os.path.isdir(path):
         return None
     files, folder = [], path
     if os.path.isfile(os.path.join(path, "encoder.json")):
         with open(os.path.join(path, "encoder.json")) as f:
-            folder = os.path.join(path, json.load(f).get("model_subdir", "merged"))
+            meta = json.load(f)
+        folder = os.path.join(path, meta.get("model_subdir", "merged"))
         files.append(os.path.join(path, "encoder.json"))
+        if meta.get("adaptor"):  # a stage-1 adaptor changes the embeddings too
+            files.append(os.path.join(path, meta["adaptor"]["file"]))
     files += sorted(os.path.join(folder, n) for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n)))
     h = hashlib.sha256()
     for name in files:
@@ -541,11 +625,51 @@ def read_cache_meta(cache_dir):
     path = os.path.join(cache_dir, CACHE_META)
     if not os.path.isfile(path):
         raise DataError(f"{cache_dir}: no {CACHE_META}; not an embedding cache (build one with embed_captions.py)")
-    with open(path) as f:
-        meta = json.load(f)
-    if meta.get("format") != CACHE_FORMAT:
-        raise DataError(f"{path}: format {meta.get('format')!r}, expected {CACHE_FORMAT!r}")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: corrupt meta.json ({e}); rebuild the cache with embed_captions.py") from None
+    if not isinstance(meta, dict) or meta.get("format") != CACHE_FORMAT:
+        raise DataError(f"{path}: format {meta.get('format') if isinstance(meta, dict) else meta!r}, "
+                        f"expected {CACHE_FORMAT!r}")
     return meta
+
+
+def load_cache_file(cache_dir, name, **kw):
+    """np.load of a cache file; a missing, truncated or corrupt file is a DataError naming it."""
+    path = os.path.join(cache_dir, name)
+    try:
+        out = np.load(path, **kw)
+        if name == CACHE_INDEX:  # npz members are read lazily: check the small ones now, while errors can be named
+            for k in ("record_offsets", "counts"):
+                out[k]
+        return out
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(f"{path}: cannot read ({type(e).__name__}: {e}); the cache is truncated or corrupt, "
+                        "rebuild it with embed_captions.py --overwrite=True") from None
+
+
+def data_identity(records, cache=None, shards=()):
+    """What identifies stage-2 training data, kept in checkpoints so a resume on other data is refused:
+    the record count, the cache's text hash and size, and the shards' names and sizes. Cheap (nothing
+    is re-read) and free of paths, so moved files with the same content still resume."""
+    ident = {"num_records": len(records)}
+    if cache is not None:
+        ident.update(text_hash=cache.meta["text_hash"], count=cache.count, fields=list(cache.fields))
+    if shards:
+        h = hashlib.sha256()
+        for p in shards:
+            h.update(f"{os.path.basename(p)}\0{os.path.getsize(p)}\0".encode())
+        ident["shards"] = f"{len(shards)} shards, sha256 {h.hexdigest()[:16]}"
+    return ident
+
+
+def identity_mismatch(old, new):
+    """['key: checkpoint X, now Y', ...] over the keys both identities have (the text hash only when the
+    cache fields agree: text_source may change on resume)."""
+    keys = [k for k in (old or {}) if k in new and not (k == "text_hash" and old.get("fields") != new.get("fields"))]
+    return [f"{k}: checkpoint {old[k]!r}, now {new[k]!r}" for k in keys if old[k] != new[k]]
 
 
 class EmbeddingCache:
@@ -584,14 +708,14 @@ class EmbeddingCache:
         if isinstance(manifest, TrainIndex):  # stage 2: the index hashed the texts once, when it was built
             if manifest.text_hash != meta["text_hash"]:
                 new = manifest.texts(self.fields) if self.fields == list(manifest.fields) else None
-                index = np.load(os.path.join(cache_dir, CACHE_INDEX))
+                index = load_cache_file(cache_dir, CACHE_INDEX)
                 why = (f"fields differ: cache {self.fields}, training records {manifest.fields}" if new is None else
                        describe_text_mismatch(index["counts"], index["text_hashes"], self.fields, new))
                 raise DataError(f"{cache_dir} is stale for {manifest.records_file}: {why}")
         elif manifest is not None:
             new = cache_texts(manifest, self.fields, lazy=True)
             if new.text_hash != meta["text_hash"]:  # per-text hashes are read only to say what differs
-                index = np.load(os.path.join(cache_dir, CACHE_INDEX))
+                index = load_cache_file(cache_dir, CACHE_INDEX)
                 raise DataError(f"{cache_dir} is stale for {_name(manifest)}: "
                                 + describe_text_mismatch(index["counts"], index["text_hashes"], self.fields, new))
         emb = self._open()
@@ -601,7 +725,7 @@ class EmbeddingCache:
 
     def _rows_index(self):
         if self._index is None:
-            index = np.load(os.path.join(self.cache_dir, CACHE_INDEX))
+            index = load_cache_file(self.cache_dir, CACHE_INDEX)
             offsets, counts = index["record_offsets"].astype(np.int64), index["counts"].astype(np.int32)
             # row of slot 0 of each (record, field)
             self._index = offsets, counts, offsets[:-1, None] + np.cumsum(counts, 1) - counts
@@ -621,7 +745,7 @@ class EmbeddingCache:
 
     def _open(self):
         if self._mm is None or self._pid != os.getpid():
-            self._mm = np.load(os.path.join(self.cache_dir, CACHE_EMBEDDINGS), mmap_mode="r")
+            self._mm = load_cache_file(self.cache_dir, CACHE_EMBEDDINGS, mmap_mode="r")
             self._pid = os.getpid()
         return self._mm
 
@@ -689,16 +813,19 @@ def verify_cache(cache_dir, manifest=None, block_bytes=64 << 20, row_range=None)
     (given the manifest) the texts unchanged. Returns a list of problems (empty: all good).
     row_range=(start, end) checks only those rows (ranks split the scan)."""
     problems = []
-    meta = read_cache_meta(cache_dir)
+    try:  # a truncated or corrupt file is reported, never a crash
+        meta = read_cache_meta(cache_dir)
+        index = load_cache_file(cache_dir, CACHE_INDEX)
+        emb = load_cache_file(cache_dir, CACHE_EMBEDDINGS, mmap_mode="r")
+    except DataError as e:
+        return [str(e)]
     if not meta.get("complete"):
         problems.append("meta.json says the cache is incomplete")
-    index = np.load(os.path.join(cache_dir, CACHE_INDEX))
     if manifest is not None:
         new = cache_texts(manifest, meta["fields"], lazy=True)  # streams: texts are not held
         if new.text_hash != meta["text_hash"]:
             problems.append(f"stale for {_name(manifest)}: "
                             + describe_text_mismatch(index["counts"], index["text_hashes"], meta["fields"], new))
-    emb = np.load(os.path.join(cache_dir, CACHE_EMBEDDINGS), mmap_mode="r")
     if emb.shape != (meta["count"], meta["dim"]) or emb.dtype != np.float16:
         problems.append(f"{CACHE_EMBEDDINGS} is {emb.dtype} {emb.shape}, meta says float16 {(meta['count'], meta['dim'])}")
         return problems
@@ -883,12 +1010,20 @@ def scan_tar_shard(path):
     plus `.txt` (the real caption) and/or `.json` (keys `captions`, `long_captions`, or `caption`).
     Image bytes are not read here: each record keeps the byte range of its image (`_tar`), so any
     rank or worker reads its own samples with a plain seek. Records with no caption are an error.
+    Integrity: tarfile stops quietly at a truncated header, so every member must lie within the file
+    and the archive must end with its end-of-archive blocks; a shard cut anywhere is a DataError naming
+    it (never fewer samples). Caption fields are validated as manifests are (_caption_list), naming
+    `shard::key`.
     """
     import tarfile
     samples = {}
+    size = os.path.getsize(path)
     try:
         with tarfile.open(path) as tf:
             for m in tf:
+                if m.offset_data + m.size > size:
+                    raise DataError(f"{path}: truncated tar shard: member {m.name!r} needs bytes up to "
+                                    f"{m.offset_data + m.size}, the file has {size}")
                 if not m.isfile():
                     continue
                 d, base = os.path.split(m.name)
@@ -899,7 +1034,14 @@ def scan_tar_shard(path):
                     s["image"] = m
                 elif ext in ("txt", "json"):
                     s[ext] = tf.extractfile(m).read().decode("utf-8")
-    except (tarfile.TarError, OSError) as e:
+            end = tf.offset  # where the member list stopped: must be two zero blocks (POSIX end of archive)
+        with open(path, "rb") as f:
+            f.seek(end)
+            tail = f.read(2 * tarfile.BLOCKSIZE)
+        if len(tail) < 2 * tarfile.BLOCKSIZE or tail.count(0) != len(tail):
+            raise DataError(f"{path}: truncated or corrupt tar shard: no end-of-archive blocks at byte {end} "
+                            f"(file size {size}); samples after that point would be lost")
+    except (tarfile.TarError, OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read tar shard ({e})") from None
     for key, s in samples.items():
         where = f"{path}::{key}"
@@ -911,10 +1053,15 @@ def scan_tar_shard(path):
                 meta = json.loads(s["json"])
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}.json: malformed JSON ({e.msg})") from None
-        captions = list(meta.get("captions") or ([meta["caption"]] if meta.get("caption") else []))
+            if not isinstance(meta, dict):
+                raise DataError(f"{where}.json: expected a JSON object, got {type(meta).__name__}")
+            if "caption" in meta and not isinstance(meta["caption"], (str, type(None))):
+                raise DataError(f"{where}.json: 'caption' must be a string, got {meta['caption']!r:.80}")
+        captions = _caption_list(f"{where}.json", meta, "captions") or (
+            [meta["caption"]] if (meta.get("caption") or "").strip() else [])
         if not captions and s.get("txt", "").strip():
             captions = [s["txt"].strip()]
-        long_captions = list(meta.get("long_captions") or [])
+        long_captions = _caption_list(f"{where}.json", meta, "long_captions")
         if not captions and not long_captions:
             raise DataError(f"{where}: no caption (expected {key}.txt or captions/long_captions in {key}.json)")
         m = s["image"]
@@ -1265,7 +1412,12 @@ class TrainSamples:
         field, slot = choose_caption(rec, rng, self.ratio)
         emb = None
         if self.cache is not None:
-            emb = np.array(self.cache.embeddings[self.records.cache_row(i, rec, field, slot)])
+            row = self.records.cache_row(i, rec, field, slot)
+            emb = np.array(self.cache.embeddings[row])
+            if not np.isfinite(emb).all():  # would train until the loss is NaN, naming nothing
+                raise DataError(f"{os.path.join(self.cache.cache_dir, CACHE_EMBEDDINGS)}: row {row} is not finite: "
+                                f"record {i} ({self.records.where(i)}, image {rec['image']}), {field}[{slot}]; "
+                                "check it with embed_captions.py --verify_only=True")
         return {"image": self.transform(img, rng), "embedding": emb, "text": rec[field][slot], "index": i, "bad": bad}
 
 

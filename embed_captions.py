@@ -235,6 +235,10 @@ def main(argv=None):
     field_list = [f.strip() for f in cfg["fields"].split(",") if f.strip()]
     if not cfg["manifest"] or not cfg["out_dir"] or not (cfg["text_model"] or cfg["verify_only"]):
         raise ValueError("--text_model, --manifest and --out_dir are required (--verify_only needs no text_model)")
+    pos = (lambda v: v > 0, "a positive integer")
+    common.check_config(cfg, {"max_length": pos, "batch_tokens": pos, "chunk_rows": pos,
+                              "dtype": (lambda v: v in ("auto", "float32", "bfloat16", "float16"),
+                                        "'auto', 'float32', 'bfloat16' or 'float16'")})
     out = cfg["out_dir"]
     emb_path, meta_path = os.path.join(out, data.CACHE_EMBEDDINGS), os.path.join(out, data.CACHE_META)
     progress_dir = os.path.join(out, "progress")
@@ -242,7 +246,11 @@ def main(argv=None):
     # --- distributed
     ddp, rank, local_rank, world_size, device = common.setup_distributed()
     master = rank == 0
+    # one writer per cache dir (verify_only only reads); a killed run's temp files go
+    stale = common.lock_out_dir(out) if master and not cfg["verify_only"] else []
     log = common.Logger(out, "embed", master)
+    if stale:
+        log(f"removed {len(stale)} temp file(s) of a killed run: {', '.join(stale)}")
 
     def barrier():
         if ddp:
@@ -252,6 +260,8 @@ def main(argv=None):
         flag = torch.tensor([len(problems)], device=device)
         if ddp:
             dist.broadcast(flag, 0)
+        if master:
+            common.unlock_out_dir(out)
         common.cleanup_distributed(ddp)
         if flag.item():
             raise SystemExit(1)
@@ -293,11 +303,15 @@ def main(argv=None):
     # --- output: new, resume, already complete, or refuse a mismatch (every rank decides the same)
     old, state = None, "new"
     if os.path.isfile(meta_path):
-        with open(meta_path) as f:
-            old = json.load(f)
+        try:
+            old = data.read_cache_meta(out)
+        except data.DataError as e:  # a corrupt meta.json: named, and only --overwrite replaces it
+            if not cfg["overwrite"]:
+                raise data.DataError(f"{e}; pass --overwrite=True to replace the cache") from None
+            old = {}
         diff = plan_mismatch(old, meta)
-        if old.get("text_hash") != texts.text_hash and old.get("fields") == field_list:
-            idx = np.load(os.path.join(out, data.CACHE_INDEX))
+        if old and old.get("text_hash") != texts.text_hash and old.get("fields") == field_list:
+            idx = data.load_cache_file(out, data.CACHE_INDEX)
             diff.append("texts: " + data.describe_text_mismatch(idx["counts"], idx["text_hashes"], field_list, texts))
         if diff and not cfg["overwrite"]:
             raise data.DataError(f"{out} holds a cache of other texts or settings ({'; '.join(diff)}); "
@@ -357,6 +371,7 @@ def main(argv=None):
     # --- embed
     my_rows = sum(len(chunks[c]) for c in my_chunks)
     stats = torch.zeros(3, dtype=torch.float64)  # texts, tokens, padded tokens
+    encoder.pop_truncation()
     t_start = time.time()
     if my_chunks:
         from tqdm import tqdm
@@ -379,15 +394,21 @@ def main(argv=None):
         bar.close()
         os.close(fd)
     elapsed = torch.tensor([time.time() - t_start], dtype=torch.float64)
+    t = encoder.pop_truncation()
+    trunc = torch.tensor([t["texts"], t["truncated"], t["tokens_cut"], t["max_cut"]], dtype=torch.float64)
     if ddp:  # totals over ranks; the time is the slowest rank's
-        stats, elapsed = stats.to(device), elapsed.to(device)
+        stats, elapsed, trunc = stats.to(device), elapsed.to(device), trunc.to(device)
         dist.all_reduce(stats)
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        dist.all_reduce(trunc[:3])
+        dist.all_reduce(trunc[3:], op=dist.ReduceOp.MAX)
     (texts_done, tokens, padded), elapsed = stats.tolist(), max(elapsed.item(), 1e-9)
     if texts_done:
         log(f"embedded {int(texts_done)} texts, {int(tokens)} tokens ({int(padded)} padded; padding "
             f"{1 - tokens / padded:.1%}) in {elapsed:.1f}s: {texts_done / elapsed:.1f} texts/s, "
             f"{tokens / elapsed:.0f} tokens/s")
+        log(common.describe_truncation(dict(zip(("texts", "truncated", "tokens_cut", "max_cut"),
+                                                map(int, trunc.tolist()))), cfg["max_length"]))
 
     # --- finish: rank 0 marks the cache complete once every chunk of every rank is on disk
     barrier()

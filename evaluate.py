@@ -186,11 +186,16 @@ class HFClip:
         self.device = device
         self.siglip = "siglip" in self.model.config.model_type  # trained with max-length padding
         self.max_length = getattr(self.model.config.text_config, "max_position_embeddings", 77)
+        self.truncation = dict(texts=0, truncated=0, tokens_cut=0, max_cut=0)  # as model.TextEncoder counts
 
     def encode_images(self, images):
         return _pooled(self.model.get_image_features(pixel_values=images))
 
     def encode_texts(self, texts):
+        cut = [n - self.max_length for n in map(len, self.tokenizer(texts)["input_ids"]) if n > self.max_length]
+        t = self.truncation
+        t.update(texts=t["texts"] + len(texts), truncated=t["truncated"] + len(cut),
+                 tokens_cut=t["tokens_cut"] + sum(cut), max_cut=max([t["max_cut"], *cut]))
         tok = self.tokenizer(texts, padding="max_length" if self.siglip else True, truncation=True,
                              max_length=self.max_length, return_tensors="pt")
         tok = {k: v.to(self.device) for k, v in tok.items() if k in ("input_ids", "attention_mask")}
@@ -267,6 +272,14 @@ class LLM2CLIP:
 
     def encode_texts(self, texts):
         return self.text_encoder.encode(texts, batch_size=len(texts))
+
+    @property
+    def truncation(self):  # the LLM's counts (None for a text encoder that does not count)
+        return getattr(getattr(self.text_encoder, "text_encoder", None), "truncation", None)
+
+    @property
+    def max_length(self):
+        return getattr(self.text_encoder, "max_length", None)
 
 
 def _llm_text_settings(cfg):
@@ -445,7 +458,15 @@ def run_retrieval(cfg, dist_info, log):
         for d in datasets:  # images once per model: the rows of one run share its image encoder
             img = encode_images(rows[0][1], [r["image"] for r in d["records"]], cfg, dist_info, f"{d['name']} images")
             for name, m in rows:
+                t0 = dict(getattr(m, "truncation", None) or {})
                 txt = encode_texts(m, d["texts"], cfg, dist_info, f"{d['name']} texts")
+                if t0:  # how many texts max_length cut (summed over ranks)
+                    cut = torch.tensor([m.truncation[k] - t0[k] for k in ("texts", "truncated", "tokens_cut")])
+                    if dist_info[0]:
+                        cut = cut.to(dist_info[3])
+                        torch.distributed.all_reduce(cut)
+                    t0 = dict(zip(("texts", "truncated", "tokens_cut"), cut.tolist()), max_cut=m.truncation["max_cut"])
+                    log(f"{name} on {d['name']}: " + common.describe_truncation(t0, m.max_length))
                 if dist_info[1] == 0:
                     r = retrieval_metrics(img, txt, d["text_to_image"])
                     results[name][d["name"]] = {**r, "n_images": img.shape[0], "n_texts": txt.shape[0]}
@@ -560,13 +581,18 @@ def c2c_eval(encoder, records_or_captions, instruction=None, max_length=512, bat
         return F.normalize(torch.as_tensor(f).float(), dim=-1)
 
     first, second = [c[0] for c in caps], [c[1] for c in caps]
+    counts = getattr(encoder, "truncation", None)  # model.TextEncoder counts the texts max_length cuts
+    cut0 = counts["truncated"] if counts else 0
     d1, d2 = enc(first, None), enc(second, None)
     q1, q2 = (enc(first, instruction), enc(second, instruction)) if instruction else (d1, d2)
     if was_training:
         encoder.train()
     target = torch.arange(len(caps), device=d1.device)
-    return {"c2c_top1": _percent(_ranks(q1, d2, target) == 0),
-            "c2c_top1_reverse": _percent(_ranks(q2, d1, target) == 0), "n": len(caps)}
+    out = {"c2c_top1": _percent(_ranks(q1, d2, target) == 0),
+           "c2c_top1_reverse": _percent(_ranks(q2, d1, target) == 0), "n": len(caps)}
+    if counts:
+        out["truncated"] = encoder.truncation["truncated"] - cut0  # texts cut to max_length
+    return out
 
 
 def run_c2c(cfg, log):
@@ -584,6 +610,7 @@ def run_c2c(cfg, log):
             "chat_template": enc.chat_template, "instruction": cfg["instruction"], "max_length": max_length}
     log(f"| text model | captions | n | c2c top-1 | reverse |\n|---|---|---|---|---|\n"
         f"| {cfg['text_model']} | {cfg['captions']} | {r['n']} | {r['c2c_top1']:.1f} | {r['c2c_top1_reverse']:.1f} |")
+    log(common.describe_truncation(enc.pop_truncation(), cfg["max_length"]))
     if cfg["out"]:
         _write_results(cfg["out"], {"task": "c2c", "text_model": cfg["text_model"], "captions": cfg["captions"],
                                     "text_encoder": used, **r}, cfg)
@@ -626,6 +653,18 @@ def main(argv=None):
     tasks = ("retrieval", "classify", "c2c", "convert", "linear_probe", "export_hf")
     if cfg["task"] not in tasks:
         raise ValueError(f"--task={cfg['task']!r}: expected one of {', '.join(tasks)}")
+    pos = (lambda v: v > 0, "a positive integer")
+    common.check_config(cfg, {"batch_size": pos, "text_batch_size": pos,
+                              "max_length": (lambda v: v >= 0, "an integer >= 0 (0 = the model's own)"),
+                              "num_workers": (lambda v: v >= 0, "an integer >= 0")})
+    if cfg["out"] and cfg["task"] != "export_hf":  # a results file: found now, not after every model is scored
+        folder = os.path.dirname(os.path.abspath(cfg["out"]))
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"out={cfg['out']!r}: cannot create {folder} ({e.strerror or e})") from None
+        if not os.access(folder, os.W_OK) or os.path.isdir(cfg["out"]):
+            raise ValueError(f"out={cfg['out']!r}: not a writable file path")
     if cfg["task"] in ("c2c", "convert", "export_hf"):  # single process
         log = common.Logger(None, "evaluate")
         if cfg["task"] == "export_hf":

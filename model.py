@@ -174,9 +174,20 @@ class TextEncoder(nn.Module):
                 if len(ids) != 1 or ids[0] == tokenizer.unk_token_id:
                     raise ValueError(f"chat_template={chat_template!r}: {tok} is not a special token of this "
                                      f"tokenizer ({type(tokenizer).__name__}); use it with a Llama-3 tokenizer")
+        self.adaptor = None  # optional stage-1 Adaptor on the pooled output (cc_finetune cc_adaptor_blocks)
+        # texts seen, texts cut to max_length, tokens dropped, most dropped from one text: each stage logs
+        # them (pop_truncation + common.describe_truncation) instead of truncating silently
+        self.truncation = dict(texts=0, truncated=0, tokens_cut=0, max_cut=0)
+
+    def pop_truncation(self):
+        """The truncation counts since the last call (then reset to zero)."""
+        out, self.truncation = self.truncation, dict.fromkeys(self.truncation, 0)
+        return out
 
     @property
     def dim(self):
+        if self.adaptor is not None:
+            return self.adaptor.out_dim
         cfg = self.model.config
         return cfg.get_text_config().hidden_size if hasattr(cfg, "get_text_config") else cfg.hidden_size
 
@@ -222,7 +233,13 @@ class TextEncoder(nn.Module):
             if budget < 1:
                 raise ValueError(f"max_length={max_length} leaves no room for text after the instruction, "
                                  f"chat template and special tokens")
-            body = body[:budget]
+            t = self.truncation
+            t["texts"] += 1
+            if len(body) > budget:
+                t["truncated"] += 1
+                t["tokens_cut"] += len(body) - budget
+                t["max_cut"] = max(t["max_cut"], len(body) - budget)
+                body = body[:budget]
             seqs.append(self.prefix + head + body + tail + self.suffix)
             pools.append([int(self.pool_prefix)] * len(self.prefix) + [0] * len(head)
                          + [1] * (len(body) + len(tail) + len(self.suffix)))
@@ -236,14 +253,24 @@ class TextEncoder(nn.Module):
             emb[i, :len(p)] = torch.tensor(p)
         return {"input_ids": ids, "attention_mask": att, "embed_mask": emb}
 
-    def forward(self, input_ids, attention_mask, embed_mask=None, pool=True):
-        """-> (B, C) pooled; pool=False -> (hidden (B, T, C), pool mask (B, T)) for a token-level adaptor."""
+    def hidden_states(self, input_ids, attention_mask):
+        """Last hidden states (B, T, C) of the (bidirectional) model, before pooling."""
         # positions from the mask, so a left-padded text gets the same positions as alone
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, T, C)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, T, C)
+
+    def forward(self, input_ids, attention_mask, embed_mask=None, pool=True):
+        """-> (B, C) pooled (through the stage-1 adaptor, if any); pool=False -> (hidden (B, T, C), pool
+        mask (B, T)) for a token-level adaptor."""
+        hidden = self.hidden_states(input_ids, attention_mask)  # (B, T, C)
         mask = attention_mask if embed_mask is None else embed_mask * attention_mask
-        return POOLERS[self.pooling](hidden, mask) if pool else (hidden, mask)
+        if not pool:
+            if self.adaptor is not None:
+                raise ValueError("pool=False: this encoder's stage-1 adaptor works on pooled embeddings only")
+            return hidden, mask
+        pooled = POOLERS[self.pooling](hidden, mask)
+        return pooled if self.adaptor is None else self.adaptor(pooled)
 
     @torch.no_grad()
     def encode(self, texts, instruction=None, max_length=512, batch_size=64, show_progress=False):
@@ -299,13 +326,13 @@ def load_text_encoder(name_or_path, *, bidirectional=None, pooling=None, lora=No
       "" or "none" = none; a key of CHAT_TEMPLATES, e.g. "llama3").
     - lora: None, a dict of `attach_lora` kwargs (fresh trainable adapters), or a saved adapter folder.
     - dtype: torch dtype or "bfloat16"/"float32"; attn_implementation: "eager", "sdpa", "flash_attention_2".
+    - a stage-1 adaptor named in encoder.json (`cc_adaptor_blocks`) is loaded and applied by forward/encode.
     """
     from transformers import AutoModel, AutoTokenizer
     settings = {}
     path = name_or_path
     if os.path.isfile(os.path.join(name_or_path, ENCODER_CONFIG)):
-        with open(os.path.join(name_or_path, ENCODER_CONFIG)) as f:
-            settings = json.load(f)
+        settings = _read_json(os.path.join(name_or_path, ENCODER_CONFIG))
         path = os.path.join(name_or_path, settings.get("model_subdir", "merged"))
     bidirectional = settings.get("bidirectional", True) if bidirectional is None else bidirectional
     pooling = settings.get("pooling", "mean") if pooling is None else pooling
@@ -330,7 +357,10 @@ def load_text_encoder(name_or_path, *, bidirectional=None, pooling=None, lora=No
         model = PeftModel.from_pretrained(model, lora, is_trainable=True)
     settings.update({"name_or_path": name_or_path, "pooling": pooling, "chat_template": chat_template,
                      "bidirectional": bool(bidirectional and decoder), "decoder": decoder})
-    return TextEncoder(model, tokenizer, pooling=pooling, settings=settings, chat_template=chat_template)
+    encoder = TextEncoder(model, tokenizer, pooling=pooling, settings=settings, chat_template=chat_template)
+    if settings.get("adaptor"):  # a stage-1 adaptor trained on the frozen (or LoRA-tuned) LLM
+        encoder.adaptor = load_adaptor(name_or_path, settings["adaptor"]).to(next(model.parameters()).device)
+    return encoder
 
 
 # -----------------------------------------------------------------------------
@@ -525,6 +555,163 @@ class CatHead(nn.Module):
 
     def forward(self, llm, clip):  # (B, llm_dim), (B, clip_dim) -> (B, out_dim)
         return self.proj(torch.cat([F.normalize(llm.float(), dim=-1), F.normalize(clip.float(), dim=-1)], -1))
+
+
+# -----------------------------------------------------------------------------
+# Stage-1 ablations (cc_finetune.py `objective`, `dropout`, `cc_adaptor_blocks`, per-record instructions)
+
+CC_ADAPTOR_FILE = "cc_adaptor.pt"  # a stage-1 adaptor's state dict, next to encoder.json
+
+
+def read_encoder_config(out_dir):
+    """encoder.json of a cc_finetune.py out_dir; a clear error if `out_dir` is not one."""
+    path = os.path.join(out_dir, ENCODER_CONFIG)
+    if not os.path.isfile(path):
+        raise ValueError(f"{out_dir}: no {ENCODER_CONFIG}; expected a cc_finetune.py out_dir")
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_adaptor(out_dir, meta):
+    """The stage-1 Adaptor that encoder.json's `adaptor` entry (file, in_dim, out_dim, num_blocks, expansion) names."""
+    adaptor = Adaptor(meta["in_dim"], meta["out_dim"], meta["num_blocks"], meta["expansion"])
+    adaptor.load_state_dict(torch.load(os.path.join(out_dir, meta["file"]), map_location="cpu", weights_only=True))
+    return adaptor
+
+
+def set_dropout(model, p):
+    """Set every attention and hidden dropout of a HF model to p (SimCSE's noise: LoRA dropout alone is
+    not it). nn.Dropout modules outside LoRA, and attention modules' `attention_dropout` (Llama, Qwen,
+    Mistral, Gemma apply no other dropout), plus the config fields for the record. Returns the number of
+    places set; raises if the model has none (then p would silently do nothing)."""
+    n = 0
+    for name, m in model.named_modules():
+        if "lora_dropout" in name:
+            continue
+        if isinstance(m, nn.Dropout):
+            m.p, n = p, n + 1
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout, n = p, n + 1
+    if n == 0:
+        raise ValueError(f"set_dropout: {type(model).__name__} has no dropout module or attention_dropout to set")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for k in ("attention_dropout", "hidden_dropout", "hidden_dropout_prob", "attention_probs_dropout_prob"):
+        if hasattr(base.config, k):
+            setattr(base.config, k, p)
+    return n
+
+
+def tokenize_mixed(encoder, texts, instructions, max_length=512):
+    """Like `encoder.tokenize`, with one instruction per text (None: none): each text is laid out
+    exactly as `encoder.tokenize([text], its_instruction)` would (the instruction attended, not pooled),
+    rows right-padded to one length. Used for per-record instructions (E5-style pure-text pairs)."""
+    texts, instructions = list(texts), list(instructions)
+    groups = {}
+    for i, ins in enumerate(instructions):
+        groups.setdefault(ins, []).append(i)
+    if len(groups) == 1:
+        return encoder.tokenize(texts, instructions[0] if instructions else None, max_length)
+    parts = [(rows, encoder.tokenize([texts[i] for i in rows], ins, max_length)) for ins, rows in groups.items()]
+    T = max(b["input_ids"].shape[1] for _, b in parts)
+    out = {"input_ids": torch.full((len(texts), T), encoder.pad_id, dtype=torch.long),
+           "attention_mask": torch.zeros((len(texts), T), dtype=torch.long),
+           "embed_mask": torch.zeros((len(texts), T), dtype=torch.long)}
+    for rows, b in parts:
+        for k, v in b.items():
+            out[k][rows, :v.shape[1]] = v
+    return out
+
+
+def mntp_mask_token_id(tokenizer):
+    """The token MNTP masks with: the tokenizer's mask token, else "_" (llm2vec's choice for Llama/Mistral)."""
+    if tokenizer.mask_token_id is not None:
+        return tokenizer.mask_token_id
+    ids = tokenizer("_", add_special_tokens=False)["input_ids"]
+    if len(ids) != 1 or ids[0] == tokenizer.unk_token_id:
+        raise ValueError("mntp: the tokenizer has no mask token and '_' is not a single token; set tokenizer.mask_token")
+    return ids[0]
+
+
+def mntp_mask(input_ids, maskable, mask_token_id, vocab_size, prob=0.2, seeds=None):
+    """llm2vec's MNTP corruption (BERT's 80/10/10 rule) -> (corrupted input_ids, labels), both (B, T).
+
+    Each maskable token is selected with probability `prob`; of the selected, 80% become mask_token_id,
+    10% a random token of [0, vocab_size), 10% stay as they are. labels hold the original id at the
+    selected positions and -100 elsewhere. Rows must be right-padded; row i's draws come from its own
+    generator seeded by seeds[i] (default: i) over its own length, so they do not depend on the batch
+    it sits in (micro-batches, ranks) or on its padding.
+    """
+    B, T = input_ids.shape
+    lengths = maskable.long().cumsum(1).argmax(1) + 1  # up to the last maskable position
+    u = torch.ones(B, T, 3)
+    rand = torch.zeros(B, T, dtype=torch.long)
+    for i in range(B):
+        g = torch.Generator().manual_seed(int(seeds[i]) if seeds is not None else i)
+        L = int(lengths[i])
+        u[i, :L] = torch.rand(L, 3, generator=g)
+        rand[i, :L] = torch.randint(vocab_size, (L,), generator=g)
+    u, rand = u.to(input_ids.device), rand.to(input_ids.device)
+    selected = (u[..., 0] < prob) & maskable.bool()
+    replaced = selected & (u[..., 1] < 0.8)
+    randomised = selected & ~replaced & (u[..., 2] < 0.5)
+    ids = torch.where(replaced, torch.full_like(input_ids, mask_token_id), input_ids)
+    ids = torch.where(randomised, rand, ids)
+    return ids, torch.where(selected, input_ids, torch.full_like(input_ids, -100))
+
+
+def mntp_loss(hidden, labels, lm_head_weight, reduction="mean"):
+    """Masked next-token prediction (llm2vec): token i is predicted from the output at position i-1
+    through the (frozen) LM head; cross-entropy at the selected positions only. hidden (B, T, C),
+    labels (B, T) with -100 where nothing is predicted. Logits are formed for the selected positions
+    only (a 128k vocabulary x every position would dominate memory). reduction "sum" for exact
+    accumulation over micro-batches."""
+    h, y = hidden[:, :-1], labels[:, 1:]  # output i-1 predicts token i
+    sel = y != -100
+    logits = F.linear(h[sel].to(lm_head_weight.dtype), lm_head_weight).float()  # (N, V); no fp32 copy of the head
+    return F.cross_entropy(logits, y[sel], reduction=reduction)
+
+
+def load_lm_head(name_or_path, model):
+    """The LM head weight (V, C) of a causal-LM checkpoint, detached (MNTP uses it, never trains it).
+    AutoModel drops `lm_head.weight`: read it from the checkpoint's safetensors, or take the input
+    embeddings when the config ties them."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    emb = base.get_input_embeddings().weight
+    if getattr(cfg, "tie_word_embeddings", False):
+        return emb.detach()
+    from safetensors import safe_open
+    from transformers.utils import cached_file
+    kw = dict(_raise_exceptions_for_missing_entries=False)
+    index = cached_file(name_or_path, "model.safetensors.index.json", **kw)
+    if index:
+        with open(index) as f:
+            shard = json.load(f)["weight_map"].get("lm_head.weight")
+        file = cached_file(name_or_path, shard, **kw) if shard else None
+    else:
+        file = cached_file(name_or_path, "model.safetensors", **kw)
+    if file:
+        with safe_open(file, framework="pt") as f:
+            if "lm_head.weight" in f.keys():
+                return f.get_tensor("lm_head.weight").to(device=emb.device, dtype=emb.dtype)
+    raise ValueError(f"{name_or_path}: no lm_head.weight in its safetensors and untied embeddings; "
+                     "MNTP needs the LM head of a causal-LM checkpoint")
+
+
+def mntp_accumulate(encoder, chunks, lm_head_weight, num_selected, scale=1.0, autocast=None):
+    """One MNTP step over micro-batches: backward of sum-over-chunks CE / num_selected (the selected
+    tokens of the whole global batch), times `scale` (world size under gradient averaging). The loss
+    is a plain sum over tokens, so accumulating micro-batch gradients is exact: unlike the contrastive
+    objectives it needs no gradient caching. chunks: dicts with input_ids, attention_mask, labels.
+    Returns the loss (detached)."""
+    total = 0.0
+    for c in chunks:
+        with autocast or contextlib.nullcontext():
+            hidden = encoder.hidden_states(c["input_ids"], c["attention_mask"])
+        loss = mntp_loss(hidden, c["labels"], lm_head_weight, reduction="sum") * (scale / max(num_selected, 1))
+        loss.backward()
+        total += loss.detach()
+    return total
 
 
 # -----------------------------------------------------------------------------
@@ -789,9 +976,25 @@ class CatTextEncoder(nn.Module):
         return F.normalize(self.cat_head(llm.to(p.device), clip.to(p.device)), dim=-1)
 
 
+def _read_json(path):
+    """A JSON file whose errors name the file."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read JSON ({e})") from None
+
+
+def _load_state(path):
+    """torch.load(weights_only=True) whose errors (missing, truncated, corrupt file) name the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise RuntimeError(f"{path}: cannot load ({type(e).__name__}: {str(e)[:200]})") from None
+
+
 def _read_llm2clip(out_dir):
-    with open(os.path.join(out_dir, LLM2CLIP_CONFIG)) as f:
-        return json.load(f)
+    return _read_json(os.path.join(out_dir, LLM2CLIP_CONFIG))
 
 
 def load_llm2clip(out_dir, device="cpu", load_text=True, text=None, text_settings=None):
@@ -807,7 +1010,7 @@ def load_llm2clip(out_dir, device="cpu", load_text=True, text=None, text_setting
     meta = _read_llm2clip(out_dir)
     v = meta["vision"]
     vision = VisionTower(v["model_name"], pretrained=False, timm_kwargs=v.get("timm_kwargs", {}))
-    vision.model.load_state_dict(torch.load(os.path.join(out_dir, v["file"]), map_location="cpu", weights_only=True))
+    vision.model.load_state_dict(_load_state(os.path.join(out_dir, v["file"])))
     image_encoder = ImageEncoder(vision).to(device).eval()
     return image_encoder, (load_llm2clip_text(out_dir, text, device, text_settings=text_settings) if load_text else None)
 
@@ -825,7 +1028,7 @@ def load_llm2clip_text(out_dir, text=None, device="cpu", clip_loader=None, text_
     if text in ("llm", "cat"):
         a = meta["adaptor"]
         adaptor = build_adaptor(a.get("kind", "linear"), a["in_dim"], a["out_dim"], a["num_blocks"], a["expansion"])
-        adaptor.load_state_dict(torch.load(os.path.join(out_dir, a["file"]), map_location="cpu", weights_only=True))
+        adaptor.load_state_dict(_load_state(os.path.join(out_dir, a["file"])))
         t = meta["text"]
         text_path = t["model"] if os.path.isabs(t["model"]) else os.path.join(out_dir, t["model"])
         if not os.path.exists(text_path):
@@ -846,7 +1049,7 @@ def load_llm2clip_text(out_dir, text=None, device="cpu", clip_loader=None, text_
         return clip_text
     h = meta["cat_head"]
     head = CatHead(h["llm_dim"], h["clip_dim"], h["out_dim"])
-    head.load_state_dict(torch.load(os.path.join(out_dir, h["file"]), map_location="cpu", weights_only=True))
+    head.load_state_dict(_load_state(os.path.join(out_dir, h["file"])))
     return CatTextEncoder(llm_side, clip_text, head.to(device)).eval()
 
 

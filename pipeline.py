@@ -12,6 +12,10 @@
 Every stage runs in-process through its own `main([...])` with its tiny preset (config/*_tiny_cpu.py),
 exactly as `python <stage>.py config/... --key=value` would. Outputs: <out_dir>/<stage>/.
 Also holds the tiny offline model builders the tests use.
+
+`python pipeline.py --stage1_ablations=True`: instead of stages 3-6, the stage-1 ablation table (the
+paper's Table 9 rows, each a cc_finetune.py config switch) on the same data: c2c before -> after and
+wall time per row, printed as a markdown table and saved in <out_dir>/ablate_stage1/results.json.
 """
 import json
 import os
@@ -28,6 +32,7 @@ arch = "llama"  # tiny text model architecture: llama | qwen2 | mistral | gemma 
 cc_steps = 60  # stage-1 steps (config/cc_tiny_cpu.py)
 post_steps = 800  # stage-2 steps (config/post_tiny_cpu.py: 300)
 ablations = False  # also the stage-2 ablation table (Tables 8, 10, 11): 7 more stage-2 runs, a few minutes
+stage1_ablations = False  # instead of stages 3-6: the stage-1 ablation table (Table 9's rows), ~7 stage-1 runs
 config_keys = [k for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, str))]
 
 
@@ -57,16 +62,20 @@ def main(argv=None):
     for _, rec in data.read_jsonl(p("data", "train.jsonl")):
         corpus += rec["captions"] + rec["long_captions"]
     build_tiny_text_model(p("text_model"), cfg["arch"], texts=corpus, vocab_size=400, seed=cfg["seed"],
-                          hidden_size=64, num_layers=2, intermediate_size=128)
+                          hidden_size=64, num_layers=2, intermediate_size=128, lm_head=cfg["stage1_ablations"])
     done("tiny text model", t)
+    if cfg["stage1_ablations"]:
+        return ablate_stage1(cfg, p)
 
     # --- 3. stage 1
     import cc_finetune
     t = time.time()
-    cc_finetune.main(["config/cc_tiny_cpu.py", f"--text_model={p('text_model')}",
+    cc = cc_finetune.main(["config/cc_tiny_cpu.py", f"--text_model={p('text_model')}",
                       f"--train_captions={p('data', 'train_captions.jsonl')}",
                       f"--val_captions={p('data', 'val_captions.jsonl')}",
                       f"--out_dir={p('cc')}", f"--max_steps={cfg['cc_steps']}", f"--seed={cfg['seed']}"])
+    t_cut = cc["truncation"]  # the preset's max_length fits instruction + caption: this should be 0
+    print(f"stage 1: {t_cut['truncated']} of {t_cut['texts']} training texts truncated", flush=True)
     done("stage 1 (cc_finetune)", t)
 
     # --- 4. the offline cache, for the train and val manifests
@@ -112,6 +121,45 @@ def main(argv=None):
     print(f"pipeline finished in {time.time() - t0:.0f}s; stage times (s): {timings}")
     print(f"outputs under {root}/: data, text_model, cc, cache_train, cache_val, post_untrained, post, results.json")
     return res
+
+# Table 9's stage-1 rows as cc_finetune.py overrides on config/cc_tiny_cpu.py ("{mntp}": the MNTP row's out_dir)
+STAGE1_ABLATIONS = [
+    ("supervised SimCSE (paper)", {}),
+    ("unsupervised SimCSE", {"objective": "unsupervised_simcse", "dropout": 0.1}),
+    ("MNTP", {"objective": "mntp"}),
+    ("MNTP, then supervised SimCSE", {"init_from": "{mntp}"}),
+    ("causal attention", {"bidirectional": False}),
+    ("EOS pooling", {"pooling": "eos"}),
+    ("frozen LLM + 4-block adaptor", {"lora_r": 0, "cc_adaptor_blocks": 4}),
+]
+
+
+def ablate_stage1(cfg, p):
+    """Each STAGE1_ABLATIONS row through cc_finetune.main with the tiny preset: c2c before -> after, wall time."""
+    import cc_finetune
+    rows, dirs = [], {}
+    for name, over in STAGE1_ABLATIONS:
+        out = p("ablate_stage1", name.split(" (")[0].replace(",", "").replace(" ", "_").replace("+", "plus"))
+        if over.get("objective") == "mntp":
+            dirs["mntp"] = out
+        over = {k: v.format(**dirs) if isinstance(v, str) else v for k, v in over.items()}
+        t = time.time()
+        res = cc_finetune.main(["config/cc_tiny_cpu.py", f"--text_model={p('text_model')}",
+                                f"--train_captions={p('data', 'train_captions.jsonl')}",
+                                f"--val_captions={p('data', 'val_captions.jsonl')}", f"--out_dir={out}",
+                                f"--max_steps={cfg['cc_steps']}", f"--seed={cfg['seed']}"]
+                               + [f"--{k}={v}" for k, v in over.items()])
+        rows.append({"row": name, "overrides": over, "c2c_before": res["c2c_before"]["c2c_top1"],
+                     "c2c_after": res["c2c_after"]["c2c_top1"], "wall_s": round(time.time() - t, 1)})
+    table = ["| Table 9 row | cc_finetune.py overrides | c2c top-1 before -> after | wall (s) |", "|---|---|---|---|"]
+    for r in rows:
+        ov = " ".join(f"--{k}={os.path.basename(v) if k == 'init_from' else v}" for k, v in r["overrides"].items())
+        table.append(f"| {r['row']} | {ov or '(defaults)'} | {r['c2c_before']:.1f} -> {r['c2c_after']:.1f} | {r['wall_s']:.0f} |")
+    print("\n".join(table))
+    with open(p("ablate_stage1", "results.json"), "w") as f:
+        json.dump({"rows": rows, "config": cfg}, f, indent=2)
+    return rows
+
 
 # name -> post_train.py switches (Tables 10, 11, 8); every run gets the same data, steps and seed
 ABLATIONS = {
@@ -205,10 +253,11 @@ def tiny_text_config(arch, vocab_size, hidden_size=32, num_layers=2, num_heads=4
     return cls(**common, **extra, **ids)
 
 
-def build_tiny_text_model(out_dir, arch="llama", texts=None, vocab_size=512, seed=0, **config_kwargs):
-    """Save a tiny random `arch` model (AutoModel base, no LM head) + trained tokenizer to out_dir."""
+def build_tiny_text_model(out_dir, arch="llama", texts=None, vocab_size=512, seed=0, lm_head=False, **config_kwargs):
+    """Save a tiny random `arch` model + trained tokenizer to out_dir: the AutoModel base, or with
+    lm_head=True a causal LM (what MNTP needs; AutoModel still loads its base)."""
     import torch
-    from transformers import AutoModel
+    from transformers import AutoModel, AutoModelForCausalLM
     if arch not in TINY_ARCHS:
         raise ValueError(f"arch={arch!r}; expected one of {TINY_ARCHS}")
     texts = list(texts) if texts else _DEFAULT_CORPUS
@@ -216,7 +265,7 @@ def build_tiny_text_model(out_dir, arch="llama", texts=None, vocab_size=512, see
     # margin: some Auto tokenizer classes (Qwen2) add a special token or two when they load the files back
     config = tiny_text_config(arch, len(tokenizer) + 32, tokenizer=tokenizer, **config_kwargs)
     torch.manual_seed(seed)
-    model = AutoModel.from_config(config)
+    model = (AutoModelForCausalLM if lm_head else AutoModel).from_config(config)
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

@@ -168,9 +168,10 @@ def embed_images(orig_model, records, data_config, device, batch_size, autocast)
 
 
 def save_checkpoint(path, state):
-    """Atomic write (temp + rename): a run killed mid-save leaves the previous checkpoint intact."""
+    """Atomic write (temp + rename) with a sha256 sidecar: a run killed mid-save leaves the previous
+    checkpoint intact, and a corrupt one is caught at resume (common.load_newest_checkpoint)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    common.atomic_torch_save(state, path)
+    common.save_checkpoint(state, path)
 
 
 def checkpoint_paths(out_dir):
@@ -178,7 +179,7 @@ def checkpoint_paths(out_dir):
     return sorted(glob.glob(os.path.join(out_dir, "checkpoints", "step_*.pt")))
 
 
-def checkpoint(out_dir, orig_model, optimizer, step, cfg, bad_images, world_size, master, ddp, keep):
+def checkpoint(out_dir, orig_model, optimizer, step, cfg, bad_images, world_size, master, ddp, keep, data_id):
     """Save everything an exact resume needs (plain types only), on rank 0; prune old ones; barrier."""
     rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     per_rank = [None] * world_size
@@ -193,9 +194,9 @@ def checkpoint(out_dir, orig_model, optimizer, step, cfg, bad_images, world_size
             "config": common.jsonable(cfg), "world_size": world_size,
             "rng": {"torch": [r["torch"] for r, _ in per_rank], "cuda": [r["cuda"] for r, _ in per_rank]},
             "bad_images": [list(b) for _, b in per_rank],  # per rank
-            "code_version": common.code_version()})
+            "data": data_id, "code_version": common.code_version()})
         for old in checkpoint_paths(out_dir)[:-keep] if keep > 0 else []:
-            os.remove(old)
+            common.remove_checkpoint(old)
     if ddp:
         dist.barrier()
     return path
@@ -240,8 +241,10 @@ def train_loader(cfg, index, cache, data_config, rank, world_size, step, pin_mem
                                   cfg["real_caption_ratio"], cfg["skip_bad_images"])
     sampler = data.EpochBatchSampler(len(index), cfg["batch_size"], rank, world_size, cfg["seed"], True,
                                      start_step=step, max_steps=max(0, cfg["max_steps"] - step))
+    # its own generator: building the iterator must not draw from the global stream a resume restored
     return torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=cfg["num_workers"],
-                                       collate_fn=data.collate_train, pin_memory=pin_memory)
+                                       collate_fn=data.collate_train, pin_memory=pin_memory,
+                                       generator=torch.Generator().manual_seed(cfg["seed"] + rank))
 
 
 TEXT_KEYS = ("bidirectional", "pooling", "chat_template", "instruction", "max_length")
@@ -329,8 +332,16 @@ def main(argv=None):
     # -------------------------------------------------------------------------
     # config, distributed init, run record
     cfg = common.configure({k: globals()[k] for k in config_keys}, argv, __doc__)
-    if cfg["text_source"] not in ("cache", "online"):
-        raise ValueError(f"text_source={cfg['text_source']!r}; expected 'cache' or 'online'")
+    pos = (lambda v: v > 0, "a positive integer")
+    common.check_config(cfg, {  # before any data or model is read
+        "text_source": (lambda v: v in ("cache", "online"), "'cache' or 'online'"),
+        "dtype": (lambda v: v in ("float32", "bfloat16", "float16"), "'float32', 'bfloat16' or 'float16'"),
+        "batch_size": pos, "max_steps": (lambda v: v >= 0, "an integer >= 0"), "save_interval": pos,
+        "log_interval": pos, "eval_interval": pos, "eval_batch_size": pos,
+        "micro_batch_size": (lambda v: v >= 0, "an integer >= 0 (0 = the whole per-rank batch)"),
+        "num_workers": (lambda v: v >= 0, "an integer >= 0"),
+        "crop_scale": (lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1, "(min, max) with 0 < min <= max <= 1"),
+        "real_caption_ratio": (lambda v: 0 <= v <= 1, "a probability in [0, 1]")})
     if (cfg["losses"] != "a") != bool(cfg["clip_text"]):
         raise ValueError(f"losses={cfg['losses']!r} with clip_text={cfg['clip_text']!r}: every variant but 'a' "
                          "trains CLIP's own text tower, so clip_text must name it exactly when losses is not 'a'")
@@ -353,9 +364,12 @@ def main(argv=None):
     autocast = (torch.autocast(device_type="cuda", dtype=ptdtype) if device_type == "cuda" and ptdtype != torch.float32
                 else contextlib.nullcontext())
     out = cfg["out_dir"]
+    stale = common.lock_out_dir(out) if master else []  # one run per out_dir; a killed run's temp files go
     log = common.Logger(out, "post_train", master)
     if master:
         common.save_run_info(out, cfg, __file__, extra={"world_size": world_size})
+    if stale:
+        log(f"removed {len(stale)} temp file(s) of a killed run: {', '.join(stale)}")
     log(f"world size {world_size}, global batch {cfg['batch_size']} = {world_size} ranks x {local_batch}"
         f" ({local_batch // micro if local_batch % micro == 0 else math.ceil(local_batch / micro)} forward chunks of {micro})")
 
@@ -363,6 +377,7 @@ def main(argv=None):
     # data: the training index (built once, memory-mapped), the cache checked against it
     index, cache = train_data(cfg, rank, world_size, log, uses_llm)
     text_cfg = text_settings(cfg, cache) if uses_llm else None
+    data_id = data.data_identity(index, cache, data.expand_shards(cfg["train_shards"]) if cfg["train_shards"] else ())
     llm_args = (text_cfg["instruction"], text_cfg["max_length"]) if uses_llm else (None, 512)
     log(f"{len(index)} training records, {len(index) // cfg['batch_size']} steps per epoch; losses "
         f"{cfg['losses']}: " + " + ".join(f"CL({a}, {b})" for a, b in M.LOSS_TERMS[cfg["losses"]])
@@ -416,8 +431,10 @@ def main(argv=None):
     last_ckpt = None
     ckpts = checkpoint_paths(out) if cfg["resume"] else []
     if ckpts:
-        last_ckpt = ckpts[-1]
-        ck = torch.load(last_ckpt, map_location="cpu", weights_only=True)
+        last_ckpt, ck = common.load_newest_checkpoint(ckpts, log)  # a corrupt newest one: the one before
+        other_data = data.identity_mismatch(ck.get("data"), data_id)
+        if other_data:  # moved files with the same content are fine: nothing here is a path
+            raise data.DataError(f"{last_ckpt}: checkpoint was trained on other data: " + "; ".join(other_data))
         differ = {k: (ck["config"].get(k), cfg[k]) for k in cfg
                   if k not in RESUME_FREE_KEYS and common.jsonable(cfg[k]) != ck["config"].get(k)}
         if differ:
@@ -541,7 +558,7 @@ def main(argv=None):
 
         if step % cfg["save_interval"] == 0 or step == cfg["max_steps"]:
             last_ckpt = checkpoint(out, orig_model, optimizer, step, cfg, bad_images, world_size, master, ddp,
-                                   cfg["keep_checkpoints"])
+                                   cfg["keep_checkpoints"], data_id)
         if val is not None and (step % cfg["eval_interval"] == 0 or step == cfg["max_steps"]):
             run_eval(step)
     if pbar is not None:
@@ -560,6 +577,7 @@ def main(argv=None):
             log(f"skipped {len(bad_images)} bad images (skip_bad_images=True): " + ", ".join(sorted(set(bad_images))[:20])
                 + (" ..." if len(set(bad_images)) > 20 else ""))
         write_metrics(out, {"step": step, "bad_images": len(bad_images)})
+        common.unlock_out_dir(out)
     common.cleanup_distributed(ddp)
     return {"step": step, "bad_images": len(bad_images), "out_dir": out}
 

@@ -77,6 +77,64 @@ def test_renamed_keys_name_the_new_key(tmp_path):
     assert common.configure(defaults, ["--model=y"])["model"] == "y"
 
 
+def test_config_argument_must_be_a_py_file(tmp_path):
+    """Any existing file given positionally used to be exec'd as Python (issue 16)."""
+    other = tmp_path / "train.jsonl"
+    marker = tmp_path / "ran"
+    other.write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    with pytest.raises(ValueError, match=r"argument '.*train.jsonl': expected a config file ending in .py or --key=value"):
+        common.configure(DEFAULTS, [str(other)])
+    assert not marker.exists()
+
+
+def test_failed_write_names_the_file_and_leaves_no_temp(tmp_path, monkeypatch):
+    import errno
+    import os
+    import torch
+
+    def disk_full(obj, f):
+        with open(f, "wb") as fh:
+            fh.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", disk_full)
+    path = tmp_path / "ckpt.pt"
+    with pytest.raises(OSError, match=rf"cannot write {path}: No space left on device"):
+        common.atomic_torch_save({"a": 1}, str(path))
+    with pytest.raises(OSError, match=rf"cannot write {path}"):
+        common.save_checkpoint({"a": 1}, str(path))
+    assert os.listdir(tmp_path) == []
+
+
+def test_checkpoint_checksum_and_fallback(tmp_path):
+    import torch
+    paths = [str(tmp_path / f"step_{i}.pt") for i in (1, 2)]
+    for i, p in enumerate(paths):
+        common.save_checkpoint({"step": i + 1, "w": torch.arange(1000.0)}, p)
+    assert common.load_checkpoint(paths[1])["step"] == 2
+    raw = bytearray(open(paths[1], "rb").read())
+    at = raw.find(torch.arange(1000.0).numpy().tobytes()) + 400
+    raw[at] ^= 0x10  # inside the tensor data: torch.load alone does not notice
+    open(paths[1], "wb").write(bytes(raw))
+    os.remove(paths[1] + ".sha256")
+    assert not torch.equal(torch.load(paths[1], weights_only=True)["w"], torch.arange(1000.0))  # silently wrong
+    common.save_checkpoint({"step": 2, "w": torch.arange(1000.0)}, paths[1])
+    raw = bytearray(open(paths[1], "rb").read())
+    raw[at] ^= 0x10
+    open(paths[1], "wb").write(bytes(raw))
+    with pytest.raises(common.CheckpointError, match=rf"{paths[1]}: checksum mismatch"):
+        common.load_checkpoint(paths[1])
+    lines = []
+    path, state = common.load_newest_checkpoint(paths, lines.append)
+    assert path == paths[0] and state["step"] == 1 and "falling back" in lines[0] and paths[1] in lines[0]
+    open(paths[1], "wb").write(open(paths[0], "rb").read()[:100])  # truncated, no checksum
+    os.remove(paths[1] + ".sha256")
+    with pytest.raises(common.CheckpointError, match=rf"{paths[1]}: cannot load checkpoint"):
+        common.load_checkpoint(paths[1])
+    common.remove_checkpoint(paths[1])
+    common.remove_checkpoint(paths[1])  # already gone: pruning never crashes a run
+    assert sorted(os.listdir(tmp_path)) == ["step_1.pt", "step_1.pt.sha256"]
+
+
 def test_bare_flag_sets_a_boolean_key():
     """Issue 10: `--flag` means `--flag=True` for a boolean key; for any other type it is an error
     naming the key and its type."""

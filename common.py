@@ -17,6 +17,12 @@ import types
 
 import torch
 import torch.distributed as dist
+# Imported before any init_process_group, on purpose: torch.distributed.nn.functional stores the default
+# group in its functions' default arguments when first imported, and loading a transformers model imports
+# it (via torchvision and torch._dynamo). Imported after init, it keeps the group alive past
+# destroy_process_group; gloo's worker threads then free their last work during interpreter shutdown,
+# which can abort a finished run ("terminate called without an active exception", exit code -6).
+import torch.distributed.nn  # noqa: F401
 
 
 # -----------------------------------------------------------------------------

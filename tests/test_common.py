@@ -1,8 +1,11 @@
 """common.py: typed config overrides with clear errors, run records."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
+from conftest import ROOT, free_port
 
 import common
 
@@ -206,3 +209,32 @@ def _roundtrip(obj):
     torch.save(obj, buf)
     buf.seek(0)
     return buf
+
+
+
+_GLOO_EXIT = """
+import json, os, torch, torch.distributed as dist
+import common
+def threads():
+    return sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+before = threads()
+ddp = common.setup_distributed()[0]
+import torch.distributed.nn  # what loading a transformers model does (via torchvision and torch._dynamo)
+flag = torch.ones(1)
+dist.broadcast(flag, 0)
+common.cleanup_distributed(ddp)
+print(json.dumps({"ddp": ddp, "before": before, "after": threads()}))
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads thread names from /proc")
+def test_cleanup_distributed_leaves_no_gloo_threads_for_interpreter_shutdown():
+    """cleanup_distributed must really free the process group, also when torch.distributed.nn is first
+    imported after init (loading a transformers model does): gloo worker threads still alive at
+    interpreter shutdown can free a tensor that needs the GIL and abort the process (exit code -6)."""
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    p = subprocess.run([sys.executable, "-c", _GLOO_EXIT], env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["ddp"] and out["after"] == out["before"], out

@@ -10,6 +10,36 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture
+def one_thread():
+    """Two shared CPU cores: oversubscribed threads make tiny models 10x slower, not faster."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class World:
+    """Paths of a tiny stage-2 set-up (see stage2_world)."""
+
+
+def stage2_world(d, n_train, n_val):
+    """Synthetic train/val manifests, a tiny random LLM and both embedding caches, under folder d."""
+    import data
+    import embed_captions
+    import pipeline
+    w = World()
+    w.dir = d
+    data.make_synthetic_dataset(d / "data", n_train, seed=0, image_size=32, split="train")
+    data.make_synthetic_dataset(d / "data", n_val, seed=0, image_size=32, split="val")
+    w.train, w.val = str(d / "data" / "train.jsonl"), str(d / "data" / "val.jsonl")
+    w.llm = pipeline.build_tiny_text_model(str(d / "llm"), texts=[" ".join(data.synthetic_vocabulary())] * 8)
+    for name, manifest in (("cache", w.train), ("val_cache", w.val)):
+        embed_captions.main([f"--text_model={w.llm}", f"--manifest={manifest}", f"--out_dir={d / name}"])
+    w.cache, w.val_cache = str(d / "cache"), str(d / "val_cache")
+    return w
+
+
 def free_port():
     """A free TCP port, so parallel test runs on one machine do not collide on a rendezvous port."""
     import socket

@@ -17,7 +17,9 @@ import cc_finetune  # noqa: E402
 import data  # noqa: E402
 import model  # noqa: E402
 import pipeline  # noqa: E402
-from test_cc_finetune import TORCHRUN, _Killed, _adapter, _args, _encoder_with_lora, _log, _lora_grads, _max_diff, _one_thread  # noqa: E402,F401
+from test_cc_finetune import TORCHRUN, _adapter, _args, _encoder_with_lora, _log, _lora_grads, _max_diff, run_killed_after_first_save  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -308,16 +310,7 @@ def test_resume_is_exact_for_new_objectives(tiny, tmp_path, monkeypatch, over):
     ref = str(tmp_path / "ref")
     cc_finetune.main(_args(tiny, ref, max_steps=5, **over))
     out = str(tmp_path / "b")
-    orig_save = cc_finetune.save_checkpoint
-
-    def save_then_die(path, state):
-        orig_save(path, state)
-        raise _Killed
-
-    monkeypatch.setattr(cc_finetune, "save_checkpoint", save_then_die)
-    with pytest.raises(_Killed):
-        cc_finetune.main(_args(tiny, out, max_steps=5, save_interval=2, **over))
-    monkeypatch.setattr(cc_finetune, "save_checkpoint", orig_save)
+    run_killed_after_first_save(monkeypatch, _args(tiny, out, max_steps=5, save_interval=2, **over))
     cc_finetune.main(_args(tiny, out, max_steps=5, save_interval=2, resume=True, **over))
     assert "steps 2 -> 5 (resumed from" in _log(out)
     if over.get("lora_r") == 0:

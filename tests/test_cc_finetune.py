@@ -21,13 +21,7 @@ PY = sys.executable
 TORCHRUN = os.path.join(os.path.dirname(PY), "torchrun")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Two shared CPU cores: oversubscribed threads make tiny models 10x slower, not faster."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -194,6 +188,20 @@ class _Killed(Exception):
     pass
 
 
+def run_killed_after_first_save(monkeypatch, argv):
+    """Run cc_finetune and interrupt it right after its first checkpoint is written."""
+    orig_save = cc_finetune.save_checkpoint
+
+    def save_then_die(path, state):
+        orig_save(path, state)
+        raise _Killed
+
+    monkeypatch.setattr(cc_finetune, "save_checkpoint", save_then_die)
+    with pytest.raises(_Killed):
+        cc_finetune.main(argv)
+    monkeypatch.setattr(cc_finetune, "save_checkpoint", orig_save)
+
+
 def test_resume_after_interruption_is_exact(tiny, tmp_path, monkeypatch):
     """Interrupted right after the step-3 checkpoint, resumed: same batches, same final adapter
     (fp32, dropout on, so the per-step RNG is exercised too)."""
@@ -206,16 +214,7 @@ def test_resume_after_interruption_is_exact(tiny, tmp_path, monkeypatch):
     order_a, seen[:] = list(seen), []
 
     out = str(tmp_path / "b")
-    orig_save = cc_finetune.save_checkpoint
-
-    def save_then_die(path, state):
-        orig_save(path, state)
-        raise _Killed
-
-    monkeypatch.setattr(cc_finetune, "save_checkpoint", save_then_die)
-    with pytest.raises(_Killed):
-        cc_finetune.main(_args(tiny, out, save_interval=3, **common))
-    monkeypatch.setattr(cc_finetune, "save_checkpoint", orig_save)
+    run_killed_after_first_save(monkeypatch, _args(tiny, out, save_interval=3, **common))
     assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == 3
     cc_finetune.main(_args(tiny, out, save_interval=3, resume=True, **common))
     assert "steps 3 -> 7 (resumed from" in _log(out)

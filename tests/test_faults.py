@@ -27,36 +27,18 @@ import data  # noqa: E402
 import embed_captions  # noqa: E402
 import evaluate  # noqa: E402
 import pipeline  # noqa: E402
+from conftest import stage2_world  # noqa: E402
 import post_train  # noqa: E402
 
 PRESET = os.path.join(ROOT, "config", "post_tiny_cpu.py")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-class World:
-    pass
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def w(tmp_path_factory):
-    d = tmp_path_factory.mktemp("faults")
-    w = World()
-    w.dir = d
-    data.make_synthetic_dataset(d / "data", 48, seed=0, image_size=32, split="train")
-    data.make_synthetic_dataset(d / "data", 32, seed=0, image_size=32, split="val")
-    w.train, w.val = str(d / "data" / "train.jsonl"), str(d / "data" / "val.jsonl")
-    w.llm = pipeline.build_tiny_text_model(str(d / "llm"), texts=[" ".join(data.synthetic_vocabulary())] * 8)
-    for name, manifest in (("cache", w.train), ("val_cache", w.val)):
-        embed_captions.main([f"--text_model={w.llm}", f"--manifest={manifest}", f"--out_dir={d / name}"])
-    w.cache, w.val_cache = str(d / "cache"), str(d / "val_cache")
-    return w
+    return stage2_world(tmp_path_factory.mktemp("faults"), 48, 32)
 
 
 def args(w, out, *extra):

@@ -22,6 +22,7 @@ import common  # noqa: E402
 import data  # noqa: E402
 import model as M  # noqa: E402
 import pipeline  # noqa: E402
+from conftest import stage2_world  # noqa: E402
 import post_train  # noqa: E402
 
 torch.set_num_threads(1)
@@ -29,28 +30,9 @@ PRESET = os.path.join(ROOT, "config", "post_tiny_cpu.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
 
 
-def make_cache(manifest, llm, out):
-    import embed_captions
-    embed_captions.main([f"--text_model={llm}", f"--manifest={manifest}", f"--out_dir={out}"])
-    return str(out)
-
-
-class World:
-    pass
-
-
 @pytest.fixture(scope="module")
 def w(tmp_path_factory):
-    d = tmp_path_factory.mktemp("post")
-    w = World()
-    w.dir = d
-    data.make_synthetic_dataset(d / "data", 128, seed=0, image_size=32, split="train")
-    data.make_synthetic_dataset(d / "data", 48, seed=0, image_size=32, split="val")
-    w.train, w.val = str(d / "data" / "train.jsonl"), str(d / "data" / "val.jsonl")
-    w.llm = pipeline.build_tiny_text_model(str(d / "llm"), texts=[" ".join(data.synthetic_vocabulary())] * 8)
-    w.cache = make_cache(w.train, w.llm, d / "cache")
-    w.val_cache = make_cache(w.val, w.llm, d / "val_cache")
-    return w
+    return stage2_world(tmp_path_factory.mktemp("post"), 128, 48)
 
 
 def args(w, out, *extra):

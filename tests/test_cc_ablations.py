@@ -17,7 +17,7 @@ import cc_finetune  # noqa: E402
 import data  # noqa: E402
 import model  # noqa: E402
 import pipeline  # noqa: E402
-from test_cc_finetune import TORCHRUN, _adapter, _args, _encoder_with_lora, _log, _lora_grads, _max_diff, run_killed_after_first_save  # noqa: E402
+from test_cc_finetune import TORCHRUN, _adapter, _args, _encoder_with_lora, _log, _lora_grads, _max_diff, make_tiny, run_killed_after_first_save  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -25,13 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """test_cc_finetune's tiny data and Llama, saved as a causal LM (MNTP needs its LM head)."""
-    root = tmp_path_factory.mktemp("cc_abl")
-    data.make_synthetic_dataset(root / "d", 64, image_size=16)
-    data.make_synthetic_dataset(root / "d", 32, image_size=16, split="val")
-    texts = [c for _, r in data.read_jsonl(root / "d" / "train_captions.jsonl") for c in r["captions"]]
-    pipeline.build_tiny_text_model(root / "m", "llama", texts=texts + [cc_finetune.instruction], lm_head=True)
-    return {"model": str(root / "m"), "train": str(root / "d" / "train_captions.jsonl"),
-            "val": str(root / "d" / "val_captions.jsonl"), "texts": texts}
+    return make_tiny(tmp_path_factory.mktemp("cc_abl"), lm_head=True)
 
 
 # -----------------------------------------------------------------------------

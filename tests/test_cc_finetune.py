@@ -24,16 +24,20 @@ TORCHRUN = os.path.join(os.path.dirname(PY), "torchrun")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """Synthetic caption files (64 train, 32 val records) and a tiny random Llama with a tokenizer trained on them."""
-    root = tmp_path_factory.mktemp("cc_tiny")
+def make_tiny(root, lm_head=False):
+    """Synthetic caption files (64 train, 32 val records) and a tiny random Llama with a tokenizer trained
+    on them (saved as a causal LM with lm_head=True: MNTP needs its LM head)."""
     data.make_synthetic_dataset(root / "d", 64, image_size=16)
     data.make_synthetic_dataset(root / "d", 32, image_size=16, split="val")
     texts = [c for _, r in data.read_jsonl(root / "d" / "train_captions.jsonl") for c in r["captions"]]
-    pipeline.build_tiny_text_model(root / "m", "llama", texts=texts + [cc_finetune.instruction])
+    pipeline.build_tiny_text_model(root / "m", "llama", texts=texts + [cc_finetune.instruction], lm_head=lm_head)
     return {"model": str(root / "m"), "train": str(root / "d" / "train_captions.jsonl"),
-            "val": str(root / "d" / "val_captions.jsonl")}
+            "val": str(root / "d" / "val_captions.jsonl"), "texts": texts}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny(tmp_path_factory.mktemp("cc_tiny"))
 
 
 def _args(tiny, out_dir, **over):

@@ -28,9 +28,9 @@ import embed_captions  # noqa: E402
 import evaluate  # noqa: E402
 import pipeline  # noqa: E402
 from conftest import stage2_world  # noqa: E402
+from test_post_train import args as post_args  # noqa: E402
 import post_train  # noqa: E402
 
-PRESET = os.path.join(ROOT, "config", "post_tiny_cpu.py")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -42,9 +42,8 @@ def w(tmp_path_factory):
 
 
 def args(w, out, *extra):
-    return [PRESET, f"--train_manifest={w.train}", f"--cache_dir={w.cache}", "--val_manifest=", f"--out_dir={out}",
-            "--num_workers=0", "--batch_size=16", "--log_interval=1", "--warmup_steps=1", "--max_steps=2",
-            "--save_interval=1", *extra]
+    """test_post_train's tiny run, two steps with a checkpoint after each (a later --key wins)."""
+    return post_args(w, out, "--warmup_steps=1", "--max_steps=2", "--save_interval=1", *extra)
 
 
 def log_of(out, name="post_train"):

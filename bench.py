@@ -3,7 +3,7 @@ the core of each loop, imported from the stage scripts and timed; medians over r
 interleaved within each repeat so that load drift on a shared machine hits them alike).
 
   (a) post_train.py's step with text from a real on-disk cache (embed_captions.py output, read through
-      data.EmbeddingCache with the real caption choice; adaptor, clip_loss, AdamW, clip, clamp) vs the
+      cache.EmbeddingCache with the real caption choice; adaptor, clip_loss, AdamW, clip, clamp) vs the
       bare vision tower forward+backward+AdamW at the same batch: the text side's overhead. Both use
       post_train's AdamW (common.adamw: fused where torch has it); each step's phases are also timed.
   (b) the same step with the frozen text encoder online, shaped so that its FLOPs per caption over the
@@ -12,7 +12,7 @@ interleaved within each repeat so that load drift on a shared machine hits them 
   (c) caption embedding throughput (embed_captions.py's batching): length-sorted token-budget batches vs
       fixed-size batches padded to their longest in dataset order, and vs length-sorted batches of 32
       (sentence-transformers' encode), on real COCO + DOCCI captions (embed_copies: a larger corpus).
-  (d) stage-1 peak memory and step time at global batch 256 (model.grad_cache_step, as cc_finetune.py calls
+  (d) stage-1 peak memory and step time at global batch 256 (loss.grad_cache_step, as cc_finetune.py calls
       it), each variant in a fresh subprocess minus a baseline process: gradient caching in chunks of 32 vs
       plain 256 vs plain 32; and the peak memory of one embed_captions.py rank embedding (c)'s captions.
 The run's environment (torch version, threads, load average at start and end) is printed with the table.
@@ -29,13 +29,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import nullcontext, redirect_stderr, redirect_stdout
+from contextlib import redirect_stderr, redirect_stdout
 
 import numpy as np
 import torch
 
 import common
+from cache import EmbeddingCache
 import data
+import loss as L
 import model as M
 import pipeline
 
@@ -139,7 +141,7 @@ def caption_mix(cfg):
 
 def build_cache(cfg, tmp):
     """Synthetic manifest + a real embed_captions.py cache of width text_width (a 1-layer model suffices:
-    stage 2 reads rows, whatever wrote them) -> (records, data.EmbeddingCache)."""
+    stage 2 reads rows, whatever wrote them) -> (records, cache.EmbeddingCache)."""
     import embed_captions
     records = data.make_synthetic_dataset(tmp, cfg["cache_records"], seed=cfg["seed"], image_size=16)
     texts = [c for r in records for c in r["captions"] + r["long_captions"]]
@@ -147,7 +149,7 @@ def build_cache(cfg, tmp):
         pipeline.build_tiny_text_model(f"{tmp}/llm", texts=texts, hidden_size=cfg["text_width"], num_layers=1,
                                        num_heads=cfg["text_heads"], intermediate_size=cfg["text_ffn"])
         embed_captions.main([f"--text_model={tmp}/llm", f"--manifest={tmp}/train.jsonl", f"--out_dir={tmp}/cache"])
-    return records, data.EmbeddingCache(f"{tmp}/cache")
+    return records, EmbeddingCache(f"{tmp}/cache")
 
 
 def timed(fns, cfg, sync):
@@ -222,7 +224,7 @@ def memory_child(variant, cfg):
     times, clock = [], time.process_time if cfg["clock"] == "cpu" else time.perf_counter
     for _ in range(cfg["mem_steps"]):
         t0 = clock()
-        M.grad_cache_step(lambda c: enc(**c), [side(ids[0]), side(ids[1])], lambda q, d: M.caption_contrastive_loss(q, d))
+        L.grad_cache_step(lambda c: enc(**c), [side(ids[0]), side(ids[1])], lambda q, d: L.caption_contrastive_loss(q, d))
         opt.step()
         opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize() if cuda else None
@@ -289,8 +291,7 @@ def main(argv=None):
         raise ValueError(f"clock={cfg['clock']!r}; expected 'auto', 'cpu' or 'wall'")
     torch.set_num_threads(cfg["threads"])
     torch.manual_seed(cfg["seed"])
-    amp = M._resolve_dtype(cfg["dtype"]) if cuda else torch.float32
-    ctx = torch.autocast("cuda", dtype=amp) if amp != torch.float32 else nullcontext()
+    amp, ctx = common.resolve_dtype(cfg["dtype"], dev)  # post_train's reading: float32 on CPU
     text_dtype = amp if cuda else None
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     name = torch.cuda.get_device_name() if cuda else ""
@@ -316,24 +317,23 @@ def main(argv=None):
         # --- FLOPs: the paper's text/vision ratio, and the caption length that reproduces it here
         with torch.device("meta"):
             paper_vit = M.VisionTower(cfg["paper_vision"], embed_dim=768).model
-            pa = 2 * M.matmul_params(M.Adaptor(cfg["paper_text"]["hidden_size"], 768, 4, 2))  # the adaptor, per caption
-        pv = M.vit_flops(paper_vit)
-        pt = M.llm_flops(text_encoder(tok, cfg["paper_text"], "meta").model, cfg["paper_caption_tokens"])
+            pa = 2 * common.matmul_params(M.Adaptor(cfg["paper_text"]["hidden_size"], 768, 4, 2))  # the adaptor, per caption
+        pv = common.vit_flops(paper_vit)
+        pt = common.llm_flops(text_encoder(tok, cfg["paper_text"], "meta").model, cfg["paper_caption_tokens"])
         vision = M.VisionTower(cfg["vision_model"], embed_dim=cfg["embed_dim"],
                                gradient_checkpointing=cfg["gradient_checkpointing"], timm_kwargs=cfg["timm_kwargs"]).to(dev)
-        fv = M.vit_flops(vision.model)
+        fv = common.vit_flops(vision.model)
         enc = text_encoder(tok, text_shape(cfg), dev, text_dtype).eval().requires_grad_(False)
-        p = M.matmul_params(enc.model)
-        T = cfg["caption_tokens"] or min(range(1, 4097), key=lambda t: abs(M.llm_flops(enc.model, t, p) / fv - pt / pv))
-        ft = M.llm_flops(enc.model, T, p)
+        p = common.matmul_params(enc.model)
+        T = cfg["caption_tokens"] or min(range(1, 4097), key=lambda t: abs(common.llm_flops(enc.model, t, p) / fv - pt / pv))
+        ft = common.llm_flops(enc.model, T, p)
         info.update(paper_vision_gflops=pv / 1e9, paper_text_gflops=pt / 1e9, paper_ratio=pt / pv,
                     vision_gflops=fv / 1e9, text_gflops=ft / 1e9, ratio=ft / fv, caption_tokens=T, scale=pv / fv,
                     text_params_m=p / 1e6)
 
         # --- post_train's model, optimizer (layer decay groups) and step; the bare vision tower's
         clip = M.LLM2CLIP(vision, cfg["text_width"], cfg["adaptor_blocks"]).to(dev)
-        pcfg = {k: getattr(post_train, k) for k in ("weight_decay", "layer_decay", "learning_rate", "beta1", "beta2",
-                                                     "adam_eps", "grad_clip", "max_logit_scale", "real_caption_ratio")}
+        pcfg = {k: getattr(post_train, k) for k in post_train.config_keys}  # post_train's defaults, every key
         adamw = dict(lr=pcfg["learning_rate"], betas=(pcfg["beta1"], pcfg["beta2"]), eps=pcfg["adam_eps"],
                      fused=None if cfg["fused_adamw"] else False)
         opt_c = common.adamw(post_train.param_groups(clip, pcfg), **adamw)
@@ -356,7 +356,7 @@ def main(argv=None):
                 loss = vision(images).float().square().mean()
             loss.backward()
 
-        def cache_rows():  # the sampler's records -> caption choice -> cache rows, as data.TrainSamples does
+        def cache_rows():  # the sampler's records -> caption choice -> cache rows, as data_index.TrainSamples does
             rows_ = []
             for i in next(sampler):
                 rng = data.sample_rng(cfg["seed"], 0, i)
@@ -369,7 +369,8 @@ def main(argv=None):
                 st["text"] = enc(ids, ones, ones)
 
         def clip_fwd_bwd():
-            M.grad_cache_step(lambda c: clip(*c), [[(images, st["text"])]], lambda out: M.clip_loss(*out), autocast=ctx)
+            L.grad_cache_step(lambda c: clip(*c), [[(images, st["text"])]],
+                              lambda out: L.clip_loss(out["image"], out["llm"], out["logit_scale"]), autocast=ctx)
 
         def update(model, opt):  # post_train's order: clip, AdamW, zero the grads
             return [("grad clip", lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), pcfg["grad_clip"])),
@@ -391,7 +392,7 @@ def main(argv=None):
         t, info["a_wall"] = both[cfg["clock"]], both["wall"]
         info["phases"] = timed_phases({k: phases[k] for k in ("vision", "cache")}, cfg, sync,
                                       time.process_time if cfg["clock"] == "cpu" else time.perf_counter)
-        fa = 2 * M.matmul_params(clip.adaptor)
+        fa = 2 * common.matmul_params(clip.adaptor)
         # what (a) and (b) would be if time followed FLOPs (training = 3x forward; the text encoder only forward)
         info.update(flops_a=(fv + fa) / fv, flops_b=(3 * (fv + fa) + ft) / (3 * (fv + fa)),
                     paper_flops_a=(pv + pa) / pv, paper_flops_b=(3 * (pv + pa) + pt) / (3 * (pv + pa)))

@@ -7,10 +7,10 @@ Synthetic training sets of the paper's shape (per record one ~60-char real capti
 dense captions), as a manifest (JSONL + image files) and as WebDataset tar shards, each with an embedding
 cache whose text hash matches (rows are zeros: only the reader's work is measured, not a model). Each
 measurement runs in fresh processes:
-- index: the one-time data.build_train_index (tar shards: 2 ranks scanning in parallel, rank 0 merging);
-- startup: process start -> data.train_data + train_loader -> first batch ready, with the index
+- index: the one-time data_index.build_train_index (tar shards: 2 ranks scanning in parallel, rank 0 merging);
+- startup: process start -> data_index.train_data + train_loader -> first batch ready, with the index
   already built: 1 rank (0 workers), and 2 ranks x 2 workers (peak RSS per rank, PSS of all 6 processes);
-- embed setup: what embed_captions.py does before loading a model (data.cache_texts(lazy=True), then
+- embed setup: what embed_captions.py does before loading a model (cache.cache_texts(lazy=True), then
   reading every text back in 64k-text pieces, as the length pass does; tokenising is left out).
 Memory is each process's peak resident set above its own baseline after imports (VmHWM, reset after
 the imports), so torch's ~0.3 GB is not counted; PSS counts shared pages (the index, the page cache of
@@ -27,7 +27,9 @@ import time
 import numpy as np
 
 import common
-import data
+from cache import (CACHE_EMBEDDINGS, CACHE_FIELDS, CACHE_FORMAT, CACHE_INDEX, CACHE_META, cache_texts,
+                   read_cache_meta, write_cache_meta)
+import data_index
 
 # -----------------------------------------------------------------------------
 # default config (override with --key=value)
@@ -113,19 +115,19 @@ def make_shards(d, n, per_shard):
 def fake_cache(cache_dir, index, width):
     """A complete cache for the index's texts: meta + index.npz as embed_captions.py writes them, and a
     sparse zero embeddings.npy (the reader does not look at the values)."""
-    if os.path.exists(os.path.join(cache_dir, data.CACHE_META)) and \
-            data.read_cache_meta(cache_dir)["text_hash"] == index.text_hash:
+    if os.path.exists(os.path.join(cache_dir, CACHE_META)) and \
+            read_cache_meta(cache_dir)["text_hash"] == index.text_hash:
         return
     os.makedirs(cache_dir, exist_ok=True)
     count = index.meta["num_texts"]
-    np.lib.format.open_memmap(os.path.join(cache_dir, data.CACHE_EMBEDDINGS), mode="w+", dtype=np.float16,
+    np.lib.format.open_memmap(os.path.join(cache_dir, CACHE_EMBEDDINGS), mode="w+", dtype=np.float16,
                               shape=(count, width)).flush()
-    np.savez(os.path.join(cache_dir, data.CACHE_INDEX), record_offsets=index.array("text_row"),
+    np.savez(os.path.join(cache_dir, CACHE_INDEX), record_offsets=index.array("text_row"),
              counts=index.array("counts"), text_hashes=index.array("text_hashes"))
-    meta = {"format": data.CACHE_FORMAT, "encoder": {"model": "synthetic"}, "dim": width, "dtype": "float16",
-            "count": count, "num_records": len(index), "fields": list(data.CACHE_FIELDS),
+    meta = {"format": CACHE_FORMAT, "encoder": {"model": "synthetic"}, "dim": width, "dtype": "float16",
+            "count": count, "num_records": len(index), "fields": list(CACHE_FIELDS),
             "text_hash": index.text_hash, "complete": True}
-    common.atomic_write_text(os.path.join(cache_dir, data.CACHE_META), json.dumps(meta) + "\n")
+    write_cache_meta(cache_dir, meta)
 
 
 # -----------------------------------------------------------------------------
@@ -172,12 +174,12 @@ def child(task, args):
     quiet = lambda *a: None  # noqa: E731
     if task == "index":
         t = time.time()
-        kw = {"manifest": args["manifest"]} if args.get("manifest") else {"shards": data.expand_shards(args["shards"])}
-        data.build_train_index(args["index_dir"], rank=args["rank"], world_size=args["world"], log=quiet, **kw)
+        kw = {"manifest": args["manifest"]} if args.get("manifest") else {"shards": data_index.expand_shards(args["shards"])}
+        data_index.build_train_index(args["index_dir"], rank=args["rank"], world_size=args["world"], log=quiet, **kw)
         res["seconds"] = time.time() - t
     elif task == "embed_setup":
         t = time.time()
-        texts = data.cache_texts(args["manifest"], data.CACHE_FIELDS, lazy=True)
+        texts = cache_texts(args["manifest"], CACHE_FIELDS, lazy=True)
         n, chars = len(texts.texts), 0
         for a in range(0, n, 65536):  # the length pass reads every text once, in pieces
             chars += sum(len(x) for x in texts.texts[a:min(a + 65536, n)])
@@ -187,9 +189,9 @@ def child(task, args):
         cfg.update(train_manifest=args.get("manifest") or "", train_shards=args.get("shards") or "",
                    cache_dir=args["cache_dir"], train_index=args["index_dir"], batch_size=args["batch_size"],
                    num_workers=args["workers"], max_steps=10, out_dir=args["index_dir"] + "_run")
-        index, cache = data.train_data(cfg, args["rank"], args["world"], quiet)
+        index, cache = data_index.train_data(cfg, args["rank"], args["world"], quiet)
         dc = {"input_size": (3, 32, 32), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
-        loader = data.train_loader(cfg, index, cache, dc, args["rank"], args["world"], 0)
+        loader = data_index.train_loader(cfg, index, cache, dc, args["rank"], args["world"], 0)
         batches = iter(loader)
         batch = next(batches)
         res["seconds"] = time.time() - args["t0"]  # from before this process was started
@@ -238,9 +240,9 @@ def measure(cfg, kind, n, log):
     log(f"  {kind} N={n}: data ready ({time.time() - t:.0f}s)")
     index_dir, cache_dir = os.path.join(d, f"index_{kind}"), os.path.join(d, f"cache_{kind}")
     row = {"kind": kind, "n": n}
-    if cfg["rebuild_index"] or not os.path.exists(os.path.join(index_dir, data.INDEX_META)):
-        if os.path.exists(os.path.join(index_dir, data.INDEX_META)):
-            os.remove(os.path.join(index_dir, data.INDEX_META))
+    if cfg["rebuild_index"] or not os.path.exists(os.path.join(index_dir, data_index.INDEX_META)):
+        if os.path.exists(os.path.join(index_dir, data_index.INDEX_META)):
+            os.remove(os.path.join(index_dir, data_index.INDEX_META))
         world = 2 if kind == "shards" else 1
         r = run_children("index", [{**src, "index_dir": index_dir, "rank": k, "world": world} for k in range(world)])
         row["index_s"] = max(x["seconds"] for x in r)
@@ -248,8 +250,8 @@ def measure(cfg, kind, n, log):
         row["index_peak_mib"] = max(x["peak_growth_mib"] for x in r)
         log(f"  {kind} N={n}: one-time index {row['index_s']:.1f}s over {world} rank(s) ({row['index_cpu_s']:.1f} CPU s), builder peak "
             f"+{row['index_peak_mib']:.0f} MiB")
-    index = data.TrainIndex(index_dir)
-    row["index_bytes"] = sum(os.path.getsize(os.path.join(index_dir, k + ".npy")) for k in data.INDEX_ARRAYS)
+    index = data_index.TrainIndex(index_dir)
+    row["index_bytes"] = sum(os.path.getsize(os.path.join(index_dir, k + ".npy")) for k in data_index.INDEX_ARRAYS)
     fake_cache(cache_dir, index, cfg["dim"])
     common_args = {**src, "index_dir": index_dir, "cache_dir": cache_dir, "batch_size": cfg["batch_size"]}
     (one,) = run_children("startup", [{**common_args, "rank": 0, "world": 1, "workers": 0}])

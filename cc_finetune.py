@@ -17,14 +17,14 @@ next-token prediction), `init_from` (MNTP then SimCSE), `bidirectional`, `poolin
 A global batch larger than one forward pass runs in chunks with gradient caching: the objective is
 that of the full batch (all its negatives), not of micro-batches. Outputs in out_dir: adapter/ (peft),
 merged/ (HF model + tokenizer), encoder.json (how to use it: `model.load_text_encoder(out_dir)`),
-run_cc_finetune.json (resolved config + code version), cc_finetune.log, ckpt.pt (resumable), and with
+run_cc_finetune.json (resolved config + code version), cc_finetune.log, checkpoints/step_*.pt (the
+trainable weights, optimizer and step: resumable; common.Checkpoints), and with
 cc_adaptor_blocks >= 0 cc_adaptor.pt (the stage-1 adaptor, applied by load_text_encoder).
 """
-import contextlib
-import json
 import math
 import os
 import time
+import types
 
 # -----------------------------------------------------------------------------
 # default config (paper settings, DESIGN.md); override with config/*.py and --key=value
@@ -68,38 +68,25 @@ seed = 1337  # same on every rank for the LoRA init; data order and dropout deri
 out_dir = "out-cc"
 log_interval = 10  # steps between log lines
 save_interval = 200  # steps between resumable checkpoints (also written at the end)
-resume = False  # continue from out_dir/ckpt.pt if it exists (refused when training settings differ)
+keep_checkpoints = 2  # newest checkpoints kept (0 = all)
+resume = False  # continue from the newest checkpoint in out_dir/checkpoints (refused when training settings differ)
 eval_batch_size = 64  # texts per forward pass in the c2c gate
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))]
 # keys that may change between a checkpoint and its resumption: they do not change what is computed
-RESUME_FREE_KEYS = {"out_dir", "log_interval", "save_interval", "resume", "val_captions", "eval_batch_size",
+RESUME_FREE_KEYS = {"out_dir", "log_interval", "save_interval", "keep_checkpoints", "resume", "val_captions", "eval_batch_size",
                     "micro_batch_size", "gradient_checkpointing", "attn_implementation"}
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+import torch.nn as nn  # noqa: E402
 
 import common  # noqa: E402
 import data  # noqa: E402
+import loss as L  # noqa: E402
 import model as M  # noqa: E402
-from evaluate import c2c_eval  # noqa: E402  (the quality gate: caption 1 -> caption 2 of every record)
-
-
-# -----------------------------------------------------------------------------
-# Distributed training helpers (gradient caching itself is model.grad_cache_step)
-
-def average_gradients(params, world_size):
-    """All-reduce (mean) the gradients of `params` in one flat buffer: every rank then holds the
-    gradient of the mean over ranks of the local losses, which is the full global-batch gradient
-    (the loss gathers features with gradient). Plain all_reduce instead of DDP: one all-reduce after
-    every side's chunks, no reducer hooks to keep out of the re-runs."""
-    grads = [p.grad for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= world_size
-    for g, f in zip(grads, flat.split([g.numel() for g in grads])):
-        g.copy_(f.view_as(g))
+from metrics import c2c_eval  # noqa: E402  (the quality gate: caption 1 -> caption 2 of every record)
 
 
 def step_seed(seed, rank, step):
@@ -107,11 +94,69 @@ def step_seed(seed, rank, step):
     return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0] >> 1)
 
 
-# -----------------------------------------------------------------------------
-# The objectives' inputs
+def get_lr(it, max_steps, cfg):
+    """Linear warm-up to cfg['learning_rate'] over warmup_steps, then linear decay to 0 at max_steps."""
+    if it < cfg["warmup_steps"]:
+        return cfg["learning_rate"] * (it + 1) / (cfg["warmup_steps"] + 1)
+    return cfg["learning_rate"] * max(0.0, (max_steps - it) / max(1, max_steps - cfg["warmup_steps"]))
+
 
 OBJECTIVES = ("supervised_simcse", "unsupervised_simcse", "mntp")
 
+
+def check_config(cfg):
+    """Every value and every relation between keys, before any data or model is read."""
+    if not data.split_paths(cfg["train_captions"]) and not data.split_paths(cfg["train_pairs"]):
+        raise ValueError("train_captions: expected one or more caption JSONL files (comma-separated), "
+                         "or train_pairs: a {query, positive} JSONL file")
+    pos = (lambda v: v > 0, "a positive integer")
+    common.check_config(cfg, {"batch_size": pos, "micro_batch_size": pos, "max_length": pos, "log_interval": pos,
+                              "save_interval": pos, "eval_batch_size": pos,
+                              "dtype": (lambda v: v in ("auto", "float32", "bfloat16", "bf16"), "'auto', 'float32' or 'bfloat16'"),
+                              "pooling": (lambda v: v in M.POOLERS, f"one of {sorted(M.POOLERS)}"),
+                              "objective": (lambda v: v in OBJECTIVES, "one of " + ", ".join(OBJECTIVES)),
+                              "temperature": (lambda v: v > 0, "a positive number")})
+    objective = cfg["objective"]
+    if objective == "unsupervised_simcse" and not cfg["dropout"] > 0:
+        raise ValueError(f"objective=unsupervised_simcse needs dropout > 0 (got {cfg['dropout']}): "
+                         "its two views differ only by dropout (SimCSE 0.1, llm2vec 0.3)")
+    if objective == "mntp" and (cfg["hard_negatives"] or cfg["cc_adaptor_blocks"] >= 0):
+        raise ValueError("objective=mntp: hard_negatives and cc_adaptor_blocks apply to the SimCSE objectives only")
+    if cfg["lora_r"] == 0 and cfg["cc_adaptor_blocks"] < 0:
+        raise ValueError("lora_r=0 freezes the LLM: set cc_adaptor_blocks >= 0 to train a stage-1 adaptor")
+    if cfg["source_weights"] and not cfg["single_source_batches"]:
+        raise ValueError("source_weights: a share of batches per file needs single_source_batches=True")
+
+
+# -----------------------------------------------------------------------------
+# Data: caption records (and pure-text pairs), each input file a source
+
+def read_records(cfg):
+    """(records, sources: each input file's (start, end) range in records, file names)."""
+    records, sources, names = [], [], []
+    for read, key in ((data.read_caption_records, "train_captions"), (data.read_text_pairs, "train_pairs")):
+        for p in data.split_paths(cfg[key]):
+            records += read(p)
+            sources.append((sources[-1][1] if sources else 0, len(records)))
+            names.append(p)
+    return records, sources, names
+
+
+def batch_weights(cfg):
+    return [float(w) for w in cfg["source_weights"].split(",")] if cfg["source_weights"] else None
+
+
+def make_sampler(cfg, n_records, sources, names, rank, world_size, start_step, max_steps):
+    """Each step's record indices on this rank: shuffled over all records, or one source per batch."""
+    if cfg["single_source_batches"]:
+        return data.SourceBatchSampler([b - a for a, b in sources], cfg["batch_size"], rank, world_size, cfg["seed"],
+                                       batch_weights(cfg), start_step, max_steps - start_step, names)
+    return data.ResumableBatchSampler(n_records, cfg["batch_size"], rank, world_size, cfg["seed"],
+                                      shuffle=True, start_step=start_step, max_steps=max_steps - start_step)
+
+
+# -----------------------------------------------------------------------------
+# The objectives' inputs and the stage-1 ablations' model changes
 
 def step_texts(dataset, indices, step, objective, hard, instruction):
     """One step's texts per side, [(texts, instructions)]: supervised SimCSE: query (its record's own
@@ -131,223 +176,183 @@ def mntp_batch(encoder, texts, indices, step, cfg, mask_id):
     is drawn from (seed, step, record index) only, so micro-batching, ranks and resume do not change it."""
     b = encoder.tokenize(texts, None, cfg["max_length"])
     seeds = [step_seed(cfg["seed"], 10**9 + i, step) for i in indices]  # a stream per record, apart from ranks'
-    b["input_ids"], b["labels"] = M.mntp_mask(b["input_ids"], b["embed_mask"] * b["attention_mask"], mask_id,
+    b["input_ids"], b["labels"] = L.mntp_mask(b["input_ids"], b["embed_mask"] * b["attention_mask"], mask_id,
                                               len(encoder.tokenizer), cfg["mntp_mask_prob"], seeds)
     return b
 
 
-# -----------------------------------------------------------------------------
-
-def get_lr(it, max_steps, cfg):
-    """Linear warm-up to cfg['learning_rate'] over warmup_steps, then linear decay to 0 at max_steps."""
-    if it < cfg["warmup_steps"]:
-        return cfg["learning_rate"] * (it + 1) / (cfg["warmup_steps"] + 1)
-    return cfg["learning_rate"] * max(0.0, (max_steps - it) / max(1, max_steps - cfg["warmup_steps"]))
-
-
-def save_checkpoint(path, state):
-    """Atomic write of a plain-types checkpoint (readable with torch.load(weights_only=True)) + sha256 sidecar."""
-    common.save_checkpoint(state, path)
-
-
-def load_checkpoint(path, cfg):
-    """Read ckpt.pt (checksum checked; a corrupt file is named) and refuse it if a training-relevant config
-    key differs (named in the error)."""
-    ckpt = common.load_checkpoint(path)
-    old = ckpt["config"]
-    diff = [k for k in cfg if k not in RESUME_FREE_KEYS and old.get(k) != cfg[k]]
-    if diff:
-        details = ", ".join(f"{k} (checkpoint {old.get(k)!r}, now {cfg[k]!r})" for k in diff)
-        raise ValueError(f"{path}: cannot resume, training settings differ: {details}. "
-                         "Use the checkpoint's settings or a new out_dir.")
-    return ckpt
+def set_dropout(model, p):
+    """Set every attention and hidden dropout of a HF model to p (SimCSE's noise: LoRA dropout alone is
+    not it). nn.Dropout modules outside LoRA, and attention modules' `attention_dropout` (Llama, Qwen,
+    Mistral, Gemma apply no other dropout), plus the config fields for the record. Returns the number of
+    places set; raises if the model has none (then p would silently do nothing)."""
+    n = 0
+    for name, m in model.named_modules():
+        if "lora_dropout" in name:
+            continue
+        if isinstance(m, nn.Dropout):
+            m.p, n = p, n + 1
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout, n = p, n + 1
+    if n == 0:
+        raise ValueError(f"set_dropout: {type(model).__name__} has no dropout module or attention_dropout to set")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for k in ("attention_dropout", "hidden_dropout", "hidden_dropout_prob", "attention_probs_dropout_prob"):
+        if hasattr(base.config, k):
+            setattr(base.config, k, p)
+    return n
 
 
-def main(argv=None):
-    cfg = common.configure({k: globals()[k] for k in config_keys}, argv, __doc__)  # typed: a config file's wrong type fails here, not mid-run
-    if not data.split_paths(cfg["train_captions"]) and not data.split_paths(cfg["train_pairs"]):
-        raise ValueError("train_captions: expected one or more caption JSONL files (comma-separated), "
-                         "or train_pairs: a {query, positive} JSONL file")
-    pos = (lambda v: v > 0, "a positive integer")
-    common.check_config(cfg, {"batch_size": pos, "micro_batch_size": pos, "max_length": pos, "log_interval": pos,
-                              "save_interval": pos, "eval_batch_size": pos,
-                              "dtype": (lambda v: v in ("auto", "float32", "bfloat16", "bf16"), "'auto', 'float32' or 'bfloat16'"),
-                              "pooling": (lambda v: v in M.POOLERS, f"one of {sorted(M.POOLERS)}"),
-                              "temperature": (lambda v: v > 0, "a positive number")})
-    objective = cfg["objective"]
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective={objective!r}: expected one of {', '.join(OBJECTIVES)}")
-    if objective == "unsupervised_simcse" and not cfg["dropout"] > 0:
-        raise ValueError(f"objective=unsupervised_simcse needs dropout > 0 (got {cfg['dropout']}): "
-                         "its two views differ only by dropout (SimCSE 0.1, llm2vec 0.3)")
-    if objective == "mntp" and (cfg["hard_negatives"] or cfg["cc_adaptor_blocks"] >= 0):
-        raise ValueError("objective=mntp: hard_negatives and cc_adaptor_blocks apply to the SimCSE objectives only")
-    if cfg["lora_r"] == 0 and cfg["cc_adaptor_blocks"] < 0:
-        raise ValueError("lora_r=0 freezes the LLM: set cc_adaptor_blocks >= 0 to train a stage-1 adaptor")
-    if cfg["source_weights"] and not cfg["single_source_batches"]:
-        raise ValueError("source_weights: a share of batches per file needs single_source_batches=True")
+def tokenize_mixed(encoder, texts, instructions, max_length=512):
+    """Like `encoder.tokenize`, with one instruction per text (None: none): each text is laid out
+    exactly as `encoder.tokenize([text], its_instruction)` would (the instruction attended, not pooled),
+    rows right-padded to one length. Used for per-record instructions (E5-style pure-text pairs)."""
+    texts, instructions = list(texts), list(instructions)
+    groups = {}
+    for i, ins in enumerate(instructions):
+        groups.setdefault(ins, []).append(i)
+    if len(groups) == 1:
+        return encoder.tokenize(texts, instructions[0] if instructions else None, max_length)
+    parts = [(rows, encoder.tokenize([texts[i] for i in rows], ins, max_length)) for ins, rows in groups.items()]
+    T = max(b["input_ids"].shape[1] for _, b in parts)
+    out = {"input_ids": torch.full((len(texts), T), encoder.pad_id, dtype=torch.long),
+           "attention_mask": torch.zeros((len(texts), T), dtype=torch.long),
+           "embed_mask": torch.zeros((len(texts), T), dtype=torch.long)}
+    for rows, b in parts:
+        for k, v in b.items():
+            out[k][rows, :v.shape[1]] = v
+    return out
 
-    # --- distributed
-    ddp, rank, local_rank, world_size, device = common.setup_distributed()
-    master = rank == 0
-    device = torch.device(device)
-    if cfg["batch_size"] % world_size:
-        raise ValueError(f"batch_size={cfg['batch_size']} is not divisible by {world_size} ranks")
-    out_dir = cfg["out_dir"]
-    stale = common.lock_out_dir(out_dir) if master else []  # one run per out_dir; a killed run's temp files go
-    log = common.Logger(out_dir, "cc_finetune", master)
-    if stale:
-        log(f"removed {len(stale)} temp file(s) of a killed run: {', '.join(stale)}")
-    use_bf16 = device.type == "cuda" and cfg["dtype"] in ("auto", "bfloat16", "bf16")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
-    # --- data: records, two captions each per step, a deterministic rank-split order
-    records, sources, names = [], [], []  # sources: each input file's (start, end) range in records
-    for read, key in ((data.read_caption_records, "train_captions"), (data.read_text_pairs, "train_pairs")):
-        for p in data.split_paths(cfg[key]):
-            records += read(p)
-            sources.append((sources[-1][1] if sources else 0, len(records)))
-            names.append(p)
-    single = cfg["single_source_batches"]
-    dataset = data.CaptionPairDataset(records, cfg["seed"], sources if single else None)
-    weights = [float(w) for w in cfg["source_weights"].split(",")] if cfg["source_weights"] else None
-    steps_per_epoch = (sum((b - a) // cfg["batch_size"] for a, b in sources) if single
-                       else len(records) // cfg["batch_size"])
-    max_steps = cfg["max_steps"] if cfg["max_steps"] > 0 else steps_per_epoch
-    val_records = data.read_caption_records(cfg["val_captions"]) if cfg["val_captions"] else None
+def chain_of(cfg):
+    """init_from (Table 9's MNTP then SimCSE): (the chain's root model, the runs before this one)."""
+    if not cfg["init_from"]:
+        return cfg["text_model"], []
+    prev = M.read_encoder_config(cfg["init_from"])
+    if prev.get("adaptor"):
+        raise ValueError(f"init_from={cfg['init_from']}: it holds a stage-1 adaptor; chain from a LoRA run")
+    return prev["base_model"], prev.get("chain", []) + [{"out_dir": os.path.abspath(cfg["init_from"]),
+                                                         "steps": prev["steps"],
+                                                         "objective": prev.get("objective", "supervised_simcse")}]
 
-    # --- checkpoint to resume from
-    ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    ckpt = load_checkpoint(ckpt_path, cfg) if cfg["resume"] and os.path.isfile(ckpt_path) else None
-    start_step = ckpt["step"] if ckpt else 0
 
-    # --- model: same seed on every rank, so every rank starts from the same LoRA (and adaptor) init
-    base_model, chain = cfg["text_model"], []
-    if cfg["init_from"]:  # a previous stage-1 out_dir: its merged weights (LoRA folded in), a fresh LoRA below
-        prev = M.read_encoder_config(cfg["init_from"])
-        if prev.get("adaptor"):
-            raise ValueError(f"init_from={cfg['init_from']}: it holds a stage-1 adaptor; chain from a LoRA run")
-        base_model = prev["base_model"]  # the chain's root (and MNTP's LM head)
-        chain = prev.get("chain", []) + [{"out_dir": os.path.abspath(cfg["init_from"]), "steps": prev["steps"],
-                                          "objective": prev.get("objective", "supervised_simcse")}]
+def load_encoder(cfg, base_model, dtype, device):
+    """The LLM as a bidirectional caption encoder with what trains: LoRA, or a frozen LLM + stage-1 adaptor;
+    `dropout` set; (LM head, mask token) for MNTP. Same seed on every rank: the same init everywhere."""
     torch.manual_seed(cfg["seed"])
     encoder = M.load_text_encoder(
         cfg["init_from"] or cfg["text_model"], bidirectional=cfg["bidirectional"], pooling=cfg["pooling"],
         chat_template=cfg["chat_template"] or "none",
         lora=dict(r=cfg["lora_r"], alpha=cfg["lora_alpha"], dropout=cfg["lora_dropout"]) if cfg["lora_r"] else None,
-        dtype=torch.bfloat16 if use_bf16 else torch.float32,
-        attn_implementation=cfg["attn_implementation"] or None, device=device)
+        dtype=dtype, attn_implementation=cfg["attn_implementation"] or None, device=device)
     if not cfg["lora_r"]:
         encoder.model.requires_grad_(False)  # frozen LLM: only the adaptor trains
     if cfg["cc_adaptor_blocks"] >= 0:
         encoder.adaptor = M.Adaptor(encoder.dim, encoder.dim, cfg["cc_adaptor_blocks"]).to(device)
     if cfg["dropout"] >= 0:
-        M.set_dropout(encoder.model, cfg["dropout"])
-    if objective == "mntp":  # next-token prediction through the LM head: a decoder's objective
+        set_dropout(encoder.model, cfg["dropout"])
+    mntp = None
+    if cfg["objective"] == "mntp":  # next-token prediction through the LM head: a decoder's objective
         if not encoder.is_decoder:
             raise ValueError(f"objective=mntp: {base_model} is not a decoder LLM (no next-token LM head)")
-        lm_head, mask_id = M.load_lm_head(base_model, encoder.model), M.mntp_mask_token_id(encoder.tokenizer)
+        mntp = L.load_lm_head(base_model, encoder.model), L.mntp_mask_token_id(encoder.tokenizer)
     if cfg["gradient_checkpointing"]:
         m, kw = encoder.model, {"use_reentrant": False}  # non-reentrant: no input needs requires_grad
         if hasattr(m, "activation_checkpointing_enable"):  # transformers >= 5.2x name
             m.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
         else:
             m.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
-    named = [(n, p) for n, p in encoder.named_parameters() if p.requires_grad]  # LoRA and/or adaptor
-    params = [p for _, p in named]
-    optimizer = common.adamw(params, lr=cfg["learning_rate"], weight_decay=cfg["weight_decay"])  # fused where torch can
-    if ckpt:
-        with torch.no_grad():
-            for n, p in named:
-                p.copy_(ckpt["trainable"][n])
-        optimizer.load_state_dict(ckpt["optimizer"])
+    return encoder, mntp
 
-    b_local = cfg["batch_size"] // world_size
+
+def log_setup(log, cfg, encoder, params, run, n_records, steps_per_epoch, start_step, max_steps, resumed, chain,
+              base_model, names, records):
+    b_local = cfg["batch_size"] // run.world_size
     n_chunks = math.ceil(b_local / cfg["micro_batch_size"])
-    hard = cfg["hard_negatives"]
-    n_total = sum(p.numel() for p in encoder.parameters())
+    objective, hard = cfg["objective"], cfg["hard_negatives"]
     log(f"model {cfg['init_from'] or cfg['text_model']}: {'decoder' if encoder.is_decoder else 'encoder'}, "
         f"bidirectional={encoder.settings['bidirectional']}, pooling={cfg['pooling']}, "
         f"chat_template={encoder.chat_template or 'none'}, "
-        f"{'bf16 autocast' if use_bf16 else 'fp32'} on {device}; "
+        f"{'bf16 autocast' if run.dtype == torch.bfloat16 else 'fp32'} on {run.device}; "
         + (f"LoRA r={cfg['lora_r']} alpha={cfg['lora_alpha']}" if cfg["lora_r"] else "LLM frozen")
         + (f", adaptor {cfg['cc_adaptor_blocks']} blocks" if encoder.adaptor is not None else "")
-        + f": {sum(p.numel() for p in params):,} trainable of {n_total:,} parameters")
+        + f": {sum(p.numel() for p in params):,} trainable of {sum(p.numel() for p in encoder.parameters()):,} parameters")
     if chain:
         log("init_from chain: " + " -> ".join([base_model] + [f"{c['objective']} {c['steps']} steps ({c['out_dir']})"
                                                              for c in chain]) + f" -> {objective} (this run)")
     log(f"objective {objective}" + (f", dropout {cfg['dropout']}" if cfg["dropout"] >= 0 else "")
         + (f", mask prob {cfg['mntp_mask_prob']} (80/10/10), LM head of {base_model} (frozen)" if objective == "mntp" else ""))
-    log(f"records: {len(records):,} ({steps_per_epoch} steps/epoch); steps {start_step} -> {max_steps}"
-        + (f" (resumed from {ckpt_path})" if ckpt else "")
+    single, weights = cfg["single_source_batches"], batch_weights(cfg)
+    log(f"records: {n_records:,} ({steps_per_epoch} steps/epoch); steps {start_step} -> {max_steps}"
+        + (f" (resumed from {resumed})" if resumed else "")
         + (f"; one source per batch: {', '.join(names)}" + (f", weights {weights}" if weights else "") if single else ""))
     unused = sum("negative" in r for r in records) if not hard else 0
     if unused:
         log(f"train_pairs: {unused} records carry a \"negative\" that hard_negatives=False leaves unused")
     if objective == "mntp":
-        log(f"batch {cfg['batch_size']} ({world_size} ranks x {b_local}), {n_chunks} micro-batches of <= "
+        log(f"batch {cfg['batch_size']} ({run.world_size} ranks x {b_local}), {n_chunks} micro-batches of <= "
             f"{cfg['micro_batch_size']} per rank (plain accumulation: the MNTP loss is a sum over tokens, exact)")
     else:
-        log(f"global contrastive batch {cfg['batch_size']} ({world_size} ranks x {b_local}), negatives per query: "
+        log(f"global contrastive batch {cfg['batch_size']} ({run.world_size} ranks x {b_local}), negatives per query: "
             f"{cfg['batch_size'] - 1}" + (f" (+{cfg['batch_size']} hard negatives)" if hard else "")
             + f", all gathered across ranks; temperature {cfg['temperature']}")
         log(f"gradient caching: {n_chunks} chunks of <= {cfg['micro_batch_size']} texts per side per rank"
             if n_chunks > 1 else "no gradient caching: one forward pass per side per rank")
 
-    # --- quality gate, before
-    c2c_before = ckpt.get("c2c_before") if ckpt else None
-    if val_records is not None and c2c_before is None:
-        if master:  # the LLM as loaded: a fresh stage-1 adaptor's random projection is not the baseline
-            adaptor, encoder.adaptor = encoder.adaptor, None
-            c2c_before = c2c_eval(encoder, val_records, cfg["instruction"] or None, cfg["max_length"], cfg["eval_batch_size"])
-            encoder.adaptor = adaptor
-            log(f"c2c before: top1 {c2c_before['c2c_top1']:.2f} reverse {c2c_before['c2c_top1_reverse']:.2f} "
-                f"(n={c2c_before['n']}, {cfg['val_captions']}" + (", without the adaptor)" if adaptor else ")"))
-        if ddp:
-            dist.barrier()
 
-    # --- training loop
+def c2c_before_training(cfg, encoder, val_records, run, log):
+    """The quality gate on the LLM as loaded (a fresh stage-1 adaptor's random projection is not the baseline)."""
+    result = None
+    if run.master:
+        adaptor, encoder.adaptor = encoder.adaptor, None
+        result = c2c_eval(encoder, val_records, cfg["instruction"] or None, cfg["max_length"], cfg["eval_batch_size"])
+        encoder.adaptor = adaptor
+        log(f"c2c before: top1 {result['c2c_top1']:.2f} reverse {result['c2c_top1_reverse']:.2f} "
+            f"(n={result['n']}, {cfg['val_captions']}" + (", without the adaptor)" if adaptor else ")"))
+    if run.ddp:
+        dist.barrier()
+    return result
+
+
+# -----------------------------------------------------------------------------
+
+def train(run, encoder, model, dataset, sampler, ckpts, start_step, max_steps, c2c_before, mntp, log):
+    """The training loop: the step's texts, the loss (gradient caching or MNTP accumulation), the update,
+    logging and checkpoints. Returns the last loss."""
     from tqdm import tqdm
-    if single:
-        sampler = data.SourceBatchSampler([b - a for a, b in sources], cfg["batch_size"], rank, world_size, cfg["seed"],
-                                          weights, start_step, max_steps - start_step, names)
-    else:
-        sampler = data.ResumableBatchSampler(len(dataset), cfg["batch_size"], rank, world_size, cfg["seed"],
-                                             shuffle=True, start_step=start_step, max_steps=max_steps - start_step)
-    loss_fn = lambda q, d, h=None: M.caption_contrastive_loss(q, d, cfg["temperature"], h)  # noqa: E731
+    cfg, objective, hard = run.cfg, run.cfg["objective"], run.cfg["hard_negatives"]
+    m, b_local, device, ddp = cfg["micro_batch_size"], cfg["batch_size"] // run.world_size, run.device, run.ddp
+    no_sync = model.no_sync if ddp else None  # gradients are all-reduced once per step, by DDP
+    loss_fn = lambda q, d, h=None: L.caption_contrastive_loss(q, d, cfg["temperature"], h)  # noqa: E731
     instruction = cfg["instruction"] or None
     texts_per_step = cfg["batch_size"] * ((1 if objective == "mntp" else 2) + hard)
     encoder.pop_truncation()  # from here on: the training texts only
     encoder.train()
-    pbar = tqdm(total=max_steps, initial=start_step, desc="cc_finetune", disable=not master)
+    pbar = tqdm(total=max_steps, initial=start_step, desc="cc_finetune", disable=not run.master)
     t0, t0_step, loss = time.time(), start_step, None
     for step, indices in zip(range(start_step, max_steps), sampler):
         sides = step_texts(dataset, indices, step, objective, hard, instruction)
-        m = cfg["micro_batch_size"]
-        if objective == "mntp":
-            b = mntp_batch(encoder, sides[0][0], indices, step, cfg, mask_id)
-            chunks = [[{k: v[i:i + m].to(device) for k, v in b.items()} for i in range(0, b_local, m)]]
+        lr_now = get_lr(step, max_steps, cfg)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr_now
+        torch.manual_seed(step_seed(cfg["seed"], run.rank, step))  # dropout masks: a function of the step
+        if objective == "mntp":  # a sum over tokens: plain micro-batch accumulation is exact
+            b = mntp_batch(encoder, sides[0][0], indices, step, cfg, mntp[1])
+            chunks = [{k: v[i:i + m].to(device) for k, v in b.items()} for i in range(0, b_local, m)]
             n_sel = (b["labels"] != -100).sum().to(device)
             if ddp:
                 dist.all_reduce(n_sel)  # the loss is a mean over the global batch's selected tokens
-        else:
-            chunks = [[{k: v.to(device) for k, v in M.tokenize_mixed(encoder, texts[i:i + m], instrs[i:i + m],
-                                                                     cfg["max_length"]).items()}
+            hidden = lambda c: model(c["input_ids"], c["attention_mask"], pool=False)[0]  # noqa: E731
+            loss = L.mntp_accumulate(hidden, chunks, mntp[0], n_sel.item(), run.world_size, run.autocast, no_sync)
+        else:  # the full batch's contrastive loss; more than one chunk per side: gradient caching
+            chunks = [[{k: v.to(device) for k, v in tokenize_mixed(encoder, texts[i:i + m], instrs[i:i + m],
+                                                                   cfg["max_length"]).items()}
                        for i in range(0, len(texts), m)] for texts, instrs in sides]
-        lr_now = get_lr(step, max_steps, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_now
-        torch.manual_seed(step_seed(cfg["seed"], rank, step))  # dropout masks: a function of the step
-        if objective == "mntp":  # a sum over tokens: plain micro-batch accumulation is exact
-            loss = M.mntp_accumulate(encoder, chunks[0], lm_head, n_sel.item(), world_size, autocast)
-        else:  # more than one chunk per side: gradient caching (the full batch's negatives, one chunk's memory)
-            loss = M.grad_cache_step(lambda c: encoder(**c), chunks, loss_fn, autocast=autocast)
-        if ddp:
-            average_gradients(params, world_size)
+            loss = L.grad_cache_step(lambda c: model(**c), chunks, loss_fn, no_sync=no_sync, autocast=run.autocast)
         if cfg["grad_clip"] > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+            torch.nn.utils.clip_grad_norm_(run.params, cfg["grad_clip"])
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
         pbar.update(1)
 
         done = step + 1
@@ -359,60 +364,124 @@ def main(argv=None):
                 f"{texts_per_step / dt:.0f} texts/s")
             t0, t0_step = time.time(), done
         if done % cfg["save_interval"] == 0 or done == max_steps:
-            if master:
-                save_checkpoint(ckpt_path, {
-                    "step": done, "trainable": {n: p.detach().cpu().clone() for n, p in named},
-                    "optimizer": optimizer.state_dict(), "config": dict(cfg), "c2c_before": c2c_before,
-                    "world_size": world_size, "code_version": common.code_version()})
+            if run.master:  # the step is the data position: the sampler and every RNG derive from it
+                ckpts.save(done, {"model": common.trainable_state(encoder), "optimizer": run.optimizer.state_dict(),
+                                  "config": common.jsonable(cfg), "c2c_before": c2c_before,
+                                  "world_size": run.world_size})
             if ddp:
                 dist.barrier()
     pbar.close()
-    encoder.eval()
+    return loss
+
+
+def truncation_counts(encoder, run):
+    """The training texts' truncation counts, summed over ranks."""
     trunc = encoder.pop_truncation()
-    if ddp:
-        counts = torch.tensor([trunc[k] for k in ("texts", "truncated", "tokens_cut")], dtype=torch.long, device=device)
+    if run.ddp:
+        counts = torch.tensor([trunc[k] for k in ("texts", "truncated", "tokens_cut")], dtype=torch.long, device=run.device)
         dist.all_reduce(counts)
-        top = torch.tensor([trunc["max_cut"]], device=device)
+        top = torch.tensor([trunc["max_cut"]], device=run.device)
         dist.all_reduce(top, op=dist.ReduceOp.MAX)
         trunc = dict(zip(("texts", "truncated", "tokens_cut"), counts.tolist()), max_cut=top.item())
-    log(common.describe_truncation(trunc, cfg["max_length"]) + " (training texts, instruction included)")
+    return trunc
 
-    # --- quality gate, after; save adapter, merged model, encoder.json (rank 0)
+
+def save_encoder(out_dir, cfg, encoder, base_model, chain, result, log):
+    """adapter/ (peft), merged/ (HF model + tokenizer: the out_dir stands alone), cc_adaptor.pt, encoder.json."""
+    if cfg["lora_r"]:
+        encoder.model.save_pretrained(os.path.join(out_dir, "adapter"))
+    merged = M.merge_lora(encoder.model)  # without LoRA: the (unchanged) frozen LLM
+    merged.save_pretrained(os.path.join(out_dir, "merged"))
+    encoder.tokenizer.save_pretrained(os.path.join(out_dir, "merged"))
+    adaptor = None
+    if encoder.adaptor is not None:
+        a = encoder.adaptor
+        common.atomic_torch_save({k: v.detach().cpu() for k, v in a.state_dict().items()},
+                                 os.path.join(out_dir, M.CC_ADAPTOR_FILE))
+        adaptor = {"file": M.CC_ADAPTOR_FILE, "in_dim": a.in_dim, "out_dim": a.out_dim,
+                   "num_blocks": a.num_blocks, "expansion": a.expansion}
+    M.write_encoder_config(out_dir, {
+        "model_subdir": "merged", "adapter_subdir": "adapter" if cfg["lora_r"] else None,
+        "base_model": base_model, "init_from": cfg["init_from"] or None, "chain": chain,
+        "objective": cfg["objective"], "dropout": cfg["dropout"], "adaptor": adaptor,
+        "pooling": cfg["pooling"], "bidirectional": encoder.settings["bidirectional"],
+        "chat_template": encoder.chat_template, "instruction": cfg["instruction"], "max_length": cfg["max_length"],
+        "temperature": cfg["temperature"], "lora": {"r": cfg["lora_r"], "alpha": cfg["lora_alpha"],
+                                                      "dropout": cfg["lora_dropout"]},
+        "steps": result["steps"], "batch_size": cfg["batch_size"], "c2c_before": result["c2c_before"],
+        "c2c_after": result["c2c_after"], "code_version": common.code_version()})
+    log(f"saved {out_dir}: " + ("adapter/, " if cfg["lora_r"] else "") + "merged/, "
+        + (f"{M.CC_ADAPTOR_FILE}, " if adaptor else "")
+        + f"{M.ENCODER_CONFIG}; load with model.load_text_encoder({out_dir!r})")
+
+
+def main(argv=None):
+    # --- config, distributed init
+    cfg = common.configure({k: globals()[k] for k in config_keys}, argv, __doc__)  # typed: a wrong type fails here
+    check_config(cfg)
+    ddp, rank, local_rank, world_size, device = common.setup_distributed()
+    master = rank == 0
+    device = torch.device(device)
+    if cfg["batch_size"] % world_size:
+        raise ValueError(f"batch_size={cfg['batch_size']} is not divisible by {world_size} ranks")
+    out_dir = cfg["out_dir"]
+    stale = common.lock_out_dir(out_dir) if master else []  # one run per out_dir; a killed run's temp files go
+    log = common.Logger(out_dir, "cc_finetune", master)
+    if stale:
+        log(f"removed {len(stale)} temp file(s) of a killed run: {', '.join(stale)}")
+    dtype, autocast = common.resolve_dtype(cfg["dtype"], device)  # bf16 weights + autocast on CUDA by default
+
+    # --- data: records, two captions each per step, a deterministic rank-split order
+    records, sources, names = read_records(cfg)
+    dataset = data.CaptionPairDataset(records, cfg["seed"], sources if cfg["single_source_batches"] else None)
+    steps_per_epoch = (sum((b - a) // cfg["batch_size"] for a, b in sources) if cfg["single_source_batches"]
+                       else len(records) // cfg["batch_size"])
+    max_steps = cfg["max_steps"] if cfg["max_steps"] > 0 else steps_per_epoch
+    val_records = data.read_caption_records(cfg["val_captions"]) if cfg["val_captions"] else None
+
+    # --- model and optimizer; then resume what trains and the optimizer from the newest good checkpoint
+    base_model, chain = chain_of(cfg)
+    encoder, mntp = load_encoder(cfg, base_model, dtype, device)
+    params = [p for p in encoder.parameters() if p.requires_grad]  # LoRA and/or adaptor
+    optimizer = common.adamw(params, lr=cfg["learning_rate"], weight_decay=cfg["weight_decay"])  # fused where torch can
+    ckpts = common.Checkpoints(out_dir, cfg["keep_checkpoints"], log)
+    path, ck = ckpts.newest() if cfg["resume"] else (None, None)
+    if ck is not None:
+        common.check_resume(path, ck, cfg, RESUME_FREE_KEYS)
+        common.load_trainable_state(encoder, ck["model"] if "model" in ck else ck["trainable"], path)
+        optimizer.load_state_dict(ck["optimizer"])
+    start_step = ck["step"] if ck else 0
+    model = encoder
+    if ddp:  # gradient sync by DDP (no_sync in all but the last re-run of a step); buffers never change
+        model = torch.nn.parallel.DistributedDataParallel(encoder, device_ids=[local_rank] if device.type == "cuda"
+                                                          else None, broadcast_buffers=False)
+    run = types.SimpleNamespace(cfg=cfg, ddp=ddp, rank=rank, world_size=world_size, master=master, device=device,
+                                dtype=dtype, autocast=autocast, optimizer=optimizer, params=params)
+    log_setup(log, cfg, encoder, params, run, len(records), steps_per_epoch, start_step, max_steps, path, chain,
+              base_model, names, records)
+
+    # --- quality gate before, training, quality gate after
+    c2c_before = ck.get("c2c_before") if ck else None
+    if val_records is not None and c2c_before is None:
+        c2c_before = c2c_before_training(cfg, encoder, val_records, run, log)
+    sampler = make_sampler(cfg, len(dataset), sources, names, rank, world_size, start_step, max_steps)
+    loss = train(run, encoder, model, dataset, sampler, ckpts, start_step, max_steps, c2c_before, mntp, log)
+    encoder.eval()
+    trunc = truncation_counts(encoder, run)
+    log(common.describe_truncation(trunc, cfg["max_length"]) + " (training texts, instruction included)")
     result = {"steps": max_steps, "final_loss": None if loss is None else loss.item(),
               "c2c_before": c2c_before, "c2c_after": None, "truncation": trunc}
+
+    # --- save (rank 0)
     if master:
         if val_records is not None:
-            result["c2c_after"] = c2c_eval(encoder, val_records, instruction, cfg["max_length"], cfg["eval_batch_size"])
+            result["c2c_after"] = c2c_eval(encoder, val_records, cfg["instruction"] or None, cfg["max_length"],
+                                           cfg["eval_batch_size"])
             b, a = c2c_before["c2c_top1"], result["c2c_after"]["c2c_top1"]
             log(f"c2c before -> after: top1 {b:.2f} -> {a:.2f} ({a - b:+.2f}), reverse "
                 f"{c2c_before['c2c_top1_reverse']:.2f} -> {result['c2c_after']['c2c_top1_reverse']:.2f}")
-        if cfg["lora_r"]:
-            encoder.model.save_pretrained(os.path.join(out_dir, "adapter"))
-        merged = M.merge_lora(encoder.model)  # without LoRA: the (unchanged) frozen LLM, so the out_dir stands alone
-        merged.save_pretrained(os.path.join(out_dir, "merged"))
-        encoder.tokenizer.save_pretrained(os.path.join(out_dir, "merged"))
-        adaptor = None
-        if encoder.adaptor is not None:
-            a = encoder.adaptor
-            common.atomic_torch_save({k: v.detach().cpu() for k, v in a.state_dict().items()},
-                                     os.path.join(out_dir, M.CC_ADAPTOR_FILE))
-            adaptor = {"file": M.CC_ADAPTOR_FILE, "in_dim": a.in_dim, "out_dim": a.out_dim,
-                       "num_blocks": a.num_blocks, "expansion": a.expansion}
-        meta = {"model_subdir": "merged", "adapter_subdir": "adapter" if cfg["lora_r"] else None,
-                "base_model": base_model, "init_from": cfg["init_from"] or None, "chain": chain,
-                "objective": objective, "dropout": cfg["dropout"], "adaptor": adaptor,
-                "pooling": cfg["pooling"], "bidirectional": encoder.settings["bidirectional"],
-                "chat_template": encoder.chat_template,
-                "instruction": cfg["instruction"], "max_length": cfg["max_length"],
-                "temperature": cfg["temperature"], "lora": {"r": cfg["lora_r"], "alpha": cfg["lora_alpha"],
-                                                              "dropout": cfg["lora_dropout"]},
-                "steps": max_steps, "batch_size": cfg["batch_size"], "c2c_before": c2c_before,
-                "c2c_after": result["c2c_after"], "code_version": common.code_version()}
-        common.atomic_write_text(os.path.join(out_dir, M.ENCODER_CONFIG), json.dumps(meta, indent=2) + "\n")
+        save_encoder(out_dir, cfg, encoder, base_model, chain, result, log)
         common.save_run_info(out_dir, cfg, __file__, extra={"result": result, "world_size": world_size, "chain": chain})
-        log(f"saved {out_dir}: " + ("adapter/, " if cfg["lora_r"] else "") + "merged/, "
-            + (f"{M.CC_ADAPTOR_FILE}, " if adaptor else "")
-            + f"{M.ENCODER_CONFIG}; load with model.load_text_encoder({out_dir!r})")
         common.unlock_out_dir(out_dir)
     common.cleanup_distributed(ddp)
     return result

@@ -98,6 +98,9 @@ def configure(defaults, argv=None, doc=""):
     `-h`/`--help` prints every key with its default and exits. Returns a new dict.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
+    shadowed = [k for k, v in defaults.items() if callable(v)]
+    if shadowed:  # a function defined after the config section with a key's name replaced its default
+        raise TypeError(f"config keys {shadowed} are functions, not values: rename the function")
     config = dict(defaults)
     for arg in argv:
         if arg in ("-h", "--help"):
@@ -292,6 +295,107 @@ def remove_stale_temp_files(root):
 
 
 # -----------------------------------------------------------------------------
+# The training skeleton both stages share: compute dtype, checkpoints and the resume rules
+
+def resolve_dtype(name, device):
+    """A stage's `dtype` key -> (torch dtype, autocast context): the one reading of it. "auto" is
+    bfloat16 on CUDA and float32 elsewhere; on CPU every dtype runs float32 (CPU autocast is slow and
+    is not what the GPU run does). The context is reusable; float32 gives a null context."""
+    import model as M
+    cuda = str(device).startswith("cuda")
+    dtype = torch.bfloat16 if name == "auto" else M.resolve_dtype(name)
+    if not cuda:
+        dtype = torch.float32
+    ctx = torch.autocast("cuda", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    return dtype, ctx
+
+
+def trainable_state(module):
+    """What trains (parameters with requires_grad: LoRA, adaptor, vision tower, ...) as CPU tensors: a
+    checkpoint holds these, never a frozen LLM (16 GB at Llama-3-8B, and the same in every save)."""
+    return {n: p.detach().cpu().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(module, state, path):
+    """Copy a trainable_state back; every trainable parameter must be in it (CheckpointError naming
+    `path` and the first missing or unexpected names). Older checkpoints with frozen weights load too."""
+    own = dict(module.named_parameters())
+    missing = [n for n, p in own.items() if p.requires_grad and n not in state]
+    unexpected = [n for n in state if n not in own]
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: does not match this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    with torch.no_grad():
+        for n, v in state.items():
+            own[n].copy_(v)
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def per_rank(obj, ddp, world_size):
+    """[obj of rank 0, obj of rank 1, ...] on every rank (all_gather_object), [obj] without DDP."""
+    if not ddp:
+        return [obj]
+    out = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class Checkpoints:
+    """out_dir/checkpoints/step_<8 digits>.pt: plain-types dicts (torch.load(weights_only=True) reads them),
+    each written atomically with a sha256 sidecar, the newest `keep` kept (0: all). `newest()` loads the
+    newest one that passes its checksum, falling back to the previous one (with a log line) when the
+    newest is corrupt or truncated. A stage-1 out_dir of older code has one `ckpt.pt`: it is read too."""
+
+    def __init__(self, out_dir, keep=2, log=print):
+        self.out_dir, self.keep, self.log = out_dir, keep, log
+
+    def paths(self):
+        legacy = os.path.join(self.out_dir, "ckpt.pt")
+        return ([legacy] if os.path.isfile(legacy) else []) + checkpoint_paths(self.out_dir)
+
+    def save(self, step, state):
+        """Write step `step`'s checkpoint (call on rank 0 only), then prune older ones. Returns its path."""
+        path = os.path.join(self.out_dir, "checkpoints", f"step_{step:08d}.pt")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_checkpoint({**state, "step": step, "code_version": code_version()}, path)
+        for old in self.paths()[:-self.keep] if self.keep > 0 else []:
+            remove_checkpoint(old)
+        return path
+
+    def newest(self):
+        """(path, state) of the newest loadable checkpoint, or (None, None) if there is none."""
+        paths = self.paths()
+        return load_newest_checkpoint(paths, self.log) if paths else (None, None)
+
+
+def check_resume(path, ck, cfg, free_keys, data_id=None):
+    """The resume rules, the same for both stages: every config key outside `free_keys` (keys that do not
+    change what is computed) must equal the checkpoint's, and the data it was trained on must be this
+    run's (`data_id`, compared by content, not path). ValueError naming the checkpoint and each difference."""
+    differ = {k: (ck["config"].get(k), jsonable(cfg[k])) for k in cfg
+              if k not in free_keys and jsonable(cfg[k]) != ck["config"].get(k)}
+    if differ:
+        raise ValueError(f"{path}: cannot resume, training settings differ: "
+                         + ", ".join(f"{k} (checkpoint {a!r}, now {b!r})" for k, (a, b) in differ.items())
+                         + ". Use the checkpoint's settings or a new out_dir.")
+    if data_id is not None:
+        import data
+        import data_index
+        other = data_index.identity_mismatch(ck.get("data"), data_id)
+        if other:
+            raise data.DataError(f"{path}: checkpoint was trained on other data: " + "; ".join(other))
+
+
+
+# -----------------------------------------------------------------------------
 # Checkpoints with a checksum, and one run per out_dir
 
 class CheckpointError(RuntimeError):
@@ -448,3 +552,27 @@ class Logger:
         if self.path:
             with open(self.path, "a") as f:
                 f.write(line + "\n")
+
+
+# -----------------------------------------------------------------------------
+# FLOPs estimates (forward, per item): 2 per matmul weight per token + attention's two T x T products.
+# Training costs ~3x forward. Used for MFU in post_train.py and for the ratios in bench.py.
+
+def matmul_params(module):
+    """Weights that multiply every token (Linear and Conv2d), i.e. what costs 2 FLOPs per token."""
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
+
+
+def vit_flops(vit):
+    """Forward FLOPs per image of a timm VisionTransformer (the head runs on one pooled token)."""
+    T = vit.patch_embed.num_patches + vit.num_prefix_tokens
+    per_token = matmul_params(vit.blocks) + matmul_params(vit.patch_embed)
+    return 2 * per_token * T + 4 * len(vit.blocks) * T * T * vit.embed_dim + 2 * matmul_params(vit.head)
+
+
+def llm_flops(llm, T, params=None):
+    """Forward FLOPs per text of T tokens of a HF decoder without LM head (params: precomputed matmul_params)."""
+    c = llm.config
+    return 2 * (params or matmul_params(llm)) * T + 4 * c.num_hidden_layers * T * T * c.hidden_size
+
+

@@ -1,14 +1,21 @@
-"""Using the post-trained vision encoder downstream (driven by `evaluate.py --task=...`):
+"""Using the post-trained vision encoder downstream:
+
+    python downstream.py --task=linear_probe --model=openai/clip-vit-base-patch16,out/llm2clip --data=imagenet
+    python downstream.py --task=export_hf --model=out/llm2clip --out=hf/llm2clip_vision   (LLaVA-ready folder)
+    torchrun --nproc_per_node=8 downstream.py --task=linear_probe ...   (ranks split the feature extraction)
+
+`evaluate.py --task=linear_probe|export_hf` runs the same code with evaluate.py's config.
 
 1. `export_hf`: the timm tower of a post_train.py out_dir as a transformers `CLIPVisionModel` (OpenAI-CLIP
    family) or `SiglipVisionModel` (SigLIP/SigLIP2) folder with a `preprocessor_config.json`, so LLaVA-style
    code loads it with no remote code; the new projection head goes to `projection.safetensors`.
 2. `linear_probe` (the paper's Table 4, right half): frozen image features cached to disk in resumable
    chunks, then a linear classifier trained with SGD on them; top-1/top-5, one row per model.
-3. Converters for the multilingual retrieval sets (Table 3): XM3600, COCO-CN, Flickr30k-CN -> manifests.
+3. Converters for the multilingual retrieval sets (Table 3): XM3600, COCO-CN, Flickr30k-CN -> manifests
+   (run by `evaluate.py --task=convert --format=xm3600|coco_cn|flickr30k_cn`).
 
-A module of its own because evaluate.py already holds every scoring task; these three share its model
-loading and image encoding, and nothing else in the stage scripts needs them.
+A script of its own so evaluate.py stays the scoring tasks; evaluate.py imports it, never the other way.
+Models and image encoding come from zoo.py, ranks and results files from metrics.py.
 """
 import hashlib
 import json
@@ -20,9 +27,30 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
-import evaluate
 import zoo
 from data import DataError, read_class_folder, read_jsonl
+from metrics import check_results_path, percent, ranks, split_specs, write_results
+
+# -----------------------------------------------------------------------------
+# config: every key can be overridden with --key=value or a config/*.py file
+task = "linear_probe"    # linear_probe | export_hf (the multilingual converters: evaluate.py --task=convert)
+model = ""               # linear_probe: comma-separated, each as evaluate.py takes it (HF CLIP/SigLIP folder or hub
+                         # name, open_clip:NAME/PRETRAINED, LLM2CLIP out_dir); export_hf: ONE post_train.py out_dir
+data = ""                # linear_probe: a folder with train/ and val/ class folders
+out = ""                 # linear_probe: results JSON ("" = print only); export_hf: the transformers folder to write
+device = ""              # "" = cuda if available, else cpu
+batch_size = 64          # images per forward pass, per rank
+num_workers = 4          # image decoding worker processes
+amp = True               # bf16 autocast on CUDA (CPU always runs fp32)
+# linear probe (Table 4, right half): a linear classifier trained with SGD on cached frozen features
+feature_dir = "out/probe_features"  # cached image features, one folder per model and split (reused on rerun)
+probe_epochs = 50        # epochs, batch, lr, momentum, weight decay: the recipe given for the paper
+probe_batch_size = 1024
+probe_lr = 0.1           # peak lr, cosine to 0 over all steps (features are standardised first)
+probe_momentum = 0.9
+probe_weight_decay = 0.0
+config_keys = [k for k, v in dict(globals()).items()
+               if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))]
 
 # -----------------------------------------------------------------------------
 # 1. transformers export of the vision tower
@@ -242,8 +270,8 @@ def hf_forward(hf, hf_dir, pixels):
     return tuple(out.hidden_states), emb
 
 
-def run_export_hf(cfg, log):
-    """--task=export_hf --model=OUT_DIR --out=HF_DIR."""
+def run_export_hf(cfg, log, script="evaluate.py"):
+    """--task=export_hf --model=OUT_DIR --out=HF_DIR; HF_DIR/run_<script>.json records the run."""
     from model import LLM2CLIP_CONFIG, load_llm2clip
     spec = cfg["model"]
     if not spec or "," in spec or not os.path.isfile(os.path.join(spec, LLM2CLIP_CONFIG)):
@@ -253,7 +281,7 @@ def run_export_hf(cfg, log):
     image_encoder, _ = load_llm2clip(spec, load_text=False)
     name = image_encoder.vision.model_name
     family, diff = export_hf(image_encoder.vision, cfg["out"], name=f"{spec} ({name})")
-    common.save_run_info(cfg["out"], cfg, "evaluate.py", extra={"export_hf": {"family": family, "source": spec,
+    common.save_run_info(cfg["out"], cfg, script, extra={"export_hf": {"family": family, "source": spec,
                          "timm_model": name, "max_relative_difference": diff}})
     cls = "CLIPVisionModel" if family == "clip" else "SiglipVisionModel"
     log(f"wrote {cls} folder {cfg['out']} from {spec} ({name}); hidden states and embedding match timm "
@@ -299,7 +327,7 @@ def cached_features(m, spec, paths, cache_dir, cfg, dist_info, log):
     (float16, one file per chunk, written atomically): a rerun reuses every finished chunk. meta.json
     records the model identity, preprocessing, precision and image list; a cache made by anything else
     is refused."""
-    bf16 = bool(cfg.get("amp")) and str(dist_info[3]).startswith("cuda")  # evaluate's autocast rule
+    bf16 = bool(cfg.get("amp")) and str(dist_info[3]).startswith("cuda")  # zoo.encode_images' autocast rule
     meta = {"model": spec, "model_identity": _model_identity(spec), "data_config": common.jsonable(m.data_config),
             "precision": "bfloat16 autocast" if bf16 else "float32",
             "images": hashlib.sha256("\n".join(paths).encode()).hexdigest(), "count": len(paths), "chunk": PROBE_CHUNK}
@@ -368,7 +396,7 @@ def run_linear_probe(cfg, dist_info, log):
     log(f"{root}: {len(train_paths)} train / {len(val_paths)} val images, {len(names)} classes "
         f"(chance top-1 {100 / len(names):.2f}%)")
     results, device = {}, dist_info[3]
-    for spec in evaluate._split(cfg["model"], "model"):
+    for spec in split_specs(cfg["model"], "model"):
         m = load_image_model(spec, device)
         where = os.path.abspath(spec) if os.path.exists(spec) else spec  # a folder, or a hub name
         base = os.path.join(cfg["feature_dir"], f"{os.path.basename(os.path.normpath(spec))}-"
@@ -381,10 +409,9 @@ def run_linear_probe(cfg, dist_info, log):
         torch.manual_seed(0)
         predict = train_linear_probe(xtr, train_y, len(names), cfg["probe_epochs"], cfg["probe_batch_size"],
                                      cfg["probe_lr"], cfg["probe_momentum"], cfg["probe_weight_decay"], device=device)
-        with torch.no_grad():  # logits @ I.T: the rank of the true class, ties as everywhere in evaluate.py
-            rank = evaluate._ranks(predict(xva), torch.eye(len(names), device=device),
-                                   torch.tensor(val_y, device=device))
-        results[spec] = {"top1": evaluate._percent(rank < 1), "top5": evaluate._percent(rank < 5),
+        with torch.no_grad():  # logits @ I.T: the rank of the true class, ties as everywhere (metrics.py)
+            rank = ranks(predict(xva), torch.eye(len(names), device=device), torch.tensor(val_y, device=device))
+        results[spec] = {"top1": percent(rank < 1), "top5": percent(rank < 5),
                          "n_train": len(train_paths), "n_val": len(val_paths), "dim": xtr.shape[1]}
     if dist_info[1] != 0:
         return None
@@ -392,8 +419,8 @@ def run_linear_probe(cfg, dist_info, log):
         f"| {s} | {r['top1']:.2f} | {r['top5']:.2f} |" for s, r in results.items())
     log(table)
     if cfg["out"]:
-        evaluate._write_results(cfg["out"], {"task": "linear_probe", "data": root, "classes": len(names),
-                                             "results": results, "table": table}, cfg)
+        write_results(cfg["out"], {"task": "linear_probe", "data": root, "classes": len(names),
+                                   "results": results, "table": table}, cfg)
     return results
 
 
@@ -477,3 +504,28 @@ def convert_flickr30k_cn(src, lang="zh", prefix="flickr30k-images/"):
     caps = _read_tagged_captions(src, "\t" if "\t" in first else None)
     return [{"image": prefix + (img if os.path.splitext(img)[1] else img + ".jpg"), "captions": c}
             for img, c in caps.items()]
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    cfg = common.configure({k: globals()[k] for k in config_keys}, argv, __doc__)
+    if cfg["task"] not in ("linear_probe", "export_hf"):
+        raise ValueError(f"--task={cfg['task']!r}: downstream.py runs linear_probe or export_hf "
+                         "(retrieval, classify, c2c and convert: evaluate.py)")
+    common.check_config(cfg, {"batch_size": (lambda v: v > 0, "a positive integer"),
+                              "num_workers": (lambda v: v >= 0, "an integer >= 0")})
+    if cfg["task"] == "export_hf":  # single process
+        return run_export_hf(cfg, common.Logger(None, "downstream"), script="downstream.py")
+    if cfg["out"]:
+        check_results_path(cfg["out"])
+    ddp, rank, _, world, device = common.setup_distributed()
+    log = common.Logger(None, "downstream", master_process=rank == 0)
+    try:
+        return run_linear_probe(cfg, (ddp, rank, world, cfg["device"] or device), log)
+    finally:
+        common.cleanup_distributed(ddp)
+
+
+if __name__ == "__main__":
+    main()

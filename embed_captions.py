@@ -12,21 +12,24 @@ the LLM. Single process or `torchrun --nproc_per_node=N embed_captions.py ...`:
   into the shared embeddings.npy, and append each finished chunk to their own progress file after an
   fsync. A killed run loses at most the chunk in flight; rerunning (any number of ranks) skips the rest
   and yields a byte-identical cache, because every chunk is always batched the same way.
-- Not stale: meta.json records the encoder's identity and a hash of the texts; data.EmbeddingCache
+- Not stale: meta.json records the encoder's identity and a hash of the texts; cache.EmbeddingCache
   refuses a cache that does not match its manifest or the requested encoder settings.
-The cache format is described in data.py ("embedding cache"). Across nodes, out_dir must be on a
+The cache format is described in cache.py. Across nodes, out_dir must be on a
 shared filesystem (every rank writes its rows into the same file and reads every progress file).
 """
-import json
 import os
 import shutil
 import time
+import types
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 import common
+from cache import (CACHE_EMBEDDINGS, CACHE_FORMAT, CACHE_INDEX, CACHE_META, cache_texts,
+                   describe_text_mismatch, load_cache_file, model_fingerprint, read_cache_meta, verify_cache,
+                   write_cache_meta)
 import data
 from model import POOLERS, load_text_encoder
 
@@ -210,7 +213,7 @@ def commit_chunk(data_fd, progress_path, chunk_id):
 
 
 def build_meta(cfg, enc, texts, complete):
-    return {"format": data.CACHE_FORMAT, "encoder": enc, "dim": enc["dim"], "dtype": "float16",
+    return {"format": CACHE_FORMAT, "encoder": enc, "dim": enc["dim"], "dtype": "float16",
             "count": len(texts.texts), "num_records": len(texts.counts), "fields": texts.fields,
             "text_hash": texts.text_hash, "manifest": os.path.abspath(cfg["manifest"]), "complete": complete,
             "chunk_rows": cfg["chunk_rows"], "code_version": common.code_version(), "config": cfg}
@@ -230,60 +233,17 @@ def plan_mismatch(old, new):
     return [f"{k}: existing {old.get(k)!r}, now {new[k]!r}" for k in keys if k != "text_hash" and old.get(k) != new[k]]
 
 
-def main(argv=None):
-    cfg = common.configure({k: globals()[k] for k in config_keys}, argv, __doc__)
-    field_list = [f.strip() for f in cfg["fields"].split(",") if f.strip()]
+def check_config(cfg):
     if not cfg["manifest"] or not cfg["out_dir"] or not (cfg["text_model"] or cfg["verify_only"]):
         raise ValueError("--text_model, --manifest and --out_dir are required (--verify_only needs no text_model)")
     pos = (lambda v: v > 0, "a positive integer")
     common.check_config(cfg, {"max_length": pos, "batch_tokens": pos, "chunk_rows": pos,
                               "dtype": (lambda v: v in ("auto", "float32", "bfloat16", "float16"),
                                         "'auto', 'float32', 'bfloat16' or 'float16'")})
-    out = cfg["out_dir"]
-    emb_path, meta_path = os.path.join(out, data.CACHE_EMBEDDINGS), os.path.join(out, data.CACHE_META)
-    progress_dir = os.path.join(out, "progress")
 
-    # --- distributed
-    ddp, rank, local_rank, world_size, device = common.setup_distributed()
-    master = rank == 0
-    # one writer per cache dir (verify_only only reads); a killed run's temp files go
-    stale = common.lock_out_dir(out) if master and not cfg["verify_only"] else []
-    log = common.Logger(out, "embed", master)
-    if stale:
-        log(f"removed {len(stale)} temp file(s) of a killed run: {', '.join(stale)}")
 
-    def barrier():
-        if ddp:
-            dist.barrier()
-
-    def finish(problems):  # every rank exits with rank 0's verdict
-        flag = torch.tensor([len(problems)], device=device)
-        if ddp:
-            dist.broadcast(flag, 0)
-        if master:
-            common.unlock_out_dir(out)
-        common.cleanup_distributed(ddp)
-        if flag.item():
-            raise SystemExit(1)
-
-    if cfg["verify_only"]:
-        problems = data.verify_cache(out, cfg["manifest"]) if master else []
-        for p in problems:
-            log("verify: PROBLEM:", p)
-        log("verify: ok" if not problems else f"verify: {len(problems)} problem(s)")
-        return finish(problems)
-
-    # --- texts, in cache row order: counts and hashes only; each text is re-read from the manifest when
-    # its chunk is embedded (a rank holds the texts of one chunk, not of the whole manifest)
-    t0 = time.time()
-    texts = data.cache_texts(cfg["manifest"], field_list, lazy=True)
-    n = len(texts.texts)
-    if n == 0:
-        raise data.DataError(f"{cfg['manifest']}: no texts in fields {field_list}")
-    log(f"{cfg['manifest']}: {len(texts.counts)} records, {n} texts in fields {field_list} "
-        f"(per field: {dict(zip(field_list, texts.counts.sum(0).tolist()))})")
-
-    # --- model (frozen; bf16 on GPU)
+def load_encoder(cfg, device, log):
+    """The frozen encoder (bf16 on GPU by default) and its identity, as meta.json records it."""
     compute_dtype = cfg["dtype"] if cfg["dtype"] != "auto" else ("bfloat16" if "cuda" in device else "float32")
     enc_kwargs = common.text_encoder_kwargs(cfg)
     encoder = load_text_encoder(cfg["text_model"], dtype=compute_dtype, device=device,
@@ -293,111 +253,116 @@ def main(argv=None):
         f"max_length={cfg['max_length']}")
     s = encoder.settings
     model_path = os.path.abspath(cfg["text_model"]) if os.path.exists(cfg["text_model"]) else cfg["text_model"]
-    enc = {"model": model_path, "fingerprint": data.model_fingerprint(model_path),  # differs if retrained in place
+    enc = {"model": model_path, "fingerprint": model_fingerprint(model_path),  # differs if retrained in place
            "adapter": os.path.join(model_path, s["adapter_subdir"]) if s.get("adapter_subdir") else None,
            "base_model": s.get("base_model"), "pooling": encoder.pooling,
            "instruction": cfg["instruction"], "max_length": cfg["max_length"], "bidirectional": s["bidirectional"],
            "chat_template": encoder.chat_template, "dim": encoder.dim, "compute_dtype": compute_dtype}
-    meta = build_meta(cfg, enc, texts, complete=False)
+    return encoder, enc
 
-    # --- output: new, resume, already complete, or refuse a mismatch (every rank decides the same)
-    old, state = None, "new"
-    if os.path.isfile(meta_path):
-        try:
-            old = data.read_cache_meta(out)
-        except data.DataError as e:  # a corrupt meta.json: named, and only --overwrite replaces it
-            if not cfg["overwrite"]:
-                raise data.DataError(f"{e}; pass --overwrite=True to replace the cache") from None
-            old = {}
-        diff = plan_mismatch(old, meta)
-        if old and old.get("text_hash") != texts.text_hash and old.get("fields") == field_list:
-            idx = data.load_cache_file(out, data.CACHE_INDEX)
-            diff.append("texts: " + data.describe_text_mismatch(idx["counts"], idx["text_hashes"], field_list, texts))
-        if diff and not cfg["overwrite"]:
-            raise data.DataError(f"{out} holds a cache of other texts or settings ({'; '.join(diff)}); "
-                                 "pass --overwrite=True to replace it, or choose another --out_dir")
-        state = "new" if diff else ("complete" if old.get("complete") else "resume")
-        if state != "new" and not _embeddings_ok(emb_path, n, encoder.dim):
-            if state == "complete":
-                raise data.DataError(f"{emb_path} is missing or not float16 {(n, encoder.dim)} although meta.json "
-                                     "says complete; pass --overwrite=True to rebuild")
-            state = "new"  # nothing usable to resume
-    barrier()
-    if master and state == "new":
-        shutil.rmtree(progress_dir, ignore_errors=True)
-        if os.path.exists(meta_path):
-            os.remove(meta_path)
-        os.makedirs(progress_dir, exist_ok=True)
-        # a sparse file: untouched rows take no disk and read back as zeros (which verify catches)
-        np.lib.format.open_memmap(emb_path, mode="w+", dtype=np.float16, shape=(n, encoder.dim)).flush()
-        np.savez(os.path.join(out, data.CACHE_INDEX), record_offsets=texts.record_offsets,
-                 counts=texts.counts, text_hashes=texts.text_hashes)
-        common.atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
-    if master:
-        common.save_run_info(out, cfg, __file__, extra={"world_size": world_size})
-    barrier()
 
-    # --- plan: length-sorted order cut into chunks; ranks take the unfinished ones round-robin
-    done = read_progress(progress_dir)
-    chunks = []
-    if state != "complete":
-        shard = -(-n // world_size)  # each rank tokenises a slice; lengths are all-gathered
-        lo, hi, step = min(rank * shard, n), min((rank + 1) * shard, n), 65536  # read in pieces: bounded memory
-        mine = np.concatenate([np.zeros(0, np.int64)] + [
-            text_lengths(encoder, texts.texts[a:min(a + step, hi)], cfg["instruction"], cfg["max_length"])
-            for a in range(lo, hi, step)])
-        if ddp:
-            buf = torch.zeros(shard, dtype=torch.long, device=device)
-            buf[:len(mine)] = torch.from_numpy(mine)
-            parts = [torch.zeros_like(buf) for _ in range(world_size)]
-            dist.all_gather(parts, buf)
-            lengths = torch.cat(parts).cpu().numpy()[:n]
-        else:
-            lengths = mine
-        order = np.argsort(-lengths, kind="stable")
-        chunks = [order[i:i + cfg["chunk_rows"]] for i in range(0, n, cfg["chunk_rows"])]
-        todo = [c for c in range(len(chunks)) if c not in done]
-        skipped = sum(len(chunks[c]) for c in range(len(chunks)) if c in done)
-        if done:
-            log(f"resuming: {len(done)}/{len(chunks)} chunks ({skipped} of {n} rows) already done, skipping them")
-        log(f"{n} texts, {int(lengths.sum())} tokens (mean {lengths.mean():.1f}, max {lengths.max()}); "
-            f"{len(chunks)} chunks of {cfg['chunk_rows']} rows over {world_size} rank(s); batch_tokens "
-            f"{cfg['batch_tokens']}; {len(texts.texts) - skipped} rows to embed; setup {time.time() - t0:.1f}s")
-        my_chunks = todo[rank::world_size]
+def output_state(cfg, out, meta, texts, field_list, dim):
+    """What out_dir holds: "new" (nothing usable), "resume" (this cache, unfinished) or "complete";
+    a cache of other texts or settings is refused unless overwrite (every rank decides the same)."""
+    if not os.path.isfile(os.path.join(out, CACHE_META)):
+        return "new"
+    try:
+        old = read_cache_meta(out)
+    except data.DataError as e:  # a corrupt meta.json: named, and only --overwrite replaces it
+        if not cfg["overwrite"]:
+            raise data.DataError(f"{e}; pass --overwrite=True to replace the cache") from None
+        old = {}
+    diff = plan_mismatch(old, meta)
+    if old and old.get("text_hash") != texts.text_hash and old.get("fields") == field_list:
+        idx = load_cache_file(out, CACHE_INDEX)
+        diff.append("texts: " + describe_text_mismatch(idx["counts"], idx["text_hashes"], field_list, texts))
+    if diff and not cfg["overwrite"]:
+        raise data.DataError(f"{out} holds a cache of other texts or settings ({'; '.join(diff)}); "
+                             "pass --overwrite=True to replace it, or choose another --out_dir")
+    state = "new" if diff else ("complete" if old.get("complete") else "resume")
+    emb_path = os.path.join(out, CACHE_EMBEDDINGS)
+    if state != "new" and not _embeddings_ok(emb_path, len(texts.texts), dim):
+        if state == "complete":
+            raise data.DataError(f"{emb_path} is missing or not float16 {(len(texts.texts), dim)} although meta.json "
+                                 "says complete; pass --overwrite=True to rebuild")
+        state = "new"  # nothing usable to resume
+    return state
+
+
+def start_new_cache(out, meta, texts, dim):
+    """Empty progress, a sparse embeddings.npy (untouched rows take no disk and read back as zeros, which
+    verify catches), the index of record offsets and text hashes, and meta.json (complete=False)."""
+    progress_dir, meta_path = os.path.join(out, "progress"), os.path.join(out, CACHE_META)
+    shutil.rmtree(progress_dir, ignore_errors=True)
+    if os.path.exists(meta_path):
+        os.remove(meta_path)
+    os.makedirs(progress_dir, exist_ok=True)
+    np.lib.format.open_memmap(os.path.join(out, CACHE_EMBEDDINGS), mode="w+", dtype=np.float16,
+                              shape=(len(texts.texts), dim)).flush()
+    np.savez(os.path.join(out, CACHE_INDEX), record_offsets=texts.record_offsets,
+             counts=texts.counts, text_hashes=texts.text_hashes)
+    write_cache_meta(out, meta)
+
+
+def plan_chunks(cfg, encoder, texts, run):
+    """Every text's token count (each rank tokenises a slice; all-gathered), the length-sorted order cut
+    into chunks of chunk_rows -> (lengths, chunks)."""
+    n = len(texts.texts)
+    shard = -(-n // run.world_size)
+    lo, hi, step = min(run.rank * shard, n), min((run.rank + 1) * shard, n), 65536  # read in pieces: bounded memory
+    mine = np.concatenate([np.zeros(0, np.int64)] + [
+        text_lengths(encoder, texts.texts[a:min(a + step, hi)], cfg["instruction"], cfg["max_length"])
+        for a in range(lo, hi, step)])
+    if run.ddp:
+        buf = torch.zeros(shard, dtype=torch.long, device=run.device)
+        buf[:len(mine)] = torch.from_numpy(mine)
+        parts = [torch.zeros_like(buf) for _ in range(run.world_size)]
+        dist.all_gather(parts, buf)
+        lengths = torch.cat(parts).cpu().numpy()[:n]
     else:
-        log(f"{out} already holds the complete cache of these {n} texts; skipped all {n} rows")
-        my_chunks = []
+        lengths = mine
+    order = np.argsort(-lengths, kind="stable")
+    return lengths, [order[i:i + cfg["chunk_rows"]] for i in range(0, n, cfg["chunk_rows"])]
 
-    # --- embed
-    my_rows = sum(len(chunks[c]) for c in my_chunks)
-    stats = torch.zeros(3, dtype=torch.float64)  # texts, tokens, padded tokens
-    encoder.pop_truncation()
+
+def embed_chunks(cfg, encoder, texts, lengths, chunks, my_chunks, out, run):
+    """Embed this rank's chunks, each row pwritten into the shared file, each finished chunk committed.
+    Returns the (texts, tokens, padded tokens) counts."""
+    from tqdm import tqdm
+    stats = torch.zeros(3, dtype=torch.float64)
+    if not my_chunks:
+        return stats
+    emb_path = os.path.join(out, CACHE_EMBEDDINGS)
+    fd = os.open(emb_path, os.O_RDWR)
+    offset = np.load(emb_path, mmap_mode="r").offset  # .npy header size
+    row_bytes = encoder.dim * 2
+    progress_path = os.path.join(out, "progress", f"rank{run.rank:05d}.txt")
+    bar = tqdm(total=sum(len(chunks[c]) for c in my_chunks), unit="text", disable=not run.master,
+               desc=f"embed (rank 0 of {run.world_size})")
     t_start = time.time()
-    if my_chunks:
-        from tqdm import tqdm
-        fd = os.open(emb_path, os.O_RDWR)
-        offset = np.load(emb_path, mmap_mode="r").offset  # .npy header size
-        row_bytes = encoder.dim * 2
-        progress_path = os.path.join(progress_dir, f"rank{rank:05d}.txt")
-        bar = tqdm(total=my_rows, unit="text", disable=not master, desc=f"embed (rank 0 of {world_size})")
-        for c in my_chunks:
-            batches = [chunks[c][b] for b in token_budget_batches(lengths[chunks[c]], cfg["batch_tokens"])]
-            for idx, emb in encode_batches(encoder, texts.texts, batches, cfg["instruction"], cfg["max_length"]):
-                rows16 = emb.numpy().astype(np.float16)
-                for i, r in enumerate(idx.tolist()):  # pwrite: exact bytes, safe beside other ranks' rows
-                    os.pwrite(fd, rows16[i].tobytes(), offset + r * row_bytes)
-                lens = lengths[idx]
-                stats += torch.tensor([len(idx), lens.sum(), len(idx) * lens.max()], dtype=torch.float64)
-                bar.update(len(idx))
-                bar.set_postfix(tok_s=f"{stats[1].item() / max(time.time() - t_start, 1e-9):.0f}", refresh=False)
-            commit_chunk(fd, progress_path, c)
-        bar.close()
-        os.close(fd)
-    elapsed = torch.tensor([time.time() - t_start], dtype=torch.float64)
+    for c in my_chunks:
+        batches = [chunks[c][b] for b in token_budget_batches(lengths[chunks[c]], cfg["batch_tokens"])]
+        for idx, emb in encode_batches(encoder, texts.texts, batches, cfg["instruction"], cfg["max_length"]):
+            rows16 = emb.numpy().astype(np.float16)
+            for i, r in enumerate(idx.tolist()):  # pwrite: exact bytes, safe beside other ranks' rows
+                os.pwrite(fd, rows16[i].tobytes(), offset + r * row_bytes)
+            lens = lengths[idx]
+            stats += torch.tensor([len(idx), lens.sum(), len(idx) * lens.max()], dtype=torch.float64)
+            bar.update(len(idx))
+            bar.set_postfix(tok_s=f"{stats[1].item() / max(time.time() - t_start, 1e-9):.0f}", refresh=False)
+        commit_chunk(fd, progress_path, c)
+    bar.close()
+    os.close(fd)
+    return stats
+
+
+def log_throughput(stats, elapsed, encoder, cfg, run, log):
+    """Texts, tokens and padding per second over all ranks (the slowest rank's time), and truncation."""
+    elapsed = torch.tensor([elapsed], dtype=torch.float64)
     t = encoder.pop_truncation()
     trunc = torch.tensor([t["texts"], t["truncated"], t["tokens_cut"], t["max_cut"]], dtype=torch.float64)
-    if ddp:  # totals over ranks; the time is the slowest rank's
-        stats, elapsed, trunc = stats.to(device), elapsed.to(device), trunc.to(device)
+    if run.ddp:  # totals over ranks; the time is the slowest rank's
+        stats, elapsed, trunc = stats.to(run.device), elapsed.to(run.device), trunc.to(run.device)
         dist.all_reduce(stats)
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
         dist.all_reduce(trunc[:3])
@@ -410,30 +375,110 @@ def main(argv=None):
         log(common.describe_truncation(dict(zip(("texts", "truncated", "tokens_cut", "max_cut"),
                                                 map(int, trunc.tolist()))), cfg["max_length"]))
 
+
+def verify_ranks(cfg, out, n, run, log):
+    """Ranks scan a slice of the rows each; rank 0 also re-hashes the manifest. -> every problem found."""
+    share = -(-n // run.world_size)
+    mine = verify_cache(out, cfg["manifest"] if run.master else None,
+                        row_range=(min(run.rank * share, n), min((run.rank + 1) * share, n)))
+    problems = list(dict.fromkeys(p for part in common.per_rank(mine, run.ddp, run.world_size) for p in part))
+    log("verify: ok (texts unchanged, every row written and finite)" if not problems else
+        "\n".join(f"verify: PROBLEM: {p}" for p in problems))
+    return problems
+
+
+def main(argv=None):
+    cfg = common.configure({k: globals()[k] for k in config_keys}, argv, __doc__)
+    check_config(cfg)
+    field_list = [f.strip() for f in cfg["fields"].split(",") if f.strip()]
+    out = cfg["out_dir"]
+    progress_dir = os.path.join(out, "progress")
+
+    # --- distributed; one writer per cache dir (verify_only only reads); a killed run's temp files go
+    ddp, rank, local_rank, world_size, device = common.setup_distributed()
+    run = types.SimpleNamespace(ddp=ddp, rank=rank, world_size=world_size, device=device, master=rank == 0)
+    stale = common.lock_out_dir(out) if run.master and not cfg["verify_only"] else []
+    log = common.Logger(out, "embed", run.master)
+    if stale:
+        log(f"removed {len(stale)} temp file(s) of a killed run: {', '.join(stale)}")
+
+    def barrier():
+        if ddp:
+            dist.barrier()
+
+    def finish(problems):  # every rank exits with rank 0's verdict
+        flag = torch.tensor([len(problems)], device=device)
+        if ddp:
+            dist.broadcast(flag, 0)
+        if run.master:
+            common.unlock_out_dir(out)
+        common.cleanup_distributed(ddp)
+        if flag.item():
+            raise SystemExit(1)
+
+    if cfg["verify_only"]:
+        problems = verify_cache(out, cfg["manifest"]) if run.master else []
+        for p in problems:
+            log("verify: PROBLEM:", p)
+        log("verify: ok" if not problems else f"verify: {len(problems)} problem(s)")
+        return finish(problems)
+
+    # --- texts, in cache row order: counts and hashes only; each text is re-read from the manifest when
+    # its chunk is embedded (a rank holds the texts of one chunk, not of the whole manifest)
+    t0 = time.time()
+    texts = cache_texts(cfg["manifest"], field_list, lazy=True)
+    n = len(texts.texts)
+    if n == 0:
+        raise data.DataError(f"{cfg['manifest']}: no texts in fields {field_list}")
+    log(f"{cfg['manifest']}: {len(texts.counts)} records, {n} texts in fields {field_list} "
+        f"(per field: {dict(zip(field_list, texts.counts.sum(0).tolist()))})")
+
+    # --- model, then the output: new, resume, already complete, or refuse a mismatch
+    encoder, enc = load_encoder(cfg, device, log)
+    state = output_state(cfg, out, build_meta(cfg, enc, texts, complete=False), texts, field_list, encoder.dim)
+    barrier()
+    if run.master and state == "new":
+        start_new_cache(out, build_meta(cfg, enc, texts, complete=False), texts, encoder.dim)
+    if run.master:
+        common.save_run_info(out, cfg, __file__, extra={"world_size": world_size})
+    barrier()
+
+    # --- plan: length-sorted order cut into chunks; ranks take the unfinished ones round-robin
+    done, chunks, lengths, my_chunks = read_progress(progress_dir), [], None, []
+    if state != "complete":
+        lengths, chunks = plan_chunks(cfg, encoder, texts, run)
+        todo = [c for c in range(len(chunks)) if c not in done]
+        skipped = sum(len(chunks[c]) for c in range(len(chunks)) if c in done)
+        if done:
+            log(f"resuming: {len(done)}/{len(chunks)} chunks ({skipped} of {n} rows) already done, skipping them")
+        log(f"{n} texts, {int(lengths.sum())} tokens (mean {lengths.mean():.1f}, max {lengths.max()}); "
+            f"{len(chunks)} chunks of {cfg['chunk_rows']} rows over {world_size} rank(s); batch_tokens "
+            f"{cfg['batch_tokens']}; {len(texts.texts) - skipped} rows to embed; setup {time.time() - t0:.1f}s")
+        my_chunks = todo[rank::world_size]
+    else:
+        log(f"{out} already holds the complete cache of these {n} texts; skipped all {n} rows")
+
+    # --- embed
+    encoder.pop_truncation()
+    t_start = time.time()
+    stats = embed_chunks(cfg, encoder, texts, lengths, chunks, my_chunks, out, run)
+    log_throughput(stats, time.time() - t_start, encoder, cfg, run, log)
+
     # --- finish: rank 0 marks the cache complete once every chunk of every rank is on disk
     barrier()
     problems = []
-    if master and state != "complete":
+    if run.master and state != "complete":
         missing = len(chunks) - len(read_progress(progress_dir) & set(range(len(chunks))))
         if missing:
             problems.append(f"{missing} chunks are not finished")
         else:
-            common.atomic_write_text(meta_path, json.dumps(build_meta(cfg, enc, texts, True), indent=2) + "\n")
+            write_cache_meta(out, build_meta(cfg, enc, texts, True))
             log(f"cache complete: {out} ({n} x {encoder.dim} float16)")
     barrier()
-    if cfg["verify"]:  # ranks scan a slice of the rows each; rank 0 also re-hashes the manifest
-        share = -(-n // world_size)
-        mine = data.verify_cache(out, cfg["manifest"] if master else None,
-                                 row_range=(min(rank * share, n), min((rank + 1) * share, n)))
-        gathered = [None] * world_size
-        if ddp:
-            dist.all_gather_object(gathered, mine)
-        else:
-            gathered = [mine]
-        problems += [p for part in gathered for p in part if p not in problems]
-        log("verify: ok (texts unchanged, every row written and finite)" if not problems else
-            "\n".join(f"verify: PROBLEM: {p}" for p in problems))
+    if cfg["verify"]:
+        problems += [p for p in verify_ranks(cfg, out, n, run, log) if p not in problems]
     finish(problems)
+
 
 if __name__ == "__main__":
     main()

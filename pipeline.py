@@ -61,8 +61,7 @@ def main(argv=None):
     corpus = []
     for _, rec in data.read_jsonl(p("data", "train.jsonl")):
         corpus += rec["captions"] + rec["long_captions"]
-    build_tiny_text_model(p("text_model"), cfg["arch"], texts=corpus, vocab_size=400, seed=cfg["seed"],
-                          hidden_size=64, num_layers=2, intermediate_size=128, lm_head=cfg["stage1_ablations"])
+    pipeline_text_model(p("text_model"), corpus, cfg["arch"], cfg["seed"])
     done("tiny text model", t)
     if cfg["stage1_ablations"]:
         return ablate_stage1(cfg, p)
@@ -78,12 +77,13 @@ def main(argv=None):
     print(f"stage 1: {t_cut['truncated']} of {t_cut['texts']} training texts truncated", flush=True)
     done("stage 1 (cc_finetune)", t)
 
-    # --- 4. the offline cache, for the train and val manifests
+    # --- 4. the offline cache, for the train and val manifests; a cache left by an earlier run came from the
+    # stage 1 just replaced (its encoder.json records another code version), so it is rebuilt, not refused
     import embed_captions
     t = time.time()
     for split in ("train", "val"):
         embed_captions.main([f"--text_model={p('cc')}", f"--manifest={p('data', split + '.jsonl')}",
-                             f"--out_dir={p('cache_' + split)}", "--max_length=64"])
+                             f"--out_dir={p('cache_' + split)}", "--max_length=64", "--overwrite=True"])
     done("embed_captions", t)
 
     # --- 5. stage 2: the untrained model (step 0) and the post-trained one
@@ -270,6 +270,14 @@ def build_tiny_text_model(out_dir, arch="llama", texts=None, vocab_size=512, see
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def pipeline_text_model(path, texts, arch="llama", seed=0):
+    """The pipeline's stage-1 starting point: a random 2-layer width-64 `arch` model with a tokenizer trained on
+    `texts`. A decoder is saved with its LM head, so `cc_finetune.py --objective=mntp` runs on it as well; AutoModel
+    loads the same base weights from it as from a headless save (the head is built last), so no other stage changes."""
+    return build_tiny_text_model(path, arch, texts=texts, vocab_size=400, seed=seed, hidden_size=64, num_layers=2,
+                                 intermediate_size=128, lm_head=arch != "bert")
 
 
 def build_tiny_clip(out_dir, texts=None, projection_dim=64, kind="clip", vocab_size=400, seed=0, hidden_size=32):

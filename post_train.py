@@ -11,23 +11,24 @@ not fit one forward pass).
 
 Outputs in out_dir: checkpoints/step_*.pt (exact resume with resume=True), vision_tower.pt (timm state
 dict), adaptor.pt, llm2clip.json (read by model.load_llm2clip), metrics.jsonl, post_train.log,
-run_post_train.json (config + code version). The training index (data.build_train_index: built on first
+run_post_train.json (config + code version). The training index (data_index.build_train_index: built on first
 use, then reused) lives beside the cache, or in out_dir/train_index, or where --train_index says.
 """
-import contextlib
 import json
 import math
 import os
 import time
+import types
 
 import torch
 import torch.distributed as dist
 
 import common
-import data
-import evaluate
+import data_index
+import loss as L
 import model as M
 import zoo
+from metrics import retrieval_metrics
 
 # -----------------------------------------------------------------------------
 # default config (override with config/*.py files and --key=value)
@@ -37,7 +38,7 @@ train_manifest = ""  # JSONL: {"image": rel/path, "captions": [...], "long_capti
 image_root = ""  # folder the manifest's image paths are relative to ("" = the manifest's folder)
 train_shards = ""  # instead of a manifest: WebDataset tar shards, "dir/{00000..00099}.tar" or globs
 cache_dir = ""  # embed_captions.py output for the training records (same records, same order)
-train_index = ""  # training index folder (data.build_train_index): "" = beside the cache, else in out_dir
+train_index = ""  # training index folder (data_index.build_train_index): "" = beside the cache, else in out_dir
 val_manifest = ""  # held-out manifest for the periodic retrieval eval ("" = no eval)
 val_image_root = ""  # "" = the val manifest's folder
 val_cache_dir = ""  # cache of the val captions; "" = embed them once at start with the frozen LLM
@@ -120,80 +121,13 @@ def get_lr(it, cfg):
     return cfg["min_lr"] + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg["learning_rate"] - cfg["min_lr"])
 
 
-def param_groups(orig_model, cfg):
-    """AdamW groups: layer-wise lr decay over the ViT (timm's block grouping), no weight decay on 1-d
-    params (biases, norms), embeddings timm lists in no_weight_decay(), and the logit scale."""
-    from timm.optim import param_groups_layer_decay
-    vit = orig_model.vision.model
-    nwd = set(getattr(vit, "no_weight_decay", lambda: set())())
-    groups = param_groups_layer_decay(vit, cfg["weight_decay"], nwd, layer_decay=cfg["layer_decay"])
-    heads = [p for m in (orig_model.adaptor, orig_model.cat_head, orig_model.clip_text) if m is not None
-             for p in m.parameters() if p.requires_grad]  # CLIP-T: when clip_text_trainable
-    groups.append({"params": [p for p in heads if p.ndim >= 2], "weight_decay": cfg["weight_decay"], "lr_scale": 1.0})
-    groups.append({"params": [p for p in heads if p.ndim < 2], "weight_decay": 0.0, "lr_scale": 1.0})
-    # the logit scale: its own lr (logit_scale_lr) through lr_scale, so it follows the same schedule
-    lr = cfg.get("learning_rate")
-    groups.append({"params": [orig_model.logit_scale], "weight_decay": 0.0,
-                   "lr_scale": (cfg.get("logit_scale_lr") or lr) / lr if lr else 1.0})
-    if orig_model.text_encoder is not None:  # the LLM's LoRA (text_lora_r > 0), at its own lr
-        lora = [p for p in orig_model.text_encoder.parameters() if p.requires_grad]
-        groups.append({"params": lora, "weight_decay": 0.0, "lr_scale": cfg["text_lora_lr"] / cfg["learning_rate"]})
-    return [g for g in groups if g["params"]]
-
-
-def optimizer_step(orig_model, optimizer, cfg):
-    """Clip the gradient norm, step, zero the gradients, clamp the logit scale to max_logit_scale (CLIP)."""
-    if cfg["grad_clip"] > 0:
-        torch.nn.utils.clip_grad_norm_(orig_model.parameters(), cfg["grad_clip"])
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    with torch.no_grad():
-        orig_model.logit_scale.clamp_(max=cfg["max_logit_scale"])
-
-
-def save_checkpoint(path, state):
-    """Atomic write (temp + rename) with a sha256 sidecar: a run killed mid-save leaves the previous
-    checkpoint intact, and a corrupt one is caught at resume (common.load_newest_checkpoint)."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    common.save_checkpoint(state, path)
-
-
-def checkpoint(out_dir, orig_model, optimizer, step, cfg, bad_images, world_size, master, ddp, keep, data_id):
-    """Save everything an exact resume needs (plain types only), on rank 0; prune old ones; barrier."""
-    rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-    per_rank = [None] * world_size
-    if ddp:
-        dist.all_gather_object(per_rank, (rng, bad_images))
-    else:
-        per_rank = [(rng, bad_images)]
-    path = os.path.join(out_dir, "checkpoints", f"step_{step:08d}.pt")
-    if master:
-        save_checkpoint(path, {
-            "model": orig_model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-            "config": common.jsonable(cfg), "world_size": world_size,
-            "rng": {"torch": [r["torch"] for r, _ in per_rank], "cuda": [r["cuda"] for r, _ in per_rank]},
-            "bad_images": [list(b) for _, b in per_rank],  # per rank
-            "data": data_id, "code_version": common.code_version()})
-        for old in common.checkpoint_paths(out_dir)[:-keep] if keep > 0 else []:
-            common.remove_checkpoint(old)
-    if ddp:
-        dist.barrier()
-    return path
-
-
-def write_metrics(out_dir, rec):
-    with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(rec) + "\n")
-
-
-def main(argv=None):
-    # -------------------------------------------------------------------------
-    # config, distributed init, run record
-    cfg = common.configure({k: globals()[k] for k in config_keys}, argv, __doc__)
+def check_config(cfg):
+    """Every value and every relation between keys, before any data or model is read."""
     pos = (lambda v: v > 0, "a positive integer")
-    common.check_config(cfg, {  # before any data or model is read
+    common.check_config(cfg, {
         "text_source": (lambda v: v in ("cache", "online"), "'cache' or 'online'"),
         "dtype": (lambda v: v in ("float32", "bfloat16", "float16"), "'float32', 'bfloat16' or 'float16'"),
+        "losses": (lambda v: v in L.LOSS_TERMS, "one of " + ", ".join(L.LOSS_TERMS)),
         "batch_size": pos, "max_steps": (lambda v: v >= 0, "an integer >= 0"), "save_interval": pos,
         "log_interval": pos, "eval_interval": pos, "eval_batch_size": pos,
         "micro_batch_size": (lambda v: v >= 0, "an integer >= 0 (0 = the whole per-rank batch)"),
@@ -208,19 +142,279 @@ def main(argv=None):
         raise ValueError(f"adaptor={cfg['adaptor']!r}, text_lora_r={cfg['text_lora_r']} need text_source='online': "
                          "a cache holds one pooled embedding per caption, not the token states a transformer adaptor "
                          "reads (T x d values: 4 MiB per caption at 4096-d x 512 tokens in fp16) nor a trainable LLM")
-    uses_llm = cfg["losses"] != "direct"  # direct: the LLM side is off (plain CLIP fine-tuning)
     if bool(cfg["train_manifest"]) == bool(cfg["train_shards"]):
         raise ValueError("set exactly one of train_manifest (JSONL + image_root) and train_shards (tar shards)")
+
+
+# -----------------------------------------------------------------------------
+# The model: the vision tower, and the text side each ablation trains (Tables 10, 11)
+
+def load_llm(cfg, text_cfg, device, log):
+    """The LLM when it runs in the loop (text_source="online", Table 11) -> (frozen LLM or None, LLM with
+    trainable LoRA or None); (None, None) with the cache (the paper's offline trick)."""
+    if text_cfg is None or cfg["text_source"] != "online":
+        return None, None
+    r = cfg["text_lora_r"]
+    enc = zoo.load_text_model(text_cfg, device, lora=dict(r=r, alpha=2 * r) if r > 0 else None)
+    text_cfg.update(bidirectional=enc.settings["bidirectional"], pooling=enc.pooling,
+                    chat_template=enc.chat_template)  # resolved: recorded in llm2clip.json
+    log(common.describe_text_encoder(enc, text_cfg) + f", instruction={text_cfg['instruction']!r}, "
+        f"max_length={text_cfg['max_length']}")
+    if r == 0:
+        return enc.eval().requires_grad_(False), None
+    if cfg["gradient_checkpointing"]:
+        enc.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return None, enc
+
+
+def build_model(cfg, text_dim, lora_llm, device, log):
+    """LLM2CLIP with the sides `losses` trains: the LLM (through the adaptor), CLIP-T (`clip_text`:
+    transformers' CLIP/SigLIP text towers, or open_clip:NAME/PRETRAINED), or both through the Cat head."""
+    vision = M.VisionTower(cfg["vision_model"], pretrained=cfg["pretrained"], weights=cfg["vision_weights"] or None,
+                           embed_dim=None if cfg["embed_dim"] < 0 else cfg["embed_dim"],
+                           gradient_checkpointing=cfg["gradient_checkpointing"], timm_kwargs=cfg["timm_kwargs"])
+    clip_text = None
+    if cfg["clip_text"]:
+        clip_text = zoo.load_open_clip_text(cfg["clip_text"]).requires_grad_(cfg["clip_text_trainable"])
+    net = M.LLM2CLIP(vision, text_dim, cfg["adaptor_blocks"], cfg["adaptor_expansion"], cfg["logit_scale_init"],
+                     text_sides=L.text_sides(cfg["losses"]), clip_text=clip_text, adaptor=cfg["adaptor"],
+                     text_encoder=lora_llm).to(device)
+    log(f"vision {cfg['vision_model']}: {sum(p.numel() for p in vision.parameters()) / 1e6:.2f}M params, input "
+        f"{vision.data_config['input_size']}, output dim {vision.output_dim}; "
+        + (f"{cfg['adaptor']} adaptor {text_dim} -> {vision.output_dim}, {cfg['adaptor_blocks']} blocks, "
+           f"{sum(p.numel() for p in net.adaptor.parameters()) / 1e6:.2f}M params" if net.adaptor is not None
+           else "no LLM side") + f"; logit scale starts at x{math.exp(cfg['logit_scale_init']):.1f} "
+        f"(logit_scale_init), lr {cfg['logit_scale_lr'] or cfg['learning_rate']:.3g}, "
+        f"clamped at x{math.exp(cfg['max_logit_scale']):.1f}")
+    return net
+
+
+def text_inputs(model, texts, embeddings=None, frozen_llm=None, instruction=None, max_length=512, device=None):
+    """An LLM2CLIP's text input for a batch of captions, as the variant needs it:
+    "llm": the cached embeddings (B, C), or the frozen LLM's pooled embedding or token states (B, T, C) +
+    "llm_mask" (transformer adaptor); "llm_ids", ...: tokens when the LLM trains (LoRA, model.text_encoder);
+    "clip_ids", "clip_mask": CLIP-T tokens (77, truncated). Run it under the step's autocast."""
+    text = {}
+    if model.adaptor is not None:
+        llm = model.text_encoder if model.text_encoder is not None else frozen_llm
+        if llm is None:
+            text["llm"] = embeddings
+        else:
+            tok = llm.tokenize(texts, instruction, max_length)
+            if model.text_encoder is not None:  # runs inside the model, with gradient
+                text.update(llm_ids=tok["input_ids"], llm_attention_mask=tok["attention_mask"],
+                            llm_embed_mask=tok["embed_mask"])
+            else:
+                with torch.no_grad():
+                    out = llm(**{k: v.to(llm.device) for k, v in tok.items()},
+                              pool=not getattr(model.adaptor, "takes_tokens", False))
+                text.update({"llm": out.float()} if torch.is_tensor(out)  # pooled (B, C) | token states + mask
+                            else {"llm": out[0].float(), "llm_mask": out[1]})
+    if model.clip_text is not None:
+        text.update(model.clip_text.tokenize(texts))
+    return {k: v.to(device, non_blocking=True) for k, v in text.items()}
+
+
+def split_batch(text, micro):
+    """A batch's text input (a tensor or a dict of tensors, as text_inputs gives) -> chunks of `micro` along dim 0."""
+    if torch.is_tensor(text):
+        return list(text.split(micro))
+    parts = {k: v.split(micro) for k, v in text.items()}
+    return [{k: parts[k][j] for k in parts} for j in range(len(next(iter(parts.values()))))]
+
+
+# -----------------------------------------------------------------------------
+# Optimisation
+
+def param_groups(orig_model, cfg):
+    """AdamW groups: layer-wise lr decay over the ViT (timm's block grouping), no weight decay on 1-d
+    params (biases, norms), embeddings timm lists in no_weight_decay(), and the logit scale."""
+    from timm.optim import param_groups_layer_decay
+    vit = orig_model.vision.model
+    nwd = set(getattr(vit, "no_weight_decay", lambda: set())())
+    groups = param_groups_layer_decay(vit, cfg["weight_decay"], nwd, layer_decay=cfg["layer_decay"])
+    heads = [p for m in (orig_model.adaptor, orig_model.cat_head, orig_model.clip_text) if m is not None
+             for p in m.parameters() if p.requires_grad]  # CLIP-T: when clip_text_trainable
+    groups.append({"params": [p for p in heads if p.ndim >= 2], "weight_decay": cfg["weight_decay"], "lr_scale": 1.0})
+    groups.append({"params": [p for p in heads if p.ndim < 2], "weight_decay": 0.0, "lr_scale": 1.0})
+    # the logit scale: its own lr (logit_scale_lr) through lr_scale, so it follows the same schedule
+    lr = cfg["learning_rate"]
+    groups.append({"params": [orig_model.logit_scale], "weight_decay": 0.0,
+                   "lr_scale": (cfg["logit_scale_lr"] or lr) / lr if lr else 1.0})
+    if orig_model.text_encoder is not None:  # the LLM's LoRA (text_lora_r > 0), at its own lr
+        lora = [p for p in orig_model.text_encoder.parameters() if p.requires_grad]
+        groups.append({"params": lora, "weight_decay": 0.0, "lr_scale": cfg["text_lora_lr"] / lr if lr else 1.0})
+    return [g for g in groups if g["params"]]
+
+
+def optimizer_step(orig_model, optimizer, cfg):
+    """Clip the gradient norm, step, zero the gradients, clamp the logit scale to max_logit_scale (CLIP)."""
+    if cfg["grad_clip"] > 0:
+        torch.nn.utils.clip_grad_norm_(orig_model.parameters(), cfg["grad_clip"])
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        orig_model.logit_scale.clamp_(max=cfg["max_logit_scale"])
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: what trains, the optimizer, each rank's RNG and skipped images; the step is the data position
+
+def save(ckpts, run, step, bad_images):
+    """Everything an exact resume needs (plain types only), written by rank 0; every rank waits for it."""
+    ranks = common.per_rank((common.rng_state(), bad_images), run.ddp, run.world_size)
+    path = None
+    if run.master:
+        path = ckpts.save(step, {
+            "model": common.trainable_state(run.orig_model), "optimizer": run.optimizer.state_dict(),
+            "config": common.jsonable(run.cfg), "world_size": run.world_size, "data": run.data_id,
+            "rng": {"torch": [r["torch"] for r, _ in ranks], "cuda": [r["cuda"] for r, _ in ranks]},
+            "bad_images": [list(b) for _, b in ranks]})
+    if run.ddp:
+        dist.barrier()
+    return path
+
+
+def resume_from(ckpts, run, log):
+    """(step, bad images, checkpoint path) from the newest good checkpoint, under the resume rules."""
+    path, ck = ckpts.newest()
+    if ck is None:
+        log(f"resume=True but no checkpoint in {run.cfg['out_dir']}/checkpoints: starting from scratch")
+        return 0, [], None
+    common.check_resume(path, ck, run.cfg, RESUME_FREE_KEYS, run.data_id)
+    common.load_trainable_state(run.orig_model, ck["model"], path)
+    run.optimizer.load_state_dict(ck["optimizer"])
+    rank = run.rank
+    if ck["world_size"] == run.world_size:
+        bad = list(ck["bad_images"][rank])
+        common.set_rng_state({"torch": ck["rng"]["torch"][rank], "cuda": ck["rng"]["cuda"][rank]})
+    else:
+        bad = [b for part in ck["bad_images"] for b in part] if run.master else []
+        log(f"note: checkpoint from {ck['world_size']} ranks, now {run.world_size}: data order is kept, "
+            "per-rank RNG streams are reseeded")
+    log(f"resumed from {path} at step {ck['step']}")
+    return ck["step"], bad, path
+
+
+# -----------------------------------------------------------------------------
+# Held-out retrieval, every text side of the variant
+
+def evaluate_sides(run, val, at_step, log):
+    """Retrieval with each text side ("eval": the first; "eval_<name>": every one) -> the first's metrics."""
+    v_records, v_texts, v_emb, t2i = val
+    net, bs = run.orig_model, run.cfg["eval_batch_size"]
+    img = zoo.embed_images(net, v_records, net.vision.data_config, run.device, bs, run.autocast)
+    feats = {}
+    net.eval()
+    with torch.no_grad():
+        for s in range(0, len(v_texts), bs):
+            with run.autocast:
+                text = text_inputs(net, v_texts[s:s + bs], None if v_emb is None else v_emb[s:s + bs],
+                                   run.frozen_llm, *run.llm_args, device=run.device)
+                for name, f in net.text_features(text).items():
+                    feats.setdefault(name, []).append(f.float())
+    net.train()
+    rec = {"step": at_step}
+    for name in net.text_names:
+        metrics = retrieval_metrics(img, torch.cat(feats[name]), t2i)
+        metrics["chance_R@1"] = 100 / len(v_records)
+        log(f"eval step {at_step} ({len(v_records)} images, text side {name}): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+        rec.setdefault("eval", metrics)
+        rec[f"eval_{name}"] = metrics
+    write_metrics(run.cfg["out_dir"], rec)
+    return rec["eval"]
+
+
+def write_metrics(out_dir, rec):
+    with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+# -----------------------------------------------------------------------------
+
+def train(run, loader, ckpts, step, bad_images, last_ckpt, val, log):
+    """The training loop from `step` to max_steps: the loss, logging, checkpoints and evals."""
+    cfg, net, model = run.cfg, run.orig_model, run.model
+    terms = L.LOSS_TERMS[cfg["losses"]]
+    flops_per_image = 3 * common.vit_flops(net.vision.model)  # training: forward + backward
+    log(f"training steps {step} -> {cfg['max_steps']}, ~{flops_per_image / 1e9:.2f} GFLOPs per image")
+    t_interval, wait_interval, loss_interval, n_interval = time.time(), 0.0, torch.zeros((), device=run.device), 0
+    pbar = None
+    if run.master:
+        from tqdm import tqdm
+        pbar = tqdm(total=cfg["max_steps"], initial=step, desc="post_train", unit="step", dynamic_ncols=True,
+                    disable=None)
+    if step == 0 and val is not None:
+        evaluate_sides(run, val, 0, log)  # the starting point, so the log shows what training changed
+    batches = iter(loader)
+    while step < cfg["max_steps"]:
+        t0 = time.time()
+        batch = next(batches)
+        wait_interval += time.time() - t0
+        images = batch["image"].to(run.device, non_blocking=True)
+        with run.autocast:
+            text = text_inputs(net, batch["text"], batch["embedding"], run.frozen_llm, *run.llm_args, device=run.device)
+        bad_images += batch["bad"]
+        lr = get_lr(step, cfg)
+        for g in run.optimizer.param_groups:
+            g["lr"] = lr * g.get("lr_scale", 1.0)
+
+        # the loss: CLIP's over the global batch for each pair of sides; chunks of `micro` when a rank's
+        # share does not fit one forward pass (gradient caching: the full batch's negatives, one chunk's memory)
+        chunks = list(zip(images.split(run.micro), split_batch(text, run.micro)))
+        loss = L.grad_cache_step(lambda c: model(*c), [chunks], lambda out: L.multi_clip_loss(out, terms),
+                                 no_sync=model.no_sync if run.ddp else None, autocast=run.autocast)
+        if run.ddp:
+            dist.all_reduce(loss, op=dist.ReduceOp.AVG)  # every rank sees the same value: stop together
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}; last good checkpoint: "
+                                     f"{last_ckpt or 'none (no checkpoint saved yet)'}")
+        optimizer_step(net, run.optimizer, cfg)
+        step += 1
+        loss_interval += loss
+        n_interval += 1
+        if pbar is not None:
+            pbar.update(1)
+
+        if step % cfg["log_interval"] == 0 or step == cfg["max_steps"]:
+            if str(run.device).startswith("cuda"):
+                torch.cuda.synchronize()
+            dt = time.time() - t_interval
+            rec = {"step": step, "loss": (loss_interval / n_interval).item(), "lr": lr,
+                   "logit_scale": net.logit_scale.exp().item(), "samples_per_s": n_interval * cfg["batch_size"] / dt,
+                   "ms_per_step": 1000 * dt / n_interval, "data_wait": wait_interval / dt}
+            line = (f"step {step}: loss {rec['loss']:.4f}, lr {lr:.3g}, logit scale {rec['logit_scale']:.2f}, "
+                    f"{rec['samples_per_s']:.1f} samples/s, {rec['ms_per_step']:.1f} ms/step, data wait {100 * rec['data_wait']:.0f}%")
+            if str(run.device).startswith("cuda"):
+                rec["mfu"] = flops_per_image * rec["samples_per_s"] / (run.world_size * cfg["peak_flops"])
+                line += f", MFU {100 * rec['mfu']:.1f}%"
+            log(line)
+            if run.master:
+                write_metrics(cfg["out_dir"], rec)
+            t_interval, wait_interval, loss_interval, n_interval = time.time(), 0.0, torch.zeros((), device=run.device), 0
+
+        if step % cfg["save_interval"] == 0 or step == cfg["max_steps"]:
+            last_ckpt = save(ckpts, run, step, bad_images)
+        if val is not None and (step % cfg["eval_interval"] == 0 or step == cfg["max_steps"]):
+            evaluate_sides(run, val, step, log)
+    if pbar is not None:
+        pbar.close()
+    return step, bad_images
+
+
+def main(argv=None):
+    # --- config, distributed init, run record
+    cfg = common.configure({k: globals()[k] for k in config_keys}, argv, __doc__)
+    check_config(cfg)
+    uses_llm = cfg["losses"] != "direct"  # direct: the LLM side is off (plain CLIP fine-tuning)
     ddp, rank, local_rank, world_size, device = common.setup_distributed()
     master = rank == 0
-    device_type = "cuda" if str(device).startswith("cuda") else "cpu"
     if cfg["batch_size"] % world_size:
         raise ValueError(f"batch_size={cfg['batch_size']} is not divisible by the {world_size} ranks")
     local_batch = cfg["batch_size"] // world_size
     micro = cfg["micro_batch_size"] if 0 < cfg["micro_batch_size"] < local_batch else local_batch
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg["dtype"]]
-    autocast = (torch.autocast(device_type="cuda", dtype=ptdtype) if device_type == "cuda" and ptdtype != torch.float32
-                else contextlib.nullcontext())
+    _, autocast = common.resolve_dtype(cfg["dtype"], device)
     out = cfg["out_dir"]
     stale = common.lock_out_dir(out) if master else []  # one run per out_dir; a killed run's temp files go
     log = common.Logger(out, "post_train", master)
@@ -229,205 +423,51 @@ def main(argv=None):
     if stale:
         log(f"removed {len(stale)} temp file(s) of a killed run: {', '.join(stale)}")
     log(f"world size {world_size}, global batch {cfg['batch_size']} = {world_size} ranks x {local_batch}"
-        f" ({local_batch // micro if local_batch % micro == 0 else math.ceil(local_batch / micro)} forward chunks of {micro})")
+        f" ({math.ceil(local_batch / micro)} forward chunks of {micro})")
 
-    # -------------------------------------------------------------------------
-    # data: the training index (built once, memory-mapped), the cache checked against it
-    index, cache = data.train_data(cfg, rank, world_size, log, uses_llm)
+    # --- data: the training index (built once, memory-mapped), the cache checked against it
+    index, cache = data_index.train_data(cfg, rank, world_size, log, uses_llm)
     text_cfg = zoo.text_settings(cfg, cache) if uses_llm else None
-    data_id = data.data_identity(index, cache, data.expand_shards(cfg["train_shards"]) if cfg["train_shards"] else ())
-    llm_args = (text_cfg["instruction"], text_cfg["max_length"]) if uses_llm else (None, 512)
+    data_id = data_index.data_identity(index, cache, data_index.expand_shards(cfg["train_shards"])
+                                       if cfg["train_shards"] else ())
     log(f"{len(index)} training records, {len(index) // cfg['batch_size']} steps per epoch; losses "
-        f"{cfg['losses']}: " + " + ".join(f"CL({a}, {b})" for a, b in M.LOSS_TERMS[cfg["losses"]])
+        f"{cfg['losses']}: " + " + ".join(f"CL({a}, {b})" for a, b in L.LOSS_TERMS[cfg["losses"]])
         + (f"; LLM: {text_cfg['model']} ({cfg['text_source']})" if uses_llm else "")
         + (f"; CLIP-T: {cfg['clip_text']}" if cfg["clip_text"] else ""))
 
-    # -------------------------------------------------------------------------
-    # model: same init on every rank (seed), then per-rank seeds for dropout/drop-path
+    # --- model: same init on every rank (seed), then per-rank seeds for dropout/drop-path
     torch.manual_seed(cfg["seed"])
-    vision = M.VisionTower(cfg["vision_model"], pretrained=cfg["pretrained"], weights=cfg["vision_weights"] or None,
-                           embed_dim=None if cfg["embed_dim"] < 0 else cfg["embed_dim"],
-                           gradient_checkpointing=cfg["gradient_checkpointing"], timm_kwargs=cfg["timm_kwargs"])
-    data_config = vision.data_config  # the model's own preprocessing: size, interpolation, mean/std
-    text_dim = cache.dim if cache is not None else None
-    text_encoder = lora_encoder = None  # the frozen LLM (online) | the LLM with trainable LoRA, part of the model
-    if uses_llm and cfg["text_source"] == "online":
-        r = cfg["text_lora_r"]
-        enc = zoo.load_text_model(text_cfg, device, lora=dict(r=r, alpha=2 * r) if r > 0 else None)
-        text_dim = enc.dim
-        text_cfg.update(bidirectional=enc.settings["bidirectional"], pooling=enc.pooling,
-                        chat_template=enc.chat_template)  # resolved: recorded in llm2clip.json
-        log(common.describe_text_encoder(enc, text_cfg) + f", instruction={text_cfg['instruction']!r}, "
-            f"max_length={text_cfg['max_length']}")
-        if r > 0:
-            lora_encoder = enc
-            if cfg["gradient_checkpointing"]:
-                enc.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            text_encoder = enc.eval().requires_grad_(False)
-    clip_text = None
-    if cfg["clip_text"]:
-        # transformers' CLIP/SigLIP text towers, or open_clip:NAME/PRETRAINED (optional package; EVA02-CLIP)
-        clip_text = zoo.load_open_clip_text(cfg["clip_text"]).requires_grad_(cfg["clip_text_trainable"])
-    orig_model = M.LLM2CLIP(vision, text_dim, cfg["adaptor_blocks"], cfg["adaptor_expansion"], cfg["logit_scale_init"],
-                            losses=cfg["losses"], clip_text=clip_text, adaptor=cfg["adaptor"],
-                            text_encoder=lora_encoder).to(device)
+    frozen_llm, lora_llm = load_llm(cfg, text_cfg, device, log)
+    llm = frozen_llm or lora_llm
+    text_dim = llm.dim if llm is not None else (cache.dim if cache is not None else None)
+    orig_model = build_model(cfg, text_dim, lora_llm, device, log)
     torch.manual_seed(cfg["seed"] + rank)
-    n_params = sum(p.numel() for p in vision.parameters())
-    log(f"vision {cfg['vision_model']}: {n_params / 1e6:.2f}M params, input {data_config['input_size']}, "
-        f"output dim {vision.output_dim}; " + (f"{cfg['adaptor']} adaptor {text_dim} -> {vision.output_dim}, "
-        f"{cfg['adaptor_blocks']} blocks, {sum(p.numel() for p in orig_model.adaptor.parameters()) / 1e6:.2f}M params"
-        if uses_llm else "no LLM side") + f"; logit scale starts at x{math.exp(cfg['logit_scale_init']):.1f} "
-        f"(logit_scale_init), lr {cfg['logit_scale_lr'] or cfg['learning_rate']:.3g}, "
-        f"clamped at x{math.exp(cfg['max_logit_scale']):.1f}")
 
-    # -------------------------------------------------------------------------
-    # optimizer, then resume (model, optimizer, step, RNG) from the newest checkpoint
+    # --- optimizer; then resume (what trains, optimizer, step, RNG) from the newest good checkpoint
     optimizer = common.adamw(param_groups(orig_model, cfg), lr=cfg["learning_rate"],  # fused where torch can
                              betas=(cfg["beta1"], cfg["beta2"]), eps=cfg["adam_eps"])
-    step, bad_images = 0, []
-    last_ckpt = None
-    ckpts = common.checkpoint_paths(out) if cfg["resume"] else []
-    if ckpts:
-        last_ckpt, ck = common.load_newest_checkpoint(ckpts, log)  # a corrupt newest one: the one before
-        other_data = data.identity_mismatch(ck.get("data"), data_id)
-        if other_data:  # moved files with the same content are fine: nothing here is a path
-            raise data.DataError(f"{last_ckpt}: checkpoint was trained on other data: " + "; ".join(other_data))
-        differ = {k: (ck["config"].get(k), cfg[k]) for k in cfg
-                  if k not in RESUME_FREE_KEYS and common.jsonable(cfg[k]) != ck["config"].get(k)}
-        if differ:
-            raise ValueError(f"{last_ckpt}: checkpoint was written with a different config; differing keys "
-                             + ", ".join(f"{k} (checkpoint {a!r}, now {b!r})" for k, (a, b) in differ.items()))
-        orig_model.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        step = ck["step"]
-        if ck["world_size"] == world_size:
-            bad_images = list(ck["bad_images"][rank])
-            torch.set_rng_state(ck["rng"]["torch"][rank])
-            if device_type == "cuda" and ck["rng"]["cuda"][rank] is not None:
-                torch.cuda.set_rng_state(ck["rng"]["cuda"][rank])
-        else:
-            bad_images = [b for part in ck["bad_images"] for b in part] if master else []
-            log(f"note: checkpoint from {ck['world_size']} ranks, now {world_size}: data order is kept, "
-                "per-rank RNG streams are reseeded")
-        log(f"resumed from {last_ckpt} at step {step}")
-        del ck
-    elif cfg["resume"]:
-        log(f"resume=True but no checkpoint in {out}/checkpoints: starting from scratch")
-
+    run = types.SimpleNamespace(  # what the loop, checkpoints and evals share
+        cfg=cfg, ddp=ddp, rank=rank, world_size=world_size, master=master, device=device, autocast=autocast,
+        micro=micro, orig_model=orig_model, model=orig_model, optimizer=optimizer, data_id=data_id,
+        frozen_llm=frozen_llm, llm_args=(text_cfg["instruction"], text_cfg["max_length"]) if uses_llm else (None, 512))
+    ckpts = common.Checkpoints(out, cfg["keep_checkpoints"], log)
+    step, bad_images, last_ckpt = resume_from(ckpts, run, log) if cfg["resume"] else (0, [], None)
     model = torch.compile(orig_model) if cfg["compile"] else orig_model
     if ddp:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device_type == "cuda" else None)
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if "cuda" in str(device) else None)
+    run.model = model
 
-    loader = data.train_loader(cfg, index, cache if uses_llm else None, data_config, rank, world_size, step,
-                               pin_memory=device_type == "cuda")
-
-    # -------------------------------------------------------------------------
-    # held-out retrieval eval (unwrapped model, rank 0)
+    # --- the loop, with the held-out eval on rank 0 (unwrapped model)
+    loader = data_index.train_loader(cfg, index, cache if uses_llm else None, orig_model.vision.data_config, rank,
+                                     world_size, step, pin_memory="cuda" in str(device))
     val = None
     if cfg["val_manifest"] and master:
-        pooled_llm = uses_llm and lora_encoder is None and cfg["adaptor"] == "linear"
-        val = zoo.load_val(cfg, text_cfg, text_encoder, device, need_embeddings=pooled_llm)
+        pooled_llm = uses_llm and lora_llm is None and cfg["adaptor"] == "linear"
+        val = zoo.load_val(cfg, text_cfg, frozen_llm, device, need_embeddings=pooled_llm)
+    step, bad_images = train(run, loader, ckpts, step, bad_images, last_ckpt, val, log)
 
-    def run_eval(at_step):
-        """Retrieval with each text side of the variant ("eval": the first; "eval_<name>": every one)."""
-        if val is None:
-            return None
-        v_records, v_texts, v_emb, t2i = val
-        img = zoo.embed_images(orig_model, v_records, data_config, device, cfg["eval_batch_size"], autocast)
-        feats, bs = {}, cfg["eval_batch_size"]
-        orig_model.eval()
-        with torch.no_grad():
-            for s in range(0, len(v_texts), bs):
-                with autocast:
-                    text = M.text_inputs(orig_model, v_texts[s:s + bs], None if v_emb is None else v_emb[s:s + bs],
-                                         text_encoder, *llm_args, device=device)
-                    for name, f in orig_model.text_features(text).items():
-                        feats.setdefault(name, []).append(f.float())
-        orig_model.train()
-        rec = {"step": at_step}
-        for name in orig_model.text_names:
-            metrics = evaluate.retrieval_metrics(img, torch.cat(feats[name]), t2i)
-            metrics["chance_R@1"] = 100 / len(v_records)
-            log(f"eval step {at_step} ({len(v_records)} images, text side {name}): "
-                + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
-            rec.setdefault("eval", metrics)
-            rec[f"eval_{name}"] = metrics
-        write_metrics(out, rec)
-        return rec["eval"]
-
-    # -------------------------------------------------------------------------
-    # training loop
-    flops_per_image = 3 * M.vit_flops(vision.model)  # training: forward + backward
-    log(f"training steps {step} -> {cfg['max_steps']}, ~{flops_per_image / 1e9:.2f} GFLOPs per image")
-    t_interval, wait_interval, loss_interval, n_interval = time.time(), 0.0, torch.zeros((), device=device), 0
-    pbar = None
-    if master:
-        from tqdm import tqdm
-        pbar = tqdm(total=cfg["max_steps"], initial=step, desc="post_train", unit="step", dynamic_ncols=True,
-                    disable=None)
-    if step == 0:
-        run_eval(0)  # the starting point, so the log shows what training changed
-    batches = iter(loader)
-    while step < cfg["max_steps"]:
-        t0 = time.time()
-        batch = next(batches)
-        wait_interval += time.time() - t0
-        images = batch["image"].to(device, non_blocking=True)
-        with autocast:
-            text = M.text_inputs(orig_model, batch["text"], batch["embedding"], text_encoder, *llm_args, device=device)
-        bad_images += batch["bad"]
-        lr = get_lr(step, cfg)
-        for g in optimizer.param_groups:
-            g["lr"] = lr * g.get("lr_scale", 1.0)
-
-        # chunks of `micro`: more than one -> gradient caching (the full batch's negatives, one chunk's memory)
-        chunks = list(zip(images.split(micro), M.split_batch(text, micro)))
-        loss = M.grad_cache_step(lambda c: model(*c), [chunks], orig_model.loss,
-                                 no_sync=model.no_sync if ddp else None, autocast=autocast)
-        if ddp:
-            dist.all_reduce(loss, op=dist.ReduceOp.AVG)  # every rank sees the same value: stop together
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}; last good checkpoint: "
-                                     f"{last_ckpt or 'none (no checkpoint saved yet)'}")
-        optimizer_step(orig_model, optimizer, cfg)
-        step += 1
-        loss_interval += loss
-        n_interval += 1
-        if pbar is not None:
-            pbar.update(1)
-
-        if step % cfg["log_interval"] == 0 or step == cfg["max_steps"]:
-            if device_type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.time() - t_interval
-            rec = {"step": step, "loss": (loss_interval / n_interval).item(), "lr": lr,
-                   "logit_scale": orig_model.logit_scale.exp().item(), "samples_per_s": n_interval * cfg["batch_size"] / dt,
-                   "ms_per_step": 1000 * dt / n_interval, "data_wait": wait_interval / dt}
-            line = (f"step {step}: loss {rec['loss']:.4f}, lr {lr:.3g}, logit scale {rec['logit_scale']:.2f}, "
-                    f"{rec['samples_per_s']:.1f} samples/s, {rec['ms_per_step']:.1f} ms/step, data wait {100 * rec['data_wait']:.0f}%")
-            if device_type == "cuda":
-                rec["mfu"] = flops_per_image * rec["samples_per_s"] / (world_size * cfg["peak_flops"])
-                line += f", MFU {100 * rec['mfu']:.1f}%"
-            log(line)
-            if master:
-                write_metrics(out, rec)
-            t_interval, wait_interval, loss_interval, n_interval = time.time(), 0.0, torch.zeros((), device=device), 0
-
-        if step % cfg["save_interval"] == 0 or step == cfg["max_steps"]:
-            last_ckpt = checkpoint(out, orig_model, optimizer, step, cfg, bad_images, world_size, master, ddp,
-                                   cfg["keep_checkpoints"], data_id)
-        if val is not None and (step % cfg["eval_interval"] == 0 or step == cfg["max_steps"]):
-            run_eval(step)
-    if pbar is not None:
-        pbar.close()
-
-    # -------------------------------------------------------------------------
-    # export for inference (model.load_llm2clip) and the bad-image report
-    if ddp:
-        gathered = [None] * world_size
-        dist.all_gather_object(gathered, bad_images)
-        bad_images = [b for part in gathered for b in part]
+    # --- export for inference (model.load_llm2clip) and the bad-image report
+    bad_images = [b for part in common.per_rank(bad_images, ddp, world_size) for b in part]
     if master:
         zoo.export(out, orig_model, cfg, text_cfg)
         log(f"exported vision_tower.pt, adaptor.pt, llm2clip.json to {out}")

@@ -13,10 +13,12 @@ import os
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import common
-from data import EmbeddingCache, ImageDataset, encoder_mismatch, eval_transform, open_image, read_manifest
+from cache import EmbeddingCache, encoder_mismatch
+from data import ImageDataset, eval_transform, open_image, read_manifest
 
 # -----------------------------------------------------------------------------
 # models: one interface (data_config, encode_images, encode_texts) for baselines and LLM2CLIP
@@ -73,6 +75,141 @@ class HFClip:
         return _pooled(self.model.get_text_features(**tok))
 
 
+# -----------------------------------------------------------------------------
+# CLIP's own text tower (CLIP-T) for stage 2's Table 10 variants b-d and their exports
+
+class CLIPText(nn.Module):
+    """A pretrained CLIP/SigLIP text tower with its projection: forward(clip_ids, clip_mask) -> (B, dim).
+
+    `tokenize` truncates to the tower's context (77 for CLIP, 64 for SigLIP); SigLIP was trained with
+    max-length padding, so it pads to that length (as its processor does), CLIP to the longest text.
+    """
+
+    def __init__(self, model, tokenizer):
+        super().__init__()
+        self.model, self.tokenizer = model, tokenizer
+        cfg = model.config
+        self.siglip = "siglip" in cfg.model_type
+        self.max_length = getattr(cfg, "max_position_embeddings", 77)
+        self.dim = getattr(cfg, "projection_dim", None) if not self.siglip else cfg.hidden_size
+
+    def tokenize(self, texts):
+        tok = self.tokenizer(list(texts), padding="max_length" if self.siglip else True, truncation=True,
+                             max_length=self.max_length, return_tensors="pt")
+        out = {"clip_ids": tok["input_ids"]}
+        if "attention_mask" in tok and not self.siglip:  # SigLIP attends to its padding, as in training
+            out["clip_mask"] = tok["attention_mask"]
+        return out
+
+    def forward(self, clip_ids, clip_mask=None):
+        out = self.model(input_ids=clip_ids, attention_mask=clip_mask)
+        return out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output  # (B, dim)
+
+    @torch.no_grad()
+    def encode(self, texts, batch_size=256):
+        """Raw strings -> L2-normalised (N, dim), in input order."""
+        device = next(self.parameters()).device
+        feats = []
+        for s in range(0, len(texts), batch_size):
+            tok = {k: v.to(device) for k, v in self.tokenize(texts[s:s + batch_size]).items()}
+            feats.append(F.normalize(self(**tok).float(), dim=-1))
+        return torch.cat(feats) if feats else torch.zeros(0, self.dim)
+
+    def save_pretrained(self, path):
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+
+
+class OpenCLIPText(CLIPText):
+    """CLIP-T of an open_clip model (EVA02-CLIP and other families transformers lacks), with CLIPText's
+    interface. Built by load_open_clip_text: open_clip is an optional dependency, imported only there. The vision tower is dropped; open_clip's tokenizer pads to its context (77) and the tower finds the
+    end-of-text token itself, so there is no mask."""
+
+    def __init__(self, model, tokenizer, name, dim):
+        nn.Module.__init__(self)
+        model.visual = None  # CLIP-T only
+        self.model, self.tokenizer, self.name, self.dim, self.siglip = model, tokenizer, name, dim, False
+
+    def tokenize(self, texts):
+        return {"clip_ids": self.tokenizer(list(texts))}
+
+    def forward(self, clip_ids, clip_mask=None):
+        return self.model.encode_text(clip_ids)
+
+    def save_pretrained(self, path):
+        """open_clip.json (model name, dim) + the text tower's state dict: what load_open_clip_text rebuilds."""
+        os.makedirs(path, exist_ok=True)
+        torch.save(self.model.state_dict(), os.path.join(path, "open_clip_text.pt"))
+        with open(os.path.join(path, "open_clip.json"), "w") as f:
+            json.dump({"open_clip": self.name, "dim": self.dim, "file": "open_clip_text.pt"}, f)
+
+
+def load_clip_text(name_or_path, device=None):
+    """The text tower + projection of a transformers CLIPModel / SiglipModel / Siglip2Model folder or hub
+    name (or of a folder this function's CLIPText.save_pretrained wrote) -> CLIPText. The vision weights
+    in the checkpoint are skipped (the text classes share the full model's weight names)."""
+    from transformers import AutoConfig, AutoTokenizer
+    import transformers
+    config = AutoConfig.from_pretrained(name_or_path)
+    model_type = config.model_type
+    classes = {"clip": "CLIPTextModelWithProjection", "clip_text_model": "CLIPTextModelWithProjection",
+               "siglip": "SiglipTextModel", "siglip_text_model": "SiglipTextModel",
+               "siglip2": "Siglip2TextModel", "siglip2_text_model": "Siglip2TextModel"}
+    if model_type not in classes:
+        raise ValueError(f"clip_text={name_or_path!r}: model_type {model_type!r} is not a transformers CLIP/SigLIP "
+                         f"model (expected one of {sorted(classes)}); other families load through open_clip")
+    if hasattr(config, "text_config"):  # a full CLIP/SigLIP: its text part (CLIP keeps projection_dim at the top)
+        text_config = config.text_config
+        if hasattr(config, "projection_dim"):
+            text_config.projection_dim = config.projection_dim
+        config = text_config
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the checkpoint's vision weights are skipped on purpose
+    try:
+        model = getattr(transformers, classes[model_type]).from_pretrained(name_or_path, config=config)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    tower = CLIPText(model, AutoTokenizer.from_pretrained(name_or_path))
+    return tower.to(device) if device is not None else tower
+
+
+class CatTextEncoder(nn.Module):
+    """Inference wrapper of Table 10 (d): CatHead(LLM side, CLIP-T) -> L2-normalised (N, D)."""
+
+    def __init__(self, llm_side, clip_text, cat_head):
+        super().__init__()
+        self.llm_side, self.clip_text, self.cat_head = llm_side, clip_text, cat_head
+
+    @torch.no_grad()
+    def encode(self, texts, batch_size=64, progress=None):
+        llm = self.llm_side.encode(texts, batch_size, progress)  # CatHead normalises both inputs anyway
+        clip = self.clip_text.encode(texts, batch_size)
+        p = next(self.cat_head.parameters())
+        return F.normalize(self.cat_head(llm.to(p.device), clip.to(p.device)), dim=-1)
+
+
+def load_llm2clip_text(out_dir, text=None, device="cpu", clip_loader=None, text_settings=None):
+    """One text encoder of a post_train.py export: "llm" (model.load_llm_side), "clip_t" (CLIP's own text
+    tower as fine-tuned) or "cat" (both through the Cat head). clip_loader(folder, device) loads the
+    exported CLIP-T (default load_open_clip_text: a transformers folder or an open_clip one)."""
+    import model as M
+    meta = M.read_llm2clip_config(out_dir)
+    names = meta.get("text_encoders", ["llm"])
+    text = text or names[0]
+    if text not in names:
+        raise ValueError(f"{out_dir}: text encoder {text!r} not in this run's {names}")
+    llm_side = M.load_llm_side(out_dir, meta, device, text_settings) if text in ("llm", "cat") else None
+    if text == "llm":
+        return llm_side
+    clip_text = (clip_loader or load_open_clip_text)(os.path.join(out_dir, meta["clip_text"]["dir"]), device=device)
+    if text == "clip_t":
+        return clip_text.eval()
+    h = meta["cat_head"]
+    head = M.CatHead(h["llm_dim"], h["clip_dim"], h["out_dim"])
+    head.load_state_dict(M._load_state(os.path.join(out_dir, h["file"])))
+    return CatTextEncoder(llm_side, clip_text.eval(), head.to(device)).eval()
+
+
 def import_open_clip(spec):
     """open_clip, imported only when a name asks for it, with an error naming the pip package."""
     try:
@@ -86,7 +223,6 @@ def import_open_clip(spec):
 def load_open_clip_text(spec, device="cpu"):
     """CLIP-T (stage 2's `clip_text`) from `open_clip:NAME/PRETRAINED`, or from an export's clip_text/ folder
     (an open_clip one has open_clip.json, else it is a transformers CLIP/SigLIP folder)."""
-    import model as M
     meta = None
     if os.path.isfile(os.path.join(spec, "open_clip.json")):
         with open(os.path.join(spec, "open_clip.json")) as f:
@@ -95,10 +231,10 @@ def load_open_clip_text(spec, device="cpu"):
     elif spec.startswith(OpenCLIP.PREFIX):
         name, _, pretrained = spec[len(OpenCLIP.PREFIX):].partition("/")
     else:
-        return M.load_clip_text(spec, device=device)
+        return load_clip_text(spec, device=device)
     open_clip = import_open_clip(spec)
     model = open_clip.create_model(name, pretrained=pretrained or None)
-    tower = M.OpenCLIPText(model, open_clip.get_tokenizer(name), name, open_clip.get_model_config(name)["embed_dim"])
+    tower = OpenCLIPText(model, open_clip.get_tokenizer(name), name, open_clip.get_model_config(name)["embed_dim"])
     if meta is not None:
         tower.model.load_state_dict(torch.load(os.path.join(spec, meta["file"]), map_location="cpu", weights_only=True))
     return tower.to(device)
@@ -178,15 +314,14 @@ def load_models(spec, device, cfg=None):
     pooling, chat_template, instruction, max_length), where set, override what llm2clip.json recorded."""
     if os.path.isfile(os.path.join(spec, "llm2clip.json")):
         import model as M  # local: baselines need no model.py
-        with open(os.path.join(spec, "llm2clip.json")) as f:
-            names = json.load(f).get("text_encoders", ["llm"])
+        names = M.read_llm2clip_config(spec).get("text_encoders", ["llm"])
         text = _llm_text_settings(cfg)
         kw = {"text_settings": text} if text else {}
         if names == ["llm"]:  # the paper's default run: one row, named by its folder
             return [(spec, _log_llm_side(LLM2CLIP(*M.load_llm2clip(spec, device=device, **kw)), text))]
         image_encoder, _ = M.load_llm2clip(spec, device=device, load_text=False)
-        return [(f"{spec} [{n}]", _log_llm_side(LLM2CLIP(image_encoder, M.load_llm2clip_text(
-            spec, n, device, load_open_clip_text, **kw)), text)) for n in names]
+        return [(f"{spec} [{n}]", _log_llm_side(LLM2CLIP(image_encoder, load_llm2clip_text(spec, n, device, **kw)),
+                                                 text)) for n in names]
     if spec.startswith(OpenCLIP.PREFIX):
         return [(spec, OpenCLIP(spec, device))]
     return [(spec, HFClip(spec, device))]
@@ -334,7 +469,7 @@ def export(out_dir, orig_model, cfg, text_cfg):
     vision, adaptor = orig_model.vision, orig_model.adaptor
     common.atomic_torch_save(vision.model.state_dict(), os.path.join(out_dir, "vision_tower.pt"))
     meta = {"vision": {"model_name": vision.model_name, "timm_kwargs": vision.timm_kwargs, "file": "vision_tower.pt"},
-            "text_encoders": list(orig_model.text_names), "losses": orig_model.losses,
+            "text_encoders": list(orig_model.text_names), "losses": cfg.get("losses", "a"),
             "logit_scale": orig_model.logit_scale.exp().item(), "code_version": common.code_version()}
     if adaptor is not None:
         common.atomic_torch_save(adaptor.state_dict(), os.path.join(out_dir, "adaptor.pt"))
@@ -350,4 +485,4 @@ def export(out_dir, orig_model, cfg, text_cfg):
         h = orig_model.cat_head
         common.atomic_torch_save(h.state_dict(), os.path.join(out_dir, "cat_head.pt"))
         meta["cat_head"] = {"llm_dim": h.llm_dim, "clip_dim": h.clip_dim, "out_dim": h.out_dim, "file": "cat_head.pt"}
-    common.atomic_write_text(os.path.join(out_dir, M.LLM2CLIP_CONFIG), json.dumps(common.jsonable(meta), indent=2) + "\n")
+    M.write_llm2clip_config(out_dir, common.jsonable(meta))

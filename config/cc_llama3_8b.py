@@ -1,4 +1,4 @@
-# Stage 1 for Llama-3-8B-Instruct, the paper's main text model: LLM2CLIP paper / DESIGN.md settings.
+# Stage 1 for Llama-3-8B-Instruct, the paper's main text model: LLM2CLIP paper / docs/DESIGN.md settings.
 # torchrun --nproc_per_node=8 cc_finetune.py config/cc_llama3_8b.py --train_captions=cc3m.jsonl,cc12m.jsonl,yfcc15m.jsonl
 text_model = "meta-llama/Meta-Llama-3-8B-Instruct"
 bidirectional = True

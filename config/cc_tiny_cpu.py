@@ -1,9 +1,11 @@
 # Stage 1 of the tiny CPU pipeline: a random tiny Llama (pipeline.build_tiny_text_model) on the
 # synthetic shapes captions (data.make_synthetic_dataset). A minute on 2 cores; c2c rises visibly.
+# The inputs are what `python pipeline.py` writes; the output is a folder of its own, so running this preset
+# (e.g. with --objective=mntp) never replaces the pipeline's stage 1 (out-tiny/cc) that its cache was made from.
 text_model = "out-tiny/text_model"
 train_captions = "out-tiny/data/train_captions.jsonl"
 val_captions = "out-tiny/data/val_captions.jsonl"
-out_dir = "out-tiny/cc"
+out_dir = "out-tiny/cc_preset"
 lora_r = 16
 lora_alpha = 32
 lora_dropout = 0.0

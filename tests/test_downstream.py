@@ -158,6 +158,13 @@ def test_export_hf_task_and_the_readme_llava_snippet(tmp_path):
     assert torch.allclose(scope["embedding"], M.ImageEncoder(v)(pixels), atol=1e-5)
     with pytest.raises(ValueError, match="needs --model=ONE post_train.py out_dir"):
         evaluate.main(["--task=export_hf", f"--model={out},{out}", f"--out={hf_dir}"])
+    # downstream.py on its own: the same folder, its own run record; the scoring tasks are evaluate.py's
+    alone = downstream.main(["--task=export_hf", f"--model={out}", f"--out={tmp_path / 'hf2'}"])
+    assert alone["family"] == "clip" and alone["max_relative_difference"] == res["max_relative_difference"]
+    assert json.loads((tmp_path / "hf2" / "run_downstream.json").read_text())["script"] == "downstream.py"
+    assert (tmp_path / "hf2" / "model.safetensors").read_bytes() == (hf_dir / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match=r"downstream.py runs linear_probe or export_hf \(retrieval, classify"):
+        downstream.main(["--task=retrieval"])
 
 
 # --- linear probe
@@ -310,7 +317,8 @@ def test_converted_xm3600_end_to_end_retrieval(tmp_path, monkeypatch):
     llm.mkdir()
     (llm / "llm2clip.json").write_text("{}")
     monkeypatch.setitem(sys.modules, "model", types.SimpleNamespace(
-        load_llm2clip=lambda path, device="cpu": (ColorImageEncoder(), ColorTextEncoder())))
+        load_llm2clip=lambda path, device="cpu": (ColorImageEncoder(), ColorTextEncoder()),
+        read_llm2clip_config=M.read_llm2clip_config))
     res = evaluate.main([f"--model={llm}", f"--data={manifest}", "--num_workers=0"])["results"][str(llm)][tmp_path.name]
     assert (res["n_images"], res["n_texts"]) == (3, 5)
     assert all(v == 100.0 for k, v in res.items() if "@" in k)

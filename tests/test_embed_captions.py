@@ -1,7 +1,8 @@
-"""embed_captions.py + data.EmbeddingCache: exact rows, identical across ranks and resumes, never stale, fast."""
+"""embed_captions.py + cache.EmbeddingCache: exact rows, identical across ranks and resumes, never stale, fast."""
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from cache import EmbeddingCache, cache_texts, model_fingerprint, verify_cache  # noqa: E402
 import data  # noqa: E402
 import embed_captions  # noqa: E402
 import pipeline  # noqa: E402
@@ -140,9 +142,9 @@ def check_rows_match_alone(cache, recs, encoder, instruction=None, max_length=51
 
 
 def test_rows_equal_single_text_encoding_tiny_decoder(setup):
-    cache = data.EmbeddingCache(setup["ref"], manifest=setup["manifest"],
-                                expect={"model": setup["model"], "pooling": "mean", "instruction": None,
-                                        "max_length": 512, "bidirectional": True})
+    cache = EmbeddingCache(setup["ref"], manifest=setup["manifest"],
+                           expect={"model": setup["model"], "pooling": "mean", "instruction": None,
+                                   "max_length": 512, "bidirectional": True})
     assert (cache.num_records, cache.count, cache.dim) == (24, 120, 32)
     # the index formula of the format: row(r, f, s) = record_offsets[r] + counts[r, :f].sum() + s
     idx = np.load(os.path.join(setup["ref"], "index.npz"))
@@ -158,7 +160,7 @@ def test_rows_with_instruction_and_truncation(setup, tmp_path):
     out = str(tmp_path / "c")
     embed_captions.main([f"--text_model={setup['model']}", f"--manifest={setup['manifest']}", f"--out_dir={out}",
                          "--instruction=a caption:", "--max_length=16"] + RUN)
-    cache = data.EmbeddingCache(out, expect={"instruction": "a caption:", "max_length": 16})
+    cache = EmbeddingCache(out, expect={"instruction": "a caption:", "max_length": 16})
     enc = load_text_encoder(setup["model"])
     texts = [t for r in setup["recs"] for t in r["captions"] + r["long_captions"]]
     lengths = embed_captions.text_lengths(enc, texts, "a caption:", 16)
@@ -179,7 +181,7 @@ def test_rows_equal_single_text_encoding_minilm(tmp_path):
     manifest.write_text("".join(json.dumps(r) + "\n" for r in recs))
     embed_captions.main([f"--text_model={gt.get_model_path()}", f"--manifest={manifest}",
                          f"--out_dir={tmp_path / 'c'}", "--chunk_rows=8", "--batch_tokens=1024"])
-    cache = data.EmbeddingCache(str(tmp_path / "c"), manifest=str(manifest))
+    cache = EmbeddingCache(str(tmp_path / "c"), manifest=str(manifest))
     assert (cache.count, cache.dim) == (24, 384)
     worst = check_rows_match_alone(cache, recs, load_text_encoder(gt.get_model_path()))
     print(f"all-MiniLM-L6-v2: max relative error of a cached row vs encode([text]) alone: {worst:.2e}")
@@ -225,7 +227,7 @@ def test_killed_run_resumes_to_identical_cache(setup, tmp_path):
     print("killed with", done, "of 60 chunks committed")
     assert 3 <= done < 60, done
     with pytest.raises(data.DataError, match="incomplete"):
-        data.EmbeddingCache(out)
+        EmbeddingCache(out)
     p = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     log = open(os.path.join(out, "embed.log")).read()
@@ -249,7 +251,7 @@ def test_edited_manifest_is_refused(setup, tmp_path, capsys):
     edited = tmp_path / "edited.jsonl"
     edited.write_text("\n".join(lines) + "\n")
     with pytest.raises(data.DataError) as e:
-        data.EmbeddingCache(setup["ref"], manifest=str(edited))
+        EmbeddingCache(setup["ref"], manifest=str(edited))
     msg = str(e.value)
     print(msg)
     assert "stale" in msg and "25 records / 122 texts, the cache 24 records / 120 texts" in msg
@@ -257,9 +259,9 @@ def test_edited_manifest_is_refused(setup, tmp_path, capsys):
     assert "'a purple elephant'" in msg and "records 24.." in msg and "not in the cache" in msg
     # records given as a list (tar shards): the same check, messages name the record's image
     recs = [json.loads(line) for line in lines]
-    data.EmbeddingCache(setup["ref"], manifest=setup["recs"])
+    EmbeddingCache(setup["ref"], manifest=setup["recs"])
     with pytest.raises(data.DataError, match=r"record 5 \(image images/train_000005.png\) field 'captions' slot 1"):
-        data.EmbeddingCache(setup["ref"], manifest=recs)
+        EmbeddingCache(setup["ref"], manifest=recs)
 
     with pytest.raises(SystemExit) as e:
         embed_captions.main([f"--manifest={edited}", f"--out_dir={setup['ref']}", "--verify_only=True"])
@@ -274,7 +276,7 @@ def test_edited_manifest_is_refused(setup, tmp_path, capsys):
 
 
 def test_raw_decoder_embedded_causal_when_asked(setup, tmp_path, capsys):
-    """Issue 10 item 4: --bidirectional=False embeds a raw decoder as it was trained (causal), rows equal
+    """--bidirectional=False embeds a raw decoder as it was trained (causal), rows equal
     load_text_encoder(..., bidirectional=False) alone; meta records it; a bidirectional request refuses it."""
     out = str(tmp_path / "causal")
     embed_captions.main([f"--text_model={setup['model']}", f"--manifest={setup['manifest']}", f"--out_dir={out}",
@@ -282,24 +284,24 @@ def test_raw_decoder_embedded_causal_when_asked(setup, tmp_path, capsys):
     assert "bidirectional=False (set)" in capsys.readouterr().out
     meta = json.load(open(os.path.join(out, "meta.json")))["encoder"]
     assert meta["bidirectional"] is False and meta["chat_template"] == "" and meta["pooling"] == "mean"
-    cache = data.EmbeddingCache(out, expect={"bidirectional": False, "chat_template": "none"})
-    texts = data.cache_texts(setup["manifest"], cache.fields).texts  # in row order
+    cache = EmbeddingCache(out, expect={"bidirectional": False, "chat_template": "none"})
+    texts = cache_texts(setup["manifest"], cache.fields).texts  # in row order
     rows = np.asarray(cache.embeddings, np.float32)
     causal = load_text_encoder(setup["model"], bidirectional=False).encode(texts, batch_size=128).numpy()
     bidir = load_text_encoder(setup["model"]).encode(texts, batch_size=128).numpy()
     assert max(rel_err(a, b) for a, b in zip(rows, causal)) <= 1e-3
     assert min(rel_err(a, b) for a, b in zip(rows, bidir)) > 1e-2  # not what the default would have made
     with pytest.raises(data.DataError, match="bidirectional: cache False, expected True"):
-        data.EmbeddingCache(out, expect={"bidirectional": True})
+        EmbeddingCache(out, expect={"bidirectional": True})
 
 
 def test_encoder_settings_and_fields_mismatch_refused(setup):
     with pytest.raises(data.DataError) as e:
-        data.EmbeddingCache(setup["ref"], expect={"pooling": "eos", "instruction": "", "max_length": 256})
+        EmbeddingCache(setup["ref"], expect={"pooling": "eos", "instruction": "", "max_length": 256})
     assert "pooling: cache 'mean', expected 'eos'" in str(e.value) and "max_length: cache 512, expected 256" in str(e.value)
     assert "instruction" not in str(e.value)  # "" and None both mean no instruction
     with pytest.raises(data.DataError, match=r"fields \['extra'\] are not in the cache"):
-        data.EmbeddingCache(setup["ref"], fields=["captions", "extra"])
+        EmbeddingCache(setup["ref"], fields=["captions", "extra"])
 
 
 def test_rerun_after_model_retrained_in_place_is_refused(setup, tmp_path):
@@ -309,13 +311,13 @@ def test_rerun_after_model_retrained_in_place_is_refused(setup, tmp_path):
     manifest.write_text("".join(open(setup["manifest"]).readlines()[:3]))
     args = [f"--text_model={model}", f"--manifest={manifest}", f"--out_dir={out}", "--verify=False"]
     embed_captions.main(args)
-    before = data.EmbeddingCache(out).get(0, "captions", 0)
+    before = EmbeddingCache(out).get(0, "captions", 0)
     texts = [t for r in setup["recs"] for t in r["captions"] + r["long_captions"]]
     pipeline.build_tiny_text_model(model, "llama", texts=texts, seed=1)  # same path, same config, new weights
     with pytest.raises(data.DataError, match="fingerprint"):
         embed_captions.main(args)
     embed_captions.main(args + ["--overwrite=True"])
-    after = data.EmbeddingCache(out, expect={"fingerprint": data.model_fingerprint(model)}).get(0, "captions", 0)
+    after = EmbeddingCache(out, expect={"fingerprint": model_fingerprint(model)}).get(0, "captions", 0)
     assert not np.array_equal(before, after)
 
 
@@ -326,27 +328,46 @@ def test_verify_catches_unwritten_and_nonfinite_rows(setup, tmp_path):
     emb[7] = 0
     emb[9, 3] = np.inf
     emb.flush()
-    problems = data.verify_cache(out, setup["manifest"])
+    problems = verify_cache(out, setup["manifest"])
     assert any("1 rows are all zeros" in p and "[7]" in p for p in problems)
     assert any("1 rows are not finite" in p and "[9]" in p for p in problems)
-    assert data.verify_cache(setup["ref"], setup["manifest"]) == []
+    assert verify_cache(setup["ref"], setup["manifest"]) == []
+
+
+def test_meta_without_format_version_loads_and_a_newer_one_is_refused(setup, tmp_path):
+    out = tmp_path / "c"
+    shutil.copytree(setup["ref"], out)
+    meta_path = out / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["format_version"] == 1
+    del meta["format_version"]  # a cache written before versions existed: read as version 1
+    meta_path.write_text(json.dumps(meta))
+    old = EmbeddingCache(str(out), manifest=setup["manifest"])
+    assert np.array_equal(old.get(3, "captions", 0), EmbeddingCache(setup["ref"]).get(3, "captions", 0))
+    assert verify_cache(str(out), setup["manifest"]) == []
+    meta["format_version"] = 2  # written by a newer version of this code
+    meta_path.write_text(json.dumps(meta))
+    msg = re.escape(f"{meta_path}: format_version 2 is newer than this code reads (1)")
+    with pytest.raises(data.DataError, match=msg):
+        EmbeddingCache(str(out))
+    assert re.match(msg, verify_cache(str(out))[0])
 
 
 def test_bad_manifest_field_names_the_line(tmp_path):
     m = tmp_path / "m.jsonl"
     m.write_text('{"id": "a", "captions": ["x", "y"]}\n{"id": "b", "captions": ["z"]}\n')  # a stage-1 caption file
-    t = data.cache_texts(str(m))
+    t = cache_texts(str(m))
     assert t.texts == ["x", "y", "z"] and t.counts.tolist() == [[2, 0], [1, 0]] and t.record_offsets.tolist() == [0, 2, 3]
     m.write_text('{"captions": ["ok"]}\n\n{"captions": "a bare string is one caption"}\n{"captions": [1, 2]}\n')
     with pytest.raises(data.DataError, match=r"m.jsonl:4: field 'captions' must be a list of strings"):
-        data.cache_texts(str(m))
+        cache_texts(str(m))
     m.write_text('{"captions": ["ok"]}\n{"captions": ["fine", " "]}\n')
     with pytest.raises(data.DataError, match=r"m.jsonl:2: field 'captions' slot 1 is an empty caption"):
-        data.cache_texts(str(m))
+        cache_texts(str(m))
 
 
 def test_reader_is_lazy_and_picklable_for_dataloader_workers(setup):
-    cache = data.EmbeddingCache(setup["ref"])
+    cache = EmbeddingCache(setup["ref"])
     assert cache._mm is None or isinstance(cache._mm, np.memmap)
     first = cache.get(3, "captions", 0)
     assert isinstance(cache.embeddings, np.memmap)  # never read into RAM

@@ -1,4 +1,4 @@
-"""evaluate.py without any model: the metric vs a naive loop, manifests, converters, bad input, c2c scoring."""
+"""evaluate.py and metrics.py, no model: the metric vs a naive loop, manifests, converters, bad input, c2c scoring."""
 import json
 import os
 import sys
@@ -11,6 +11,7 @@ from PIL import Image
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import data  # noqa: E402
 import evaluate  # noqa: E402
+import metrics  # noqa: E402
 
 from data import DataError, ImageDataset, convert_karpathy, read_manifest  # noqa: E402
 
@@ -63,7 +64,7 @@ def test_retrieval_metrics_equal_naive_loop(per_image, kind):
             img[5], img[17], img[9] = img[2], img[2], img[20]
             txt[7], txt[len(t2i) - 1], txt[3] = txt[1], txt[1], txt[10]
     ks = (1, 5, 10)
-    got = evaluate.retrieval_metrics(img, txt, t2i, ks=ks)
+    got = metrics.retrieval_metrics(img, txt, t2i, ks=ks)
     want = naive_recall(img, txt, t2i, ks)
     assert got.keys() == want.keys()
     for key in want:
@@ -77,7 +78,7 @@ def test_retrieval_metrics_tie_rule_documented_example():
     # all scores equal: image i's best caption is its lowest-index caption; rank = that index
     img, txt = torch.ones(3, 2), torch.ones(6, 2)
     t2i = [2, 2, 0, 0, 1, 1]
-    r = evaluate.retrieval_metrics(img, txt, t2i, ks=(1, 3))
+    r = metrics.retrieval_metrics(img, txt, t2i, ks=(1, 3))
     # i2t ranks: image 0 -> caption 2 (rank 2), image 1 -> caption 4 (rank 4), image 2 -> caption 0 (rank 0)
     assert r["i2t_R@1"] == pytest.approx(100 / 3) and r["i2t_R@3"] == pytest.approx(200 / 3)
     # t2i: each caption ranks its image at the image's index: ranks 2,2,0,0,1,1
@@ -89,19 +90,19 @@ def test_retrieval_metrics_chunked_equals_unchunked(monkeypatch):
     img = F.normalize(torch.randn(40, 8, generator=gen), dim=-1)
     txt = F.normalize(torch.randn(200, 8, generator=gen), dim=-1)
     t2i = [i // 5 for i in range(200)]
-    whole = evaluate.retrieval_metrics(img, txt, t2i)
-    monkeypatch.setattr(evaluate, "_chunk_rows", lambda n: 7)
-    assert evaluate.retrieval_metrics(img, txt, t2i) == whole
+    whole = metrics.retrieval_metrics(img, txt, t2i)
+    monkeypatch.setattr(metrics, "chunk_rows", lambda n: 7)
+    assert metrics.retrieval_metrics(img, txt, t2i) == whole
 
 
 def test_retrieval_metrics_rejects_bad_mapping():
     img, txt = torch.randn(3, 4), torch.randn(3, 4)
     with pytest.raises(ValueError, match="at least one caption"):
-        evaluate.retrieval_metrics(img, txt, [0, 0, 1])
+        metrics.retrieval_metrics(img, txt, [0, 0, 1])
     with pytest.raises(ValueError, match=r"must be in \[0, 3\)"):
-        evaluate.retrieval_metrics(img, txt, [0, 1, 3])
+        metrics.retrieval_metrics(img, txt, [0, 1, 3])
     with pytest.raises(ValueError, match="one image index per text"):
-        evaluate.retrieval_metrics(img, txt, [0, 1])
+        metrics.retrieval_metrics(img, txt, [0, 1])
 
 
 # --- manifests, images, transforms
@@ -327,13 +328,13 @@ def test_c2c_eval_equals_naive(instruction):
             ["two cats sleeping", "cats asleep on a sofa"], ["a red car on a road", "a car that is red"],
             ["bowl of fruit", "fruit in a bowl"], ["empty street", "dog"]]
     enc = BagOfWordsEncoder()
-    got = evaluate.c2c_eval(enc, [{"id": i, "captions": c} for i, c in enumerate(caps)], instruction=instruction,
-                            max_length=128, batch_size=4)
+    got = metrics.c2c_eval(enc, [{"id": i, "captions": c} for i, c in enumerate(caps)], instruction=instruction,
+                           max_length=128, batch_size=4)
     top1, rev = naive_c2c(BagOfWordsEncoder(), caps, instruction)
     assert got == {"c2c_top1": pytest.approx(top1), "c2c_top1_reverse": pytest.approx(rev), "n": 6}
     assert 0 < got["c2c_top1"] < 100
     assert {c[1:] for c in enc.calls} == {(None, 128, 4)} | ({(instruction, 128, 4)} if instruction else set())
-    assert evaluate.c2c_eval(BagOfWordsEncoder(), caps, instruction=instruction) == got  # plain lists too
+    assert metrics.c2c_eval(BagOfWordsEncoder(), caps, instruction=instruction) == got  # plain lists too
 
 
 def test_c2c_eval_restores_training_mode():
@@ -347,7 +348,7 @@ def test_c2c_eval_restores_training_mode():
             self.modes.append(self.training)
             return BagOfWordsEncoder.encode(self, texts, **kw)
     enc = Enc().train()
-    evaluate.c2c_eval(enc, [["a b", "a"], ["c d", "c"]])
+    metrics.c2c_eval(enc, [["a b", "a"], ["c d", "c"]])
     assert enc.modes == [False, False] and enc.training
 
 
@@ -365,7 +366,7 @@ def test_read_caption_records_errors(tmp_path, rows, message):
 
 
 def test_imagenet_wnid_folders_get_class_names_and_80_templates(tmp_path):
-    """Issue 10 item 5: WordNet-id class folders get the shipped ImageNet names and CLIP's 80 prompts by
+    """WordNet-id class folders get the shipped ImageNet names and CLIP's 80 prompts by
     default; other folders keep their names and one template; an unknown WNID is named."""
     for wnid in ("n01440764", "n02012849", "n03126707"):  # tench, crane (bird), crane (machine)
         os.makedirs(tmp_path / "in" / wnid)

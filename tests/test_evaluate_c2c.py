@@ -9,6 +9,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import data  # noqa: E402
 import evaluate  # noqa: E402
+import metrics  # noqa: E402
 
 torch.set_num_threads(1)
 CAPTIONS = [["a dog runs on the grass", "a brown dog running in a park", "dog outside"],
@@ -52,7 +53,7 @@ def test_c2c_cli_with_load_text_encoder(tmp_path, tiny_bert, capsys):
     out = tmp_path / "c2c.json"
     got = evaluate.main(["--task=c2c", f"--text_model={tiny_bert}", f"--captions={caps}", f"--out={out}",
                          "--max_length=32", "--batch_size=2"])
-    want = evaluate.c2c_eval(model.load_text_encoder(tiny_bert), CAPTIONS, max_length=32, batch_size=5)
+    want = metrics.c2c_eval(model.load_text_encoder(tiny_bert), CAPTIONS, max_length=32, batch_size=5)
     assert got == pytest.approx(want) and got["n"] == 5
     saved = json.loads(out.read_text())
     assert {k: saved[k] for k in got} == got and saved["config"]["max_length"] == 32
@@ -61,7 +62,7 @@ def test_c2c_cli_with_load_text_encoder(tmp_path, tiny_bert, capsys):
 
 
 def test_c2c_scores_a_raw_decoder_causal_when_asked(tmp_path, tiny_models, capsys):
-    """Issue 10 item 4: --bidirectional=False keeps a raw decoder causal (Table 1's raw LLM row); the
+    """--bidirectional=False keeps a raw decoder causal (Table 1's raw LLM row); the
     default (bidirectional) is logged, and the results file records what was used."""
     import model
     caps = tmp_path / "caps.jsonl"
@@ -71,7 +72,7 @@ def test_c2c_scores_a_raw_decoder_causal_when_asked(tmp_path, tiny_models, capsy
                             f"--out={tmp_path / 'causal.json'}"])
     assert "bidirectional=False (set)" in capsys.readouterr().out
     ref = model.load_text_encoder(llm, bidirectional=False)
-    assert causal == pytest.approx(evaluate.c2c_eval(ref, CAPTIONS, max_length=512))
+    assert causal == pytest.approx(metrics.c2c_eval(ref, CAPTIONS, max_length=512))
     ref_q1 = ref.encode([c[0] for c in CAPTIONS])
     bi_q1 = model.load_text_encoder(llm).encode([c[0] for c in CAPTIONS])
     assert (ref_q1 - bi_q1).abs().max() > 1e-3  # the two settings really embed differently

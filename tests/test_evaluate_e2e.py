@@ -67,7 +67,9 @@ def fake_llm2clip(tmp_path, monkeypatch):
     def load_llm2clip(path, device="cpu"):
         calls.append((path, device))
         return ColorImageEncoder(), text_encoder
-    monkeypatch.setitem(sys.modules, "model", types.SimpleNamespace(load_llm2clip=load_llm2clip))
+    import model  # the stand-in keeps the real llm2clip.json reader
+    monkeypatch.setitem(sys.modules, "model", types.SimpleNamespace(load_llm2clip=load_llm2clip,
+                                                                     read_llm2clip_config=model.read_llm2clip_config))
     return str(out_dir), calls, text_encoder
 
 
@@ -204,7 +206,9 @@ import sys, types
 sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
 import test_evaluate_e2e as t, evaluate
 
-sys.modules["model"] = types.SimpleNamespace(load_llm2clip=lambda path, device: (t.ColorImageEncoder(), t.ColorTextEncoder()))
+import model
+sys.modules["model"] = types.SimpleNamespace(load_llm2clip=lambda path, device: (t.ColorImageEncoder(), t.ColorTextEncoder()),
+                                             read_llm2clip_config=model.read_llm2clip_config)
 evaluate.main(sys.argv[1:])
 """
 

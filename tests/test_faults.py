@@ -1,4 +1,4 @@
-"""Fault injection end to end on the tiny configuration (issue 16): nothing lost, nothing silent.
+"""Fault injection end to end on the tiny configuration: nothing lost, nothing silent.
 
 Every fault below once passed silently or crashed naming nothing: truncated tar shards and string
 captions, a resume that drifts with drop-path or accepts other data, truncated/corrupt cache and
@@ -23,7 +23,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import cc_finetune  # noqa: E402
 import common  # noqa: E402
+from cache import EmbeddingCache  # noqa: E402
 import data  # noqa: E402
+import data_index  # noqa: E402
 import embed_captions  # noqa: E402
 import evaluate  # noqa: E402
 import pipeline  # noqa: E402
@@ -71,7 +73,7 @@ def write_shard(path, recs, meta=None):
 def test_truncated_tar_shard_is_refused_wherever_it_is_cut(w, tmp_path):
     recs = data.read_manifest(w.train)[:6]
     full = write_shard(tmp_path / "full.tar", recs)
-    assert len(data.index_tar_shards([full])) == 6
+    assert len(data_index.index_tar_shards([full])) == 6
     raw = open(full, "rb").read()
     members = tarfile.open(full).getmembers()
     cuts = {"inside the 4th image's bytes": members[6].offset_data + 10,
@@ -82,7 +84,7 @@ def test_truncated_tar_shard_is_refused_wherever_it_is_cut(w, tmp_path):
         p = tmp_path / "cut.tar"
         p.write_bytes(raw[:cut])
         with pytest.raises(data.DataError, match=re.escape(str(p)) + ": (truncated|cannot read)"):
-            data.index_tar_shards([str(p)])
+            data_index.index_tar_shards([str(p)])
         print(what, "-> refused")
 
 
@@ -96,7 +98,7 @@ def test_tar_caption_fields_are_validated_like_manifests(w, tmp_path, meta, expe
     recs = data.read_manifest(w.train)[:3]
     shard = write_shard(tmp_path / "s.tar", recs, lambda i: meta if i == 1 else {"captions": ["fine"]})
     with pytest.raises(data.DataError, match=re.escape(f"{shard}::00001.json: ") + expected):
-        data.index_tar_shards([shard])
+        data_index.index_tar_shards([shard])
 
 
 # --- 2. kill + resume is bitwise with drop-path on (the loader no longer draws from the restored RNG)
@@ -109,16 +111,16 @@ def test_resume_with_drop_path_is_bitwise(w, tmp_path, monkeypatch):
     dp = ["--timm_kwargs={'img_size': 32, 'patch_size': 8, 'embed_dim': 64, 'depth': 2, 'num_heads': 2, "
           "'drop_path_rate': 0.2}", "--max_steps=4", "--save_interval=2"]
     post_train.main(args(w, tmp_path / "full", *dp))
-    save = post_train.save_checkpoint
+    save = common.Checkpoints.save
 
-    def save_then_die(path, state):
-        save(path, state)
-        if state["step"] == 2:
+    def save_then_die(self, step, state):
+        save(self, step, state)
+        if step == 2:
             raise Killed
-    monkeypatch.setattr(post_train, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(common.Checkpoints, "save", save_then_die)
     with pytest.raises(Killed):
         post_train.main(args(w, tmp_path / "killed", *dp))
-    monkeypatch.setattr(post_train, "save_checkpoint", save)
+    monkeypatch.setattr(common.Checkpoints, "save", save)
     post_train.main(args(w, tmp_path / "killed", *dp, "--resume=True"))
     a, b = weights(tmp_path / "full"), weights(tmp_path / "killed")
     assert all(torch.equal(a[k], b[k]) for k in a), max((a[k] - b[k]).abs().max().item() for k in a)
@@ -151,7 +153,7 @@ def test_corrupt_cache_files_are_named_and_verify_reports(w, tmp_path, capsys):
         shutil.copytree(w.cache, cache)
         damage(cache / name)
         with pytest.raises(data.DataError, match=re.escape(str(cache / name)) + ": (cannot read|corrupt)"):
-            data.EmbeddingCache(str(cache), manifest=w.train).record_offsets  # index.npz: read on first use
+            EmbeddingCache(str(cache), manifest=w.train).record_offsets  # index.npz: read on first use
         capsys.readouterr()
         with pytest.raises(SystemExit):  # reported, exit status 1, no traceback from numpy/json
             embed_captions.main([f"--manifest={w.train}", f"--out_dir={cache}", "--verify_only=True"])
@@ -176,7 +178,7 @@ def test_corrupt_export_and_encoder_json_are_named(w, tmp_path, capsys):
     import model as M
     out = tmp_path / "run"
     post_train.main(args(w, out, "--max_steps=1"))
-    capsys.readouterr()  # while the export is intact: retrieval logs how many texts max_length cut (issue item 6)
+    capsys.readouterr()  # while the export is intact: retrieval logs how many texts max_length cut
     evaluate.main(["--task=retrieval", f"--model={out}", f"--data={w.val}", "--caption_field=long_captions",
                    "--captions_per_image=0", "--num_workers=0"])
     assert f"{out} on val: truncation: none of 96 texts exceeded max_length=512" in capsys.readouterr().out

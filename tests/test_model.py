@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import loss as L
 import model as M
 from conftest import free_port
 
@@ -141,7 +142,7 @@ def llama3_style(tmp_path_factory):
 
 
 def test_instruction_keeps_the_texts_leading_space_token(llama3_style):
-    """Issue 10 item 3: with a byte-level BPE tokenizer the pooled span is the text's tokens as they read
+    """With a byte-level BPE tokenizer the pooled span is the text's tokens as they read
     in `instruction + " " + text` (llm2vec), not the text tokenised alone ("...caption.A dog")."""
     enc = M.load_text_encoder(llama3_style).eval()
     tok, instr, text = enc.tokenizer, "Given a caption, retrieve a similar relevant caption.", "A dog runs on the grass."
@@ -159,7 +160,7 @@ def test_instruction_keeps_the_texts_leading_space_token(llama3_style):
 
 
 def test_llama3_chat_template_matches_the_official_layout(llama3_style):
-    """Issue 10 item 4: chat_template="llama3" lays a caption out as the official embedding extraction
+    """chat_template="llama3" lays a caption out as the official embedding extraction
     (llm2vec's prepare_for_tokenization + tokenize) does, with <|eot_id|> pooled; recorded in settings."""
     enc = M.load_text_encoder(llama3_style, chat_template="llama3").eval()
     assert enc.settings["chat_template"] == "llama3"
@@ -283,7 +284,7 @@ def test_losses_match_float64_reference():
     torch.manual_seed(0)
     img, txt, hn = (torch.randn(6, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
     scale = torch.tensor(math.log(1 / 0.07), dtype=torch.float64, requires_grad=True)
-    ours = M.clip_loss(img, txt, scale.exp())
+    ours = L.clip_loss(img, txt, scale.exp())
     ref = naive_clip_loss(img, txt, scale.exp())
     g_ours = torch.autograd.grad(ours, [img, txt, scale])
     g_ref = torch.autograd.grad(ref, [img, txt, scale])
@@ -291,7 +292,7 @@ def test_losses_match_float64_reference():
     for a, b in zip(g_ours, g_ref):
         assert (a - b).abs().max() <= 1e-10
     for neg in (None, hn):
-        ours = M.caption_contrastive_loss(img, txt, 0.05, neg)
+        ours = L.caption_contrastive_loss(img, txt, 0.05, neg)
         ref = naive_simcse(img, txt, 0.05, neg)
         assert abs(ours.item() - ref.item()) <= 1e-10
         g_ours = torch.autograd.grad(ours, [img, txt])
@@ -312,10 +313,10 @@ def _ddp_worker(rank, world, port, x, y, w_state, out_dir):
         scale = torch.tensor(2.5, dtype=torch.float64, requires_grad=True)
         xs, ys = x[rank * b:(rank + 1) * b], y[rank * b:(rank + 1) * b]
         if name == "clip":
-            loss = M.clip_loss(lin(xs), lin(ys) * 0.5 + 1, scale.exp())
+            loss = L.clip_loss(lin(xs), lin(ys) * 0.5 + 1, scale.exp())
         else:
             hn = lin(ys.flip(0)) if name == "simcse_hn" else None
-            loss = M.caption_contrastive_loss(lin(xs), lin(ys), 0.1, hn)
+            loss = L.caption_contrastive_loss(lin(xs), lin(ys), 0.1, hn)
         loss.backward()
         grads = [lin.weight.grad, lin.bias.grad] + ([scale.grad] if name == "clip" else [])
         for g in grads:  # what DDP does: average the gradients over ranks
@@ -341,11 +342,11 @@ def test_losses_under_ddp_equal_full_batch(tmp_path):
         lin.load_state_dict(state)
         scale = torch.tensor(2.5, dtype=torch.float64, requires_grad=True)
         if name == "clip":
-            loss = M.clip_loss(lin(x), lin(y) * 0.5 + 1, scale.exp())
+            loss = L.clip_loss(lin(x), lin(y) * 0.5 + 1, scale.exp())
         else:
             # the full-batch equivalent of per-rank hard negatives: each rank's flipped half
             hn = lin(torch.cat([y[:4].flip(0), y[4:].flip(0)])) if name == "simcse_hn" else None
-            loss = M.caption_contrastive_loss(lin(x), lin(y), 0.1, hn)
+            loss = L.caption_contrastive_loss(lin(x), lin(y), 0.1, hn)
         loss.backward()
         grads = [lin.weight.grad, lin.bias.grad] + ([scale.grad] if name == "clip" else [])
         d_loss, d_grads = ddp[name]
@@ -402,7 +403,9 @@ def test_vision_tower_local_weights(tmp_path):
 
 def test_llm2clip_forward_normalised():
     m = M.LLM2CLIP(tiny_vit(embed_dim=16), text_dim=24, adaptor_blocks=1)
-    img, txt, scale = m(torch.randn(2, 3, 32, 32), torch.randn(2, 24))
+    out = m(torch.randn(2, 3, 32, 32), torch.randn(2, 24))
+    assert out.keys() == {"image", "llm", "logit_scale"}  # named outputs
+    img, txt, scale = out["image"], out["llm"], out["logit_scale"]
     assert img.shape == txt.shape == (2, 16)
     assert torch.allclose(img.norm(dim=-1), torch.ones(2)) and torch.allclose(txt.norm(dim=-1), torch.ones(2))
     assert abs(scale.item() - 1 / 0.07) < 1e-4
@@ -441,18 +444,18 @@ def test_grad_cache_step_equals_full_batch(stage, dropout):
     a, b, c = (torch.randn(10, 6, dtype=torch.float64) for _ in range(3))
     e = torch.randn(10, 4, dtype=torch.float64)
     if stage == 2:  # one side of (images, text) chunks -> (image features, text features, logit scale)
-        forward, loss_fn = (lambda ch: toy(*ch)), (lambda out: M.clip_loss(*out))
+        forward, loss_fn = (lambda ch: toy(*ch)), (lambda out: L.clip_loss(*out))
         groups = [list(zip(a.split(4), e.split(4)))]
     else:  # queries, positives and hard negatives through one encoder
-        forward, loss_fn = toy.image, (lambda q, d, h: M.caption_contrastive_loss(q, d, 0.05, h))
+        forward, loss_fn = toy.image, (lambda q, d, h: L.caption_contrastive_loss(q, d, 0.05, h))
         groups = [list(t.split(4)) for t in (a, b, c)]
 
     def reference(n):  # the whole batch in one graph, forwards of n rows (n < 10: the masks the helper replays)
         if stage == 2:
             outs = [toy(a[i:i + n], e[i:i + n]) for i in range(0, 10, n)]
-            return M.clip_loss(torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs]), outs[0][2])
+            return L.clip_loss(torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs]), outs[0][2])
         q, d, h = (torch.cat([toy.image(t[i:i + n]) for i in range(0, 10, n)]) for t in (a, b, c))
-        return M.caption_contrastive_loss(q, d, 0.05, h)
+        return L.caption_contrastive_loss(q, d, 0.05, h)
 
     torch.manual_seed(1)
     ref = reference(4 if dropout else 10)
@@ -461,7 +464,7 @@ def test_grad_cache_step_equals_full_batch(stage, dropout):
     entered = []
     no_sync = lambda: entered.append(1) or contextlib.nullcontext()  # noqa: E731
     torch.manual_seed(1)
-    loss = M.grad_cache_step(forward, groups, loss_fn, no_sync=no_sync)
+    loss = L.grad_cache_step(forward, groups, loss_fn, no_sync=no_sync)
     g = _take_grads(toy)
     assert g.keys() == g_ref.keys() and ("logit_scale" in g) == (stage == 2)
     assert min(v.abs().max().item() for v in g_ref.values()) > 1e-3  # every gradient is a real one
@@ -471,11 +474,11 @@ def test_grad_cache_step_equals_full_batch(stage, dropout):
     assert torch.equal(torch.get_rng_state(), rng_ref)  # a resumed run draws the same numbers next
     if dropout:  # and dropout really is on: another seed, another gradient
         torch.manual_seed(2)
-        M.grad_cache_step(forward, groups, loss_fn)
+        L.grad_cache_step(forward, groups, loss_fn)
         assert max((v - g_ref[k]).abs().max().item() for k, v in _take_grads(toy).items()) > 1e-4
     else:  # one chunk per side: the plain forward + backward, no no_sync
         whole = [[(a, e)]] if stage == 2 else [[a], [b], [c]]
         entered.clear()
-        loss = M.grad_cache_step(forward, whole, loss_fn, no_sync=no_sync)
+        loss = L.grad_cache_step(forward, whole, loss_fn, no_sync=no_sync)
         assert abs(loss.item() - ref.item()) < 1e-12 and not entered
         assert max((v - g_ref[k]).abs().max().item() for k, v in _take_grads(toy).items()) < 1e-12

@@ -19,7 +19,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402
+from cache import EmbeddingCache  # noqa: E402
 import data  # noqa: E402
+import data_index  # noqa: E402
 import model as M  # noqa: E402
 import pipeline  # noqa: E402
 from conftest import stage2_world  # noqa: E402
@@ -33,6 +35,9 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
 @pytest.fixture(scope="module")
 def w(tmp_path_factory):
     return stage2_world(tmp_path_factory.mktemp("post"), 128, 48)
+
+
+DEFAULTS = {k: getattr(post_train, k) for k in post_train.config_keys}  # the resolved config of no overrides
 
 
 def args(w, out, *extra):
@@ -118,13 +123,14 @@ def test_gradient_cache_equals_one_pass(w, tmp_path):
 
 KILL_AFTER = """
 import os, signal, sys
-import post_train
-save = post_train.save_checkpoint
-def save_then_die(path, state):
-    save(path, state)
-    if state["step"] == {k}:
+import common, post_train
+save = common.Checkpoints.save
+def save_then_die(self, step, state):
+    path = save(self, step, state)
+    if step == {k}:
         os.kill(os.getpid(), signal.SIGKILL)
-post_train.save_checkpoint = save_then_die
+    return path
+common.Checkpoints.save = save_then_die
 post_train.main(sys.argv[1:])
 """
 
@@ -196,7 +202,7 @@ def test_tar_shards_match_manifest(w, tmp_path):
                 tf.add(tmp_path / "m.json", arcname=f"{key}.json")
                 (tmp_path / "m.txt").write_text(records[i]["captions"][0])
                 tf.add(tmp_path / "m.txt", arcname=f"{key}.txt")
-    shards = [r for r in data.index_tar_shards(data.expand_shards(str(tmp_path / "{00000..00001}.tar")))]
+    shards = [r for r in data_index.index_tar_shards(data_index.expand_shards(str(tmp_path / "{00000..00001}.tar")))]
     assert [(r["captions"], r["long_captions"]) for r in shards] == [(r["captions"], r["long_captions"]) for r in records]
     post_train.main(args(w, tmp_path / "m"))
     post_train.main(args(w, tmp_path / "t", "--train_manifest=", f"--train_shards={tmp_path}/*.tar", "--num_workers=2"))
@@ -266,7 +272,7 @@ def test_nan_loss_names_step_and_checkpoint(w, tmp_path):
     emb[off[r]:off[r + 1]] = np.nan
     emb.flush()
     del emb
-    # named when read (issue 16), not steps later as a non-finite loss
+    # named when read, not steps later as a non-finite loss
     with pytest.raises(data.DataError, match=rf"embeddings.npy: row \d+ is not finite: record {r} \(.*train.jsonl:{r + 1}, "):
         post_train.main(args(w, tmp_path / "o", f"--cache_dir={cache}", "--max_steps=4", "--save_interval=1"))
 
@@ -276,7 +282,7 @@ def test_nan_loss_names_step_and_checkpoint(w, tmp_path):
 def test_param_groups_layer_decay_and_no_weight_decay():
     vision = M.VisionTower("vit_tiny_patch16_224", embed_dim=16, timm_kwargs=dict(img_size=32, patch_size=8, embed_dim=64, depth=3, num_heads=2))
     net = M.LLM2CLIP(vision, 32, adaptor_blocks=1)
-    cfg = {"weight_decay": 0.05, "layer_decay": 0.5}
+    cfg = {**DEFAULTS, "weight_decay": 0.05, "layer_decay": 0.5}
     groups = post_train.param_groups(net, cfg)
     names = {id(p): n for n, p in net.named_parameters()}
     scale = {names[id(p)]: (g["lr_scale"], g["weight_decay"]) for g in groups for p in g["params"]}
@@ -315,7 +321,7 @@ def test_export_loads_in_timm_and_load_llm2clip(w, trained):
     ck = final_state(trained)
     cfg = ck["config"]
     vision = M.VisionTower(cfg["vision_model"], embed_dim=cfg["embed_dim"], timm_kwargs=cfg["timm_kwargs"])
-    cache = data.EmbeddingCache(w.val_cache)
+    cache = EmbeddingCache(w.val_cache)
     net = M.LLM2CLIP(vision, cache.dim, cfg["adaptor_blocks"], cfg["adaptor_expansion"])
     net.load_state_dict(ck["model"])
     net.eval()
@@ -358,7 +364,7 @@ def test_evaluate_scores_the_export_as_training_did(w, trained, tmp_path):
 
 
 def test_baseline_clip_and_post_trained_export_side_by_side(w, trained, tiny_clip, tmp_path, capsys):
-    """Issue 6: a real post_train.py export and a random baseline CLIPModel (own text tower) go
+    """A real post_train.py export and a random baseline CLIPModel (own text tower) go
     through the same evaluate.py command into one table; the JSON matches the printed rows."""
     import evaluate
     out = tmp_path / "res.json"
@@ -379,7 +385,7 @@ def test_baseline_clip_and_post_trained_export_side_by_side(w, trained, tiny_cli
     assert trained_scores["t2i_R@1"] > base_scores["t2i_R@1"]  # the trained tower beats a random CLIP
 
 
-# --- issue 10: the logit scale starts where the pretrained CLIP's is and can be given its own lr
+# --- the logit scale starts where the pretrained CLIP's is and can be given its own lr
 
 def test_logit_scale_starts_at_the_pretrained_value_and_reaches_the_clamp(w, tmp_path):
     import math
@@ -390,7 +396,7 @@ def test_logit_scale_starts_at_the_pretrained_value_and_reaches_the_clamp(w, tmp
         assert math.exp(cfg["logit_scale_init"]) == pytest.approx(100.0), name  # OpenAI / EVA02-CLIP: x100
         net = M.LLM2CLIP(M.VisionTower("vit_tiny_patch16_224", embed_dim=8, timm_kwargs=dict(
             img_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=1)), 8, 0, logit_scale_init=cfg["logit_scale_init"])
-        assert net(torch.zeros(1, 3, 16, 16), torch.ones(1, 8))[2].item() == pytest.approx(100.0)
+        assert net(torch.zeros(1, 3, 16, 16), torch.ones(1, 8))["logit_scale"].item() == pytest.approx(100.0)
     # the tiny preset (from scratch, x14.3): with its own lr the scale moves in a short run; at the base lr it barely does
     runs = {}
     for scale_lr in (0.0, 0.05):
@@ -417,7 +423,7 @@ def test_logit_scale_starts_at_the_pretrained_value_and_reaches_the_clamp(w, tmp
 
 
 def test_siglip2_preset_keeps_its_pooled_1152d_output():
-    """Issue 10 item 2: the official SigLIP2 config keeps the attention-pool output (embed_dim 1152, no
+    """The official SigLIP2 config keeps the attention-pool output (embed_dim 1152, no
     projection); the preset builds the tower with no new Linear head."""
     import timm
     defaults = {k: getattr(post_train, k) for k in post_train.config_keys}
@@ -432,7 +438,7 @@ def test_siglip2_preset_keeps_its_pooled_1152d_output():
 
 
 def test_online_text_encoder_settings_match_a_cache_built_with_them(w, tmp_path):
-    """Issue 10 item 4: text_source=online with bidirectional=False embeds as a causal cache does (same
+    """text_source=online with bidirectional=False embeds as a causal cache does (same
     first-step loss), llm2clip.json records it, and a cache that contradicts a setting is refused."""
     import embed_captions
     causal = str(tmp_path / "causal_cache")
@@ -448,7 +454,8 @@ def test_online_text_encoder_settings_match_a_cache_built_with_them(w, tmp_path)
     _, enc = M.load_llm2clip(str(tmp_path / "online"))
     assert enc.text_encoder.settings["bidirectional"] is False and M.is_causal_model(enc.text_encoder.model)
     # evaluate.py's retrieval text side: the recorded settings by default, its text-encoder keys override them
-    ev = {k: getattr(post_train.evaluate, k) for k in post_train.evaluate.config_keys}
+    import evaluate
+    ev = {k: getattr(evaluate, k) for k in evaluate.config_keys}
     t = post_train.zoo.load_model(str(tmp_path / "online"), "cpu", ev).text_encoder
     assert t.text_encoder.settings["bidirectional"] is False and t.max_length == 512
     t = post_train.zoo.load_model(str(tmp_path / "online"), "cpu", {**ev, "bidirectional": True, "max_length": 32}).text_encoder

@@ -1,0 +1,560 @@
+"""Stage-2 training data: tar shards, the training index (built once, memory-mapped by every rank and
+worker), the training samples and post_train.py's loader. Imports data.py and cache.py, never the reverse.
+"""
+import hashlib
+import json
+import os
+
+import numpy as np
+
+from cache import CACHE_EMBEDDINGS, CACHE_FIELDS, CacheTexts, EmbeddingCache, ManifestTexts, hash_record_texts
+from data import (DataError, ResumableBatchSampler, TrainTransform, _caption_list, check_format_version,
+                  choose_caption, open_image, sample_rng, scan_jsonl, train_record)
+
+# === tar shards (WebDataset / img2dataset layout) ===
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+def expand_shards(spec):
+    """Tar shard paths from a comma list of globs or brace ranges: "data/{00000..00099}.tar,more/*.tar"."""
+    import glob
+    import re
+    paths = []
+    for part in [p.strip() for p in spec.split(",") if p.strip()]:
+        m = re.search(r"\{(\d+)\.\.(\d+)\}", part)
+        if m:
+            a, b = m.group(1), m.group(2)
+            names = [part[:m.start()] + str(i).zfill(len(a)) + part[m.end():] for i in range(int(a), int(b) + 1)]
+        else:
+            names = sorted(glob.glob(part)) or [part]
+        for n in names:
+            if not os.path.isfile(n):
+                raise DataError(f"{n}: tar shard not found (from {spec!r})")
+        paths += names
+    return paths
+
+
+def scan_tar_shard(path):
+    """Yield the manifest-style records of one WebDataset tar shard (img2dataset output), in member order.
+
+    A sample is the members sharing a key (the name up to the first dot): an image (.jpg/.png/...)
+    plus `.txt` (the real caption) and/or `.json` (keys `captions`, `long_captions`, or `caption`).
+    Image bytes are not read here: each record keeps the byte range of its image (`_tar`), so any
+    rank or worker reads its own samples with a plain seek. Records with no caption are an error.
+    Integrity: tarfile stops quietly at a truncated header, so every member must lie within the file
+    and the archive must end with its end-of-archive blocks; a shard cut anywhere is a DataError naming
+    it (never fewer samples). Caption fields are validated as manifests are (_caption_list), naming
+    `shard::key`.
+    """
+    import tarfile
+    samples = {}
+    size = os.path.getsize(path)
+    try:
+        with tarfile.open(path) as tf:
+            for m in tf:
+                if m.offset_data + m.size > size:
+                    raise DataError(f"{path}: truncated tar shard: member {m.name!r} needs bytes up to "
+                                    f"{m.offset_data + m.size}, the file has {size}")
+                if not m.isfile():
+                    continue
+                d, base = os.path.split(m.name)
+                key, _, ext = base.partition(".")
+                s = samples.setdefault(os.path.join(d, key), {})
+                ext = ext.lower()
+                if ext in IMAGE_EXTS:
+                    s["image"] = m
+                elif ext in ("txt", "json"):
+                    s[ext] = tf.extractfile(m).read().decode("utf-8")
+            end = tf.offset  # where the member list stopped: must be two zero blocks (POSIX end of archive)
+        with open(path, "rb") as f:
+            f.seek(end)
+            tail = f.read(2 * tarfile.BLOCKSIZE)
+        if len(tail) < 2 * tarfile.BLOCKSIZE or tail.count(0) != len(tail):
+            raise DataError(f"{path}: truncated or corrupt tar shard: no end-of-archive blocks at byte {end} "
+                            f"(file size {size}); samples after that point would be lost")
+    except (tarfile.TarError, OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read tar shard ({e})") from None
+    for key, s in samples.items():
+        where = f"{path}::{key}"
+        if "image" not in s:
+            continue  # img2dataset also writes failed samples as .json only
+        meta = {}
+        if "json" in s:
+            try:
+                meta = json.loads(s["json"])
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}.json: malformed JSON ({e.msg})") from None
+            if not isinstance(meta, dict):
+                raise DataError(f"{where}.json: expected a JSON object, got {type(meta).__name__}")
+            if "caption" in meta and not isinstance(meta["caption"], (str, type(None))):
+                raise DataError(f"{where}.json: 'caption' must be a string, got {meta['caption']!r:.80}")
+        captions = _caption_list(f"{where}.json", meta, "captions") or (
+            [meta["caption"]] if (meta.get("caption") or "").strip() else [])
+        if not captions and s.get("txt", "").strip():
+            captions = [s["txt"].strip()]
+        long_captions = _caption_list(f"{where}.json", meta, "long_captions")
+        if not captions and not long_captions:
+            raise DataError(f"{where}: no caption (expected {key}.txt or captions/long_captions in {key}.json)")
+        m = s["image"]
+        yield {"image": f"{path}::{m.name}", "captions": captions, "long_captions": long_captions,
+               "_tar": [path, m.offset_data, m.size]}
+
+
+def index_tar_shards(paths):
+    """Every record of the given tar shards (scan_tar_shard), in shard then member order, as a list."""
+    return [rec for path in paths for rec in scan_tar_shard(path)]
+
+
+# --- the training index: what a stage-2 rank needs per record, built once, memory-mapped by everyone
+# Built once per training set (post_train.py builds it on first use, ranks sharing the work, and
+# reuses it until the manifest or a shard changes), as plain .npy files that every rank and DataLoader
+# worker memory-maps read-only. 8 ranks and their workers share one copy through the page cache, there
+# is no per-record Python object (forked workers copied those as reference counts changed), and a rank
+# touches ~40 bytes of it per sample. Files in the index folder:
+#   index_meta.json   format, format_version (absent before versions existed: 1), source (files, sizes,
+#                     mtimes; image_root), num_records, fields, num_texts, text_hash (equal to the cache's
+#                     for the same texts), images_checked (write_index_meta / read_index_meta)
+#   records.jsonl     tar shards only: their records as a manifest (image = "shard::member"); this is the
+#                     file embed_captions.py embeds and text_source="online" reads captions from
+#   line_offset.npy   int64 [N]   byte offset of record r's JSON line in the records file (the manifest,
+#   line_size.npy     int64 [N]   or records.jsonl): a record is re-read with one pread, on demand
+#   line_no.npy       int64 [N]   its line number, for messages
+#   image_shard.npy   int32 [N]   tar shard id of the image, or -1: a file named by the line's "image"
+#   image_offset.npy  int64 [N]   the image's byte range inside its shard
+#   image_size.npy    int64 [N]
+#   counts.npy        int32 [N, 2] number of captions, long_captions
+#   text_row.npy      int64 [N+1] cache row of record r's first text (= the cache's record_offsets)
+#   text_hashes.npy   uint64 [T]  per-text hashes; read only to say which caption differs from a cache
+INDEX_FORMAT = "llm2clip-train-index/1"
+INDEX_FORMAT_VERSION = 1  # index_meta.json's format_version: raise it when an old reader would misread
+INDEX_META = "index_meta.json"
+INDEX_ARRAYS = ("line_offset", "line_size", "line_no", "image_shard", "image_offset", "image_size", "counts",
+                "text_row", "text_hashes")
+
+
+def index_source(manifest=None, image_root=None, shards=None):
+    """What a training index is built from, with each file's size and mtime: a changed file rebuilds it."""
+    files = [os.path.abspath(manifest)] if manifest else [os.path.abspath(p) for p in shards]
+    for f in files:
+        if not os.path.isfile(f):
+            raise DataError(f"{f}: file not found")
+    stats = [os.stat(f) for f in files]
+    root = None
+    if manifest:
+        root = os.path.abspath(image_root) if image_root else os.path.dirname(files[0])
+    return {"kind": "manifest" if manifest else "shards", "files": files, "image_root": root,
+            "sizes": [st.st_size for st in stats], "mtimes_ns": [st.st_mtime_ns for st in stats]}
+
+
+class _IndexBuilder:
+    """Accumulates the index arrays record by record (compact typed buffers, not Python objects)."""
+
+    def __init__(self):
+        import array
+        self.a = {"line_offset": array.array("q"), "line_size": array.array("q"), "line_no": array.array("q"),
+                  "image_shard": array.array("i"), "image_offset": array.array("q"), "image_size": array.array("q"),
+                  "counts": array.array("i")}
+
+    def add(self, line_offset, line_size, line_no, shard, image_offset, image_size, n_real, n_long):
+        a = self.a
+        a["line_offset"].append(line_offset), a["line_size"].append(line_size), a["line_no"].append(line_no)
+        a["image_shard"].append(shard), a["image_offset"].append(image_offset), a["image_size"].append(image_size)
+        a["counts"].extend((n_real, n_long))
+
+    def arrays(self):
+        dt = {"q": np.int64, "i": np.int32}
+        out = {k: np.frombuffer(v, dtype=dt[v.typecode]) for k, v in self.a.items()}
+        out["counts"] = out["counts"].reshape(-1, 2)
+        return out
+
+
+def _save_npy(path, arr):
+    tmp = f"{path}.tmp{os.getpid()}.npy"
+    np.save(tmp, arr)
+    os.replace(tmp, path)
+
+
+def _shard_part_name(source, i):
+    key = hashlib.sha256(f"{source['files'][i]}\0{source['sizes'][i]}\0{source['mtimes_ns'][i]}".encode()).hexdigest()
+    return f"{i:06d}-{key[:16]}"
+
+
+def _scan_shard_part(source, i, parts_dir):
+    """One shard -> parts_dir/<part>.jsonl (its records as manifest lines) + <part>.npz (image byte
+    ranges, line sizes). Written under temp names and renamed: a part that exists is complete."""
+    name = _shard_part_name(source, i)
+    final = os.path.join(parts_dir, name + ".npz")
+    if os.path.exists(final):
+        return
+    path = source["files"][i]
+    offs, sizes, lines = [], [], []
+    tmp_jsonl = os.path.join(parts_dir, f"{name}.jsonl.tmp{os.getpid()}")
+    with open(tmp_jsonl, "wb") as f:
+        for rec in scan_tar_shard(path):
+            train_record(rec["image"], rec)  # the manifest's validation, naming shard::member
+            line = (json.dumps({k: rec[k] for k in ("image", "captions", "long_captions")}, ensure_ascii=False)
+                    + "\n").encode("utf-8")
+            f.write(line)
+            offs.append(rec["_tar"][1]), sizes.append(rec["_tar"][2]), lines.append(len(line))
+    os.replace(tmp_jsonl, os.path.join(parts_dir, name + ".jsonl"))
+    tmp = os.path.join(parts_dir, f"{name}.tmp{os.getpid()}.npz")
+    np.savez(tmp, image_offset=np.asarray(offs, np.int64), image_size=np.asarray(sizes, np.int64),
+             line_size=np.asarray(lines, np.int64))
+    os.replace(tmp, final)
+
+
+def _wait_for(cond, what, log, poll=0.5):
+    """Poll until cond() is true (another rank is building); a line every minute says what we wait for."""
+    import time
+    t0, said = time.time(), 0
+    while not cond():
+        time.sleep(poll)
+        if time.time() - t0 > 60 * (said + 1):
+            said += 1
+            log(f"still waiting for {what} ({int(time.time() - t0)} s)")
+
+
+def write_index_meta(index_dir, meta):
+    """index_meta.json, stamped with the format and this code's format_version, through a temp file and a
+    rename; the builder writes it last, so its presence (with this source) means the index is complete."""
+    path = os.path.join(index_dir, INDEX_META)
+    meta = {"format": INDEX_FORMAT, **meta, "format_version": INDEX_FORMAT_VERSION}
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def read_index_meta(index_dir):
+    """index_meta.json as a dict, or None while there is none (not built yet, or being rebuilt). One of a
+    newer format_version than this code reads (none: 1) is a DataError naming it, never rebuilt over."""
+    path = os.path.join(index_dir, INDEX_META)
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+    if isinstance(meta, dict):
+        check_format_version(path, meta, INDEX_FORMAT_VERSION)
+    return meta
+
+
+def _index_ready(index_dir, source, check_images):
+    meta = read_index_meta(index_dir)
+    return (meta is not None and meta.get("format") == INDEX_FORMAT and meta.get("source") == source
+            and (meta.get("images_checked") or not check_images))
+
+
+def build_train_index(index_dir, manifest=None, image_root=None, shards=None, check_images=True,
+                      rank=0, world_size=1, log=print):
+    """Build (or reuse) the training index of a manifest or of tar shards in index_dir; return a TrainIndex.
+
+    Every rank calls it with the same arguments. An index whose source files (path, size, mtime) and
+    image_root are unchanged is reused at once. Otherwise: a manifest is read once by rank 0 (records
+    validated like read_manifest, image files checked to exist when check_images), while the other
+    ranks wait; tar shards are scanned once, rank k taking shards k, k + world_size, ... (a part per
+    shard, kept if the build is interrupted), and rank 0 merges the parts. Coordination is through
+    files, so it needs no process group and no collective timeout covers a long build.
+    """
+    import time
+    if bool(manifest) == bool(shards):
+        raise ValueError("build_train_index: give exactly one of manifest and shards")
+    source = index_source(manifest, image_root, shards)
+    if not _index_ready(index_dir, source, check_images):
+        os.makedirs(index_dir, exist_ok=True)
+        t0 = time.time()
+        if shards:
+            parts_dir = os.path.join(index_dir, "parts")
+            os.makedirs(parts_dir, exist_ok=True)
+            for i in range(rank, len(source["files"]), world_size):
+                _scan_shard_part(source, i, parts_dir)
+            if rank == 0:
+                names = [_shard_part_name(source, i) for i in range(len(source["files"]))]
+                _wait_for(lambda: all(os.path.exists(os.path.join(parts_dir, n + ".npz")) for n in names),
+                          f"the other ranks' tar shard scans in {parts_dir}", log)
+                _merge_index(index_dir, source, names, log)
+                log(f"training index: scanned {len(names)} tar shards over {world_size} rank(s) in "
+                    f"{time.time() - t0:.1f}s -> {index_dir}")
+        elif rank == 0:
+            _build_manifest_index(index_dir, source, check_images)
+            log(f"training index: read {manifest} in {time.time() - t0:.1f}s -> {index_dir}")
+        if rank != 0:
+            _wait_for(lambda: _index_ready(index_dir, source, check_images), f"rank 0 to build {index_dir}", log)
+    return TrainIndex(index_dir)
+
+
+def _finish_index(index_dir, source, arrays, text_hash, hashes, records_file, images_checked):
+    """Write the arrays, then index_meta.json last (its presence with this source means complete)."""
+    counts = arrays["counts"]
+    arrays["text_row"] = np.concatenate([[0], np.cumsum(counts.sum(1), dtype=np.int64)]).astype(np.int64)
+    arrays["text_hashes"] = np.frombuffer(hashes, dtype=np.uint64)
+    if len(counts) == 0:
+        raise DataError(f"{', '.join(source['files'][:3])}: no records; expected one image + captions per record")
+    meta_path = os.path.join(index_dir, INDEX_META)
+    if os.path.exists(meta_path):
+        os.remove(meta_path)
+    for k in INDEX_ARRAYS:
+        _save_npy(os.path.join(index_dir, k + ".npy"), arrays[k])
+    write_index_meta(index_dir, {"source": source, "records_file": records_file, "num_records": len(counts),
+                                 "fields": list(CACHE_FIELDS), "field_texts": counts.sum(0).tolist(),
+                                 "num_texts": int(counts.sum()), "text_hash": text_hash,
+                                 "images_checked": images_checked})
+
+
+def _build_manifest_index(index_dir, source, check_images):
+    import array
+    path, root = source["files"][0], source["image_root"]
+    b, h, hashes = _IndexBuilder(), hashlib.sha256(), array.array("Q")
+    for r, (lineno, off, size, obj) in enumerate(scan_jsonl(path)):
+        where = f"{path}:{lineno}"
+        image, caps, longs = train_record(where, obj)
+        if check_images and not os.path.isfile(os.path.join(root, image)):
+            raise DataError(f"{where}: image file not found: {os.path.join(root, image)} (image root {root})")
+        hash_record_texts(h, hashes, r, "captions", caps)
+        hash_record_texts(h, hashes, r, "long_captions", longs)
+        b.add(off, size, lineno, -1, 0, 0, len(caps), len(longs))
+    _finish_index(index_dir, source, b.arrays(), h.hexdigest(), hashes, path, check_images)
+
+
+def _merge_index(index_dir, source, names, log):
+    """Rank 0: concatenate the shards' parts into records.jsonl and the arrays, hashing the texts."""
+    import array
+    parts_dir = os.path.join(index_dir, "parts")
+    records_file = os.path.join(index_dir, "records.jsonl")
+    b, h, hashes = _IndexBuilder(), hashlib.sha256(), array.array("Q")
+    offset, r = 0, 0
+    tmp = f"{records_file}.tmp{os.getpid()}"
+    with open(tmp, "wb") as out:
+        for i, name in enumerate(names):
+            with np.load(os.path.join(parts_dir, name + ".npz")) as z:
+                img_off, img_size = z["image_offset"].tolist(), z["image_size"].tolist()
+            with open(os.path.join(parts_dir, name + ".jsonl"), "rb") as f:
+                for j, line in enumerate(f):
+                    obj = json.loads(line)
+                    hash_record_texts(h, hashes, r, "captions", obj["captions"])
+                    hash_record_texts(h, hashes, r, "long_captions", obj["long_captions"])
+                    b.add(offset, len(line), r + 1, i, img_off[j], img_size[j],
+                          len(obj["captions"]), len(obj["long_captions"]))
+                    out.write(line)
+                    offset += len(line)
+                    r += 1
+    os.replace(tmp, records_file)
+    _finish_index(index_dir, source, b.arrays(), h.hexdigest(), hashes, records_file, True)
+    import shutil
+    shutil.rmtree(parts_dir, ignore_errors=True)
+
+
+class TrainIndex:
+    """Read a training index (build_train_index): len(index) records; index[r] -> the record as a dict
+    like read_manifest's ({"image", "captions", "long_captions"}, plus "_tar" for shards), re-read from
+    its line on demand; index.text_row(r) -> its first cache row. Arrays are memory-mapped lazily, once
+    per process, and files opened per process, so DataLoader workers (fork or spawn) share the pages."""
+
+    def __init__(self, index_dir):
+        self.dir = index_dir
+        meta = read_index_meta(index_dir)
+        if meta is None or meta.get("format") != INDEX_FORMAT:
+            raise DataError(f"{index_dir}: no complete training index ({INDEX_META} missing or of another format)")
+        self.meta = meta
+        self.num_records, self.text_hash, self.fields = meta["num_records"], meta["text_hash"], meta["fields"]
+        self.records_file = meta["records_file"]
+        self.kind, self.files, self.image_root = meta["source"]["kind"], meta["source"]["files"], meta["source"]["image_root"]
+        self._mm, self._fds, self._pid = {}, {}, None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_mm": {}, "_fds": {}, "_pid": None}
+
+    def _mine(self):
+        if self._pid != os.getpid():  # a forked worker: its own mappings and file descriptors
+            self._mm, self._fds, self._pid = {}, {}, os.getpid()
+
+    def array(self, name):
+        self._mine()
+        if name not in self._mm:
+            self._mm[name] = np.load(os.path.join(self.dir, name + ".npy"), mmap_mode="r")
+        return self._mm[name]
+
+    def _fd(self, path):
+        self._mine()
+        if path not in self._fds:
+            self._fds[path] = os.open(path, os.O_RDONLY)
+        return self._fds[path]
+
+    def __len__(self):
+        return self.num_records
+
+    def where(self, r):
+        """'file:line' of record r, for messages."""
+        return f"{self.records_file}:{int(self.array('line_no')[r])}"
+
+    def __getitem__(self, r):
+        r = int(r)
+        if not 0 <= r < self.num_records:
+            raise IndexError(f"record {r} out of range (0..{self.num_records - 1})")
+        line = os.pread(self._fd(self.records_file), int(self.array("line_size")[r]), int(self.array("line_offset")[r]))
+        obj = json.loads(line)
+        shard = int(self.array("image_shard")[r])
+        if shard < 0:
+            return {"image": os.path.join(self.image_root, obj["image"]), "captions": obj.get("captions") or [],
+                    "long_captions": obj.get("long_captions") or []}
+        return {**obj, "_tar": [self.files[shard], int(self.array("image_offset")[r]), int(self.array("image_size")[r])]}
+
+    def text_row(self, r):
+        return int(self.array("text_row")[r])
+
+    def cache_row(self, r, record, field, slot):
+        """Cache row of (record r, field, slot); `record` is index[r] (its caption counts)."""
+        return self.text_row(r) + (len(record["captions"]) if field == "long_captions" else 0) + slot
+
+    def used_fields(self):
+        """The caption fields that have any text."""
+        return [f for f, n in zip(self.meta["fields"], self.meta["field_texts"]) if n]
+
+    def texts(self, fields):
+        """A CacheTexts-like view (counts, text_hashes, lazy texts, where) for describe_text_mismatch."""
+        cols = [self.meta["fields"].index(f) for f in fields]
+        counts = np.asarray(self.array("counts"))[:, cols]
+        view = CacheTexts(self.records_file, list(fields), None, counts, np.asarray(self.array("line_no")),
+                          np.asarray(self.array("text_hashes")), self.text_hash)
+        view.texts = ManifestTexts(self.records_file, fields, self.array("line_offset"), self.array("line_size"),
+                                   view.record_offsets)
+        return view
+
+
+class TrainSamples:
+    """Stage-2 training samples: item (epoch, index) -> dict(image, embedding, text, index, bad).
+
+    `records` is a TrainIndex (records re-read on demand, cache rows from the index). The caption is
+    chosen by `choose_caption`; its text embedding is the cache row of (record, field, slot) (None for
+    text_source="online", where the loop embeds `text`). A bad image raises DataError with its path,
+    or with skip_bad_images the next record (index + 1, + 2, ...) takes its place, so every rank keeps
+    the same batch size; `bad` lists the skipped images for the end-of-run report.
+    """
+
+    def __init__(self, records, transform, cache=None, seed=0, real_caption_ratio=0.5, skip_bad_images=False):
+        self.records, self.transform, self.cache = records, transform, cache
+        self.seed, self.ratio, self.skip_bad = seed, real_caption_ratio, skip_bad_images
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, item):
+        epoch, index = item
+        bad = []
+        n = len(self.records)
+        for k in range(n):
+            i = (index + k) % n
+            rec = self.records[i]
+            try:
+                img = open_image(rec)
+                break
+            except DataError as e:
+                if not self.skip_bad:
+                    raise DataError(f"{e} (set skip_bad_images=True to skip bad images)") from None
+                bad.append(rec["image"])
+        else:
+            raise DataError(f"no readable image among {n} records")
+        rng = sample_rng(self.seed, epoch, i)
+        field, slot = choose_caption(rec, rng, self.ratio)
+        emb = None
+        if self.cache is not None:
+            row = self.records.cache_row(i, rec, field, slot)
+            emb = np.array(self.cache.embeddings[row])
+            if not np.isfinite(emb).all():  # would train until the loss is NaN, naming nothing
+                raise DataError(f"{os.path.join(self.cache.cache_dir, CACHE_EMBEDDINGS)}: row {row} is not finite: "
+                                f"record {i} ({self.records.where(i)}, image {rec['image']}), {field}[{slot}]; "
+                                "check it with embed_captions.py --verify_only=True")
+        return {"image": self.transform(img, rng), "embedding": emb, "text": rec[field][slot], "index": i, "bad": bad}
+
+
+def collate_train(samples):
+    """Stack a list of TrainSamples items into one batch dict (embedding None when not cached)."""
+    import numpy as np
+    import torch
+    embs = [s["embedding"] for s in samples]
+    return {"image": torch.stack([s["image"] for s in samples]),
+            "embedding": None if embs[0] is None else torch.from_numpy(np.stack(embs).astype(np.float32)),
+            "text": [s["text"] for s in samples], "index": torch.tensor([s["index"] for s in samples]),
+            "bad": [b for s in samples for b in s["bad"]]}
+
+
+class EpochBatchSampler(ResumableBatchSampler):
+    """ResumableBatchSampler whose items are (epoch, index), so a sample knows its epoch's seed."""
+
+    def __iter__(self):
+        for step, indices in enumerate(super().__iter__(), self.start_step):
+            epoch = self.epoch_of(step)
+            yield [(epoch, i) for i in indices]
+
+
+# --- what identifies the training data in a checkpoint (a resume on other data is refused)
+
+def data_identity(records, cache=None, shards=()):
+    """What identifies stage-2 training data, kept in checkpoints so a resume on other data is refused:
+    the record count, the cache's text hash and size, and the shards' names and sizes. Cheap (nothing
+    is re-read) and free of paths, so moved files with the same content still resume."""
+    ident = {"num_records": len(records)}
+    if cache is not None:
+        ident.update(text_hash=cache.meta["text_hash"], count=cache.count, fields=list(cache.fields))
+    if shards:
+        h = hashlib.sha256()
+        for p in shards:
+            h.update(f"{os.path.basename(p)}\0{os.path.getsize(p)}\0".encode())
+        ident["shards"] = f"{len(shards)} shards, sha256 {h.hexdigest()[:16]}"
+    return ident
+
+
+def identity_mismatch(old, new):
+    """['key: checkpoint X, now Y', ...] over the keys both identities have (the text hash only when the
+    cache fields agree: text_source may change on resume)."""
+    keys = [k for k in (old or {}) if k in new and not (k == "text_hash" and old.get("fields") != new.get("fields"))]
+    return [f"{k}: checkpoint {old[k]!r}, now {new[k]!r}" for k in keys if old[k] != new[k]]
+
+
+# --- post_train.py's training data from its config: the index (built once, then reused), the cache
+# checked against it, and the resumable loader
+
+def train_index_dir(cfg):
+    """Where the training index lives: train_index if set; else beside the cache, one folder per source
+    (every run on that cache reuses it); else in out_dir."""
+    if cfg["train_index"]:
+        return cfg["train_index"]
+    if not cfg["cache_dir"]:
+        return os.path.join(cfg["out_dir"], "train_index")
+    if cfg["train_manifest"]:
+        src = [os.path.abspath(cfg["train_manifest"]), os.path.abspath(cfg["image_root"]) if cfg["image_root"] else ""]
+    else:
+        src = [os.path.abspath(p) for p in expand_shards(cfg["train_shards"])]
+    return os.path.join(cfg["cache_dir"], "train_index-" + hashlib.sha256("\0".join(src).encode()).hexdigest()[:12])
+
+
+def train_data(cfg, rank, world_size, log, uses_llm=True):
+    """-> (TrainIndex, EmbeddingCache or None). Builds the index on first use (ranks share the
+    work; the manifest's image files are checked then, unless bad ones are to be skipped at load time),
+    then refuses a cache of other captions (naming the first differing record) or of another encoder."""
+    shards = expand_shards(cfg["train_shards"]) if cfg["train_shards"] else None
+    index = build_train_index(train_index_dir(cfg), manifest=cfg["train_manifest"] or None,
+                              image_root=cfg["image_root"] or None, shards=shards,
+                              check_images=not cfg["skip_bad_images"], rank=rank, world_size=world_size, log=log)
+    cache = None
+    if cfg["cache_dir"]:
+        cache = EmbeddingCache(cfg["cache_dir"], manifest=index, fields=index.used_fields(),
+                               expect={"model": cfg["text_model"]} if cfg["text_model"] else None)
+    elif cfg["text_source"] == "cache" and uses_llm:
+        raise ValueError(f"text_source='cache' needs cache_dir: run embed_captions.py --manifest={index.records_file}")
+    return index, cache
+
+
+def train_loader(cfg, index, cache, data_config, rank, world_size, step, pin_memory=False):
+    """The DataLoader of this rank's batches from global step `step` on (the sampler's order is a function
+    of the step only: an exact resume)."""
+    import torch
+    train_set = TrainSamples(index, TrainTransform(data_config, tuple(cfg["crop_scale"])),
+                             cache if cfg["text_source"] == "cache" else None, cfg["seed"],
+                             cfg["real_caption_ratio"], cfg["skip_bad_images"])
+    sampler = EpochBatchSampler(len(index), cfg["batch_size"], rank, world_size, cfg["seed"], True,
+                                start_step=step, max_steps=max(0, cfg["max_steps"] - step))
+    # its own generator: building the iterator must not draw from the global stream a resume restored
+    return torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=cfg["num_workers"],
+                                       collate_fn=collate_train, pin_memory=pin_memory,
+                                       generator=torch.Generator().manual_seed(cfg["seed"] + rank))

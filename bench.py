@@ -525,4 +525,4 @@ def print_report(rows, info, cfg, peak):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

@@ -1,4 +1,4 @@
-"""Scale benchmark of the stage-2 data path (issue 11): per-rank memory and startup at 10k..1M records.
+"""Scale benchmark of the stage-2 data path: per-rank memory and startup at 10k..1M records.
 
     python bench_data.py                                      # N = 10k and 100k: a few minutes on 2 cores
     python bench_data.py --sizes=10000,100000,1000000         # + 1M, by hand: ~5 GB of synthetic data
@@ -322,4 +322,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

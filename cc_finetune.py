@@ -27,7 +27,7 @@ import time
 import types
 
 # -----------------------------------------------------------------------------
-# default config (paper settings, DESIGN.md); override with config/*.py and --key=value
+# default config (paper settings, docs/DESIGN.md); override with config/*.py and --key=value
 # model
 text_model = "meta-llama/Meta-Llama-3-8B-Instruct"  # HF hub name or local folder (paper: Llama-3-8B-Instruct)
 bidirectional = True  # drop the causal mask: the paper's decoder -> encoder conversion (BERT-likes ignore it)
@@ -76,6 +76,41 @@ config_keys = [k for k, v in globals().items() if not k.startswith("_") and isin
 # keys that may change between a checkpoint and its resumption: they do not change what is computed
 RESUME_FREE_KEYS = {"out_dir", "log_interval", "save_interval", "keep_checkpoints", "resume", "val_captions", "eval_batch_size",
                     "micro_batch_size", "gradient_checkpointing", "attn_implementation"}
+# declared once, checked before any data or model is read (common.check_config): each key's range, the
+# relations between keys, and what each path key must be. A key's type is its default's.
+OBJECTIVES = ("supervised_simcse", "unsupervised_simcse", "mntp")
+_pos_int = (lambda v: v > 0, "a positive integer")
+RULES = {"batch_size": _pos_int, "micro_batch_size": _pos_int, "max_length": _pos_int, "log_interval": _pos_int,
+         "save_interval": _pos_int, "eval_batch_size": _pos_int, "keep_checkpoints": (lambda v: v >= 0, "an integer >= 0"),
+         "max_steps": (lambda v: v == -1 or v > 0, "-1 (one epoch) or an integer > 0"),
+         "warmup_steps": (lambda v: v >= 0, "an integer >= 0"), "lora_r": (lambda v: v >= 0, "an integer >= 0"),
+         "cc_adaptor_blocks": (lambda v: v >= -1, "-1 (none) or an integer >= 0"),
+         "dtype": (lambda v: v in ("auto", "float32", "bfloat16", "bf16"), "'auto', 'float32' or 'bfloat16'"),
+         "pooling": (lambda v: v in ("mean", "eos"), "one of 'eos', 'mean'"),
+         "objective": (lambda v: v in OBJECTIVES, "one of " + ", ".join(OBJECTIVES)),
+         "temperature": (lambda v: v > 0 and v < float("inf"), "a positive number"),
+         "learning_rate": (lambda v: 0 < v < float("inf"), "a finite number > 0"),
+         "weight_decay": (lambda v: 0 <= v < float("inf"), "a finite number >= 0"),
+         "grad_clip": (lambda v: 0 <= v < float("inf"), "a finite number >= 0"),
+         "lora_alpha": (lambda v: v > 0, "a number > 0"), "lora_dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+         "dropout": (lambda v: v == -1 or 0 <= v < 1, "-1 (the model's own) or a number in [0, 1)"),
+         "mntp_mask_prob": (lambda v: 0 < v < 1, "a number in (0, 1)")}
+RELATIONS = [
+    (lambda c: data.split_paths(c["train_captions"]) or data.split_paths(c["train_pairs"]),
+     "train_captions: expected one or more caption JSONL files (comma-separated), or train_pairs: a {query, "
+     "positive} JSONL file"),
+    (lambda c: not (c["objective"] == "unsupervised_simcse" and not c["dropout"] > 0),
+     lambda c: f"objective=unsupervised_simcse needs dropout > 0 (got {c['dropout']}): its two views differ only "
+               "by dropout (SimCSE 0.1, llm2vec 0.3)"),
+    (lambda c: not (c["objective"] == "mntp" and (c["hard_negatives"] or c["cc_adaptor_blocks"] >= 0)),
+     "objective=mntp: hard_negatives and cc_adaptor_blocks apply to the SimCSE objectives only"),
+    (lambda c: not (c["lora_r"] == 0 and c["cc_adaptor_blocks"] < 0),
+     "lora_r=0 freezes the LLM: set cc_adaptor_blocks >= 0 to train a stage-1 adaptor"),
+    (lambda c: not (c["source_weights"] and not c["single_source_batches"]),
+     "source_weights: a share of batches per file needs single_source_batches=True"),
+]
+PATHS = {"out_dir": "out", "text_model": "model", "init_from": "dir", "train_captions": "files", "train_pairs": "files",
+         "val_captions": "file"}
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -101,31 +136,9 @@ def get_lr(it, max_steps, cfg):
     return cfg["learning_rate"] * max(0.0, (max_steps - it) / max(1, max_steps - cfg["warmup_steps"]))
 
 
-OBJECTIVES = ("supervised_simcse", "unsupervised_simcse", "mntp")
-
-
 def check_config(cfg):
-    """Every value and every relation between keys, before any data or model is read."""
-    if not data.split_paths(cfg["train_captions"]) and not data.split_paths(cfg["train_pairs"]):
-        raise ValueError("train_captions: expected one or more caption JSONL files (comma-separated), "
-                         "or train_pairs: a {query, positive} JSONL file")
-    pos = (lambda v: v > 0, "a positive integer")
-    common.check_config(cfg, {"batch_size": pos, "micro_batch_size": pos, "max_length": pos, "log_interval": pos,
-                              "save_interval": pos, "eval_batch_size": pos,
-                              "dtype": (lambda v: v in ("auto", "float32", "bfloat16", "bf16"), "'auto', 'float32' or 'bfloat16'"),
-                              "pooling": (lambda v: v in M.POOLERS, f"one of {sorted(M.POOLERS)}"),
-                              "objective": (lambda v: v in OBJECTIVES, "one of " + ", ".join(OBJECTIVES)),
-                              "temperature": (lambda v: v > 0, "a positive number")})
-    objective = cfg["objective"]
-    if objective == "unsupervised_simcse" and not cfg["dropout"] > 0:
-        raise ValueError(f"objective=unsupervised_simcse needs dropout > 0 (got {cfg['dropout']}): "
-                         "its two views differ only by dropout (SimCSE 0.1, llm2vec 0.3)")
-    if objective == "mntp" and (cfg["hard_negatives"] or cfg["cc_adaptor_blocks"] >= 0):
-        raise ValueError("objective=mntp: hard_negatives and cc_adaptor_blocks apply to the SimCSE objectives only")
-    if cfg["lora_r"] == 0 and cfg["cc_adaptor_blocks"] < 0:
-        raise ValueError("lora_r=0 freezes the LLM: set cc_adaptor_blocks >= 0 to train a stage-1 adaptor")
-    if cfg["source_weights"] and not cfg["single_source_batches"]:
-        raise ValueError("source_weights: a share of batches per file needs single_source_batches=True")
+    """Every declared rule (RULES, RELATIONS, PATHS), before any data or model is read."""
+    common.check_config(cfg, RULES, RELATIONS, PATHS)
 
 
 # -----------------------------------------------------------------------------
@@ -488,4 +501,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

@@ -8,11 +8,13 @@ import datetime
 import glob
 import hashlib
 import json
+import math
 import os
 import re
 import socket
 import subprocess
 import sys
+import tempfile
 import types
 
 import torch
@@ -26,9 +28,42 @@ import torch.distributed.nn  # noqa: F401
 
 
 # -----------------------------------------------------------------------------
+# The boundary: every script's entry point. Bad input is one line and exit status 2; a bug keeps its traceback.
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+
+
+def _raised_here(exc):
+    """True if the innermost frame of exc's traceback is in this repository's code: a `raise` of ours
+    (we raise ValueError and OSError only to reject input, naming it) or a builtin such as open() called
+    by it, not an error deep inside a library (a library's error on user input is caught where that
+    input enters and re-raised naming it)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(REPO + os.sep) \
+        and f"{os.sep}.venv{os.sep}" not in tb.tb_frame.f_code.co_filename
+
+
+def run_main(main, argv=None):
+    """Run a script's main as a command: an input error (ValueError or OSError raised by our code)
+    prints `<script>: error: <message>` on one line and exits 2; anything else propagates with its
+    traceback. LLM2CLIP_TRACEBACK=1 shows the traceback of input errors too."""
+    script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "llm2clip"
+    try:
+        return main(argv)
+    except (ValueError, OSError) as e:
+        if not _raised_here(e) or os.environ.get("LLM2CLIP_TRACEBACK"):
+            raise
+        msg = " ".join(str(e).split()) or type(e).__name__  # one line, whatever the message held
+        print(f"{script}: error: {msg}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+# -----------------------------------------------------------------------------
 # Configuration: nanoGPT's `python X.py config/foo.py --key=value`, parsed instead of exec'd.
 
-# Keys renamed so that every stage script uses one name per concept (issue 15). An old name in a config
+# Keys renamed so that every stage script uses one name per concept. An old name in a config
 # file or on the command line is an error that names the new key: accepting both would let a typo of
 # intent (two spellings, one silently ignored) through.
 RENAMED = {"lr": "learning_rate", "ckpt_interval": "save_interval", "grad_checkpointing": "gradient_checkpointing",
@@ -220,11 +255,16 @@ def jsonable(v):
     return repr(v)
 
 
+RUN_INFO_VERSION = 1
+
+
 def save_run_info(out_dir, config, script, extra=None):
-    """Write out_dir/run_<script>.json: resolved config, code version, time, torch/transformers versions."""
+    """Write out_dir/run_<script>.json: resolved config, code version, time, torch/transformers versions
+    (read back by read_run_info)."""
     import transformers  # local: only the stage scripts need it
     os.makedirs(out_dir, exist_ok=True)
     info = {
+        "format_version": RUN_INFO_VERSION,
         "script": script,
         "config": jsonable(config),
         "code_version": code_version(),
@@ -237,6 +277,21 @@ def save_run_info(out_dir, config, script, extra=None):
     path = os.path.join(out_dir, f"run_{os.path.splitext(os.path.basename(script))[0]}.json")
     atomic_write_text(path, json.dumps(info, indent=2) + "\n")
     return path
+
+
+def read_run_info(out_dir, script):
+    """run_<script>.json of out_dir (files without format_version are version 1); ValueError naming the
+    file if it is missing, not JSON, or newer than this code."""
+    path = os.path.join(out_dir, f"run_{os.path.splitext(os.path.basename(script))[0]}.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            info = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read the run record ({e}); expected a file {script} wrote") from None
+    version = info.get("format_version", 1) if isinstance(info, dict) else None
+    if not isinstance(version, int) or version > RUN_INFO_VERSION:
+        raise ValueError(f"{path}: format_version {version!r} is not one this code reads (<= {RUN_INFO_VERSION})")
+    return info
 
 
 def _atomic(path, write):
@@ -505,17 +560,76 @@ def describe_truncation(t, max_length):
             f"were cut to max_length={max_length}: {t['tokens_cut']} tokens dropped, at most {t['max_cut']} from one text")
 
 
-def check_config(cfg, rules):
-    """rules: key -> (predicate, what is allowed). ValueError naming every key whose value fails, before
-    any model loads."""
+# Declared config: each script declares its keys' ranges (RULES) and relations (RELATIONS) beside its
+# defaults, and which keys are paths of what kind (PATHS); check_config runs them all before any data or
+# model is read. A key's type is its default's (configure checks it).
+
+def _finite(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+positive = (lambda v: _finite(v) and v > 0, "a finite number > 0")
+non_negative = (lambda v: _finite(v) and v >= 0, "a finite number >= 0")
+finite = (_finite, "a finite number")
+probability = (lambda v: _finite(v) and 0 <= v <= 1, "a number in [0, 1]")
+
+
+def one_of(*values):
+    return (lambda v: v in values, "one of " + ", ".join(repr(x) for x in values))
+
+
+def in_range(lo, hi, what=None):
+    return (lambda v: _finite(v) and lo <= v <= hi, what or f"a number in [{lo}, {hi}]")
+
+
+def _path_looking(v):
+    """A value the user meant as a filesystem path (not a hub name like org/model): absolute, relative
+    with ./ ../ ~, or with more than one '/'."""
+    return v.startswith(("/", "./", "../", "~", ".")) or v.count("/") > 1 or os.sep != "/" and os.sep in v
+
+
+def _check_path(key, value, kind):
+    """One path key against its declared kind -> the problem, or None. Kinds: file, dir, files (comma-
+    separated files), model (a folder, or a hub name; a path-looking value must exist), out (a folder this
+    run writes: it or its nearest existing parent must be a writable folder)."""
+    if not value or not isinstance(value, str):
+        return None
+    if kind == "files":
+        return next((p for p in (_check_path(key, x.strip(), "file") for x in value.split(",") if x.strip()) if p), None)
+    path = os.path.expanduser(value)
+    if kind == "file" and not os.path.isfile(path):
+        return f"{key}={value!r}: " + ("is a folder" if os.path.isdir(path) else "no such file") + "; expected a file"
+    if kind == "dir" and not os.path.isdir(path):
+        return f"{key}={value!r}: " + ("is a file" if os.path.exists(path) else "no such folder") + "; expected a folder"
+    if kind == "model" and not os.path.exists(path) and _path_looking(value):
+        return f"{key}={value!r}: no such folder; expected a model folder (or a hub name such as org/model)"
+    if kind == "out":
+        if os.path.exists(path) and not os.path.isdir(path):
+            return f"{key}={value!r}: is a file; expected a folder to write into"
+        parent = os.path.abspath(path)
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        try:  # a probe file, gone at once: os.access says yes for root on read-only mounts such as /proc
+            tempfile.TemporaryFile(dir=parent).close()
+        except OSError as e:
+            return f"{key}={value!r}: cannot write there ({parent}: {e.strerror or e}); expected a folder this run can write"
+    return None
+
+
+def check_config(cfg, rules=None, relations=(), paths=None):
+    """Every declared rule before any data or model is read: rules: key -> (predicate, what is allowed);
+    relations: (predicate(cfg), message or message(cfg)) for rules between keys; paths: key -> kind (see _check_path).
+    ValueError naming every key that fails and what was expected."""
     def ok(pred, v):
         try:
             return bool(pred(v))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, KeyError):
             return False
-    bad = [f"{k}={cfg[k]!r}: expected {what}" for k, (pred, what) in rules.items() if not ok(pred, cfg[k])]
+    bad = [f"{k}={cfg[k]!r}: expected {what}" for k, (pred, what) in (rules or {}).items() if not ok(pred, cfg[k])]
+    bad += [msg(cfg) if callable(msg) else msg for pred, msg in relations if not bad and not ok(pred, cfg)]
+    bad += [p for p in (_check_path(k, cfg[k], kind) for k, kind in (paths or {}).items()) if p]
     if bad:
-        raise ValueError("invalid config: " + "; ".join(bad))
+        raise ValueError("; ".join(bad))
 
 
 def adamw(params, fused=None, **kwargs):

@@ -375,7 +375,7 @@ def read_class_folder(root, classnames_file="", templates_file=""):
     return paths, labels, names, templates
 
 
-# --- converters: public annotation formats -> manifest records (see README, "Evaluation")
+# --- converters: public annotation formats -> manifest records (see docs/evaluation.md)
 
 def convert_karpathy(src, split="test", captions_per_image=5, prefix="", log=print):
     """Karpathy's `dataset_coco.json` / `dataset_flickr30k.json` -> manifest records of one split.

@@ -53,6 +53,15 @@ verify = True  # after embedding: re-hash the manifest, check every row is writt
 verify_only = False  # only verify an existing cache against the manifest (no model is loaded)
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))]
+# declared once, checked before the model loads (common.check_config)
+RULES = {k: (lambda v: v > 0, "a positive integer") for k in ("max_length", "batch_tokens", "chunk_rows")}
+RULES["dtype"] = (lambda v: v in ("auto", "float32", "bfloat16", "float16"), "'auto', 'float32', 'bfloat16' or 'float16'")
+RULES["pooling"] = (lambda v: v in ("", "mean", "eos"), "'' (the encoder's own), 'mean' or 'eos'")
+RELATIONS = [(lambda c: c["manifest"] and c["out_dir"] and (c["text_model"] or c["verify_only"]),
+              "text_model, manifest, out_dir: --text_model, --manifest and --out_dir are required "
+              "(--verify_only needs no text_model)"),
+             (lambda c: [f for f in c["fields"].split(",") if f.strip()], "fields: expected one or more field names")]
+PATHS = {"text_model": "model", "manifest": "file", "out_dir": "out"}
 
 
 # -----------------------------------------------------------------------------
@@ -234,12 +243,7 @@ def plan_mismatch(old, new):
 
 
 def check_config(cfg):
-    if not cfg["manifest"] or not cfg["out_dir"] or not (cfg["text_model"] or cfg["verify_only"]):
-        raise ValueError("--text_model, --manifest and --out_dir are required (--verify_only needs no text_model)")
-    pos = (lambda v: v > 0, "a positive integer")
-    common.check_config(cfg, {"max_length": pos, "batch_tokens": pos, "chunk_rows": pos,
-                              "dtype": (lambda v: v in ("auto", "float32", "bfloat16", "float16"),
-                                        "'auto', 'float32', 'bfloat16' or 'float16'")})
+    common.check_config(cfg, RULES, RELATIONS, PATHS)
 
 
 def load_encoder(cfg, device, log):
@@ -481,4 +485,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

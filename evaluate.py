@@ -62,7 +62,7 @@ captions = ""            # caption JSONL {"id", "captions": [>= 2]}: caption 1 q
 # LLM text-encoder settings (c2c, and the text side of an LLM2CLIP model in retrieval/classify, where
 # unset values are those recorded in its llm2clip.json, i.e. what its training cache used)
 max_length = 0           # text tokens; 0 = the model's own (llm2clip.json / encoder.json), else 512 (paper)
-instruction = ""         # c2c: query-side instruction, "" = none (captions are documents, DESIGN.md); retrieval: "" = recorded
+instruction = ""         # c2c: query-side instruction, "" = none (captions are documents, docs/DESIGN.md); retrieval: "" = recorded
 bidirectional = None     # None = the encoder's own (encoder.json, else True); False scores a causal LLM as trained
 pooling = ""             # "" = the encoder's own (encoder.json, else mean); "mean" | "eos"
 chat_template = ""       # "" = the encoder's own (encoder.json, else none); "none"; "llama3" (official embeddings)
@@ -78,7 +78,7 @@ config_keys = [k for k, v in dict(globals()).items()
                if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))]
 
 # The paper's benchmarks: name -> (caption field, captions per image). Short sets are scored with
-# 5 captions per image, long-caption sets 1:1 (DESIGN.md, "Evaluate").
+# 5 captions per image, long-caption sets 1:1 (docs/DESIGN.md, "Evaluate").
 KNOWN_DATASETS = {"flickr30k": ("captions", 5), "coco": ("captions", 5), "sharegpt4v": ("long_captions", 1),
                   "urban1k": ("long_captions", 1), "docci": ("long_captions", 1)}
 
@@ -100,7 +100,7 @@ def resolve_dataset(spec, cfg):
         root = os.path.join(cfg["data_root"], spec)
         if not os.path.isfile(path):
             raise DataError(f"dataset {spec!r}: {path} not found; convert its annotations first "
-                            f"(python evaluate.py --task=convert ..., see README) or set --data_root")
+                            f"(python evaluate.py --task=convert ..., see docs/evaluation.md) or set --data_root")
         field, cpi = KNOWN_DATASETS[spec]
     else:
         raise ValueError(f"unknown dataset {spec!r}: expected a manifest .jsonl path or one of "
@@ -257,4 +257,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

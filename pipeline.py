@@ -325,4 +325,5 @@ def _r1(results):
 
 
 if __name__ == "__main__":
-    main()
+    import common
+    common.run_main(main)

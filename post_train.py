@@ -110,6 +110,48 @@ RESUME_FREE_KEYS = {"out_dir", "resume", "max_steps", "save_interval", "keep_che
                      "eval_interval", "eval_batch_size", "val_manifest", "val_image_root", "val_cache_dir",
                      "eval_field", "num_workers", "compile", "peak_flops", "image_root", "train_manifest",
                      "train_shards", "cache_dir", "text_model", "text_source", "train_index"}
+# declared once, checked before any heavy work (common.check_config): each key's range, the relations
+# between keys, and what each path key must be. A key's type is its default's.
+_pos_int = (lambda v: v > 0, "a positive integer")
+RULES = {
+    "text_source": common.one_of("cache", "online"), "dtype": common.one_of("float32", "bfloat16", "float16"),
+    "losses": common.one_of("a", "direct", "b", "c", "d"), "adaptor": common.one_of("linear", "transformer"),
+    "eval_field": common.one_of("captions", "long_captions"),
+    "batch_size": _pos_int, "max_steps": (lambda v: v >= 0, "an integer >= 0"), "save_interval": _pos_int,
+    "log_interval": _pos_int, "eval_interval": _pos_int, "eval_batch_size": _pos_int,
+    "micro_batch_size": (lambda v: v >= 0, "an integer >= 0 (0 = the whole per-rank batch)"),
+    "num_workers": (lambda v: v >= 0, "an integer >= 0"), "keep_checkpoints": (lambda v: v >= 0, "an integer >= 0"),
+    "warmup_steps": (lambda v: v >= 0, "an integer >= 0"), "adaptor_blocks": (lambda v: v >= 0, "an integer >= 0"),
+    "adaptor_expansion": _pos_int, "text_lora_r": (lambda v: v >= 0, "an integer >= 0"),
+    "embed_dim": (lambda v: v == -1 or v > 0, "-1 (the model's own head) or an integer > 0"),
+    "crop_scale": (lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1, "(min, max) with 0 < min <= max <= 1"),
+    "real_caption_ratio": common.probability, "learning_rate": common.positive, "min_lr": common.non_negative,
+    "text_lora_lr": common.positive, "logit_scale_lr": common.non_negative, "weight_decay": common.non_negative,
+    "beta1": common.in_range(0, 0.999999, "a number in [0, 1)"), "beta2": common.in_range(0, 0.999999, "a number in [0, 1)"),
+    "adam_eps": common.positive, "layer_decay": common.in_range(1e-9, 1, "a number in (0, 1]"),
+    "grad_clip": common.non_negative, "logit_scale_init": common.finite, "max_logit_scale": common.finite,
+    "peak_flops": common.positive,
+}
+RELATIONS = [
+    (lambda c: c["min_lr"] <= c["learning_rate"],
+     lambda c: f"min_lr={c['min_lr']!r}: expected a value in [0, learning_rate={c['learning_rate']!r}] (the cosine decays to it)"),
+    (lambda c: c["logit_scale_init"] <= c["max_logit_scale"],
+     lambda c: f"logit_scale_init={c['logit_scale_init']!r}: expected <= max_logit_scale={c['max_logit_scale']!r} "
+               "(the scale is clamped there after every step)"),
+    (lambda c: (c["losses"] != "a") == bool(c["clip_text"]),
+     lambda c: f"losses={c['losses']!r} with clip_text={c['clip_text']!r}: every variant but 'a' trains CLIP's own "
+               "text tower, so clip_text must name it exactly when losses is not 'a'"),
+    (lambda c: not (c["text_source"] == "cache" and (c["adaptor"] == "transformer" or c["text_lora_r"] > 0)
+                    and c["losses"] != "direct"),
+     "adaptor='transformer' and text_lora_r > 0 need text_source='online': a cache holds one pooled embedding per "
+     "caption, not the token states a transformer adaptor reads (T x d values: 4 MiB per caption at 4096-d x 512 "
+     "tokens in fp16) nor a trainable LLM"),
+    (lambda c: bool(c["train_manifest"]) != bool(c["train_shards"]),
+     "train_manifest, train_shards: set exactly one of train_manifest (JSONL + image_root) and train_shards (tar shards)"),
+]
+PATHS = {"out_dir": "out", "train_manifest": "file", "image_root": "dir", "cache_dir": "dir", "val_manifest": "file",
+         "val_image_root": "dir", "val_cache_dir": "dir", "text_model": "model", "vision_weights": "file",
+         "train_index": "out"}
 # -----------------------------------------------------------------------------
 
 
@@ -122,28 +164,8 @@ def get_lr(it, cfg):
 
 
 def check_config(cfg):
-    """Every value and every relation between keys, before any data or model is read."""
-    pos = (lambda v: v > 0, "a positive integer")
-    common.check_config(cfg, {
-        "text_source": (lambda v: v in ("cache", "online"), "'cache' or 'online'"),
-        "dtype": (lambda v: v in ("float32", "bfloat16", "float16"), "'float32', 'bfloat16' or 'float16'"),
-        "losses": (lambda v: v in L.LOSS_TERMS, "one of " + ", ".join(L.LOSS_TERMS)),
-        "batch_size": pos, "max_steps": (lambda v: v >= 0, "an integer >= 0"), "save_interval": pos,
-        "log_interval": pos, "eval_interval": pos, "eval_batch_size": pos,
-        "micro_batch_size": (lambda v: v >= 0, "an integer >= 0 (0 = the whole per-rank batch)"),
-        "num_workers": (lambda v: v >= 0, "an integer >= 0"),
-        "crop_scale": (lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1, "(min, max) with 0 < min <= max <= 1"),
-        "real_caption_ratio": (lambda v: 0 <= v <= 1, "a probability in [0, 1]")})
-    if (cfg["losses"] != "a") != bool(cfg["clip_text"]):
-        raise ValueError(f"losses={cfg['losses']!r} with clip_text={cfg['clip_text']!r}: every variant but 'a' "
-                         "trains CLIP's own text tower, so clip_text must name it exactly when losses is not 'a'")
-    if cfg["text_source"] == "cache" and (cfg["adaptor"] == "transformer" or cfg["text_lora_r"] > 0) \
-            and cfg["losses"] != "direct":
-        raise ValueError(f"adaptor={cfg['adaptor']!r}, text_lora_r={cfg['text_lora_r']} need text_source='online': "
-                         "a cache holds one pooled embedding per caption, not the token states a transformer adaptor "
-                         "reads (T x d values: 4 MiB per caption at 4096-d x 512 tokens in fp16) nor a trainable LLM")
-    if bool(cfg["train_manifest"]) == bool(cfg["train_shards"]):
-        raise ValueError("set exactly one of train_manifest (JSONL + image_root) and train_shards (tar shards)")
+    """Every declared rule (RULES, RELATIONS, PATHS), before any data or model is read."""
+    common.check_config(cfg, RULES, RELATIONS, PATHS)
 
 
 # -----------------------------------------------------------------------------
@@ -481,4 +503,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

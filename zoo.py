@@ -30,7 +30,7 @@ def _get(d, key):
 def hf_data_config(processor):
     """A HF image processor's settings as a timm data config, under our eval rules: bicubic resize of
     the short side, centre crop, the processor's mean/std. (HF's SigLIP squashes to a square instead;
-    we keep one rule for every model, as DESIGN.md asks.)"""
+    we keep one rule for every model, as docs/DESIGN.md asks.)"""
     size, crop = getattr(processor, "size", None), getattr(processor, "crop_size", None)
     if size is None or not (_get(size, "shortest_edge") or (_get(size, "height") and _get(size, "width"))):
         raise ValueError(f"{type(processor).__name__} (size={size!r}) has no fixed input size; variable-resolution "

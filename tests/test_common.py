@@ -50,6 +50,20 @@ def test_save_run_info_records_config_and_version(tmp_path):
     assert path.endswith("run_post_train.json")
     assert info["config"] == {"lr": 0.1} and info["script"] == "post_train.py"
     assert info["code_version"] != "" and "torch" in info
+    assert common.read_run_info(str(tmp_path), "post_train.py") == info and info["format_version"] == 1
+    old = {k: v for k, v in info.items() if k != "format_version"}  # written before the version existed
+    open(path, "w").write(json.dumps(old))
+    assert common.read_run_info(str(tmp_path), "post_train.py") == old
+    open(path, "w").write(json.dumps({**info, "format_version": 2}))
+    with pytest.raises(ValueError, match=r"run_post_train.json: format_version 2 is not one this code reads"):
+        common.read_run_info(str(tmp_path), "post_train.py")
+    with pytest.raises(ValueError, match=r"run_cc_finetune.json: cannot read the run record"):
+        common.read_run_info(str(tmp_path), "cc_finetune.py")
+
+
+def test_a_function_named_like_a_config_key_is_refused():
+    with pytest.raises(TypeError, match=r"config keys \['resume'\] are functions"):
+        common.configure({"resume": print}, [])
 
 
 def test_config_file_values_are_type_checked(tmp_path):

@@ -184,7 +184,7 @@ def test_corrupt_export_and_encoder_json_are_named(w, tmp_path, capsys):
     assert f"{out} on val: truncation: none of 96 texts exceeded max_length=512" in capsys.readouterr().out
     p = out / "vision_tower.pt"
     p.write_bytes(p.read_bytes()[:200])
-    with pytest.raises(RuntimeError, match=re.escape(str(p)) + ": cannot load"):
+    with pytest.raises(ValueError, match=re.escape(str(p)) + ": cannot load"):
         M.load_llm2clip(str(out), load_text=False)
     enc = tmp_path / "enc"
     os.makedirs(enc)
@@ -279,7 +279,7 @@ def test_second_run_in_the_same_out_dir_is_refused(w, tmp_path):
 # --- 8. bad values fail at start naming the key (a missing manifest shows nothing else ran first)
 
 @pytest.mark.parametrize("bad,expected", [
-    ("--dtype=fp8", "dtype='fp8': expected 'float32', 'bfloat16' or 'float16'"),
+    ("--dtype=fp8", "dtype='fp8': expected one of 'float32', 'bfloat16', 'float16'"),
     ("--batch_size=0", "batch_size=0: expected a positive integer"),
     ("--micro_batch_size=-1", "micro_batch_size=-1: expected an integer >= 0"),
     ("--crop_scale=(0.5,)", r"crop_scale=\(0.5,\): expected \(min, max\)"),

@@ -323,7 +323,7 @@ def test_export_loads_in_timm_and_load_llm2clip(w, trained):
     vision = M.VisionTower(cfg["vision_model"], embed_dim=cfg["embed_dim"], timm_kwargs=cfg["timm_kwargs"])
     cache = EmbeddingCache(w.val_cache)
     net = M.LLM2CLIP(vision, cache.dim, cfg["adaptor_blocks"], cfg["adaptor_expansion"])
-    net.load_state_dict(ck["model"])
+    net.load_state_dict(ck["model"])  # stage 2 trains every weight of this model: its checkpoint holds them all
     net.eval()
     image_enc, text_enc = M.load_llm2clip(str(trained))
     recs = data.read_manifest(w.val)[:8]
@@ -339,6 +339,54 @@ def test_export_loads_in_timm_and_load_llm2clip(w, trained):
         online = text_enc.encode(texts)  # raw strings through the stage-1 LLM: only the fp16 cache rounding differs
         assert (online - trained_txt).abs().max().item() < 5e-3
     assert meta["logit_scale"] == pytest.approx(ck["model"]["logit_scale"].exp().item())
+    assert image_enc.logit_scale == meta["logit_scale"] and meta["format_version"] == 1
+
+
+COPIED = """
+import sys, numpy as np, torch
+import model  # the copy in this folder, nothing else of the repository
+torch.set_num_threads(int(sys.argv[6]))  # the same reduction order as the test process
+img, txt = model.load_llm2clip(sys.argv[1])
+x = torch.from_numpy(np.load(sys.argv[2]))
+with torch.no_grad():
+    np.savez(sys.argv[3], image=img(x).numpy(), text=txt.encode(sys.argv[4].split("|")).numpy())
+ours = {"common", "loss", "zoo", "data", "cache", "data_index", "metrics", "post_train", "cc_finetune"}
+assert not ours & set(sys.modules) and model.__file__.startswith(sys.argv[5]), (ours & set(sys.modules), model.__file__)
+"""
+
+
+def test_model_py_copied_alone_loads_the_export_bitwise(w, trained, tmp_path):
+    """model.py is what a user copies: alone in an empty folder (no other file of the repository on the
+    path) it loads a stage-2 export and gives bitwise the embeddings it gives here."""
+    import shutil
+    import subprocess
+    import sys
+    alone = tmp_path / "elsewhere"
+    alone.mkdir()
+    shutil.copy(os.path.join(ROOT, "model.py"), alone / "model.py")
+    recs = data.read_manifest(w.val)[:6]
+    image_enc, text_enc = M.load_llm2clip(str(trained))
+    x = torch.stack([data.eval_transform(image_enc.data_config)(data.open_image(r)) for r in recs])
+    np.save(tmp_path / "x.npy", x.numpy())
+    texts = [r["long_captions"][0] for r in recs]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", COPIED, str(trained), str(tmp_path / "x.npy"), str(tmp_path / "o.npz"),
+                           "|".join(texts), str(alone), str(torch.get_num_threads())], cwd=alone, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = np.load(tmp_path / "o.npz")
+    with torch.no_grad():
+        assert np.array_equal(got["image"], image_enc(x).numpy())
+        assert np.array_equal(got["text"], text_enc.encode(texts).numpy())
+
+
+def test_model_py_imports_only_its_declared_dependencies():
+    import ast
+    tree = ast.parse(open(os.path.join(ROOT, "model.py")).read())
+    names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    import sys
+    assert names - set(sys.stdlib_module_names) <= {"torch", "transformers", "peft", "timm", "numpy"}, names
+    assert len(open(os.path.join(ROOT, "model.py")).read().splitlines()) <= 750
 
 
 def test_zero_steps_exports_the_untrained_model(w, tmp_path):

@@ -30,6 +30,7 @@ import common
 from cache import (CACHE_EMBEDDINGS, CACHE_FIELDS, CACHE_FORMAT, CACHE_INDEX, CACHE_META, cache_texts,
                    read_cache_meta, write_cache_meta)
 import data_index
+from metrics import check_results_path
 
 # -----------------------------------------------------------------------------
 # default config (override with --key=value)
@@ -42,7 +43,22 @@ batch_size = 64  # global batch of the first step
 num_workers = 2  # DataLoader workers per rank in the 2-rank measurement
 rebuild_index = True  # time the one-time index build (False: reuse an existing one)
 out = ""  # write the results as JSON here ("" = don't)
-config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
+config_keys = [k for k, v in globals().items()
+               if not k.startswith("_") and k.islower() and isinstance(v, (int, float, bool, str))]  # not CACHE_*
+
+
+def _counts(v):
+    return [int(x) for x in v.split(",") if x.strip()]
+
+
+# declared once, checked before any data is generated (common.check_config)
+_pos_int = (lambda v: v > 0, "a positive integer")
+RULES = {"sizes": (lambda v: _counts(v) and min(_counts(v)) > 0, "comma-separated record counts > 0, e.g. 10000,100000"),
+         "kinds": (lambda v: v.strip() and {k.strip() for k in v.split(",") if k.strip()} <= {"manifest", "shards"},
+                   "'manifest', 'shards' or both, comma-separated"),
+         "shard_size": _pos_int, "dim": _pos_int, "batch_size": _pos_int,
+         "num_workers": (lambda v: v >= 0, "an integer >= 0")}
+PATHS = {"work_dir": "out"}
 # -----------------------------------------------------------------------------
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORDS = ("a the of on in with and near small large red green blue white black wooden metal old young man woman "
@@ -305,11 +321,14 @@ def report(rows, log):
 
 def main(argv=None):
     cfg = common.configure({k: globals()[k] for k in config_keys}, argv, __doc__)
+    common.check_config(cfg, RULES, paths=PATHS)
+    if cfg["out"]:
+        check_results_path(cfg["out"])
     load = os.getloadavg()
     print(f"bench_data: {os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", flush=True)
     rows = []
-    for n in [int(x) for x in cfg["sizes"].split(",") if x.strip()]:
+    for n in _counts(cfg["sizes"]):
         for kind in [k.strip() for k in cfg["kinds"].split(",") if k.strip()]:
             rows.append(measure(cfg, kind, n, lambda *m: print(*m, flush=True)))
     fits = report(rows, lambda *m: print(*m, flush=True))

@@ -70,11 +70,12 @@ log_interval = 10  # steps between log lines
 save_interval = 200  # steps between resumable checkpoints (also written at the end)
 keep_checkpoints = 2  # newest checkpoints kept (0 = all)
 resume = False  # continue from the newest checkpoint in out_dir/checkpoints (refused when training settings differ)
+overwrite = False  # a fresh run into an out_dir holding another run's files deletes them (else it refuses)
 eval_batch_size = 64  # texts per forward pass in the c2c gate
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))]
 # keys that may change between a checkpoint and its resumption: they do not change what is computed
-RESUME_FREE_KEYS = {"out_dir", "log_interval", "save_interval", "keep_checkpoints", "resume", "val_captions", "eval_batch_size",
+RESUME_FREE_KEYS = {"out_dir", "log_interval", "save_interval", "keep_checkpoints", "resume", "overwrite", "val_captions", "eval_batch_size",
                     "micro_batch_size", "gradient_checkpointing", "attn_implementation"}
 # declared once, checked before any data or model is read (common.check_config): each key's range, the
 # relations between keys, and what each path key must be. A key's type is its default's.
@@ -362,6 +363,11 @@ def train(run, encoder, model, dataset, sampler, ckpts, start_step, max_steps, c
                                                                    cfg["max_length"]).items()}
                        for i in range(0, len(texts), m)] for texts, instrs in sides]
             loss = L.grad_cache_step(lambda c: model(**c), chunks, loss_fn, no_sync=no_sync, autocast=run.autocast)
+        if ddp:
+            dist.all_reduce(loss, op=dist.ReduceOp.AVG)  # every rank sees the same value: stop together
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}; newest checkpoint: "
+                                     f"{(ckpts.paths() or ['none (none saved yet)'])[-1]}")
         if cfg["grad_clip"] > 0:
             torch.nn.utils.clip_grad_norm_(run.params, cfg["grad_clip"])
         run.optimizer.step()
@@ -370,8 +376,6 @@ def train(run, encoder, model, dataset, sampler, ckpts, start_step, max_steps, c
 
         done = step + 1
         if done % cfg["log_interval"] == 0 or done == max_steps:
-            if ddp:
-                dist.all_reduce(loss, op=dist.ReduceOp.AVG)
             dt = (time.time() - t0) / (done - t0_step)
             log(f"step {done}/{max_steps}: loss {loss.item():.4f}, lr {lr_now:.2e}, {dt * 1000:.0f} ms/step, "
                 f"{texts_per_step / dt:.0f} texts/s")
@@ -438,7 +442,8 @@ def main(argv=None):
     if cfg["batch_size"] % world_size:
         raise ValueError(f"batch_size={cfg['batch_size']} is not divisible by {world_size} ranks")
     out_dir = cfg["out_dir"]
-    stale = common.lock_out_dir(out_dir) if master else []  # one run per out_dir; a killed run's temp files go
+    stale = (common.lock_out_dir(out_dir, resume=cfg["resume"], overwrite=cfg["overwrite"]) if master
+             else [])  # one run per out_dir; a killed run's temp files go
     log = common.Logger(out_dir, "cc_finetune", master)
     if stale:
         log(f"removed {len(stale)} temp file(s) of a killed run: {', '.join(stale)}")

@@ -46,13 +46,13 @@ def _raised_here(exc):
 
 
 def run_main(main, argv=None):
-    """Run a script's main as a command: an input error (ValueError or OSError raised by our code)
-    prints `<script>: error: <message>` on one line and exits 2; anything else propagates with its
+    """Run a script's main as a command: an input error (ValueError or OSError raised by our code, or
+    the FloatingPointError that stops a diverged run) prints `<script>: error: <message>` on one line and exits 2; anything else propagates with its
     traceback. LLM2CLIP_TRACEBACK=1 shows the traceback of input errors too."""
     script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "llm2clip"
     try:
         return main(argv)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, FloatingPointError) as e:  # FloatingPointError: a diverged run, named by step
         if not _raised_here(e) or os.environ.get("LLM2CLIP_TRACEBACK"):
             raise
         msg = " ".join(str(e).split()) or type(e).__name__  # one line, whatever the message held
@@ -418,6 +418,11 @@ class Checkpoints:
 
     def save(self, step, state):
         """Write step `step`'s checkpoint (call on rank 0 only), then prune older ones. Returns its path."""
+        bad = [n for n, v in state.get("model", {}).items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:  # never saved: the previous checkpoint stays the newest good one
+            raise FloatingPointError(f"step {step}: non-finite weights in {', '.join(bad[:3])}"
+                                     f"{', ...' if len(bad) > 3 else ''}; not saved (newest checkpoint: "
+                                     f"{(self.paths() or ['none'])[-1]})")
         path = os.path.join(self.out_dir, "checkpoints", f"step_{step:08d}.pt")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         save_checkpoint({**state, "step": step, "code_version": code_version()}, path)
@@ -517,12 +522,16 @@ def checkpoint_paths(out_dir):
 _LOCKS = {}  # lock file -> fd held by this process
 
 
-def lock_out_dir(out_dir, key="out_dir"):
+def lock_out_dir(out_dir, key="out_dir", resume=None, overwrite=False):
     """Make out_dir (ValueError naming `key` if it cannot be written) and take an exclusive lock on
     out_dir/.lock for this run: a second run in the same out_dir is refused with the holder's pid, since
-    two runs would interleave logs and overwrite each other's checkpoints. flock is dropped by the OS when
-    the holder dies, so a killed run never leaves a stale lock. Then stale temp files are removed.
+    two runs would interleave logs and overwrite each other's checkpoints. The lock is a POSIX record lock
+    (fcntl.lockf): the OS drops it when the holder dies, and, unlike flock, forked children (DataLoader
+    workers) do not inherit it, so a killed run's orphaned worker never blocks the resume.
+    resume (None: no rule) and overwrite: a fresh run (resume=False) refuses an out_dir that holds another
+    run's files, unless overwrite=True, which deletes them first. Then stale temp files are removed.
     Returns the removed temp files."""
+    import errno
     import fcntl
     path = os.path.abspath(os.path.join(out_dir, ".lock"))
     try:
@@ -534,16 +543,38 @@ def lock_out_dir(out_dir, key="out_dir"):
     if old is not None:  # an earlier main() in this process that raised: its run is over
         os.close(old)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EAGAIN):
+            raise
         holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "pid unknown"
         os.close(fd)
-        raise RuntimeError(f"{out_dir} is in use by another run ({holder}; lock {path}); wait for it to end "
-                           "or choose another out_dir") from None
+        raise ValueError(f"{key}={out_dir!r} is in use by another run ({holder}; lock {path}); wait for it to end "
+                         "or choose another out_dir") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
     _LOCKS[path] = fd
-    return remove_stale_temp_files(out_dir)
+    removed = remove_stale_temp_files(out_dir)
+    if resume is False:
+        _fresh_out_dir(out_dir, key, overwrite)
+    return removed
+
+
+def _fresh_out_dir(out_dir, key, overwrite):
+    """A fresh run never mixes with (or silently deletes) an older run's files."""
+    import shutil
+    def holds_files(p):  # an empty folder (what a killed run's removed temp file left) holds no results
+        return not os.path.isdir(p) or any(names for _, _, names in os.walk(p))
+    others = sorted(n for n in os.listdir(out_dir) if n != ".lock" and holds_files(os.path.join(out_dir, n)))
+    if not others:
+        return
+    if not overwrite:
+        raise ValueError(f"{key}={out_dir!r} holds another run's files ({len(others)}: {', '.join(others[:4])}"
+                         f"{', ...' if len(others) > 4 else ''}); expected an empty or new folder: pass --resume "
+                         "to continue that run, --overwrite to replace it, or choose another out_dir")
+    for n in others:
+        p = os.path.join(out_dir, n)
+        shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.remove(p)
 
 
 def unlock_out_dir(out_dir):

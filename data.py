@@ -4,6 +4,27 @@ The embedding cache is in cache.py, tar shards and the stage-2 training index in
 build on this module, never the reverse). Plain Python + numpy + PIL; no project imports, so each
 stage script reads data the same way.
 Every reader names the file and line of bad input and what it expected; nothing is silently dropped.
+
+One reader per input kind, so every rule below holds for every caller by construction:
+- Text files (JSONL manifests and caption files, class-name and template files, tar captions) are
+  decoded by `decode_text` and read line by line by `scan_lines`:
+  a UTF-8 byte-order mark at the start is accepted and stripped; LF and CRLF line ends are accepted;
+  whitespace-only lines are not records; bytes that are not UTF-8 are a DataError naming file:line
+  ("expected UTF-8"); a NUL character is a DataError (it is never text: a binary or UTF-16 file);
+  a file with no non-blank line is a DataError.
+- JSON (a JSONL line, a tar sample's .json, a whole converter input) is parsed by `parse_json`:
+  a key twice in one object is a DataError (json would keep the last one silently); a string
+  holding a lone surrogate (a "\\ud800" escape: tokenizers later fail on it with a raw
+  UnicodeEncodeError) or a NUL ("\\u0000") is a DataError naming the field; nesting too deep or
+  numbers too long to convert are malformed JSON.
+- Records: each reader checks its field types (a caption list of non-empty strings, an image path
+  string, ...) naming file:line and the field; a key that identifies a record (an "id", a manifest's
+  image) appears once per file (`UniqueKeys`): a repeat is a DataError naming both lines. A manifest
+  with one line per caption of the same image is refused, never read as that many images.
+- Class folders (`read_class_folder`): hidden entries (".name", "__MACOSX") and files that are not
+  images are skipped, counted and logged; a class folder without images is a DataError.
+- Images: every image is opened by `open_image`, whose rules are in its docstring; every failure is a
+  DataError naming the image, so skip_bad_images (data_index.TrainSamples) covers every one of them.
 """
 import json
 import os
@@ -24,32 +45,166 @@ def check_format_version(path, meta, supported):
     return version
 
 
-def scan_jsonl(path):
-    """Yield (line_number, byte_offset, byte_size, object) for each non-empty line of a JSONL file:
-    read_jsonl plus where each line lies, so a reader can come back to one record with one pread."""
+# === the low-level text, line and JSON readers every reader below builds on
+
+_BOM = b"\xef\xbb\xbf"
+
+
+def decode_text(where, raw, lineno=None):
+    """bytes -> str by the text rules of the module docstring (BOM stripped, UTF-8 strictly, no NUL);
+    errors name `where` (a file, or shard::member) and the line when given."""
+    at = where if lineno is None else f"{where}:{lineno}"
+    if raw.startswith(_BOM):
+        raw = raw[len(_BOM):]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        hint = " (it starts with a UTF-16 byte-order mark)" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise DataError(f"{at}: byte {e.start} ({raw[e.start:e.start + 1]!r}) is not UTF-8{hint}; "
+                        "expected UTF-8 text") from None
+    if "\0" in text:
+        raise DataError(f"{at}: NUL character at position {text.index(chr(0))}; expected text (a binary or "
+                        "UTF-16 file?)")
+    return text
+
+
+def scan_lines(path, empty="empty file (no non-blank line)"):
+    """Yield (line_number, byte_offset, byte_size, text) for each non-blank line of a text file: the
+    one line reader of every text and JSONL reader. `text` has its line end (LF or CRLF) removed; the
+    offset and size cover the line's bytes without a leading BOM, so one pread re-reads exactly it.
+    A BOM starting any later line is a DataError (concatenated files), not text of that line.
+    `empty`: the message for a file with no non-blank line (always a DataError)."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found")
-    offset = 0
+    offset, found = 0, False
     with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
-            size = len(line)
-            if line.strip():
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg}); expected one JSON object per line") from None
-                except UnicodeDecodeError:
-                    raise DataError(f"{path}:{lineno}: not UTF-8 text; expected one JSON object per line") from None
-                if not isinstance(obj, dict):
-                    raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-                yield lineno, offset, size, obj
+            size, start = len(line), offset
             offset += size
+            if line.startswith(_BOM):
+                if lineno > 1:
+                    raise DataError(f"{path}:{lineno}: a UTF-8 byte-order mark starts this line (files "
+                                    "concatenated?); expected one only at the start of the file")
+                line, start, size = line[len(_BOM):], start + len(_BOM), size - len(_BOM)
+            text = decode_text(path, line, lineno)
+            if text.strip():
+                found = True
+                yield lineno, start, size, text.rstrip("\r\n")
+    if not found:
+        raise DataError(f"{path}: {empty}")
 
 
-def read_jsonl(path):
-    """Yield (line_number, object) for each non-empty line of a JSONL file, with clear errors."""
-    for lineno, _, _, obj in scan_jsonl(path):
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_pairs(pairs):
+    """json object_pairs_hook: a dict, or _DuplicateKey when a key repeats (json keeps the last silently)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen = set()
+        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return obj
+
+
+def _bad_string(obj):
+    """(field, problem) of the first string (key or value) in a parsed JSON value holding a lone
+    surrogate or a NUL, else None. Iterative, so no nesting json accepts can overflow the stack."""
+    stack = [("", obj)]
+    while stack:
+        name, v = stack.pop()
+        if isinstance(v, dict):
+            stack += [(f"{name}.{k}" if name else str(k), x) for k, x in reversed(list(v.items()))]
+            stack += [(f"{name} key", k) for k in v]
+        elif isinstance(v, list):
+            stack += [(f"{name}[{i}]", x) for i, x in reversed(list(enumerate(v)))]
+        elif isinstance(v, str):
+            for i, ch in enumerate(v):
+                if "\ud800" <= ch <= "\udfff":
+                    return name or "value", (f"lone surrogate U+{ord(ch):04X} at position {i} (a \\u{ord(ch):04x} "
+                                             "escape without its pair); expected valid Unicode text")
+                if ch == "\0":
+                    return name or "value", f"NUL character at position {i}; expected text without NUL"
+    return None
+
+
+_JSON = json.JSONDecoder(object_pairs_hook=_unique_pairs)  # one decoder: json.loads(text, hook) builds one per call
+
+
+def parse_json(where, text, expect=dict, what="one JSON object per line"):
+    """Parse JSON text by the JSON rules of the module docstring; the value must be an `expect`.
+    Errors name `where` (file:line, a file, or shard::member) and say what was expected (`what`)."""
+    try:
+        obj = _JSON.decode(text)
+    except _DuplicateKey as e:
+        raise DataError(f"{where}: duplicate key {e.args[0]!r} in one JSON object; expected each key once") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: malformed JSON ({e.msg} at line {e.lineno} column {e.colno}); expected {what}") from None
+    except RecursionError:
+        raise DataError(f"{where}: malformed JSON (nested too deeply); expected {what}") from None
+    except ValueError as e:  # e.g. an int of more than 4300 digits
+        raise DataError(f"{where}: malformed JSON ({str(e)[:80]}); expected {what}") from None
+    if "\\u" in text:  # lone surrogates and NULs in strings can only come from \u escapes
+        bad = _bad_string(obj)
+        if bad:
+            raise DataError(f"{where}: field {bad[0]}: {bad[1]}")
+    if not isinstance(obj, expect):
+        raise DataError(f"{where}: expected a JSON {'object' if expect is dict else expect.__name__}, "
+                        f"got {type(obj).__name__}")
+    return obj
+
+
+def read_json(path, expect=dict, what="a JSON object"):
+    """A whole JSON file (a converter's input) by the text and JSON rules; errors name the file."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found")
+    with open(path, "rb") as f:
+        return parse_json(path, decode_text(path, f.read()), expect, what)
+
+
+def scan_jsonl(path, empty="no records (empty file); expected one JSON object per line"):
+    """Yield (line_number, byte_offset, byte_size, object) for each non-blank line of a JSONL file:
+    read_jsonl plus where each line lies, so a reader can come back to one record with one pread.
+    Lines come from scan_lines and are parsed by parse_json (the rules of the module docstring)."""
+    for lineno, offset, size, text in scan_lines(path, empty):
+        yield lineno, offset, size, parse_json(f"{path}:{lineno}", text)
+
+
+def read_jsonl(path, empty="no records (empty file); expected one JSON object per line"):
+    """Yield (line_number, object) for each non-blank line of a JSONL file, with clear errors."""
+    for lineno, _, _, obj in scan_jsonl(path, empty):
         yield lineno, obj
+
+
+class UniqueKeys:
+    """One record per key within a file (a caption record's "id", a manifest's image): add() each
+    record's key, then check() once at the end, which raises a DataError naming the key and both
+    lines of the first repeat. Keys are kept as 8-byte hashes beside their line numbers (16 bytes a
+    record, so a 1M-line training manifest costs 16 MB, not a dict of strings); `key_of(i)` gives
+    the i-th added key back (from memory, or by re-reading its line) to name it and rule out a hash
+    collision. Checked at the end, so a bad field on a repeated line is reported as that first."""
+
+    def __init__(self, path, what, hint=""):
+        import array
+        self.path, self.what, self.hint = path, what, hint
+        self.hashes, self.lines = array.array("Q"), array.array("q")
+
+    def add(self, key, lineno):
+        import hashlib
+        self.hashes.append(int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little"))
+        self.lines.append(lineno)
+
+    def check(self, key_of):
+        import numpy as np
+        h = np.frombuffer(self.hashes, dtype=np.uint64)
+        order = np.argsort(h, kind="stable")  # equal hashes stay in file order
+        same = np.flatnonzero(h[order][1:] == h[order][:-1])
+        pairs = sorted((int(order[k + 1]), int(order[k])) for k in same)  # (later, earlier), by the later line
+        for later, earlier in pairs:
+            key = key_of(later)
+            if key == key_of(earlier):
+                raise DataError(f"{self.path}:{self.lines[later]}: {self.what} {key!r} again (first on line "
+                                f"{self.lines[earlier]}); expected one record per {self.what}{self.hint}")
 
 
 # === captions and caption pairs (stage 1, c2c eval) ===
@@ -59,10 +214,10 @@ def read_caption_records(path):
 
     Every record must have two or more non-empty captions (stage 1 needs a positive pair, c2c eval a
     query and a gallery caption); anything else is a DataError naming file:line, never a skip.
-    A missing "id" becomes "<file>:<line>".
+    A missing "id" becomes "<file>:<line>"; an "id" given twice in the file is a DataError naming both lines.
     """
-    records = []
-    for lineno, obj in read_jsonl(path):
+    records, given, ids = [], [], UniqueKeys(path, "id")
+    for lineno, obj in read_jsonl(path, "no records; expected one JSON object with >= 2 captions per line"):
         where = f"{path}:{lineno}"
         caps = obj.get("captions")
         if not isinstance(caps, list):
@@ -74,8 +229,10 @@ def read_caption_records(path):
             if not isinstance(c, str) or not c.strip():
                 raise DataError(f"{where}: caption {k} is {c!r}; expected a non-empty string")
         records.append({"id": str(obj.get("id", where)), "captions": caps})
-    if not records:
-        raise DataError(f"{path}: no records; expected one JSON object with >= 2 captions per line")
+        if "id" in obj:
+            given.append(records[-1]["id"])
+            ids.add(given[-1], lineno)
+    ids.check(given.__getitem__)
     return records
 
 
@@ -83,9 +240,9 @@ def read_text_pairs(path):
     """Pure-text pairs JSONL `{"query": ..., "positive": ...}` -> records whose two captions keep that
     order (`"ordered": True`): the query is always the query side, the positive the positive side.
     Optional per record (E5-style data): "instruction" (the query's own instruction, instead of the
-    caption one) and "negative" (its own hard negative)."""
-    records = []
-    for lineno, obj in read_jsonl(path):
+    caption one) and "negative" (its own hard negative). An "id" given twice is a DataError."""
+    records, given, ids = [], [], UniqueKeys(path, "id")
+    for lineno, obj in read_jsonl(path, "no records; expected one {\"query\": ..., \"positive\": ...} object per line"):
         where = f"{path}:{lineno}"
         for key in ("query", "positive", "instruction", "negative"):
             v = obj.get(key)
@@ -98,8 +255,10 @@ def read_text_pairs(path):
         rec = {"id": str(obj.get("id", where)), "captions": [obj["query"], obj["positive"]], "ordered": True}
         rec.update({k: obj[k] for k in ("instruction", "negative") if k in obj})
         records.append(rec)
-    if not records:
-        raise DataError(f"{path}: no records; expected one {{\"query\": ..., \"positive\": ...}} object per line")
+        if "id" in obj:
+            given.append(rec["id"])
+            ids.add(given[-1], lineno)
+    ids.check(given.__getitem__)
     return records
 
 
@@ -236,6 +395,8 @@ def train_record(where, obj):
     validated as read_manifest validates: an image string and at least one caption, every caption a
     non-empty string. The one check every stage-2 reader shares; errors name `where`."""
     image = obj.get("image")
+    if "image" in obj and not isinstance(image, str):
+        raise DataError(f"{where}: 'image' must be a relative image path string, got {image!r:.80}")
     if not isinstance(image, str) or not image.strip():
         raise DataError(f"{where}: missing \"image\" (expected a relative image path string)")
     caps, longs = _caption_list(where, obj, "captions"), _caption_list(where, obj, "long_captions")
@@ -251,12 +412,16 @@ def read_manifest(path, image_root=None, field=None, captions_per_image=0, check
     defaults to the manifest's folder. With `field`, every record must have at least one caption in
     that field, and exactly `captions_per_image` of them when that is > 0 (the 5-caption protocol of
     Flickr30k/COCO: a silently short record would change what R@k means). Missing image files and an
-    empty manifest are errors, named with file:line, so a bad path fails before any model runs.
+    empty manifest are errors, named with file:line, so a bad path fails before any model runs. One
+    record per image (unique_images): an image on several lines (one line per caption) is a DataError
+    naming both lines, never read as that many images.
     """
     root = os.path.dirname(os.path.abspath(path)) if image_root is None else image_root
-    records = []
-    for lineno, obj in read_jsonl(path):
+    records, keys, images = [], [], unique_images(path)
+    for lineno, obj in read_jsonl(path, "empty manifest (no records); expected one JSON object per image"):
         image, caps, longs = train_record(f"{path}:{lineno}", obj)
+        keys.append(os.path.normpath(image))
+        images.add(keys[-1], lineno)
         rec = {"image": os.path.join(root, image), "line": lineno, "captions": caps, "long_captions": longs}
         if field is not None:
             n = len(rec.get(field, []))
@@ -268,9 +433,13 @@ def read_manifest(path, image_root=None, field=None, captions_per_image=0, check
         if check_images and not os.path.isfile(rec["image"]):
             raise DataError(f"{path}:{lineno}: image file not found: {rec['image']} (image root {root})")
         records.append(rec)
-    if not records:
-        raise DataError(f"{path}: empty manifest (no records); expected one JSON object per image")
+    images.check(keys.__getitem__)
     return records
+
+
+def unique_images(path):
+    """The one-record-per-image check of a manifest (UniqueKeys over normalised image paths)."""
+    return UniqueKeys(path, "image", " with a list of captions (not one line per caption)")
 
 
 def write_manifest(path, records):
@@ -328,32 +497,56 @@ IMAGENET_TEMPLATES = os.path.join(IMAGENET_DIR, "templates.txt")
 
 def imagenet_classnames():
     """{wnid: class name} from the shipped config/imagenet/classnames.tsv."""
-    with open(IMAGENET_CLASSNAMES, encoding="utf-8") as f:
-        return dict(line.rstrip("\n").split("\t") for line in f if line.strip())
+    names = {}
+    for lineno, _, _, line in scan_lines(IMAGENET_CLASSNAMES):
+        wnid, tab, name = line.partition("\t")
+        if not tab or not name.strip():
+            raise DataError(f"{IMAGENET_CLASSNAMES}:{lineno}: expected '<wnid><TAB><class name>'")
+        names[wnid] = name
+    return names
+
+
+def read_name_lines(path, what):
+    """The stripped non-blank lines of a one-item-per-line text file (class names, prompt templates),
+    read by scan_lines (the text rules of the module docstring)."""
+    return [line.strip() for _, _, _, line in scan_lines(path, f"no {what}; expected one per line")]
 
 
 def _read_templates(path):
-    with open(path, encoding="utf-8") as f:
-        templates = [ln.strip() for ln in f if ln.strip()]
+    templates = read_name_lines(path, "templates")
     bad = [t for t in templates if "{}" not in t]
     if bad or not templates:
         raise DataError(f"{path}: every template needs a {{}} for the class name; bad: {bad[:3]}")
     return templates
 
 
-def read_class_folder(root, classnames_file="", templates_file=""):
+def _hidden(name):
+    """Hidden entries of a class folder: dot-files and folders (.DS_Store, .ipynb_checkpoints, ._x.jpg
+    resource forks) and macOS archive litter (__MACOSX)."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def read_class_folder(root, classnames_file="", templates_file="", allow_empty_classes=False, log=print):
     """ImageNet-style folder: (image paths, labels, class names, templates). Classes are the sorted
     subfolders (torchvision ImageFolder order); names from a file (one per line, same order), else for
     WordNet-id folders (n01440764, ...) the shipped ImageNet names and CLIP's 80 templates, else the
-    folder names and "a photo of a {}."."""
-    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))) if os.path.isdir(root) else []
+    folder names and "a photo of a {}.".
+
+    Skipped, counted and logged in one line (never silently): hidden entries (_hidden) at both
+    levels, files beside the class folders, and files in a class folder that are not images (by
+    extension, IMAGE_EXTENSIONS). A class folder with no image is a DataError naming it, unless
+    allow_empty_classes (a linear probe's split may lack a class the other split has)."""
+    entries = sorted(os.listdir(root)) if os.path.isdir(root) else []
+    skipped = {"hidden entries": sum(map(_hidden, entries)), "files beside the class folders": 0,
+               "non-image files": 0}
+    classes = [d for d in entries if not _hidden(d) and os.path.isdir(os.path.join(root, d))]
+    skipped["files beside the class folders"] = len(entries) - skipped["hidden entries"] - len(classes)
     if not classes:
         raise DataError(f"{root}: no class subfolders (expected an ImageNet-style folder: <root>/<class>/<image>)")
     wnid = all(re.fullmatch(r"n\d{8}", c) for c in classes)
     names = [c.replace("_", " ") for c in classes]
     if classnames_file:
-        with open(classnames_file, encoding="utf-8") as f:
-            names = [ln.strip() for ln in f if ln.strip()]
+        names = read_name_lines(classnames_file, "class names")
         if len(names) != len(classes):
             raise DataError(f"{classnames_file}: {len(names)} class names, but {root} has {len(classes)} class folders")
     elif wnid:
@@ -367,11 +560,22 @@ def read_class_folder(root, classnames_file="", templates_file=""):
         _read_templates(IMAGENET_TEMPLATES) if wnid else ["a photo of a {}."])
     paths, labels = [], []
     for c, cls in enumerate(classes):
-        files = sorted(f for f in os.listdir(os.path.join(root, cls)) if f.lower().endswith(IMAGE_EXTENSIONS))
-        paths += [os.path.join(root, cls, f) for f in files]
-        labels += [c] * len(files)
+        files = sorted(os.listdir(os.path.join(root, cls)))
+        images = [f for f in files if not _hidden(f) and f.lower().endswith(IMAGE_EXTENSIONS)
+                  and os.path.isfile(os.path.join(root, cls, f))]
+        hidden = sum(map(_hidden, files))
+        skipped["hidden entries"] += hidden
+        skipped["non-image files"] += len(files) - hidden - len(images)
+        if not images and not allow_empty_classes:
+            raise DataError(f"{os.path.join(root, cls)}: class {cls!r} has no images ({len(files)} entries, none "
+                            f"an image file {'/'.join(IMAGE_EXTENSIONS)}); expected at least one image per class")
+        paths += [os.path.join(root, cls, f) for f in images]
+        labels += [c] * len(images)
     if not paths:
         raise DataError(f"{root}: no images in the class folders")
+    if any(skipped.values()):
+        log(f"{root}: skipped " + ", ".join(f"{n} {k}" for k, n in skipped.items() if n)
+            + f" (read {len(paths)} images in {len(classes)} classes)")
     return paths, labels, names, templates
 
 
@@ -383,8 +587,7 @@ def convert_karpathy(src, split="test", captions_per_image=5, prefix="", log=pri
     Image path = prefix + filepath/filename. COCO has images with 6-7 captions: the standard 5K
     protocol keeps the first 5, which we do with a printed count; fewer than 5 is an error.
     """
-    with open(src, encoding="utf-8") as f:
-        images = json.load(f).get("images")
+    images = read_json(src, what="Karpathy format {\"images\": [...]}").get("images")
     if not isinstance(images, list):
         raise DataError(f"{src}: expected Karpathy format {{\"images\": [...]}}")
     records, cut = [], 0
@@ -407,8 +610,7 @@ def convert_karpathy(src, split="test", captions_per_image=5, prefix="", log=pri
 def convert_sharegpt4v(src, num=1000, prefix=""):
     """ShareGPT4V JSON (list of {"image", "conversations": [..., {"from": "gpt", "value": caption}]})
     -> the first `num` entries as 1:1 long-caption records (the paper's ShareGPT4V-1K)."""
-    with open(src, encoding="utf-8") as f:
-        entries = json.load(f)
+    entries = read_json(src, list, "a ShareGPT4V JSON list of {\"image\", \"conversations\"}")
     records = []
     for i, e in enumerate(entries[:num]):
         caps = [c["value"].strip() for c in e.get("conversations", []) if c.get("from") == "gpt"]
@@ -432,8 +634,9 @@ def convert_urban1k(src, prefix=""):
     for s in stems:
         if s not in images:
             raise DataError(f"{cap_dir}/{s}.txt: no matching image in {img_dir}")
-        with open(os.path.join(cap_dir, s + ".txt"), encoding="utf-8") as f:
-            text = f.read().strip()
+        cap = os.path.join(cap_dir, s + ".txt")
+        with open(cap, "rb") as f:
+            text = decode_text(cap, f.read()).strip()
         if not text:
             raise DataError(f"{cap_dir}/{s}.txt: empty caption")
         records.append({"image": prefix + "image/" + images[s], "long_captions": [text]})
@@ -570,28 +773,74 @@ class TrainTransform:
         return TF.normalize(TF.to_tensor(img), self.mean, self.std)
 
 
-def open_image(record):
-    """PIL RGB image of a manifest record (read_manifest resolves its path) or a tar-shard record (byte range).
-    Raises DataError naming the file when it is missing or cannot be decoded."""
+def to_rgb(img):
+    """Any PIL mode -> 8-bit RGB, one rule per mode (open_image applies it to every image):
+    - transparency (an alpha band: RGBA, LA, PA, RGBa, La; or a palette/"transparency" entry: P, L, RGB)
+      is composited on white, so transparent pixels are the white of a page, never the arbitrary
+      colour (often black) stored under alpha 0;
+    - 16- and 32-bit integers (I;16, I;16B, I;16L, I;16N, I: 16-bit PNG/TIFF) are read as 0..65535,
+      clipped, and divided by 257 (65535 -> 255), not clipped at 255 (PIL's convert makes most of them
+      white); their transparency entry, if any, is ignored;
+    - 32-bit float (F) is read as 0..1, clipped, times 255;
+    - everything else (1, L, P, CMYK, YCbCr, LAB, HSV, RGBX) by PIL's own convert("RGB").
+    Of an animated or multi-page file, the first frame."""
+    import numpy as np
+    from PIL import Image
+    if img.mode.startswith("I") or img.mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        a = a * 255.0 if img.mode == "F" else a / 257.0
+        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = (img.convert("LA") if img.mode == "La" else img).convert("RGBA")  # PIL has no La -> RGBA
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def open_image(record, where=None):
+    """PIL RGB image of a manifest record (read_manifest resolves its path) or a tar-shard record (byte range):
+    the one function that opens every image (eval datasets, zoo, training samples).
+
+    Modes become RGB by to_rgb's rules. Every failure is a DataError naming the image (and `where`, e.g.
+    the manifest's file:line, or read_manifest's "line"), so skip_bad_images covers all of them: a missing file,
+    an empty (0-byte) file or tar member, an unreadable one (permissions, a folder), a byte range
+    past the shard's end, bytes PIL cannot identify or decode (a truncated or corrupt file: PIL is
+    not told to load truncated images), a zero-width or zero-height image, one larger than PIL's
+    decompression-bomb limit (Image.MAX_IMAGE_PIXELS; DecompressionBombError, or the warning when
+    turned into an error), and any other exception PIL raises while decoding."""
     import io
     from PIL import Image
-    if "_tar" in record:
-        path, offset, size = record["_tar"]
-        where = record["image"]
-    else:
-        path = where = record["image"]
+    tar = record.get("_tar")
+    name = record["image"]
+    where = where or (f"manifest line {record['line']}" if "line" in record else None)
+    at = f"{name}{f' ({where})' if where else ''}"
     try:
-        if "_tar" in record:
+        if tar:
+            path, offset, size = tar
             with open(path, "rb") as f:
                 f.seek(offset)
-                img = Image.open(io.BytesIO(f.read(size)))
+                raw = f.read(size)
+            if len(raw) != size:
+                raise DataError(f"{at}: truncated: {len(raw)} of its {size} bytes in {path}")
+            src = io.BytesIO(raw)
         else:
-            img = Image.open(path)
-        return img.convert("RGB")
+            src, size = name, os.path.getsize(name)
+        if size == 0:
+            raise DataError(f"{at}: empty image file (0 bytes); expected an image")
+        with Image.open(src) as img:
+            img.load()
+            if img.width == 0 or img.height == 0:
+                raise DataError(f"{at}: image of size {img.width}x{img.height}; expected a non-empty image")
+            return to_rgb(img)
+    except DataError:
+        raise
     except FileNotFoundError:
-        raise DataError(f"{where}: image file not found") from None
-    except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError, truncated files
-        raise DataError(f"{where}: cannot read image ({type(e).__name__}: {e})") from None
+        raise DataError(f"{at}: image file not found") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DataError(f"{at}: image too large ({e}); expected at most Image.MAX_IMAGE_PIXELS="
+                        f"{Image.MAX_IMAGE_PIXELS} pixels") from None
+    except Exception as e:  # PIL.UnidentifiedImageError, truncated data, and whatever a corrupt file makes PIL raise
+        raise DataError(f"{at}: cannot read image ({type(e).__name__}: {str(e)[:200]}); expected a readable "
+                        "image file") from None
 
 
 # === synthetic image-caption data (the tiny pipeline) ===

@@ -9,7 +9,8 @@ import numpy as np
 
 from cache import CACHE_EMBEDDINGS, CACHE_FIELDS, CacheTexts, EmbeddingCache, ManifestTexts, hash_record_texts
 from data import (DataError, ResumableBatchSampler, TrainTransform, _caption_list, check_format_version,
-                  choose_caption, open_image, sample_rng, scan_jsonl, train_record)
+                  choose_caption, decode_text, open_image, parse_json, sample_rng, scan_jsonl, train_record,
+                  unique_images)
 
 # === tar shards (WebDataset / img2dataset layout) ===
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -34,37 +35,57 @@ def expand_shards(spec):
     return paths
 
 
-def scan_tar_shard(path):
+def scan_tar_shard(path, skipped=None):
     """Yield the manifest-style records of one WebDataset tar shard (img2dataset output), in member order.
 
     A sample is the members sharing a key (the name up to the first dot): an image (.jpg/.png/...)
     plus `.txt` (the real caption) and/or `.json` (keys `captions`, `long_captions`, or `caption`).
     Image bytes are not read here: each record keeps the byte range of its image (`_tar`), so any
-    rank or worker reads its own samples with a plain seek. Records with no caption are an error.
+    rank or worker reads its own samples with a plain seek; open_image checks them when read (a
+    member that is not an image is a DataError naming shard::member there, where skip_bad_images
+    applies). Records with no caption are an error.
     Integrity: tarfile stops quietly at a truncated header, so every member must lie within the file
     and the archive must end with its end-of-archive blocks; a shard cut anywhere is a DataError naming
-    it (never fewer samples). Caption fields are validated as manifests are (_caption_list), naming
-    `shard::key`.
+    it (never fewer samples). Captions are read by data's text and JSON readers (decode_text,
+    parse_json: UTF-8, no NUL, no duplicate keys, no lone surrogates) and validated as manifests are
+    (_caption_list), naming `shard::member`. A member name twice, or two images under one key, is a
+    DataError naming both (tarfile would keep the last silently).
+    Skipped, never silently: samples without an image (img2dataset writes failed downloads as .json
+    only), members of other kinds (.cls, .npy, ...), and non-file members; each is counted in
+    `skipped` (a dict: reason -> count) when given, which the index build logs.
     """
     import tarfile
-    samples = {}
+    samples, names = {}, set()
+    counts = {} if skipped is None else skipped
     size = os.path.getsize(path)
+    last = None
     try:
         with tarfile.open(path) as tf:
             for m in tf:
                 if m.offset_data + m.size > size:
                     raise DataError(f"{path}: truncated tar shard: member {m.name!r} needs bytes up to "
                                     f"{m.offset_data + m.size}, the file has {size}")
+                last = m.name
                 if not m.isfile():
+                    counts["non-file members (folders, links)"] = counts.get("non-file members (folders, links)", 0) + 1
                     continue
+                if m.name in names:
+                    raise DataError(f"{path}::{m.name}: member name appears twice in the shard; expected each once")
+                names.add(m.name)
                 d, base = os.path.split(m.name)
                 key, _, ext = base.partition(".")
                 s = samples.setdefault(os.path.join(d, key), {})
                 ext = ext.lower()
                 if ext in IMAGE_EXTS:
+                    if "image" in s:
+                        raise DataError(f"{path}::{m.name}: a second image for sample {key!r} (first "
+                                        f"{s['image'].name!r}); expected one image per sample")
                     s["image"] = m
                 elif ext in ("txt", "json"):
-                    s[ext] = tf.extractfile(m).read().decode("utf-8")
+                    where = f"{path}::{m.name}"
+                    s[ext] = (where, decode_text(where, tf.extractfile(m).read()))
+                else:
+                    counts["members of other kinds"] = counts.get("members of other kinds", 0) + 1
             end = tf.offset  # where the member list stopped: must be two zero blocks (POSIX end of archive)
         with open(path, "rb") as f:
             f.seek(end)
@@ -72,27 +93,26 @@ def scan_tar_shard(path):
         if len(tail) < 2 * tarfile.BLOCKSIZE or tail.count(0) != len(tail):
             raise DataError(f"{path}: truncated or corrupt tar shard: no end-of-archive blocks at byte {end} "
                             f"(file size {size}); samples after that point would be lost")
-    except (tarfile.TarError, OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read tar shard ({e})") from None
+    except (tarfile.TarError, OSError) as e:
+        after = f" after member {last!r}" if last else ""
+        raise DataError(f"{path}: cannot read tar shard{after} ({e}); expected a complete tar file") from None
     for key, s in samples.items():
         where = f"{path}::{key}"
         if "image" not in s:
-            continue  # img2dataset also writes failed samples as .json only
+            counts["samples without an image"] = counts.get("samples without an image", 0) + 1
+            continue
         meta = {}
         if "json" in s:
-            try:
-                meta = json.loads(s["json"])
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}.json: malformed JSON ({e.msg})") from None
-            if not isinstance(meta, dict):
-                raise DataError(f"{where}.json: expected a JSON object, got {type(meta).__name__}")
+            jwhere, text = s["json"]
+            meta = parse_json(jwhere, text, what="a JSON object of captions")
             if "caption" in meta and not isinstance(meta["caption"], (str, type(None))):
-                raise DataError(f"{where}.json: 'caption' must be a string, got {meta['caption']!r:.80}")
-        captions = _caption_list(f"{where}.json", meta, "captions") or (
+                raise DataError(f"{jwhere}: 'caption' must be a string, got {meta['caption']!r:.80}")
+        jwhere = s["json"][0] if "json" in s else f"{where}.json"
+        captions = _caption_list(jwhere, meta, "captions") or (
             [meta["caption"]] if (meta.get("caption") or "").strip() else [])
-        if not captions and s.get("txt", "").strip():
-            captions = [s["txt"].strip()]
-        long_captions = _caption_list(f"{where}.json", meta, "long_captions")
+        if not captions and "txt" in s and s["txt"][1].strip():
+            captions = [s["txt"][1].strip()]
+        long_captions = _caption_list(jwhere, meta, "long_captions")
         if not captions and not long_captions:
             raise DataError(f"{where}: no caption (expected {key}.txt or captions/long_captions in {key}.json)")
         m = s["image"]
@@ -100,9 +120,15 @@ def scan_tar_shard(path):
                "_tar": [path, m.offset_data, m.size]}
 
 
-def index_tar_shards(paths):
-    """Every record of the given tar shards (scan_tar_shard), in shard then member order, as a list."""
-    return [rec for path in paths for rec in scan_tar_shard(path)]
+def index_tar_shards(paths, skipped=None):
+    """Every record of the given tar shards (scan_tar_shard), in shard then member order, as a list;
+    `skipped` (a dict), when given, counts what the shards held besides samples."""
+    return [rec for path in paths for rec in scan_tar_shard(path, skipped)]
+
+
+def describe_skipped(skipped):
+    """'3 samples without an image, 1 members of other kinds' (what a tar scan skipped), or ''."""
+    return ", ".join(f"{n} {k}" for k, n in sorted(skipped.items()) if n)
 
 
 # --- the training index: what a stage-2 rank needs per record, built once, memory-mapped by everyone
@@ -187,10 +213,10 @@ def _scan_shard_part(source, i, parts_dir):
     if os.path.exists(final):
         return
     path = source["files"][i]
-    offs, sizes, lines = [], [], []
+    offs, sizes, lines, skipped = [], [], [], {}
     tmp_jsonl = os.path.join(parts_dir, f"{name}.jsonl.tmp{os.getpid()}")
     with open(tmp_jsonl, "wb") as f:
-        for rec in scan_tar_shard(path):
+        for rec in scan_tar_shard(path, skipped):
             train_record(rec["image"], rec)  # the manifest's validation, naming shard::member
             line = (json.dumps({k: rec[k] for k in ("image", "captions", "long_captions")}, ensure_ascii=False)
                     + "\n").encode("utf-8")
@@ -199,7 +225,7 @@ def _scan_shard_part(source, i, parts_dir):
     os.replace(tmp_jsonl, os.path.join(parts_dir, name + ".jsonl"))
     tmp = os.path.join(parts_dir, f"{name}.tmp{os.getpid()}.npz")
     np.savez(tmp, image_offset=np.asarray(offs, np.int64), image_size=np.asarray(sizes, np.int64),
-             line_size=np.asarray(lines, np.int64))
+             line_size=np.asarray(lines, np.int64), skipped=np.asarray(json.dumps(skipped)))
     os.replace(tmp, final)
 
 
@@ -304,15 +330,22 @@ def _finish_index(index_dir, source, arrays, text_hash, hashes, records_file, im
 def _build_manifest_index(index_dir, source, check_images):
     import array
     path, root = source["files"][0], source["image_root"]
-    b, h, hashes = _IndexBuilder(), hashlib.sha256(), array.array("Q")
+    b, h, hashes, images = _IndexBuilder(), hashlib.sha256(), array.array("Q"), unique_images(path)
     for r, (lineno, off, size, obj) in enumerate(scan_jsonl(path)):
         where = f"{path}:{lineno}"
         image, caps, longs = train_record(where, obj)
+        images.add(os.path.normpath(image), lineno)
         if check_images and not os.path.isfile(os.path.join(root, image)):
             raise DataError(f"{where}: image file not found: {os.path.join(root, image)} (image root {root})")
         hash_record_texts(h, hashes, r, "captions", caps)
         hash_record_texts(h, hashes, r, "long_captions", longs)
         b.add(off, size, lineno, -1, 0, 0, len(caps), len(longs))
+
+    def image_of(r):  # record r's image, re-read from its line (only to name a repeated image)
+        with open(path, "rb") as f:
+            f.seek(b.a["line_offset"][r])
+            return os.path.normpath(json.loads(f.read(b.a["line_size"][r]))["image"])
+    images.check(image_of)  # one record per image: never one line per caption read as that many images
     _finish_index(index_dir, source, b.arrays(), h.hexdigest(), hashes, path, check_images)
 
 
@@ -322,12 +355,14 @@ def _merge_index(index_dir, source, names, log):
     parts_dir = os.path.join(index_dir, "parts")
     records_file = os.path.join(index_dir, "records.jsonl")
     b, h, hashes = _IndexBuilder(), hashlib.sha256(), array.array("Q")
-    offset, r = 0, 0
+    offset, r, skipped = 0, 0, {}
     tmp = f"{records_file}.tmp{os.getpid()}"
     with open(tmp, "wb") as out:
         for i, name in enumerate(names):
             with np.load(os.path.join(parts_dir, name + ".npz")) as z:
                 img_off, img_size = z["image_offset"].tolist(), z["image_size"].tolist()
+                for k, n in (json.loads(str(z["skipped"])) if "skipped" in z.files else {}).items():
+                    skipped[k] = skipped.get(k, 0) + n
             with open(os.path.join(parts_dir, name + ".jsonl"), "rb") as f:
                 for j, line in enumerate(f):
                     obj = json.loads(line)
@@ -339,6 +374,8 @@ def _merge_index(index_dir, source, names, log):
                     offset += len(line)
                     r += 1
     os.replace(tmp, records_file)
+    if skipped:
+        log(f"training index: the tar shards also held (skipped, not samples): {describe_skipped(skipped)}")
     _finish_index(index_dir, source, b.arrays(), h.hexdigest(), hashes, records_file, True)
     import shutil
     shutil.rmtree(parts_dir, ignore_errors=True)
@@ -445,8 +482,8 @@ class TrainSamples:
         for k in range(n):
             i = (index + k) % n
             rec = self.records[i]
-            try:
-                img = open_image(rec)
+            try:  # open_image turns every way an image can fail into a DataError, so skipping covers all
+                img = open_image(rec, self.records.where(i) if hasattr(self.records, "where") else None)
                 break
             except DataError as e:
                 if not self.skip_bad:
@@ -491,11 +528,15 @@ class EpochBatchSampler(ResumableBatchSampler):
 
 def data_identity(records, cache=None, shards=()):
     """What identifies stage-2 training data, kept in checkpoints so a resume on other data is refused:
-    the record count, the cache's text hash and size, and the shards' names and sizes. Cheap (nothing
+    the record count, the cache's text hash, size and encoder, and the shards' names and sizes. Cheap (nothing
     is re-read) and free of paths, so moved files with the same content still resume."""
     ident = {"num_records": len(records)}
-    if cache is not None:
-        ident.update(text_hash=cache.meta["text_hash"], count=cache.count, fields=list(cache.fields))
+    if cache is not None:  # the captions and the encoder that embedded them (the same captions by another
+        # encoder are other training data)
+        enc = cache.meta.get("encoder", {})
+        ident.update(text_hash=cache.meta["text_hash"], count=cache.count, fields=list(cache.fields),
+                     encoder={k: enc.get(k) for k in ("fingerprint", "base_model", "pooling", "instruction",
+                                                      "max_length", "bidirectional", "chat_template", "dim")})
     if shards:
         h = hashlib.sha256()
         for p in shards:

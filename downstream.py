@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 import common
 import zoo
-from data import DataError, read_class_folder, read_jsonl
+from data import DataError, read_class_folder, read_jsonl, scan_lines
 from metrics import check_results_path, percent, ranks, split_specs, write_results
 
 # -----------------------------------------------------------------------------
@@ -49,8 +49,18 @@ probe_batch_size = 1024
 probe_lr = 0.1           # peak lr, cosine to 0 over all steps (features are standardised first)
 probe_momentum = 0.9
 probe_weight_decay = 0.0
+overwrite = False        # export_hf: write into an --out folder that already holds files (else it is refused)
 config_keys = [k for k, v in dict(globals()).items()
                if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))]
+# declared once, checked before any data or model is read (common.check_config); evaluate.py checks the
+# probe keys with these rules too
+PROBE_RULES = {"probe_epochs": (lambda v: v > 0, "a positive integer"),
+               "probe_batch_size": (lambda v: v > 0, "a positive integer"), "probe_lr": common.positive,
+               "probe_momentum": common.in_range(0, 0.999999, "a number in [0, 1)"),
+               "probe_weight_decay": common.non_negative}
+RULES = {"batch_size": (lambda v: v > 0, "a positive integer"), "num_workers": (lambda v: v >= 0, "an integer >= 0"),
+         "device": zoo.DEVICE_RULE, **PROBE_RULES}
+TASK_PATHS = {"linear_probe": {"data": "dir", "feature_dir": "out"}, "export_hf": {"out": "out"}}
 
 # -----------------------------------------------------------------------------
 # 1. transformers export of the vision tower
@@ -273,20 +283,27 @@ def hf_forward(hf, hf_dir, pixels):
 def run_export_hf(cfg, log, script="evaluate.py"):
     """--task=export_hf --model=OUT_DIR --out=HF_DIR; HF_DIR/run_<script>.json records the run."""
     from model import LLM2CLIP_CONFIG, load_llm2clip
-    spec = cfg["model"]
+    spec, out = cfg["model"], cfg["out"]
     if not spec or "," in spec or not os.path.isfile(os.path.join(spec, LLM2CLIP_CONFIG)):
         raise ValueError(f"--task=export_hf needs --model=ONE post_train.py out_dir (with {LLM2CLIP_CONFIG}); got {spec!r}")
-    if not cfg["out"]:
+    if not out:
         raise ValueError("--task=export_hf needs --out=HF_DIR (the transformers folder to write)")
+    held = sorted(os.listdir(out)) if os.path.isdir(out) else []
+    if held and not cfg.get("overwrite"):  # never write into (or, on a failed check, delete from) another run's folder
+        raise ValueError(f"out={out!r} holds files ({len(held)}: {', '.join(held[:4])}{', ...' if len(held) > 4 else ''}); "
+                         "expected an empty or new folder: choose another --out, or pass --overwrite=True to write over it")
     image_encoder, _ = load_llm2clip(spec, load_text=False)
     name = image_encoder.vision.model_name
-    family, diff = export_hf(image_encoder.vision, cfg["out"], name=f"{spec} ({name})")
-    common.save_run_info(cfg["out"], cfg, script, extra={"export_hf": {"family": family, "source": spec,
+    try:
+        family, diff = export_hf(image_encoder.vision, out, name=f"{spec} ({name})")
+    except OSError as e:  # a full disk while transformers/safetensors write: name the folder, not their frames
+        raise OSError(e.errno, f"cannot write {out}: {e.strerror or e}") from None
+    common.save_run_info(out, cfg, script, extra={"export_hf": {"family": family, "source": spec,
                          "timm_model": name, "max_relative_difference": diff}})
     cls = "CLIPVisionModel" if family == "clip" else "SiglipVisionModel"
-    log(f"wrote {cls} folder {cfg['out']} from {spec} ({name}); hidden states and embedding match timm "
+    log(f"wrote {cls} folder {out} from {spec} ({name}); hidden states and embedding match timm "
         f"(max relative difference {diff:.1e})")
-    return {"family": family, "max_relative_difference": diff, "out": cfg["out"]}
+    return {"family": family, "max_relative_difference": diff, "out": out}
 
 
 # -----------------------------------------------------------------------------
@@ -302,7 +319,7 @@ def load_image_model(spec, device):
         return zoo.LLM2CLIP(load_llm2clip(spec, device=device, load_text=False)[0], None)
     if spec.startswith(zoo.OpenCLIP.PREFIX):  # open_clip:NAME/PRETRAINED (optional package)
         return zoo.OpenCLIP(spec, device)
-    return zoo.HFClip(spec, device)
+    return zoo.load_hf_clip(spec, device)
 
 
 def _model_identity(spec):
@@ -450,18 +467,14 @@ def convert_xm3600(src, lang, prefix="images/"):
 
 
 def _read_tagged_captions(path, sep):
-    """Lines '<image>#<tags...><sep><caption>' -> {image: [captions]} in file order; errors name the line."""
+    """Lines '<image>#<tags...><sep><caption>' -> {image: [captions]} in file order; errors name the line
+    (data.scan_lines: UTF-8, BOM and CRLF as every text reader takes them)."""
     out = {}
-    with open(path, encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            key, _, caption = line.rstrip("\r\n").partition(sep) if sep else line.strip().partition(" ")
-            if "#" not in key or not caption.strip():
-                raise DataError(f"{path}:{lineno}: expected '<image>#<n>' then a caption, got {line.strip()[:80]!r}")
-            out.setdefault(key.split("#")[0].strip(), []).append(caption.strip())
-    if not out:
-        raise DataError(f"{path}: no captions")
+    for lineno, _, _, line in scan_lines(path, empty="no captions"):
+        key, _, caption = line.partition(sep) if sep else line.strip().partition(" ")
+        if "#" not in key or not caption.strip():
+            raise DataError(f"{path}:{lineno}: expected '<image>#<n>' then a caption, got {line.strip()[:80]!r}")
+        out.setdefault(key.split("#")[0].strip(), []).append(caption.strip())
     return out
 
 
@@ -478,18 +491,13 @@ def convert_coco_cn(src, split="test", lang="zh", prefix=""):
         raise DataError(f"{ids_path}: not found (the COCO-CN split list; --split=train|val|test)")
     caps = _read_tagged_captions(os.path.join(src, files[lang]), "\t")
     records = []
-    with open(ids_path, encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, 1):
-            iid = line.strip()
-            if not iid:
-                continue
-            if iid not in caps:
-                raise DataError(f"{ids_path}:{lineno}: image {iid} has no caption in {files[lang]}")
-            folder = iid.split("_")[1] if iid.count("_") >= 2 else ""
-            records.append({"image": f"{prefix}{folder}/{iid}.jpg" if folder else f"{prefix}{iid}.jpg",
-                            "captions": caps[iid]})
-    if not records:
-        raise DataError(f"{ids_path}: no image ids")
+    for lineno, _, _, line in scan_lines(ids_path, empty="no image ids"):
+        iid = line.strip()
+        if iid not in caps:
+            raise DataError(f"{ids_path}:{lineno}: image {iid} has no caption in {files[lang]}")
+        folder = iid.split("_")[1] if iid.count("_") >= 2 else ""
+        records.append({"image": f"{prefix}{folder}/{iid}.jpg" if folder else f"{prefix}{iid}.jpg",
+                        "captions": caps[iid]})
     return records
 
 
@@ -499,8 +507,7 @@ def convert_flickr30k_cn(src, lang="zh", prefix="flickr30k-images/"):
     the 1K test set. Image = prefix + <image>.jpg."""
     if lang not in ("zh", ""):
         raise ValueError(f"flickr30k_cn --lang={lang!r}: Flickr30k-CN is Chinese only (zh)")
-    with open(src, encoding="utf-8-sig") as f:
-        first = next((ln for ln in f if ln.strip()), "")
+    first = next(line for _, _, _, line in scan_lines(src, empty="no captions"))
     caps = _read_tagged_captions(src, "\t" if "\t" in first else None)
     return [{"image": prefix + (img if os.path.splitext(img)[1] else img + ".jpg"), "captions": c}
             for img, c in caps.items()]
@@ -513,8 +520,9 @@ def main(argv=None):
     if cfg["task"] not in ("linear_probe", "export_hf"):
         raise ValueError(f"--task={cfg['task']!r}: downstream.py runs linear_probe or export_hf "
                          "(retrieval, classify, c2c and convert: evaluate.py)")
-    common.check_config(cfg, {"batch_size": (lambda v: v > 0, "a positive integer"),
-                              "num_workers": (lambda v: v >= 0, "an integer >= 0")})
+    common.check_config(cfg, RULES, paths=TASK_PATHS[cfg["task"]])
+    if cfg["task"] == "linear_probe":
+        zoo.check_model_specs(split_specs(cfg["model"], "model"))
     if cfg["task"] == "export_hf":  # single process
         return run_export_hf(cfg, common.Logger(None, "downstream"), script="downstream.py")
     if cfg["out"]:

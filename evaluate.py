@@ -26,7 +26,7 @@ from data import (DataError, convert_docci, convert_karpathy, convert_sharegpt4v
                   read_caption_records, read_class_folder, read_jsonl, read_manifest, write_manifest)
 from metrics import (c2c_eval, check_results_path, markdown_table, percent, ranks, retrieval_metrics,
                      split_specs, write_results)
-from zoo import encode_images, encode_texts, load_models  # every model family, sharded encoding
+from zoo import DEVICE_RULE, check_model_specs, encode_images, encode_texts, load_models  # every model family
 
 # -----------------------------------------------------------------------------
 # config: every key can be overridden with --key=value or a config/*.py file
@@ -55,7 +55,7 @@ templates = ""           # file, one prompt template per line with {}; "" = for 
                          # ImageNet templates (config/imagenet/templates.txt), else "a photo of a {}."
 # linear probe (Table 4, right half): downstream.py's keys, defaults and comments, settable here as well
 from downstream import (feature_dir, probe_epochs, probe_batch_size, probe_lr, probe_momentum,  # noqa: E402,F401
-                        probe_weight_decay)
+                        probe_weight_decay, overwrite)
 # caption-to-caption retrieval
 text_model = ""          # HF model folder or stage-1 out_dir, loaded with model.load_text_encoder
 captions = ""            # caption JSONL {"id", "captions": [>= 2]}: caption 1 queries, caption 2 is the gallery
@@ -76,6 +76,22 @@ num = 1000               # sharegpt4v: the first `num` entries (the paper's Shar
 image_prefix = None      # prepended to image paths in the manifest; None = the format's default
 config_keys = [k for k, v in dict(globals()).items()
                if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))]
+
+# declared once, checked before any data or model is read (common.check_config, as in the stage scripts): each
+# key's range, and what each path key must be (per task where the key's meaning depends on it)
+TASKS = ("retrieval", "classify", "c2c", "convert", "linear_probe", "export_hf")
+CONVERT_FOLDERS = ("urban1k", "coco_cn")  # the converters that read a folder; every other one reads a file
+_pos_int = (lambda v: v > 0, "a positive integer")
+RULES = {"batch_size": _pos_int, "text_batch_size": _pos_int, "num": _pos_int,
+         "max_length": (lambda v: v >= 0, "an integer >= 0 (0 = the model's own)"),
+         "num_workers": (lambda v: v >= 0, "an integer >= 0"),
+         "captions_per_image": (lambda v: v >= -1, "-1 (the dataset's own), 0 (any) or the exact count"),
+         "caption_field": common.one_of("", "captions", "long_captions"), "pooling": common.one_of("", "mean", "eos"),
+         "dtype": common.one_of("", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"), "device": DEVICE_RULE,
+         **downstream.PROBE_RULES}
+PATHS = {"image_root": "dir", "classnames": "file", "templates": "file", "text_model": "model", "captions": "file"}
+TASK_PATHS = {"classify": {"data": "dir"}, "linear_probe": {"data": "dir", "feature_dir": "out"},
+              "export_hf": {"out": "out"}}
 
 # The paper's benchmarks: name -> (caption field, captions per image). Short sets are scored with
 # 5 captions per image, long-caption sets 1:1 (docs/DESIGN.md, "Evaluate").
@@ -189,7 +205,7 @@ def run_c2c(cfg, log):
     records = read_caption_records(cfg["captions"])  # bad input fails before the model loads
     from model import load_text_encoder  # local: retrieval and convert run without model.py
     kwargs = common.text_encoder_kwargs(cfg)
-    enc = load_text_encoder(cfg["text_model"], dtype=getattr(torch, cfg["dtype"]) if cfg["dtype"] else None, **kwargs)
+    enc = load_text_encoder(cfg["text_model"], dtype=cfg["dtype"] or None, **kwargs)
     max_length = cfg["max_length"] or enc.settings.get("max_length") or 512
     log(common.describe_text_encoder(enc, kwargs) + f", instruction={cfg['instruction']!r}, max_length={max_length}")
     r = c2c_eval(enc, records, instruction=cfg["instruction"] or None, max_length=max_length,
@@ -219,6 +235,10 @@ def run_convert(cfg, log):
         raise ValueError(f"--format={fmt!r}: expected one of {', '.join(converters)}")
     if not src or not os.path.exists(src):
         raise DataError(f"--src={src!r}: not found (the {fmt} annotation file or folder)")
+    folder = fmt in CONVERT_FOLDERS
+    if os.path.isdir(src) != folder:
+        raise DataError(f"--src={src!r}: is a {'file' if folder else 'folder'}; --format={fmt} reads "
+                        f"{'a folder' if folder else 'an annotation file'}")
     if not cfg["out"]:
         raise ValueError("--task=convert needs --out=manifest.jsonl")
     n = write_manifest(cfg["out"], converters[fmt]())
@@ -230,13 +250,11 @@ def run_convert(cfg, log):
 
 def main(argv=None):
     cfg = common.configure({k: globals()[k] for k in config_keys}, argv, __doc__)
-    tasks = ("retrieval", "classify", "c2c", "convert", "linear_probe", "export_hf")
-    if cfg["task"] not in tasks:
-        raise ValueError(f"--task={cfg['task']!r}: expected one of {', '.join(tasks)}")
-    pos = (lambda v: v > 0, "a positive integer")
-    common.check_config(cfg, {"batch_size": pos, "text_batch_size": pos,
-                              "max_length": (lambda v: v >= 0, "an integer >= 0 (0 = the model's own)"),
-                              "num_workers": (lambda v: v >= 0, "an integer >= 0")})
+    if cfg["task"] not in TASKS:
+        raise ValueError(f"--task={cfg['task']!r}: expected one of {', '.join(TASKS)}")
+    common.check_config(cfg, RULES, paths={**PATHS, **TASK_PATHS.get(cfg["task"], {})})
+    if cfg["task"] in ("retrieval", "classify", "linear_probe") and cfg["model"]:
+        check_model_specs(split_specs(cfg["model"], "model"))
     if cfg["out"] and cfg["task"] != "export_hf":  # a results file: found now, not after every model is scored
         check_results_path(cfg["out"])
     if cfg["task"] in ("c2c", "convert", "export_hf"):  # single process

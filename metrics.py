@@ -46,6 +46,17 @@ def ranks(queries, gallery, target):
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
 
+def check_finite(features, what):
+    """Refuse non-finite embeddings instead of scoring them: a NaN row ranks anywhere and the recalls
+    would be silently wrong."""
+    bad = (~torch.isfinite(features)).any(dim=-1) if features.numel() else torch.zeros(0, dtype=torch.bool)
+    if bad.any():
+        rows = bad.nonzero().flatten().tolist()
+        raise ValueError(f"{len(rows)} of {features.shape[0]} {what} embeddings are not finite (rows "
+                         f"{', '.join(map(str, rows[:5]))}{', ...' if len(rows) > 5 else ''}); expected finite "
+                         "features: the model or its inputs are broken, refusing to score them")
+
+
 def retrieval_metrics(image_features, text_features, text_to_image, ks=(1, 5, 10)):
     """Recall@k in percent, both directions: {"i2t_R@1": .., "i2t_R@5": .., ..., "t2i_R@10": ..}.
 
@@ -56,6 +67,8 @@ def retrieval_metrics(image_features, text_features, text_to_image, ks=(1, 5, 10
     `rank_of_target`. Similarities are computed in chunks, so 5K images x 25K captions stay small.
     """
     img, txt = image_features.float(), text_features.float()
+    check_finite(img, "image")
+    check_finite(txt, "text")
     t2i = torch.as_tensor(text_to_image, dtype=torch.long, device=img.device)
     n_img, n_txt = img.shape[0], txt.shape[0]
     if t2i.shape != (n_txt,):

@@ -31,6 +31,9 @@ seed = 0
 arch = "llama"  # tiny text model architecture: llama | qwen2 | mistral | gemma | bert
 cc_steps = 60  # stage-1 steps (config/cc_tiny_cpu.py)
 post_steps = 800  # stage-2 steps (config/post_tiny_cpu.py: 300)
+# stage 2's tower, shaped by the preset's timm_kwargs: OpenAI-CLIP-style (pre-norm, class token) like the paper
+# presets' towers, so `evaluate.py --task=export_hf --model=out-tiny/post` writes a transformers CLIPVisionModel
+vision_model = "vit_base_patch16_clip_224.openai"
 ablations = False  # also the stage-2 ablation table (Tables 8, 10, 11): 7 more stage-2 runs, a few minutes
 stage1_ablations = False  # instead of stages 3-6: the stage-1 ablation table (Table 9's rows), ~7 stage-1 runs
 config_keys = [k for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, str))]
@@ -91,7 +94,7 @@ def main(argv=None):
     t = time.time()
     common_args = ["config/post_tiny_cpu.py", f"--train_manifest={p('data', 'train.jsonl')}",
                    f"--cache_dir={p('cache_train')}", f"--val_manifest={p('data', 'val.jsonl')}",
-                   f"--val_cache_dir={p('cache_val')}", f"--seed={cfg['seed']}"]
+                   f"--val_cache_dir={p('cache_val')}", f"--seed={cfg['seed']}", f"--vision_model={cfg['vision_model']}"]
     post_train.main(common_args + [f"--out_dir={p('post_untrained')}", "--max_steps=0"])
     post_train.main(common_args + [f"--out_dir={p('post')}", f"--max_steps={cfg['post_steps']}"])
     done("stage 2 (post_train)", t)

@@ -101,12 +101,13 @@ seed = 0
 save_interval = 1000  # steps between checkpoints (also at the end)
 keep_checkpoints = 2  # newest checkpoints kept (0 = all)
 resume = False  # continue from the newest checkpoint in out_dir/checkpoints
+overwrite = False  # a fresh run into an out_dir holding another run's files deletes them (else it refuses)
 log_interval = 10
 peak_flops = 989e12  # per GPU, for the MFU estimate (H100 bf16 dense)
 config_keys = [k for k, v in globals().items()
                if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, list, dict, type(None)))]
 # keys that may change on resume without changing the trajectory
-RESUME_FREE_KEYS = {"out_dir", "resume", "max_steps", "save_interval", "keep_checkpoints", "log_interval",
+RESUME_FREE_KEYS = {"out_dir", "resume", "overwrite", "max_steps", "save_interval", "keep_checkpoints", "log_interval",
                      "eval_interval", "eval_batch_size", "val_manifest", "val_image_root", "val_cache_dir",
                      "eval_field", "num_workers", "compile", "peak_flops", "image_root", "train_manifest",
                      "train_shards", "cache_dir", "text_model", "text_source", "train_index"}
@@ -438,7 +439,8 @@ def main(argv=None):
     micro = cfg["micro_batch_size"] if 0 < cfg["micro_batch_size"] < local_batch else local_batch
     _, autocast = common.resolve_dtype(cfg["dtype"], device)
     out = cfg["out_dir"]
-    stale = common.lock_out_dir(out) if master else []  # one run per out_dir; a killed run's temp files go
+    stale = (common.lock_out_dir(out, resume=cfg["resume"], overwrite=cfg["overwrite"]) if master
+             else [])  # one run per out_dir; a killed run's temp files go
     log = common.Logger(out, "post_train", master)
     if master:
         common.save_run_info(out, cfg, __file__, extra={"world_size": world_size})

@@ -18,7 +18,32 @@ import torch.nn.functional as F
 
 import common
 from cache import EmbeddingCache, encoder_mismatch
-from data import ImageDataset, eval_transform, open_image, read_manifest
+from data import DataError, ImageDataset, eval_transform, open_image, read_manifest
+
+# -----------------------------------------------------------------------------
+# what a --model / --device value must be, checked before any model loads (with the scripts' other rules)
+
+def is_device(v):
+    """A --device value torch can parse ("cpu", "cuda", "cuda:1"); "" and "auto" mean the default."""
+    if v in ("", "auto"):
+        return True
+    try:
+        torch.device(v)
+    except (RuntimeError, TypeError, ValueError):
+        return False
+    return True
+
+
+DEVICE_RULE = (is_device, "'' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'")
+
+
+def check_model_specs(specs, key="model"):
+    """Each --model item as common.check_config checks a "model" path (a path-looking one that does not exist
+    is an error naming `key`, never a hub lookup); open_clip:NAME/PRETRAINED names are open_clip's to resolve."""
+    for spec in specs:
+        if not spec.startswith(OpenCLIP.PREFIX):
+            common.check_config({key: spec}, paths={key: "model"})
+
 
 # -----------------------------------------------------------------------------
 # models: one interface (data_config, encode_images, encode_texts) for baselines and LLM2CLIP
@@ -324,7 +349,20 @@ def load_models(spec, device, cfg=None):
                                                  text)) for n in names]
     if spec.startswith(OpenCLIP.PREFIX):
         return [(spec, OpenCLIP(spec, device))]
-    return [(spec, HFClip(spec, device))]
+    return [(spec, load_hf_clip(spec, device))]
+
+
+def load_hf_clip(spec, device, key="model"):
+    """HFClip(spec), where transformers' errors on what the user named (a folder that is not a model, a
+    broken config, an unknown hub name offline) become one ValueError naming `key` and the spec."""
+    if os.path.isdir(spec) and not os.path.isfile(os.path.join(spec, "config.json")):
+        raise ValueError(f"{key}={spec!r}: a folder with neither config.json nor llm2clip.json; expected a "
+                         "transformers CLIP/SigLIP folder or a post_train.py out_dir")
+    try:
+        return HFClip(spec, device)
+    except (OSError, ValueError) as e:
+        first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise ValueError(f"{key}={spec!r}: cannot load it as a transformers CLIP/SigLIP model ({first})") from None
 
 
 def load_model(spec, device, cfg=None):
@@ -359,6 +397,29 @@ def _autocast(device, amp):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and str(device).startswith("cuda"))
 
 
+class _ErrorsAsValues:
+    """A dataset whose DataError (a bad image, named) is returned instead of raised: raised in a DataLoader
+    worker it would reach the main process re-wrapped, its message the worker's traceback text."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        try:
+            return self.dataset[i]
+        except DataError as e:
+            return e
+
+
+def _collate(items):
+    """default_collate, or the batch's first DataError (encode_images raises it)."""
+    from torch.utils.data import default_collate
+    return next((x for x in items if isinstance(x, DataError)), None) or default_collate(items)
+
+
 @torch.no_grad()
 def encode_images(m, paths, cfg, dist_info, desc="images"):
     """L2-normalised features of all images (every rank returns all of them)."""
@@ -366,10 +427,13 @@ def encode_images(m, paths, cfg, dist_info, desc="images"):
     from tqdm import tqdm
     ddp, rank, world, device = dist_info
     lo, hi = _shard(len(paths), rank, world)
-    loader = DataLoader(ImageDataset(paths[lo:hi], eval_transform(m.data_config)),
-                        batch_size=cfg["batch_size"], num_workers=cfg["num_workers"])
+    loader = DataLoader(_ErrorsAsValues(ImageDataset(paths[lo:hi], eval_transform(m.data_config))),
+                        batch_size=cfg["batch_size"], num_workers=cfg["num_workers"], collate_fn=_collate)
     feats = []
-    for x, _ in tqdm(loader, desc=desc, disable=rank != 0):
+    for batch in tqdm(loader, desc=desc, disable=rank != 0):
+        if isinstance(batch, DataError):  # an image that cannot be decoded, named by data.open_image
+            raise DataError(str(batch)) from None
+        x, _ = batch
         with _autocast(device, cfg["amp"]):
             feats.append(F.normalize(m.encode_images(x.to(device)).float(), dim=-1))
     return gather_rows(torch.cat(feats) if feats else torch.zeros(0, 0, device=device), ddp)

@@ -9,10 +9,10 @@ train_manifest = "out-tiny/data/train.jsonl"
 cache_dir = "out-tiny/cache_train"
 val_manifest = "out-tiny/data/val.jsonl"  # its captions are embedded at start (the pipeline passes out-tiny/cache_val)
 eval_field = "long_captions"  # the synthetic short captions ("a red circle") are shared by many images
-# an OpenAI-CLIP-style timm tower (pre-norm, class token), as the paper presets post-train, so that
-# `evaluate.py --task=export_hf` writes it as a transformers CLIPVisionModel; made tiny below: 32 px, 8 px
-# patches, width 64, 2 blocks, random init
-vision_model = "vit_base_patch16_clip_224.openai"
+# made tinier below: 32 px, 8 px patches, width 64, 2 blocks. pipeline.py trains an OpenAI-CLIP-style tower
+# instead (its `vision_model`), so that out-tiny/post exports with `evaluate.py --task=export_hf`; this one
+# has no transformers class (no pre-norm) and learns faster in a few dozen steps (tests/test_post_train.py)
+vision_model = "vit_tiny_patch16_224"
 pretrained = False  # from scratch: no weights on a CPU box
 timm_kwargs = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)
 embed_dim = 64  # the shared-space projection; timm_kwargs["embed_dim"] above is the ViT width

@@ -198,8 +198,11 @@ def test_init_from_continues_from_the_previous_encoder(tiny, tmp_path, monkeypat
     assert meta["chain"] == [{"out_dir": os.path.abspath(first), "steps": 4, "objective": "mntp"}]
     assert json.load(open(os.path.join(second, "run_cc_finetune.json")))["chain"] == meta["chain"]
     assert f"init_from chain: {tiny['model']} -> mntp 4 steps ({first}) -> supervised_simcse (this run)" in _log(second)
-    with pytest.raises(ValueError, match=r"nowhere: no encoder.json; expected a cc_finetune.py out_dir"):
+    with pytest.raises(ValueError, match=r"init_from='.*nowhere': no such folder; expected a folder"):
         cc_finetune.main(_args(tiny, str(tmp_path / "x"), init_from=str(tmp_path / "nowhere")))
+    os.makedirs(tmp_path / "plain")  # a folder, but no stage-1 out_dir
+    with pytest.raises(ValueError, match=r"plain: no encoder.json; expected a cc_finetune.py out_dir"):
+        cc_finetune.main(_args(tiny, str(tmp_path / "y"), init_from=str(tmp_path / "plain")))
 
 
 # -----------------------------------------------------------------------------

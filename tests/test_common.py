@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import ROOT, free_port
 
 import common
@@ -252,3 +253,64 @@ def test_cleanup_distributed_leaves_no_gloo_threads_for_interpreter_shutdown():
     assert p.returncode == 0, p.stderr[-2000:]
     out = json.loads(p.stdout.strip().splitlines()[-1])
     assert out["ddp"] and out["after"] == out["before"], out
+
+
+# --- the out_dir rules: one run at a time, a fresh run never mixes with an older one's files
+
+def test_a_killed_runs_orphaned_child_does_not_hold_the_lock(tmp_path):
+    """A run SIGKILLed while a forked DataLoader worker lives on: the resume takes the lock at once."""
+    import signal
+    import subprocess
+    import sys
+    out = tmp_path / "run"
+    code = (f"import os, signal, sys, time; sys.path.insert(0, {common.REPO!r}); import common; "
+            f"common.lock_out_dir({str(out)!r}); pid = os.fork()\n"
+            "if pid == 0:\n    time.sleep(60)\nelse:\n    print(pid, flush=True); os.kill(os.getpid(), signal.SIGKILL)")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    child = int(p.stdout.readline())
+    try:
+        assert p.wait(timeout=60) == -signal.SIGKILL
+        os.kill(child, 0)  # the orphan is alive, holding the lock file open
+        common.lock_out_dir(str(out), resume=True)  # and the lock is free
+        common.unlock_out_dir(str(out))
+    finally:
+        os.kill(child, signal.SIGKILL)
+
+
+def test_a_fresh_run_refuses_another_runs_files_unless_told(tmp_path):
+    out = tmp_path / "run"
+    os.makedirs(out / "checkpoints")  # an empty folder is no result
+    common.lock_out_dir(str(out), resume=False)
+    (out / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(ValueError, match=r"out_dir='.*run' holds another run's files \(1: metrics.jsonl\); expected an "
+                                         r"empty or new folder: pass --resume"):
+        common.lock_out_dir(str(out), resume=False)
+    assert (out / "metrics.jsonl").read_text() == "{}\n"  # refused, nothing touched
+    common.lock_out_dir(str(out), resume=True)  # told to continue it
+    common.lock_out_dir(str(out), resume=False, overwrite=True)  # told to replace it
+    assert not (out / "metrics.jsonl").exists()
+    common.unlock_out_dir(str(out))
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    ck = common.Checkpoints(str(tmp_path), keep=2)
+    good = ck.save(1, {"model": {"w": torch.ones(2)}})
+    with pytest.raises(FloatingPointError, match=r"step 2: non-finite weights in w; not saved \(newest checkpoint: .*step_00000001.pt\)"):
+        ck.save(2, {"model": {"w": torch.tensor([1.0, float("nan")])}})
+    assert ck.paths() == [good] and ck.newest()[1]["step"] == 1
+
+
+def test_run_main_prints_one_line_and_exits_2_for_input_errors_only(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["post_train.py"])
+
+    def bad_input(argv):
+        raise ValueError("train_manifest='x.jsonl': no such file;\nexpected a file")
+    with pytest.raises(SystemExit) as e:
+        common.run_main(bad_input)
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "post_train.py: error: train_manifest='x.jsonl': no such file; expected a file\n"
+
+    def library_bug(argv):  # a ValueError raised inside a library is not an input error of ours: traceback
+        json.loads("{")
+    with pytest.raises(json.JSONDecodeError):
+        common.run_main(library_bug)

@@ -266,9 +266,9 @@ def test_second_run_in_the_same_out_dir_is_refused(w, tmp_path):
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(RuntimeError, match=rf"{re.escape(str(out))} is in use by another run \(pid {holder.pid} on "):
+        with pytest.raises(ValueError, match=rf"{re.escape(str(out))}' is in use by another run \(pid {holder.pid} on "):
             post_train.main(args(w, out))
-        with pytest.raises(RuntimeError, match=rf"pid {holder.pid}"):
+        with pytest.raises(ValueError, match=rf"pid {holder.pid}"):
             embed_captions.main([f"--text_model={w.llm}", f"--manifest={w.val}", f"--out_dir={out}"])
     finally:
         holder.kill()

@@ -242,11 +242,11 @@ def test_bad_images_error_with_path_or_are_skipped_and_counted(w, tmp_path, brok
 
 def test_cache_from_another_manifest_or_encoder_is_refused(w, tmp_path):
     with pytest.raises(data.DataError, match=r"stale for .*train.jsonl: the manifest has 128 records .* the cache 48"):
-        post_train.main(args(w, tmp_path, f"--cache_dir={w.val_cache}"))
+        post_train.main(args(w, tmp_path / "a", f"--cache_dir={w.val_cache}"))
     other = pipeline.build_tiny_text_model(str(tmp_path / "other_llm"), texts=[" ".join(data.synthetic_vocabulary())] * 8,
                                            seed=1)
     with pytest.raises(data.DataError, match=r"different encoder settings: model: cache .*llm', expected .*other_llm'"):
-        post_train.main(args(w, tmp_path, f"--text_model={other}"))
+        post_train.main(args(w, tmp_path / "b", f"--text_model={other}"))
 
 
 def test_checkpoint_from_another_config_is_refused(w, tmp_path):

@@ -89,7 +89,8 @@ def _png(k):
 
 
 def make_manifest(d, n, images=256):
-    """d/train.jsonl with n records over `images` distinct 32x32 PNG files (cycled)."""
+    """d/train.jsonl with n records over `images` distinct 32x32 PNG files: record i's image is
+    img_<i // images>/<i % images>.png, each img_<j> a symlink to img/ (a manifest names each image once)."""
     path = os.path.join(d, "train.jsonl")
     if os.path.exists(path):
         return path
@@ -97,11 +98,14 @@ def make_manifest(d, n, images=256):
     for k in range(images):
         with open(os.path.join(d, "img", f"{k}.png"), "wb") as f:
             f.write(_png(k))
+    for j in range(-(-n // images)):
+        if not os.path.lexists(os.path.join(d, f"img_{j}")):
+            os.symlink("img", os.path.join(d, f"img_{j}"))
     pool, rng = _pool(), np.random.default_rng(n)
     with open(path + ".tmp", "w") as f:
         for i in range(n):
             caps, longs = _record_texts(pool, rng, i)
-            f.write(json.dumps({"image": f"img/{i % images}.png", "captions": caps, "long_captions": longs}) + "\n")
+            f.write(json.dumps({"image": f"img_{i // images}/{i % images}.png", "captions": caps, "long_captions": longs}) + "\n")
     os.replace(path + ".tmp", path)
     return path
 

@@ -592,10 +592,18 @@ def convert_karpathy(src, split="test", captions_per_image=5, prefix="", log=pri
         raise DataError(f"{src}: expected Karpathy format {{\"images\": [...]}}")
     records, cut = [], 0
     for i, im in enumerate(images):
+        where = f"{src}: images[{i}]"
+        if not isinstance(im, dict):
+            raise DataError(f"{where} is {type(im).__name__}; expected an object with \"filename\" and \"sentences\"")
         if im.get("split") != split:
             continue
-        caps = [s["raw"].strip() for s in im.get("sentences", [])]
-        name = os.path.join(im.get("filepath", ""), im["filename"])
+        sents, fname, fpath = im.get("sentences", []), im.get("filename"), im.get("filepath", "")
+        if not isinstance(sents, list) or not all(isinstance(t, dict) and isinstance(t.get("raw"), str) for t in sents):
+            raise DataError(f"{where}: \"sentences\" must be a list of {{\"raw\": caption string}}, got {sents!r:.80}")
+        if not isinstance(fname, str) or not fname or not isinstance(fpath, str):
+            raise DataError(f"{where}: \"filename\" (and \"filepath\") must be strings, got {fname!r:.40}, {fpath!r:.40}")
+        caps = [t["raw"].strip() for t in sents]
+        name = os.path.join(fpath, fname)
         if len(caps) < captions_per_image:
             raise DataError(f"{src}: images[{i}] ({name}) has {len(caps)} captions, expected at least {captions_per_image}")
         cut += len(caps) > captions_per_image
@@ -613,7 +621,11 @@ def convert_sharegpt4v(src, num=1000, prefix=""):
     entries = read_json(src, list, "a ShareGPT4V JSON list of {\"image\", \"conversations\"}")
     records = []
     for i, e in enumerate(entries[:num]):
-        caps = [c["value"].strip() for c in e.get("conversations", []) if c.get("from") == "gpt"]
+        turns = e.get("conversations", []) if isinstance(e, dict) else None
+        if not isinstance(turns, list) or not all(isinstance(c, dict) for c in turns) or not isinstance(e.get("image"), str):
+            raise DataError(f"{src}: entry {i}: expected {{\"image\": path, \"conversations\": [{{\"from\", \"value\"}}, "
+                            f"...]}}, got {json.dumps(e)[:80]}")
+        caps = [c["value"].strip() for c in turns if c.get("from") == "gpt" and isinstance(c.get("value"), str)]
         if "image" not in e or not caps or not caps[0]:
             raise DataError(f"{src}: entry {i}: expected an \"image\" and a \"gpt\" turn with the caption")
         records.append({"image": prefix + e["image"], "long_captions": [caps[0]]})
@@ -651,8 +663,10 @@ def convert_docci(src, split="test", prefix="images/"):
     for lineno, obj in read_jsonl(src):
         if obj.get("split") != split:
             continue
-        if not obj.get("image_file") or not str(obj.get("description", "")).strip():
-            raise DataError(f"{src}:{lineno}: expected \"image_file\" and a non-empty \"description\"")
+        image, text = obj.get("image_file"), obj.get("description")
+        if not isinstance(image, str) or not image or not isinstance(text, str) or not text.strip():
+            raise DataError(f"{src}:{lineno}: expected an \"image_file\" string and a non-empty \"description\" "
+                            f"string, got {image!r:.40}, {text!r:.40}")
         records.append({"image": prefix + obj["image_file"], "long_captions": [obj["description"].strip()]})
     if not records:
         raise DataError(f"{src}: no records with split {split!r}")
@@ -804,9 +818,10 @@ def open_image(record, where=None):
     the manifest's file:line, or read_manifest's "line"), so skip_bad_images covers all of them: a missing file,
     an empty (0-byte) file or tar member, an unreadable one (permissions, a folder), a byte range
     past the shard's end, bytes PIL cannot identify or decode (a truncated or corrupt file: PIL is
-    not told to load truncated images), a zero-width or zero-height image, one larger than PIL's
-    decompression-bomb limit (Image.MAX_IMAGE_PIXELS; DecompressionBombError, or the warning when
-    turned into an error), and any other exception PIL raises while decoding."""
+    not told to load truncated images), a zero-width or zero-height image, one of more pixels than
+    PIL's decompression-bomb limit Image.MAX_IMAGE_PIXELS (PIL itself only warns below twice that and
+    would decode it; its DecompressionBombError, and the warning when turned into an error, are caught
+    too), and any other exception PIL raises while decoding."""
     import io
     from PIL import Image
     tar = record.get("_tar")
@@ -827,6 +842,10 @@ def open_image(record, where=None):
         if size == 0:
             raise DataError(f"{at}: empty image file (0 bytes); expected an image")
         with Image.open(src) as img:
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit and img.width * img.height > limit:  # PIL only warns below twice its limit, then decodes
+                raise DataError(f"{at}: image too large ({img.width}x{img.height} = {img.width * img.height} "
+                                f"pixels); expected at most Image.MAX_IMAGE_PIXELS={limit} pixels")
             img.load()
             if img.width == 0 or img.height == 0:
                 raise DataError(f"{at}: image of size {img.width}x{img.height}; expected a non-empty image")

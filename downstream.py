@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import re
 
 import torch
 import torch.nn as nn
@@ -234,6 +235,7 @@ def export_hf(vision, hf_dir, name="tower", atol=1e-4):
     against timm on a random input (every hidden state and the embedding, relative to atol); if they
     differ, the files written are removed again and RuntimeError says so. Returns (family, max difference).
     """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
     from transformers import CLIPVisionModel, SiglipVisionModel
     vit = vision.model.eval()
@@ -241,13 +243,21 @@ def export_hf(vision, hf_dir, name="tower", atol=1e-4):
     state = hf_vision_state_dict(vit, family)
     Model = CLIPVisionModel if family == "clip" else SiglipVisionModel
     os.makedirs(hf_dir, exist_ok=True)
-    config.save_pretrained(hf_dir)
-    save_file({"vision_model." + k: v for k, v in state.items()}, os.path.join(hf_dir, "model.safetensors"),
-              metadata={"format": "pt"})
-    hf_image_processor(vision.data_config).save_pretrained(hf_dir)
-    if isinstance(vit.head, nn.Linear):
-        save_file({"weight": vit.head.weight.detach().float().contiguous(),
-                   "bias": vit.head.bias.detach().float().contiguous()}, os.path.join(hf_dir, HF_PROJECTION))
+    try:
+        config.save_pretrained(hf_dir)
+        save_file({"vision_model." + k: v for k, v in state.items()}, os.path.join(hf_dir, "model.safetensors"),
+                  metadata={"format": "pt"})
+        hf_image_processor(vision.data_config).save_pretrained(hf_dir)
+        if isinstance(vit.head, nn.Linear):
+            save_file({"weight": vit.head.weight.detach().float().contiguous(),
+                       "bias": vit.head.bias.detach().float().contiguous()}, os.path.join(hf_dir, HF_PROJECTION))
+    except (OSError, SafetensorError) as e:  # a full disk inside transformers/safetensors: named here, no half export
+        if isinstance(e, SafetensorError) and "I/O error" not in str(e):
+            raise
+        _remove_export(hf_dir)
+        m = re.search(r"os error (\d+)", str(e))  # safetensors reports the errno in its message only
+        code = e.errno if isinstance(e, OSError) else (int(m.group(1)) if m else None)
+        raise OSError(code, f"cannot write {hf_dir}: {getattr(e, 'strerror', None) or e}") from None
     hf, info = Model.from_pretrained(hf_dir, output_loading_info=True)
     if info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]:
         raise RuntimeError(f"{hf_dir}: {Model.__name__} reloaded with {info}; the weight mapping is incomplete")
@@ -255,12 +265,17 @@ def export_hf(vision, hf_dir, name="tower", atol=1e-4):
     got, want = hf_forward(hf.eval(), hf_dir, x), (timm_hidden_states(vit, x), vit(x))
     diff = max(_rel_diff(a, b) for a, b in zip(got[0] + (got[1],), want[0] + [want[1]]))
     if len(got[0]) != len(want[0]) or diff > atol:
-        for n in ("config.json", "model.safetensors", "preprocessor_config.json", HF_PROJECTION):
-            if os.path.isfile(os.path.join(hf_dir, n)):
-                os.remove(os.path.join(hf_dir, n))
+        _remove_export(hf_dir)
         raise RuntimeError(f"{hf_dir}: the transformers model differs from timm's {name} (max relative difference "
                            f"{diff:.2e} > {atol}); not a faithful export")
     return family, diff
+
+
+def _remove_export(hf_dir):
+    """Delete the files export_hf writes (after a failed write or check): never leave a half export."""
+    for n in ("config.json", "model.safetensors", "preprocessor_config.json", HF_PROJECTION):
+        if os.path.isfile(os.path.join(hf_dir, n)):
+            os.remove(os.path.join(hf_dir, n))
 
 
 def _rel_diff(a, b):
@@ -294,10 +309,7 @@ def run_export_hf(cfg, log, script="evaluate.py"):
                          "expected an empty or new folder: choose another --out, or pass --overwrite=True to write over it")
     image_encoder, _ = load_llm2clip(spec, load_text=False)
     name = image_encoder.vision.model_name
-    try:
-        family, diff = export_hf(image_encoder.vision, out, name=f"{spec} ({name})")
-    except OSError as e:  # a full disk while transformers/safetensors write: name the folder, not their frames
-        raise OSError(e.errno, f"cannot write {out}: {e.strerror or e}") from None
+    family, diff = export_hf(image_encoder.vision, out, name=f"{spec} ({name})")
     common.save_run_info(out, cfg, script, extra={"export_hf": {"family": family, "source": spec,
                          "timm_model": name, "max_relative_difference": diff}})
     cls = "CLIPVisionModel" if family == "clip" else "SiglipVisionModel"
@@ -405,8 +417,9 @@ def train_linear_probe(x, y, num_classes, epochs=50, batch_size=1024, lr=0.1, mo
 def run_linear_probe(cfg, dist_info, log):
     """--task=linear_probe --model=A,B --data=ROOT (ROOT/train/<class>/..., ROOT/val/<class>/...)."""
     root = cfg["data"]
-    train_paths, train_y, names, _ = read_class_folder(os.path.join(root, "train"))
-    val_paths, val_y, val_names, _ = read_class_folder(os.path.join(root, "val"))
+    # a split may lack a class the other has (a small val split): the class lists must match, not the counts
+    train_paths, train_y, names, _ = read_class_folder(os.path.join(root, "train"), allow_empty_classes=True, log=log)
+    val_paths, val_y, val_names, _ = read_class_folder(os.path.join(root, "val"), allow_empty_classes=True, log=log)
     if names != val_names:
         raise DataError(f"{root}: train/ and val/ need the same class folders; only in one of them: "
                         f"{sorted(set(names) ^ set(val_names))[:5]}")

@@ -72,9 +72,10 @@ def main(argv=None):
     # --- 3. stage 1
     import cc_finetune
     t = time.time()
+    # every stage below replaces what an earlier `python pipeline.py` left in its folder (--overwrite=True)
     cc = cc_finetune.main(["config/cc_tiny_cpu.py", f"--text_model={p('text_model')}",
                       f"--train_captions={p('data', 'train_captions.jsonl')}",
-                      f"--val_captions={p('data', 'val_captions.jsonl')}",
+                      f"--val_captions={p('data', 'val_captions.jsonl')}", "--overwrite=True",
                       f"--out_dir={p('cc')}", f"--max_steps={cfg['cc_steps']}", f"--seed={cfg['seed']}"])
     t_cut = cc["truncation"]  # the preset's max_length fits instruction + caption: this should be 0
     print(f"stage 1: {t_cut['truncated']} of {t_cut['texts']} training texts truncated", flush=True)
@@ -94,7 +95,8 @@ def main(argv=None):
     t = time.time()
     common_args = ["config/post_tiny_cpu.py", f"--train_manifest={p('data', 'train.jsonl')}",
                    f"--cache_dir={p('cache_train')}", f"--val_manifest={p('data', 'val.jsonl')}",
-                   f"--val_cache_dir={p('cache_val')}", f"--seed={cfg['seed']}", f"--vision_model={cfg['vision_model']}"]
+                   f"--val_cache_dir={p('cache_val')}", f"--seed={cfg['seed']}", f"--vision_model={cfg['vision_model']}",
+                   "--overwrite=True"]
     post_train.main(common_args + [f"--out_dir={p('post_untrained')}", "--max_steps=0"])
     post_train.main(common_args + [f"--out_dir={p('post')}", f"--max_steps={cfg['post_steps']}"])
     done("stage 2 (post_train)", t)
@@ -150,7 +152,7 @@ def ablate_stage1(cfg, p):
         res = cc_finetune.main(["config/cc_tiny_cpu.py", f"--text_model={p('text_model')}",
                                 f"--train_captions={p('data', 'train_captions.jsonl')}",
                                 f"--val_captions={p('data', 'val_captions.jsonl')}", f"--out_dir={out}",
-                                f"--max_steps={cfg['cc_steps']}", f"--seed={cfg['seed']}"]
+                                f"--max_steps={cfg['cc_steps']}", f"--seed={cfg['seed']}", "--overwrite=True"]
                                + [f"--{k}={v}" for k, v in over.items()])
         rows.append({"row": name, "overrides": over, "c2c_before": res["c2c_before"]["c2c_top1"],
                      "c2c_after": res["c2c_after"]["c2c_top1"], "wall_s": round(time.time() - t, 1)})

@@ -274,9 +274,10 @@ def test_unknown_dataset_name_lists_valid_names(tmp_path):
 def test_known_dataset_requires_five_captions(tmp_path):
     root = tmp_path / "flickr30k"
     _image(root / "a.jpg")
+    _image(root / "b.jpg")
     _jsonl(root / "manifest.jsonl", [{"image": "a.jpg", "captions": ["1", "2", "3", "4", "5"]},
-                                     {"image": "a.jpg", "captions": ["1", "2", "3"]}])
-    with pytest.raises(DataError, match=r"manifest.jsonl:2: image 'a.jpg' has 3 'captions', expected exactly 5"):
+                                     {"image": "b.jpg", "captions": ["1", "2", "3"]}])
+    with pytest.raises(DataError, match=r"manifest.jsonl:2: image 'b.jpg' has 3 'captions', expected exactly 5"):
         evaluate.resolve_dataset("flickr30k", {**EVAL_DEFAULTS, "data_root": str(tmp_path)})
     d = evaluate.resolve_dataset("flickr30k", {**EVAL_DEFAULTS, "data_root": str(tmp_path), "captions_per_image": 0})
     assert d["text_to_image"] == [0] * 5 + [1] * 3 and d["texts"][5:] == ["1", "2", "3"]
@@ -284,7 +285,8 @@ def test_known_dataset_requires_five_captions(tmp_path):
 
 def test_manifest_path_picks_long_captions_when_no_short(tmp_path):
     _image(tmp_path / "a.jpg")
-    m = _jsonl(tmp_path / "urban.jsonl", [{"image": "a.jpg", "long_captions": ["dense text"]}] * 2)
+    _image(tmp_path / "b.jpg")
+    m = _jsonl(tmp_path / "urban.jsonl", [{"image": x, "long_captions": ["dense text"]} for x in ("a.jpg", "b.jpg")])
     d = evaluate.resolve_dataset(m, dict(EVAL_DEFAULTS))
     assert (d["name"], d["field"], d["texts"], d["text_to_image"]) == ("urban", "long_captions", ["dense text"] * 2, [0, 1])
 

@@ -147,3 +147,16 @@ def test_export_hf_of_the_pipelines_stage2_gives_our_image_embeddings(tiny):
     spread = raw - raw.mean(0)
     assert spread.abs().max() > 1e-2 and torch.allclose(got_raw - got_raw.mean(0), spread, rtol=0, atol=1e-5)
     assert len(out.hidden_states) == 3  # embeddings + 2 blocks: LLaVA's hidden_states[-2] is block 1
+
+
+def test_a_second_pipeline_run_replaces_its_own_outputs(tiny):
+    """`python pipeline.py` again over its own out-tiny/ (last here: it replaces the stages the tests above read):
+    every stage reruns into its folder instead of refusing it, to the same weights and numbers."""
+    import pipeline
+    weights = f"{tiny.root}/cc/merged/model.safetensors"
+    before = (tree_digest(os.path.dirname(weights)), json.load(open(f"{tiny.root}/results.json"))["results"])
+    with pytest.raises(SystemExit, match="did not clearly beat chance"):
+        pipeline.main(["--num_train=64", "--num_val=16", "--num_test=16", "--cc_steps=2", "--post_steps=2"])
+    after = (tree_digest(os.path.dirname(weights)), json.load(open(f"{tiny.root}/results.json"))["results"])
+    assert after == before
+    assert {"cc_preset", "post_preset", "hf"} <= set(os.listdir(tiny.root))  # the presets' own folders stay

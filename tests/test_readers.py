@@ -240,6 +240,30 @@ def test_whole_json_files_follow_the_same_rules(tmp_path, content, message):
         data.convert_karpathy(str(p))
 
 
+@pytest.mark.parametrize("convert, content, message", [
+    ("karpathy", {"images": [{"split": "test", "filename": "a.jpg", "sentences": "x"}]},
+     r"{f}: images\[0\]: \"sentences\" must be a list of \{{\"raw\": caption string\}}"),
+    ("karpathy", {"images": [{"split": "test", "filename": 3, "sentences": []}]}, r"{f}: images\[0\]: \"filename\""),
+    ("karpathy", {"images": ["a.jpg"]}, r"{f}: images\[0\] is str; expected an object"),
+    ("sharegpt4v", [{"image": "a.jpg", "conversations": "gpt: long"}], r"{f}: entry 0: expected \{{\"image\": path"),
+    ("sharegpt4v", [{"image": 5, "conversations": []}], r"{f}: entry 0: expected"),
+    ("sharegpt4v", {"annotations": []}, r"{f}: expected a JSON list, got dict"),
+])
+def test_converter_inputs_of_the_wrong_shape_name_the_entry(tmp_path, convert, content, message):
+    p = tmp_path / "src.json"
+    p.write_text(json.dumps(content))
+    with pytest.raises(DataError, match=message.format(f=re.escape(str(p)))):
+        getattr(data, f"convert_{convert}")(str(p), **({"num": 1} if convert == "sharegpt4v" else {}))
+
+
+def test_docci_fields_of_the_wrong_type_name_the_line(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps({"image_file": "a.jpg", "description": "d", "split": "test"}) + "\n"
+                 + json.dumps({"image_file": 3, "description": 4, "split": "test"}) + "\n")
+    with pytest.raises(DataError, match=re.escape(f"{p}:2: expected an \"image_file\" string")):
+        data.convert_docci(str(p))
+
+
 def test_json_pairs_of_surrogates_are_one_character(tmp_path):
     p = _file(tmp_path, "caption_records", [b'{"id": "a", "captions": ["\\ud83d\\ude00", "ok"]}'])
     assert data.read_caption_records(p)[0]["captions"][0] == "\U0001F600"
@@ -409,11 +433,17 @@ def test_decompression_bombs_are_data_errors(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=re.escape(str(p)) + r": image too large \(.*\); expected at most "
                        r"Image.MAX_IMAGE_PIXELS=100 pixels"):
         data.open_image({"image": str(p)})
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300)  # 400 > 300: only a warning ...
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300)  # 400 > 300: PIL only warns, and would decode it
     with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)  # ... unless turned into an error
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with pytest.raises(DataError, match=re.escape(f"{p}: image too large (20x20 = 400 pixels); expected at most "
+                                                      "Image.MAX_IMAGE_PIXELS=300 pixels")):
+            data.open_image({"image": str(p)})
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # the warning turned into an error
         with pytest.raises(DataError, match=re.escape(str(p)) + ": image too large"):
             data.open_image({"image": str(p)})
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # the limit switched off: read as it is
+    assert data.open_image({"image": str(p)}).size == (20, 20)
 
 
 def test_tar_record_byte_range_past_the_shard_is_a_data_error(tmp_path):
@@ -588,7 +618,8 @@ def test_arbitrary_bytes_give_records_or_a_data_error_naming_the_file(scratch, c
             assert str(e).startswith(str(p)) and "\n" not in str(e)
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")  # PIL warns about the corrupt TIFF tags it skips
+@pytest.mark.filterwarnings("ignore::UserWarning")  # PIL warns about the corrupt TIFF tags it skips ...
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # ... and huge sizes open_image refuses
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(content=st.sampled_from([_saved("PNG", (6, 6)), _saved("JPEG", (6, 6)), _saved("GIF", (6, 6)),
                                 _saved("BMP", (6, 6)), _saved("TIFF", (6, 6)), _saved("WEBP", (6, 6))]).flatmap(_mutated))

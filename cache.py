@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data import DataError, check_format_version, scan_jsonl
+from data import DataError, check_format_version, scan_jsonl, train_record
 
 # A cache directory (format "llm2clip-embedding-cache/1"):
 #   embeddings.npy  float16 [count, dim], a plain .npy file, read with np.load(mmap_mode="r")
@@ -52,12 +52,11 @@ class CacheTexts:
 
 
 def _field_texts(where, obj, field):
-    """The texts of one record field: a list of non-empty strings (a bare string is one text)."""
+    """The texts of one record field: a list of non-empty strings, the rule data.train_record applies (a
+    bare string is refused there too: it is one caption or a typo for a list, and the reader cannot tell)."""
     value = obj.get(field)
     if value is None:
         return []
-    if isinstance(value, str):
-        value = [value]
     if not isinstance(value, (list, tuple)) or not all(isinstance(t, str) for t in value):
         raise DataError(f"{where}: field {field!r} must be a list of strings, got {json.dumps(value, default=str)[:80]}")
     for s, t in enumerate(value):
@@ -137,6 +136,8 @@ def cache_texts(manifest, fields=CACHE_FIELDS, lazy=False):
         lazy = False
         items = ((r + 1, 0, 0, obj, f"record {r} (image {obj.get('image', '?')})") for r, obj in enumerate(manifest))
     for r, (lineno, off, size, obj, where) in enumerate(items):
+        if "image" in obj:  # a stage-2 manifest line: validated as training reads it
+            train_record(where, obj)
         for field in fields:
             values = _field_texts(where, obj, field)
             hash_record_texts(h, hashes, r, field, values)

@@ -95,7 +95,9 @@ RULES = {"batch_size": _pos_int, "micro_batch_size": _pos_int, "max_length": _po
          "grad_clip": (lambda v: 0 <= v < float("inf"), "a finite number >= 0"),
          "lora_alpha": (lambda v: v > 0, "a number > 0"), "lora_dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
          "dropout": (lambda v: v == -1 or 0 <= v < 1, "-1 (the model's own) or a number in [0, 1)"),
-         "mntp_mask_prob": (lambda v: 0 < v < 1, "a number in (0, 1)")}
+         "mntp_mask_prob": (lambda v: 0 < v < 1, "a number in (0, 1)"),
+         "source_weights": (lambda v: not v or all(float(w) > 0 for w in v.split(",")),
+                            "'' or comma-separated positive numbers, one per input file")}
 RELATIONS = [
     (lambda c: data.split_paths(c["train_captions"]) or data.split_paths(c["train_pairs"]),
      "train_captions: expected one or more caption JSONL files (comma-separated), or train_pairs: a {query, "
@@ -107,6 +109,9 @@ RELATIONS = [
      "objective=mntp: hard_negatives and cc_adaptor_blocks apply to the SimCSE objectives only"),
     (lambda c: not (c["lora_r"] == 0 and c["cc_adaptor_blocks"] < 0),
      "lora_r=0 freezes the LLM: set cc_adaptor_blocks >= 0 to train a stage-1 adaptor"),
+    (lambda c: c["batch_size"] % c["micro_batch_size"] == 0 or c["micro_batch_size"] > c["batch_size"],
+     lambda c: f"micro_batch_size={c['micro_batch_size']}: expected a divisor of batch_size={c['batch_size']} "
+               "(equal forward chunks)"),
     (lambda c: not (c["source_weights"] and not c["single_source_batches"]),
      "source_weights: a share of batches per file needs single_source_batches=True"),
 ]

@@ -56,6 +56,9 @@ def run_main(main, argv=None):
         if not _raised_here(e) or os.environ.get("LLM2CLIP_TRACEBACK"):
             raise
         msg = " ".join(str(e).split()) or type(e).__name__  # one line, whatever the message held
+        tqdm = sys.modules.get("tqdm")
+        for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", [])):
+            bar.close()  # now, so that the error stays the last line (not a bar closed at exit)
         print(f"{script}: error: {msg}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
 
@@ -105,9 +108,10 @@ def _convert(key, raw, default):
         return raw
     # None, lists, tuples, dicts: a Python literal, else the plain string (so --out=None works too)
     try:
-        return ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        return raw
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        value = raw
+    return _check_type(f"--{key}", value, default)
 
 
 def _check_type(where, value, default):
@@ -121,6 +125,9 @@ def _check_type(where, value, default):
     scalar = (bool, int, float, str)
     if isinstance(default, scalar) and type(value) is not type(default):
         raise ValueError(f"{where} = {value!r}: expected {type(default).__name__} like the default {default!r}")
+    if isinstance(default, dict) and not isinstance(value, dict) \
+            or isinstance(default, (list, tuple)) and not isinstance(value, (list, tuple)):
+        raise ValueError(f"{where} = {value!r}: expected a {type(default).__name__} literal like the default {default!r}")
     return value
 
 
@@ -318,9 +325,18 @@ def atomic_write_text(path, text):
     _atomic(path, write)
 
 
+def _torch_save(obj, path):
+    """torch.save whose write failures (a full disk makes torch raise RuntimeError, not OSError) are OSErrors
+    naming the file."""
+    try:
+        torch.save(obj, path)
+    except RuntimeError as e:
+        raise OSError(f"cannot write {path} ({' '.join(str(e).split())[:200]}); is the disk full?") from None
+
+
 def atomic_torch_save(obj, path):
     """torch.save via temp file + rename (a killed run never leaves a truncated checkpoint)."""
-    _atomic(path, lambda tmp: torch.save(obj, tmp))
+    _atomic(path, lambda tmp: _torch_save(obj, tmp))
 
 
 def _pid_alive(pid):
@@ -474,7 +490,7 @@ def save_checkpoint(obj, path):
     """atomic_torch_save plus a sha256 sidecar `{path}.sha256` (written before the rename, so a .pt file
     never exists without its checksum) that load_checkpoint checks: a bit flip is caught, not trained on."""
     def write(tmp):
-        torch.save(obj, tmp)
+        _torch_save(obj, tmp)
         atomic_write_text(path + ".sha256", file_sha256(tmp) + "\n")
     _atomic(path, write)
 

@@ -586,6 +586,23 @@ def train_data(cfg, rank, world_size, log, uses_llm=True):
     return index, cache
 
 
+def batches(loader):
+    """Iterate a DataLoader; a worker's input error (torch re-raises it with the worker's traceback as its
+    message) comes out as the same error class with the original one-line message."""
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except (ValueError, OSError) as e:
+            text = str(e).strip()
+            if "Original Traceback" not in text:
+                raise
+            raise type(e)(text.splitlines()[-1].split(": ", 1)[-1]) from None
+        yield batch
+
+
 def train_loader(cfg, index, cache, data_config, rank, world_size, step, pin_memory=False):
     """The DataLoader of this rank's batches from global step `step` on (the sampler's order is a function
     of the step only: an exact resume)."""

@@ -52,7 +52,8 @@ overwrite = False  # replace an existing cache built from other texts/settings (
 verify = True  # after embedding: re-hash the manifest, check every row is written and finite
 verify_only = False  # only verify an existing cache against the manifest (no model is loaded)
 # -----------------------------------------------------------------------------
-config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))]
+config_keys = [k for k, v in globals().items()  # the settings above, not the imported CACHE_* constants
+               if not k.startswith("_") and not k.isupper() and isinstance(v, (int, float, bool, str, type(None)))]
 # declared once, checked before the model loads (common.check_config)
 RULES = {k: (lambda v: v > 0, "a positive integer") for k in ("max_length", "batch_tokens", "chunk_rows")}
 RULES["dtype"] = (lambda v: v in ("auto", "float32", "bfloat16", "float16"), "'auto', 'float32', 'bfloat16' or 'float16'")
@@ -265,9 +266,20 @@ def load_encoder(cfg, device, log):
     return encoder, enc
 
 
+CACHE_FILES = {CACHE_META, CACHE_EMBEDDINGS, CACHE_INDEX, "progress", "embed.log", "run_embed_captions.json", ".lock"}
+
+
 def output_state(cfg, out, meta, texts, field_list, dim):
     """What out_dir holds: "new" (nothing usable), "resume" (this cache, unfinished) or "complete";
-    a cache of other texts or settings is refused unless overwrite (every rank decides the same)."""
+    a cache of other texts or settings, or files that are no cache's, is refused unless overwrite
+    (every rank decides the same)."""
+    # stage 2 keeps its training index beside the cache (train_index-<hash>/): part of the cache's folder
+    foreign = sorted(n for n in (os.listdir(out) if os.path.isdir(out) else [])
+                     if n not in CACHE_FILES and not n.startswith("train_index-"))
+    if foreign:  # never mixed into, never deleted: --overwrite replaces a cache, not other results
+        raise data.DataError(f"out_dir={out!r} holds files that are not this cache's ({', '.join(foreign[:4])}"
+                             f"{', ...' if len(foreign) > 4 else ''}); expected an empty folder or a cache: choose "
+                             "another --out_dir")
     if not os.path.isfile(os.path.join(out, CACHE_META)):
         return "new"
     try:
@@ -301,10 +313,13 @@ def start_new_cache(out, meta, texts, dim):
     if os.path.exists(meta_path):
         os.remove(meta_path)
     os.makedirs(progress_dir, exist_ok=True)
-    np.lib.format.open_memmap(os.path.join(out, CACHE_EMBEDDINGS), mode="w+", dtype=np.float16,
-                              shape=(len(texts.texts), dim)).flush()
-    np.savez(os.path.join(out, CACHE_INDEX), record_offsets=texts.record_offsets,
-             counts=texts.counts, text_hashes=texts.text_hashes)
+    try:  # numpy's own OSError (a full disk, a file-size limit) names no file
+        np.lib.format.open_memmap(os.path.join(out, CACHE_EMBEDDINGS), mode="w+", dtype=np.float16,
+                                  shape=(len(texts.texts), dim)).flush()
+        np.savez(os.path.join(out, CACHE_INDEX), record_offsets=texts.record_offsets,
+                 counts=texts.counts, text_hashes=texts.text_hashes)
+    except OSError as e:
+        raise OSError(f"cannot write the cache in {out} ({e.strerror or e}); is the disk full?") from None
     write_cache_meta(out, meta)
 
 

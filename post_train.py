@@ -132,6 +132,7 @@ RULES = {
     "adam_eps": common.positive, "layer_decay": common.in_range(1e-9, 1, "a number in (0, 1]"),
     "grad_clip": common.non_negative, "logit_scale_init": common.finite, "max_logit_scale": common.finite,
     "peak_flops": common.positive,
+    "vision_model": (lambda v: __import__("timm").is_model(v), "a timm model name (see timm.list_models())"),
 }
 RELATIONS = [
     (lambda c: c["min_lr"] <= c["learning_rate"],
@@ -147,11 +148,15 @@ RELATIONS = [
      "adaptor='transformer' and text_lora_r > 0 need text_source='online': a cache holds one pooled embedding per "
      "caption, not the token states a transformer adaptor reads (T x d values: 4 MiB per caption at 4096-d x 512 "
      "tokens in fp16) nor a trainable LLM"),
+    (lambda c: c["micro_batch_size"] == 0 or c["batch_size"] % c["micro_batch_size"] == 0,
+     lambda c: f"micro_batch_size={c['micro_batch_size']}: expected 0 or a divisor of batch_size={c['batch_size']} "
+               "(equal forward chunks)"),
     (lambda c: bool(c["train_manifest"]) != bool(c["train_shards"]),
      "train_manifest, train_shards: set exactly one of train_manifest (JSONL + image_root) and train_shards (tar shards)"),
 ]
 PATHS = {"out_dir": "out", "train_manifest": "file", "image_root": "dir", "cache_dir": "dir", "val_manifest": "file",
          "val_image_root": "dir", "val_cache_dir": "dir", "text_model": "model", "vision_weights": "file",
+         "clip_text": "model",
          "train_index": "out"}
 # -----------------------------------------------------------------------------
 
@@ -370,7 +375,7 @@ def train(run, loader, ckpts, step, bad_images, last_ckpt, val, log):
                     disable=None)
     if step == 0 and val is not None:
         evaluate_sides(run, val, 0, log)  # the starting point, so the log shows what training changed
-    batches = iter(loader)
+    batches = data_index.batches(loader)
     while step < cfg["max_steps"]:
         t0 = time.time()
         batch = next(batches)
@@ -437,13 +442,14 @@ def main(argv=None):
         raise ValueError(f"batch_size={cfg['batch_size']} is not divisible by the {world_size} ranks")
     local_batch = cfg["batch_size"] // world_size
     micro = cfg["micro_batch_size"] if 0 < cfg["micro_batch_size"] < local_batch else local_batch
+    if local_batch % micro:
+        raise ValueError(f"micro_batch_size={micro}: expected a divisor of the per-rank batch {local_batch} "
+                         f"(batch_size={cfg['batch_size']} over {world_size} ranks)")
     _, autocast = common.resolve_dtype(cfg["dtype"], device)
     out = cfg["out_dir"]
     stale = (common.lock_out_dir(out, resume=cfg["resume"], overwrite=cfg["overwrite"]) if master
              else [])  # one run per out_dir; a killed run's temp files go
     log = common.Logger(out, "post_train", master)
-    if master:
-        common.save_run_info(out, cfg, __file__, extra={"world_size": world_size})
     if stale:
         log(f"removed {len(stale)} temp file(s) of a killed run: {', '.join(stale)}")
     log(f"world size {world_size}, global batch {cfg['batch_size']} = {world_size} ranks x {local_batch}"
@@ -476,6 +482,8 @@ def main(argv=None):
         frozen_llm=frozen_llm, llm_args=(text_cfg["instruction"], text_cfg["max_length"]) if uses_llm else (None, 512))
     ckpts = common.Checkpoints(out, cfg["keep_checkpoints"], log)
     step, bad_images, last_ckpt = resume_from(ckpts, run, log) if cfg["resume"] else (0, [], None)
+    if master:  # once data and resume are accepted: a refused run changes nothing in out_dir
+        common.save_run_info(out, cfg, __file__, extra={"world_size": world_size})
     model = torch.compile(orig_model) if cfg["compile"] else orig_model
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if "cuda" in str(device) else None)

@@ -358,8 +358,14 @@ def test_bad_manifest_field_names_the_line(tmp_path):
     m.write_text('{"id": "a", "captions": ["x", "y"]}\n{"id": "b", "captions": ["z"]}\n')  # a stage-1 caption file
     t = cache_texts(str(m))
     assert t.texts == ["x", "y", "z"] and t.counts.tolist() == [[2, 0], [1, 0]] and t.record_offsets.tolist() == [0, 2, 3]
-    m.write_text('{"captions": ["ok"]}\n\n{"captions": "a bare string is one caption"}\n{"captions": [1, 2]}\n')
-    with pytest.raises(data.DataError, match=r"m.jsonl:4: field 'captions' must be a list of strings"):
+    m.write_text('{"captions": ["ok"]}\n\n{"captions": [1, 2]}\n')
+    with pytest.raises(data.DataError, match=r"m.jsonl:3: field 'captions' must be a list of strings"):
+        cache_texts(str(m))
+    m.write_text('{"captions": ["ok"]}\n{"captions": "a bare string"}\n')  # refused as training refuses it
+    with pytest.raises(data.DataError, match=r"m.jsonl:2: field 'captions' must be a list of strings"):
+        cache_texts(str(m))
+    m.write_text('{"image": 7, "captions": ["ok"]}\n')
+    with pytest.raises(data.DataError, match=r"m.jsonl:1: 'image' must be a relative image path string, got 7"):
         cache_texts(str(m))
     m.write_text('{"captions": ["ok"]}\n{"captions": ["fine", " "]}\n')
     with pytest.raises(data.DataError, match=r"m.jsonl:2: field 'captions' slot 1 is an empty caption"):

@@ -136,14 +136,14 @@ def cache_texts(manifest, fields=CACHE_FIELDS, lazy=False):
         lazy = False
         items = ((r + 1, 0, 0, obj, f"record {r} (image {obj.get('image', '?')})") for r, obj in enumerate(manifest))
     for r, (lineno, off, size, obj, where) in enumerate(items):
-        if "image" in obj:  # a stage-2 manifest line: validated as training reads it
-            train_record(where, obj)
         for field in fields:
             values = _field_texts(where, obj, field)
             hash_record_texts(h, hashes, r, field, values)
             if not lazy:
                 texts.extend(values)
             counts.append(len(values))
+        if "image" in obj:  # a stage-2 manifest line: also valid as training reads it (its image)
+            train_record(where, obj)
         lines.append(lineno)
         offsets.append(off)
         sizes.append(size)

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 
 import common
 import downstream  # linear_probe, export_hf and the multilingual converters (Table 3)
-from data import (DataError, convert_docci, convert_karpathy, convert_sharegpt4v, convert_urban1k,
-                  read_caption_records, read_class_folder, read_jsonl, read_manifest, write_manifest)
+from convert import convert_docci, convert_karpathy, convert_sharegpt4v, convert_urban1k
+from data import DataError, read_caption_records, read_class_folder, read_jsonl, read_manifest, write_manifest
 from metrics import (c2c_eval, check_results_path, markdown_table, percent, ranks, retrieval_metrics,
                      split_specs, write_results)
 from zoo import DEVICE_RULE, check_model_specs, encode_images, encode_texts, load_models  # every model family

@@ -724,10 +724,7 @@ ACCEPT = [c for c in CASES if c.category == "accepted"]
 # Cases that fail today with the fix in a file this suite's owner does not edit (strict: a fix makes them XPASS,
 # which fails until the entry is removed). Reproduce one: the case's argv with the world's paths, or
 # `ADVERSARIAL_REPORT=/tmp/r.tsv pytest tests/test_adversarial.py -k <id>` (exit status, last stderr line).
-XFAIL = {  # cases whose fix belongs elsewhere, each with where (strict: a fixed case must leave this list)
-    "pipeline-num_train-zero": LEAD.format("pipeline.py (a rule num_train > 0): it writes an empty data split, "
-                                           "then the error names that empty train.jsonl, not num_train"),
-}
+XFAIL = {}  # cases whose fix belongs elsewhere, each with where (strict: a fixed case must leave this list)
 
 
 # -----------------------------------------------------------------------------

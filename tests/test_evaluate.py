@@ -13,7 +13,8 @@ import data  # noqa: E402
 import evaluate  # noqa: E402
 import metrics  # noqa: E402
 
-from data import DataError, ImageDataset, convert_karpathy, read_manifest  # noqa: E402
+from convert import convert_karpathy  # noqa: E402
+from data import DataError, ImageDataset, read_manifest  # noqa: E402
 
 EVAL_DEFAULTS = {k: getattr(evaluate, k) for k in evaluate.config_keys}
 

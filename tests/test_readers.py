@@ -24,6 +24,7 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from cache import cache_texts  # noqa: E402
+import convert as convert_mod  # noqa: E402
 import data  # noqa: E402
 from data import DataError  # noqa: E402
 import data_index  # noqa: E402
@@ -237,7 +238,7 @@ def test_whole_json_files_follow_the_same_rules(tmp_path, content, message):
     p = tmp_path / "k.json"
     p.write_bytes(content)
     with pytest.raises(DataError, match=message.format(f=re.escape(str(p)))):
-        data.convert_karpathy(str(p))
+        convert_mod.convert_karpathy(str(p))
 
 
 @pytest.mark.parametrize("convert, content, message", [
@@ -253,7 +254,7 @@ def test_converter_inputs_of_the_wrong_shape_name_the_entry(tmp_path, convert, c
     p = tmp_path / "src.json"
     p.write_text(json.dumps(content))
     with pytest.raises(DataError, match=message.format(f=re.escape(str(p)))):
-        getattr(data, f"convert_{convert}")(str(p), **({"num": 1} if convert == "sharegpt4v" else {}))
+        getattr(convert_mod, f"convert_{convert}")(str(p), **({"num": 1} if convert == "sharegpt4v" else {}))
 
 
 def test_docci_fields_of_the_wrong_type_name_the_line(tmp_path):
@@ -261,7 +262,7 @@ def test_docci_fields_of_the_wrong_type_name_the_line(tmp_path):
     p.write_text(json.dumps({"image_file": "a.jpg", "description": "d", "split": "test"}) + "\n"
                  + json.dumps({"image_file": 3, "description": 4, "split": "test"}) + "\n")
     with pytest.raises(DataError, match=re.escape(f"{p}:2: expected an \"image_file\" string")):
-        data.convert_docci(str(p))
+        convert_mod.convert_docci(str(p))
 
 
 def test_json_pairs_of_surrogates_are_one_character(tmp_path):

@@ -158,8 +158,21 @@ INDEX_ARRAYS = ("line_offset", "line_size", "line_no", "image_shard", "image_off
                 "text_row", "text_hashes")
 
 
+def _probe(path, n=1 << 16):
+    """sha256 of a file's first and last n bytes: an edit in place that keeps the size and the mtime
+    (a restore, `cp -p`, a clock) still changes it, at the cost of reading 2n bytes per file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(n))
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - n))
+        h.update(f.read(n))
+    return h.hexdigest()[:16]
+
+
 def index_source(manifest=None, image_root=None, shards=None):
-    """What a training index is built from, with each file's size and mtime: a changed file rebuilds it."""
+    """What a training index is built from: each file with its size, mtime and a probe of its content;
+    a changed file rebuilds the index (an index of older code, without probes, is rebuilt once)."""
     files = [os.path.abspath(manifest)] if manifest else [os.path.abspath(p) for p in shards]
     for f in files:
         if not os.path.isfile(f):
@@ -169,7 +182,8 @@ def index_source(manifest=None, image_root=None, shards=None):
     if manifest:
         root = os.path.abspath(image_root) if image_root else os.path.dirname(files[0])
     return {"kind": "manifest" if manifest else "shards", "files": files, "image_root": root,
-            "sizes": [st.st_size for st in stats], "mtimes_ns": [st.st_mtime_ns for st in stats]}
+            "sizes": [st.st_size for st in stats], "mtimes_ns": [st.st_mtime_ns for st in stats],
+            "probes": [_probe(f) for f in files]}
 
 
 class _IndexBuilder:
@@ -201,7 +215,8 @@ def _save_npy(path, arr):
 
 
 def _shard_part_name(source, i):
-    key = hashlib.sha256(f"{source['files'][i]}\0{source['sizes'][i]}\0{source['mtimes_ns'][i]}".encode()).hexdigest()
+    key = hashlib.sha256(f"{source['files'][i]}\0{source['sizes'][i]}\0{source['mtimes_ns'][i]}\0"
+                         f"{source['probes'][i]}".encode()).hexdigest()
     return f"{i:06d}-{key[:16]}"
 
 

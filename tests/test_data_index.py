@@ -102,6 +102,17 @@ def test_index_is_reused_and_rebuilt_when_the_manifest_changes(syn, tmp_path):
     m.write_text("\n".join(lines) + "\n")
     edited = data_index.build_train_index(str(tmp_path / "i"), manifest=str(m), image_root=root, log=quiet)
     assert edited.text_hash != first.text_hash and edited[5]["captions"][1] == "a purple elephant"
+    # an edit in place that keeps the size and the mtime (a restore, cp -p) rebuilds it too
+    st = os.stat(m)
+    lines[5] = lines[5].replace("a purple elephant", "a violet elephant")
+    m.write_text("\n".join(lines) + "\n")
+    os.utime(m, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(m).st_size == st.st_size and os.stat(m).st_mtime_ns == st.st_mtime_ns
+    same_name = data_index.build_train_index(str(tmp_path / "i"), manifest=str(m), image_root=root, log=quiet)
+    assert same_name[5]["captions"][1] == "a violet elephant" and same_name.text_hash != edited.text_hash
+    lines[5] = lines[5].replace("a violet elephant", "a purple elephant")
+    m.write_text("\n".join(lines) + "\n")
+    edited = data_index.build_train_index(str(tmp_path / "i"), manifest=str(m), image_root=root, log=quiet)
     # a cache of the first texts is refused for the edited ones, naming record, line, field, slot and text
     with pytest.raises(data.DataError, match=re.escape(f"is stale for {m}: ") + ".*1 text\\(s\\) changed.*record 5 \\("
                        + re.escape(f"{m}:6) field 'captions' slot 1, now 'a purple elephant'")):

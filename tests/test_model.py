@@ -482,3 +482,25 @@ def test_grad_cache_step_equals_full_batch(stage, dropout):
         loss = L.grad_cache_step(forward, whole, loss_fn, no_sync=no_sync)
         assert abs(loss.item() - ref.item()) < 1e-12 and not entered
         assert max((v - g_ref[k]).abs().max().item() for k, v in _take_grads(toy).items()) < 1e-12
+
+
+# --- artefact formats: encoder.json and llm2clip.json, each writer beside its reader
+
+@pytest.mark.parametrize("write,read,name", [(M.write_encoder_config, M.read_encoder_config, "encoder.json"),
+                                             (M.write_llm2clip_config, M.read_llm2clip_config, "llm2clip.json")])
+def test_format_files_carry_a_version_and_old_ones_still_load(tmp_path, write, read, name):
+    import json
+    write(str(tmp_path), {"pooling": "mean"})
+    assert read(str(tmp_path)) == {"format_version": 1, "pooling": "mean"}
+    (tmp_path / name).write_text(json.dumps({"pooling": "mean"}))  # written before versions existed
+    assert read(str(tmp_path)) == {"pooling": "mean"}
+    (tmp_path / name).write_text(json.dumps({"format_version": 2}))
+    with pytest.raises(ValueError, match=rf"{name}: format_version 2 is newer than this code reads \(1\)"):
+        read(str(tmp_path))
+    (tmp_path / name).write_text("[1, 2]")
+    with pytest.raises(ValueError, match=rf"{name}: expected a JSON object, got list"):
+        read(str(tmp_path))
+    os.remove(tmp_path / name)
+    with pytest.raises(ValueError, match=rf"no {name}; expected a"):
+        read(str(tmp_path))
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]  # the writer leaves no temp file

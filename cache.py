@@ -1,7 +1,6 @@
 """The embedding cache: embed_captions.py writes it, post_train.py (and zoo.py's cached text tower)
 read it. Plain numpy; imports data.py for its readers, never the reverse.
 """
-import contextlib
 import hashlib
 import json
 import os
@@ -251,17 +250,8 @@ def write_cache_meta(cache_dir, meta):
     a reader never sees half of it, and a killed writer leaves only `meta.json.tmp<pid>`."""
     path = os.path.join(cache_dir, CACHE_META)
     meta = {"format": CACHE_FORMAT, **meta, "format_version": CACHE_FORMAT_VERSION}
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(json.dumps(meta, indent=2) + "\n")
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        if isinstance(e, OSError):
-            raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
-        raise
+    import common  # local: reading a cache needs no torch
+    common.atomic_write_text(path, json.dumps(meta, indent=2) + "\n")
 
 
 def read_cache_meta(cache_dir):

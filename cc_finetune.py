@@ -447,11 +447,7 @@ def main(argv=None):
     if cfg["batch_size"] % world_size:
         raise ValueError(f"batch_size={cfg['batch_size']} is not divisible by {world_size} ranks")
     out_dir = cfg["out_dir"]
-    stale = (common.lock_out_dir(out_dir, resume=cfg["resume"], overwrite=cfg["overwrite"]) if master
-             else [])  # one run per out_dir; a killed run's temp files go
-    log = common.Logger(out_dir, "cc_finetune", master)
-    if stale:
-        log(f"removed {len(stale)} temp file(s) of a killed run: {', '.join(stale)}")
+    log = common.open_run(out_dir, "cc_finetune", master, cfg["resume"], cfg["overwrite"])  # one run per out_dir
     dtype, autocast = common.resolve_dtype(cfg["dtype"], device)  # bf16 weights + autocast on CUDA by default
 
     # --- data: records, two captions each per step, a deterministic rank-split order

@@ -593,6 +593,16 @@ def _fresh_out_dir(out_dir, key, overwrite):
         shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.remove(p)
 
 
+def open_run(out_dir, name, master, resume, overwrite):
+    """A training stage's start on its out_dir: the lock and the fresh-run rule (lock_out_dir, rank 0),
+    then the Logger to <name>.log, which names the temp files a killed run left (now removed)."""
+    stale = lock_out_dir(out_dir, resume=resume, overwrite=overwrite) if master else []
+    log = Logger(out_dir, name, master)
+    if stale:
+        log(f"removed {len(stale)} temp file(s) of a killed run: {', '.join(stale)}")
+    return log
+
+
 def unlock_out_dir(out_dir):
     fd = _LOCKS.pop(os.path.abspath(os.path.join(out_dir, ".lock")), None)
     if fd is not None:

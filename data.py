@@ -772,8 +772,7 @@ def open_image(record, where=None):
 # Coloured shapes on a plain background: a retrieval task that a tiny ViT learns in a few hundred CPU
 # steps, yet needs colour, shape, size and position to tell ~200 held-out images apart. The closed,
 # small vocabulary (synthetic_vocabulary) lets a tokenizer be trained offline from these captions.
-import random  # noqa: E402  (kept in this section: only the synthetic generator needs them)
-import re  # noqa: E402
+import random  # noqa: E402  (kept in this section: only the synthetic generator needs it)
 
 SYN_COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220),
                "yellow": (240, 210, 40), "purple": (140, 50, 180), "pink": (245, 130, 190)}

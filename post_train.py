@@ -447,11 +447,7 @@ def main(argv=None):
                          f"(batch_size={cfg['batch_size']} over {world_size} ranks)")
     _, autocast = common.resolve_dtype(cfg["dtype"], device)
     out = cfg["out_dir"]
-    stale = (common.lock_out_dir(out, resume=cfg["resume"], overwrite=cfg["overwrite"]) if master
-             else [])  # one run per out_dir; a killed run's temp files go
-    log = common.Logger(out, "post_train", master)
-    if stale:
-        log(f"removed {len(stale)} temp file(s) of a killed run: {', '.join(stale)}")
+    log = common.open_run(out, "post_train", master, cfg["resume"], cfg["overwrite"])  # one run per out_dir
     log(f"world size {world_size}, global batch {cfg['batch_size']} = {world_size} ranks x {local_batch}"
         f" ({math.ceil(local_batch / micro)} forward chunks of {micro})")
 

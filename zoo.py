@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
-from cache import EmbeddingCache, encoder_mismatch
+from cache import EmbeddingCache, encoder_mismatch, model_fingerprint
 from data import DataError, ImageDataset, eval_transform, open_image, read_manifest
 
 # -----------------------------------------------------------------------------
@@ -331,6 +331,20 @@ def _log_llm_side(m, text):
     return m
 
 
+def check_export_text_model(spec, meta):
+    """An export names its stage-1 encoder by path: refuse one retrained or replaced in place since (its
+    weights fingerprint differs), which would score the adaptor against other embeddings silently."""
+    t = meta.get("text") or {}
+    if not t.get("fingerprint"):
+        return  # a hub name, or an export of older code
+    path = t["model"] if os.path.isabs(t["model"]) else os.path.join(spec, t["model"])
+    now = model_fingerprint(path)
+    if now != t["fingerprint"]:
+        raise ValueError(f"{os.path.join(spec, 'llm2clip.json')}: its text model {path} is not the one it was "
+                         f"trained with (fingerprint {t['fingerprint'][:12]}, now {str(now)[:12]}); expected that "
+                         "stage-1 encoder unchanged: restore it or post-train again")
+
+
 def load_models(spec, device, cfg=None):
     """--model item -> [(row name, model)]: one row per text encoder of an LLM2CLIP out_dir (it has
     llm2clip.json: its LLM side, CLIP-T and Cat head, as `text_encoders` lists them; rows "spec [name]" when
@@ -339,7 +353,9 @@ def load_models(spec, device, cfg=None):
     pooling, chat_template, instruction, max_length), where set, override what llm2clip.json recorded."""
     if os.path.isfile(os.path.join(spec, "llm2clip.json")):
         import model as M  # local: baselines need no model.py
-        names = M.read_llm2clip_config(spec).get("text_encoders", ["llm"])
+        meta = M.read_llm2clip_config(spec)
+        check_export_text_model(spec, meta)
+        names = meta.get("text_encoders", ["llm"])
         text = _llm_text_settings(cfg)
         kw = {"text_settings": text} if text else {}
         if names == ["llm"]:  # the paper's default run: one row, named by its folder
@@ -538,7 +554,8 @@ def export(out_dir, orig_model, cfg, text_cfg):
     if adaptor is not None:
         common.atomic_torch_save(adaptor.state_dict(), os.path.join(out_dir, "adaptor.pt"))
         meta["adaptor"] = {**M.adaptor_spec(adaptor), "file": "adaptor.pt"}
-        meta["text"] = {"model": text_cfg["model"], **{k: text_cfg.get(k) for k in TEXT_KEYS}}
+        meta["text"] = {"model": text_cfg["model"], **{k: text_cfg.get(k) for k in TEXT_KEYS},
+                        "fingerprint": model_fingerprint(text_cfg["model"])}  # checked when the export is scored
     if orig_model.text_encoder is not None:  # the LLM's stage-2 LoRA, loaded on top of the stage-1 encoder
         orig_model.text_encoder.model.save_pretrained(os.path.join(out_dir, "text_lora"))
         meta["text"]["lora"] = "text_lora"

@@ -510,3 +510,24 @@ def test_online_text_encoder_settings_match_a_cache_built_with_them(w, tmp_path)
     assert t.text_encoder.settings["bidirectional"] is True and t.max_length == 32
     with pytest.raises(ValueError, match=r"bidirectional=False, but the cache .* was embedded with bidirectional=True"):
         post_train.main(args(w, tmp_path / "bad", "--bidirectional=False"))
+
+
+def test_scoring_an_export_whose_text_model_changed_is_refused(w, trained, tmp_path):
+    """The export names its stage-1 encoder by path; retrained in place, it would silently give other
+    embeddings to the adaptor: zoo.load_models (evaluate.py) refuses it, naming both fingerprints."""
+    import shutil
+    import zoo
+    export, text = tmp_path / "export", tmp_path / "text_model"
+    shutil.copytree(trained, export, ignore=shutil.ignore_patterns("checkpoints"))
+    meta = json.load(open(export / "llm2clip.json"))
+    shutil.copytree(meta["text"]["model"], text)
+    meta["text"]["model"] = str(text)
+    (export / "llm2clip.json").write_text(json.dumps(meta))
+    assert meta["text"]["fingerprint"] and zoo.load_models(str(export), "cpu")  # the same weights elsewhere: fine
+    weights = [p for p in text.rglob("*.safetensors")][0]
+    raw = bytearray(weights.read_bytes())
+    raw[-8:] = bytes(8)  # "retrained in place": same size, other weights
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"llm2clip.json: its text model .*text_model is not the one it was trained "
+                                         r"with \(fingerprint [0-9a-f]{12}, now [0-9a-f]{12}\)"):
+        zoo.load_models(str(export), "cpu")

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data import DataError, check_format_version, scan_jsonl, train_record
+from data import DataError, atomic_write, check_format_version, scan_jsonl, train_record
 
 # A cache directory (format "llm2clip-embedding-cache/1"):
 #   embeddings.npy  float16 [count, dim], a plain .npy file, read with np.load(mmap_mode="r")
@@ -250,8 +250,10 @@ def write_cache_meta(cache_dir, meta):
     a reader never sees half of it, and a killed writer leaves only `meta.json.tmp<pid>`."""
     path = os.path.join(cache_dir, CACHE_META)
     meta = {"format": CACHE_FORMAT, **meta, "format_version": CACHE_FORMAT_VERSION}
-    import common  # local: reading a cache needs no torch
-    common.atomic_write_text(path, json.dumps(meta, indent=2) + "\n")
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(json.dumps(meta, indent=2) + "\n")
+    atomic_write(path, write)
 
 
 def read_cache_meta(cache_dir):

@@ -88,6 +88,7 @@ RULES = {"batch_size": _pos_int, "micro_batch_size": _pos_int, "max_length": _po
          "cc_adaptor_blocks": (lambda v: v >= -1, "-1 (none) or an integer >= 0"),
          "dtype": (lambda v: v in ("auto", "float32", "bfloat16", "bf16"), "'auto', 'float32' or 'bfloat16'"),
          "pooling": (lambda v: v in ("mean", "eos"), "one of 'eos', 'mean'"),
+         "chat_template": (lambda v: v in ("", "none", *M.CHAT_TEMPLATES), "'', 'none' or one of model.CHAT_TEMPLATES"),
          "objective": (lambda v: v in OBJECTIVES, "one of " + ", ".join(OBJECTIVES)),
          "temperature": (lambda v: v > 0 and v < float("inf"), "a positive number"),
          "learning_rate": (lambda v: 0 < v < float("inf"), "a finite number > 0"),

@@ -19,6 +19,8 @@ import types
 
 import torch
 import torch.distributed as dist
+
+import data
 # Imported before any init_process_group, on purpose: torch.distributed.nn.functional stores the default
 # group in its functions' default arguments when first imported, and loading a transformers model imports
 # it (via torchvision and torch._dynamo). Imported after init, it keeps the group alive past
@@ -301,28 +303,12 @@ def read_run_info(out_dir, script):
     return info
 
 
-def _atomic(path, write):
-    """write(tmp) then rename tmp -> path, so a crash never leaves a half-written `path`. On failure the
-    temp file is removed and an OSError (disk full, ...) names `path`; a SIGKILL leaves `{path}.tmp<pid>`,
-    which remove_stale_temp_files deletes at the next start."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        if isinstance(e, OSError):
-            raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
-        raise
-
-
 def atomic_write_text(path, text):
     """Write text to path via a temp file + rename, so a crash never leaves a half-written file."""
     def write(tmp):
         with open(tmp, "w") as f:
             f.write(text)
-    _atomic(path, write)
+    data.atomic_write(path, write)
 
 
 def _torch_save(obj, path):
@@ -336,7 +322,7 @@ def _torch_save(obj, path):
 
 def atomic_torch_save(obj, path):
     """torch.save via temp file + rename (a killed run never leaves a truncated checkpoint)."""
-    _atomic(path, lambda tmp: _torch_save(obj, tmp))
+    data.atomic_write(path, lambda tmp: _torch_save(obj, tmp))
 
 
 def _pid_alive(pid):
@@ -463,7 +449,6 @@ def check_resume(path, ck, cfg, free_keys, data_id=None):
                          + ", ".join(f"{k} (checkpoint {a!r}, now {b!r})" for k, (a, b) in differ.items())
                          + ". Use the checkpoint's settings or a new out_dir.")
     if data_id is not None:
-        import data
         import data_index
         other = data_index.identity_mismatch(ck.get("data"), data_id)
         if other:
@@ -492,7 +477,7 @@ def save_checkpoint(obj, path):
     def write(tmp):
         _torch_save(obj, tmp)
         atomic_write_text(path + ".sha256", file_sha256(tmp) + "\n")
-    _atomic(path, write)
+    data.atomic_write(path, write)
 
 
 def load_checkpoint(path):

@@ -34,6 +34,22 @@ class DataError(ValueError):
     """Bad input data: the message names the file (and line) and what was expected."""
 
 
+def atomic_write(path, write):
+    """write(tmp) then rename tmp -> path, so a crash never leaves a half-written `path`: the one way every
+    file of ours is written. On failure the temp file is removed and an OSError (disk full, ...) names
+    `path`; a SIGKILL leaves `{path}.tmp<pid>`, which the next run's start deletes (common.lock_out_dir)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
+        raise
+
+
 def check_format_version(path, meta, supported):
     """The `format_version` of an artefact's metadata (the cache's meta.json, the training index's):
     files written before versions existed have none and are version 1; a newer one than this code reads
@@ -445,18 +461,12 @@ def unique_images(path):
 def write_manifest(path, records):
     """Write manifest records (dicts with "image" and caption lists) as JSONL; returns the count."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
+
+    def write(tmp):
         with open(tmp, "w", encoding="utf-8") as f:
             for r in records:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException as e:  # no partial temp file left behind; a full disk names the file
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError):
-            raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
-        raise
+    atomic_write(path, write)
     return len(records)
 
 

@@ -117,7 +117,9 @@ _pos_int = (lambda v: v > 0, "a positive integer")
 RULES = {
     "text_source": common.one_of("cache", "online"), "dtype": common.one_of("float32", "bfloat16", "float16"),
     "losses": common.one_of("a", "direct", "b", "c", "d"), "adaptor": common.one_of("linear", "transformer"),
-    "eval_field": common.one_of("captions", "long_captions"),
+    "eval_field": common.one_of("captions", "long_captions"), "pooling": common.one_of("", "mean", "eos"),
+    "chat_template": (lambda v: v in ("", "none", *M.CHAT_TEMPLATES), "'', 'none' or one of model.CHAT_TEMPLATES"),
+    "max_length": (lambda v: v >= 0, "an integer >= 0 (0 = as recorded)"),
     "batch_size": _pos_int, "max_steps": (lambda v: v >= 0, "an integer >= 0"), "save_interval": _pos_int,
     "log_interval": _pos_int, "eval_interval": _pos_int, "eval_batch_size": _pos_int,
     "micro_batch_size": (lambda v: v >= 0, "an integer >= 0 (0 = the whole per-rank batch)"),

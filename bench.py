@@ -221,7 +221,7 @@ def rss_high_water(reset=False):
 
 def memory_child(variant, cfg):
     """Build the stage-1 model (tiny LoRA decoder) and inputs, restart the high-water mark, run mem_steps steps of
-    `variant` through model.grad_cache_step (queries and positives, as cc_finetune.py calls it), print the peak
+    `variant` through loss.grad_cache_step (queries and positives, as cc_finetune.py calls it), print the peak
     memory in MiB (RSS on CPU, allocated on CUDA) and the median time of the steps after the first."""
     torch.manual_seed(cfg["seed"])
     torch.set_num_threads(cfg["threads"])

@@ -643,6 +643,11 @@ def _check_path(key, value, kind):
         return f"{key}={value!r}: " + ("is a folder" if os.path.isdir(path) else "no such file") + "; expected a file"
     if kind == "dir" and not os.path.isdir(path):
         return f"{key}={value!r}: " + ("is a file" if os.path.exists(path) else "no such folder") + "; expected a folder"
+    if kind == "model" and value.startswith("open_clip:"):  # open_clip:NAME/PRETRAINED, PRETRAINED a tag or a file
+        pretrained = value[len("open_clip:"):].partition("/")[2]
+        if pretrained and _path_looking(pretrained) and not os.path.isfile(os.path.expanduser(pretrained)):
+            return f"{key}={value!r}: no such file {pretrained!r}; expected an open_clip tag or checkpoint file"
+        return None
     if kind == "model" and not os.path.exists(path) and _path_looking(value):
         return f"{key}={value!r}: no such folder; expected a model folder (or a hub name such as org/model)"
     if kind == "out":

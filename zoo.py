@@ -39,10 +39,9 @@ DEVICE_RULE = (is_device, "'' (cuda if available, else cpu), 'cpu', 'cuda' or 'c
 
 def check_model_specs(specs, key="model"):
     """Each --model item as common.check_config checks a "model" path (a path-looking one that does not exist
-    is an error naming `key`, never a hub lookup); open_clip:NAME/PRETRAINED names are open_clip's to resolve."""
+    is an error naming `key`, never a hub lookup; in open_clip:NAME/PRETRAINED a path-looking PRETRAINED must be a file)."""
     for spec in specs:
-        if not spec.startswith(OpenCLIP.PREFIX):
-            common.check_config({key: spec}, paths={key: "model"})
+        common.check_config({key: spec}, paths={key: "model"})
 
 
 # -----------------------------------------------------------------------------

@@ -100,18 +100,16 @@ mem_steps = 3  # steps per subprocess: the peak over all, the time of the last o
 config_keys = [k for k, v in globals().items()
                if not k.startswith("_") and k.islower() and isinstance(v, (int, float, str, dict))]
 # declared once, checked before anything is built or timed (common.check_config)
-_pos_int = (lambda v: v > 0, "a positive integer")
-_non_neg = (lambda v: v >= 0, "an integer >= 0")
 RULES = {"benchmarks": (lambda v: v and set(v) <= set("abcd"), "one or more of the letters a, b, c, d"),
          "device": DEVICE_RULE, "dtype": common.one_of("float32", "fp32", "bfloat16", "bf16", "float16", "fp16"),
          "clock": common.one_of("auto", "cpu", "wall"), "peak_flops": common.non_negative,
          "embed_attn": common.one_of("sdpa", "eager", "flash_attention_2"),
-         **{k: _pos_int for k in ("threads", "repeats", "steps", "batch_size", "embed_dim", "cache_records",
+         **{k: common.positive_int for k in ("threads", "repeats", "steps", "batch_size", "embed_dim", "cache_records",
                                   "text_layers", "text_width", "text_heads", "text_kv_heads", "text_ffn",
                                   "paper_caption_tokens", "embed_repeats", "embed_batch_tokens", "embed_sorted_batch",
                                   "embed_copies", "embed_max_length", "vocab_size", "mem_global_batch", "mem_chunk",
                                   "mem_max_length", "mem_width", "mem_layers", "mem_repeats", "mem_steps")},
-         **{k: _non_neg for k in ("warmup", "adaptor_blocks", "caption_tokens", "embed_short", "embed_long",
+         **{k: common.non_negative_int for k in ("warmup", "adaptor_blocks", "caption_tokens", "embed_short", "embed_long",
                                   "embed_layers")}}
 RELATIONS = [(lambda c: not set("ab") & set(c["benchmarks"]) or c["cache_records"] >= c["batch_size"],
               lambda c: f"cache_records={c['cache_records']}: expected >= batch_size={c['batch_size']} "

@@ -52,12 +52,11 @@ def _counts(v):
 
 
 # declared once, checked before any data is generated (common.check_config)
-_pos_int = (lambda v: v > 0, "a positive integer")
 RULES = {"sizes": (lambda v: _counts(v) and min(_counts(v)) > 0, "comma-separated record counts > 0, e.g. 10000,100000"),
          "kinds": (lambda v: v.strip() and {k.strip() for k in v.split(",") if k.strip()} <= {"manifest", "shards"},
                    "'manifest', 'shards' or both, comma-separated"),
-         "shard_size": _pos_int, "dim": _pos_int, "batch_size": _pos_int,
-         "num_workers": (lambda v: v >= 0, "an integer >= 0")}
+         "shard_size": common.positive_int, "dim": common.positive_int, "batch_size": common.positive_int,
+         "num_workers": common.non_negative_int}
 PATHS = {"work_dir": "out"}
 # -----------------------------------------------------------------------------
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -26,6 +26,17 @@ import os
 import time
 import types
 
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+import common
+import data
+import loss as L
+import model as M
+from metrics import c2c_eval  # (the quality gate: caption 1 -> caption 2 of every record)
+
 # -----------------------------------------------------------------------------
 # default config (paper settings, docs/DESIGN.md); override with config/*.py and --key=value
 # model
@@ -80,20 +91,20 @@ RESUME_FREE_KEYS = {"out_dir", "log_interval", "save_interval", "keep_checkpoint
 # declared once, checked before any data or model is read (common.check_config): each key's range, the
 # relations between keys, and what each path key must be. A key's type is its default's.
 OBJECTIVES = ("supervised_simcse", "unsupervised_simcse", "mntp")
-_pos_int = (lambda v: v > 0, "a positive integer")
-RULES = {"batch_size": _pos_int, "micro_batch_size": _pos_int, "max_length": _pos_int, "log_interval": _pos_int,
-         "save_interval": _pos_int, "eval_batch_size": _pos_int, "keep_checkpoints": (lambda v: v >= 0, "an integer >= 0"),
+RULES = {**{k: common.positive_int for k in ("batch_size", "micro_batch_size", "max_length", "log_interval",
+                                             "save_interval", "eval_batch_size")},
+         "keep_checkpoints": common.non_negative_int,
          "max_steps": (lambda v: v == -1 or v > 0, "-1 (one epoch) or an integer > 0"),
-         "warmup_steps": (lambda v: v >= 0, "an integer >= 0"), "lora_r": (lambda v: v >= 0, "an integer >= 0"),
+         "warmup_steps": common.non_negative_int, "lora_r": common.non_negative_int,
          "cc_adaptor_blocks": (lambda v: v >= -1, "-1 (none) or an integer >= 0"),
          "dtype": (lambda v: v in ("auto", "float32", "bfloat16", "bf16"), "'auto', 'float32' or 'bfloat16'"),
-         "pooling": (lambda v: v in ("mean", "eos"), "one of 'eos', 'mean'"),
-         "chat_template": (lambda v: v in ("", "none", *M.CHAT_TEMPLATES), "'', 'none' or one of model.CHAT_TEMPLATES"),
+         "pooling": common.one_of(*M.POOLERS),
+         "chat_template": common.chat_template,
          "objective": (lambda v: v in OBJECTIVES, "one of " + ", ".join(OBJECTIVES)),
-         "temperature": (lambda v: v > 0 and v < float("inf"), "a positive number"),
-         "learning_rate": (lambda v: 0 < v < float("inf"), "a finite number > 0"),
-         "weight_decay": (lambda v: 0 <= v < float("inf"), "a finite number >= 0"),
-         "grad_clip": (lambda v: 0 <= v < float("inf"), "a finite number >= 0"),
+         "temperature": common.positive,
+         "learning_rate": common.positive,
+         "weight_decay": common.non_negative,
+         "grad_clip": common.non_negative,
          "lora_alpha": (lambda v: v > 0, "a number > 0"), "lora_dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
          "dropout": (lambda v: v == -1 or 0 <= v < 1, "-1 (the model's own) or a number in [0, 1)"),
          "mntp_mask_prob": (lambda v: 0 < v < 1, "a number in (0, 1)"),
@@ -119,16 +130,6 @@ RELATIONS = [
 PATHS = {"out_dir": "out", "text_model": "model", "init_from": "dir", "train_captions": "files", "train_pairs": "files",
          "val_captions": "file"}
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.nn as nn  # noqa: E402
-
-import common  # noqa: E402
-import data  # noqa: E402
-import loss as L  # noqa: E402
-import model as M  # noqa: E402
-from metrics import c2c_eval  # noqa: E402  (the quality gate: caption 1 -> caption 2 of every record)
 
 
 def step_seed(seed, rank, step):

@@ -614,6 +614,10 @@ positive = (lambda v: _finite(v) and v > 0, "a finite number > 0")
 non_negative = (lambda v: _finite(v) and v >= 0, "a finite number >= 0")
 finite = (_finite, "a finite number")
 probability = (lambda v: _finite(v) and 0 <= v <= 1, "a number in [0, 1]")
+positive_int = (lambda v: v > 0, "a positive integer")  # a key whose default is an int: configure checks the type
+non_negative_int = (lambda v: v >= 0, "an integer >= 0")
+chat_template = (lambda v: v in ("", "none", *__import__("model").CHAT_TEMPLATES),
+                 "'' (the encoder's own), 'none' or one of model.CHAT_TEMPLATES")
 
 
 def one_of(*values):

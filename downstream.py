@@ -55,11 +55,11 @@ config_keys = [k for k, v in dict(globals()).items()
                if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))]
 # declared once, checked before any data or model is read (common.check_config); evaluate.py checks the
 # probe keys with these rules too
-PROBE_RULES = {"probe_epochs": (lambda v: v > 0, "a positive integer"),
-               "probe_batch_size": (lambda v: v > 0, "a positive integer"), "probe_lr": common.positive,
+PROBE_RULES = {"probe_epochs": common.positive_int,
+               "probe_batch_size": common.positive_int, "probe_lr": common.positive,
                "probe_momentum": common.in_range(0, 0.999999, "a number in [0, 1)"),
                "probe_weight_decay": common.non_negative}
-RULES = {"batch_size": (lambda v: v > 0, "a positive integer"), "num_workers": (lambda v: v >= 0, "an integer >= 0"),
+RULES = {"batch_size": common.positive_int, "num_workers": common.non_negative_int,
          "device": zoo.DEVICE_RULE, **PROBE_RULES}
 TASK_PATHS = {"linear_probe": {"data": "dir", "feature_dir": "out"}, "export_hf": {"out": "out"}}
 

@@ -31,7 +31,7 @@ from cache import (CACHE_EMBEDDINGS, CACHE_FORMAT, CACHE_INDEX, CACHE_META, cach
                    describe_text_mismatch, load_cache_file, model_fingerprint, read_cache_meta, verify_cache,
                    write_cache_meta)
 import data
-from model import CHAT_TEMPLATES, POOLERS, load_text_encoder
+from model import POOLERS, load_text_encoder
 
 # -----------------------------------------------------------------------------
 # default config (override with config/*.py or --key=value)
@@ -55,11 +55,10 @@ verify_only = False  # only verify an existing cache against the manifest (no mo
 config_keys = [k for k, v in globals().items()  # the settings above, not the imported CACHE_* constants
                if not k.startswith("_") and not k.isupper() and isinstance(v, (int, float, bool, str, type(None)))]
 # declared once, checked before the model loads (common.check_config)
-RULES = {k: (lambda v: v > 0, "a positive integer") for k in ("max_length", "batch_tokens", "chunk_rows")}
+RULES = {k: common.positive_int for k in ("max_length", "batch_tokens", "chunk_rows")}
 RULES["dtype"] = (lambda v: v in ("auto", "float32", "bfloat16", "float16"), "'auto', 'float32', 'bfloat16' or 'float16'")
 RULES["pooling"] = (lambda v: v in ("", "mean", "eos"), "'' (the encoder's own), 'mean' or 'eos'")
-RULES["chat_template"] = (lambda v: v in ("", "none", *CHAT_TEMPLATES), "'' (the encoder's own), 'none' or one of "
-                          "model.CHAT_TEMPLATES")
+RULES["chat_template"] = common.chat_template
 RELATIONS = [(lambda c: c["manifest"] and c["out_dir"] and (c["text_model"] or c["verify_only"]),
               "text_model, manifest, out_dir: --text_model, --manifest and --out_dir are required "
               "(--verify_only needs no text_model)"),

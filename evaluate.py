@@ -81,10 +81,9 @@ config_keys = [k for k, v in dict(globals()).items()
 # key's range, and what each path key must be (per task where the key's meaning depends on it)
 TASKS = ("retrieval", "classify", "c2c", "convert", "linear_probe", "export_hf")
 CONVERT_FOLDERS = ("urban1k", "coco_cn")  # the converters that read a folder; every other one reads a file
-_pos_int = (lambda v: v > 0, "a positive integer")
-RULES = {"batch_size": _pos_int, "text_batch_size": _pos_int, "num": _pos_int,
+RULES = {"batch_size": common.positive_int, "text_batch_size": common.positive_int, "num": common.positive_int,
          "max_length": (lambda v: v >= 0, "an integer >= 0 (0 = the model's own)"),
-         "num_workers": (lambda v: v >= 0, "an integer >= 0"),
+         "num_workers": common.non_negative_int,
          "captions_per_image": (lambda v: v >= -1, "-1 (the dataset's own), 0 (any) or the exact count"),
          "caption_field": common.one_of("", "captions", "long_captions"), "pooling": common.one_of("", "mean", "eos"),
          "dtype": common.one_of("", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"), "device": DEVICE_RULE,

@@ -21,6 +21,8 @@ import json
 import os
 import time
 
+import common
+
 # -----------------------------------------------------------------------------
 out_dir = "out-tiny"  # everything goes under here
 num_train = 2000  # synthetic training images (stage 2) and caption records (stage 1)
@@ -38,15 +40,13 @@ ablations = False  # also the stage-2 ablation table (Tables 8, 10, 11): 7 more 
 stage1_ablations = False  # instead of stages 3-6: the stage-1 ablation table (Table 9's rows), ~7 stage-1 runs
 config_keys = [k for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, str))]
 # declared once, checked before any work (common.check_config)
-_pos = (lambda v: v > 0, "a positive integer")
-RULES = {"num_train": _pos, "num_val": _pos, "num_test": _pos, "image_size": _pos, "cc_steps": _pos, "post_steps": _pos,
+RULES = {**{k: common.positive_int for k in ("num_train", "num_val", "num_test", "image_size", "cc_steps", "post_steps")},
          "arch": (lambda v: v in ("llama", "qwen2", "mistral", "gemma", "bert"), "one of llama, qwen2, mistral, gemma, bert"),
          "vision_model": (lambda v: __import__("timm").is_model(v), "a timm model name")}
 PATHS = {"out_dir": "out"}
 
 
 def main(argv=None):
-    import common
     import data
     cfg = common.configure({k: globals()[k] for k in config_keys}, argv, doc=__doc__)
     common.check_config(cfg, RULES, (), PATHS)
@@ -337,5 +337,4 @@ def _r1(results):
 
 
 if __name__ == "__main__":
-    import common
     common.run_main(main)

@@ -113,19 +113,18 @@ RESUME_FREE_KEYS = {"out_dir", "resume", "overwrite", "max_steps", "save_interva
                      "train_shards", "cache_dir", "text_model", "text_source", "train_index"}
 # declared once, checked before any heavy work (common.check_config): each key's range, the relations
 # between keys, and what each path key must be. A key's type is its default's.
-_pos_int = (lambda v: v > 0, "a positive integer")
 RULES = {
     "text_source": common.one_of("cache", "online"), "dtype": common.one_of("float32", "bfloat16", "float16"),
     "losses": common.one_of("a", "direct", "b", "c", "d"), "adaptor": common.one_of("linear", "transformer"),
     "eval_field": common.one_of("captions", "long_captions"), "pooling": common.one_of("", "mean", "eos"),
-    "chat_template": (lambda v: v in ("", "none", *M.CHAT_TEMPLATES), "'', 'none' or one of model.CHAT_TEMPLATES"),
+    "chat_template": common.chat_template,
     "max_length": (lambda v: v >= 0, "an integer >= 0 (0 = as recorded)"),
-    "batch_size": _pos_int, "max_steps": (lambda v: v >= 0, "an integer >= 0"), "save_interval": _pos_int,
-    "log_interval": _pos_int, "eval_interval": _pos_int, "eval_batch_size": _pos_int,
+    "batch_size": common.positive_int, "max_steps": common.non_negative_int, "save_interval": common.positive_int,
+    "log_interval": common.positive_int, "eval_interval": common.positive_int, "eval_batch_size": common.positive_int,
     "micro_batch_size": (lambda v: v >= 0, "an integer >= 0 (0 = the whole per-rank batch)"),
-    "num_workers": (lambda v: v >= 0, "an integer >= 0"), "keep_checkpoints": (lambda v: v >= 0, "an integer >= 0"),
-    "warmup_steps": (lambda v: v >= 0, "an integer >= 0"), "adaptor_blocks": (lambda v: v >= 0, "an integer >= 0"),
-    "adaptor_expansion": _pos_int, "text_lora_r": (lambda v: v >= 0, "an integer >= 0"),
+    "num_workers": common.non_negative_int, "keep_checkpoints": common.non_negative_int,
+    "warmup_steps": common.non_negative_int, "adaptor_blocks": common.non_negative_int,
+    "adaptor_expansion": common.positive_int, "text_lora_r": common.non_negative_int,
     "embed_dim": (lambda v: v == -1 or v > 0, "-1 (the model's own head) or an integer > 0"),
     "crop_scale": (lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1, "(min, max) with 0 < min <= max <= 1"),
     "real_caption_ratio": common.probability, "learning_rate": common.positive, "min_lr": common.non_negative,

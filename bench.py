@@ -15,10 +15,14 @@ interleaved within each repeat so that load drift on a shared machine hits them 
   (d) stage-1 peak memory and step time at global batch 256 (loss.grad_cache_step, as cc_finetune.py calls
       it), each variant in a fresh subprocess minus a baseline process: gradient caching in chunks of 32 vs
       plain 256 vs plain 32; and the peak memory of one embed_captions.py rank embedding (c)'s captions.
+  (loader, not in the default run) post_train's input path (data_index.train_loader on tar shards or a
+      manifest of image files, the training transform) vs webdataset doing the same work (a plain Dataset of
+      files for a manifest), images per second at the same num_workers, and our path's per-stage profile.
 The run's environment (torch version, threads, load average at start and end) is printed with the table.
 
 python bench.py                         # tiny CPU models (a few minutes on 2 quiet CPU cores)
 python bench.py config/bench_gpu.py     # ViT-L/14-224 + a Llama-3-8B-shaped text encoder, with MFU
+python bench.py --benchmarks=loader --shards='data/{00000..00099}.tar' --num_workers=8 --image_size=224
 """
 import json
 import os
@@ -36,7 +40,9 @@ import torch
 
 import common
 from cache import EmbeddingCache
+import convert
 import data
+import data_index
 import loss as L
 import model as M
 import pipeline
@@ -46,7 +52,7 @@ from zoo import DEVICE_RULE
 # config: tiny CPU models by default; config/bench_gpu.py has the paper's sizes
 benchmarks = "abcd"  # which of (a)-(d) to run
 device = "auto"  # cuda if available, else cpu
-dtype = "bfloat16"  # autocast dtype on GPU (and the frozen text encoder's weights); CPU always runs float32
+dtype = "auto"  # autocast dtype (and the frozen text encoder's weights on GPU): "auto" = bfloat16 on GPU, float32 on CPU
 threads = 1  # CPU threads: one keeps medians steady on a shared machine
 clock = "auto"  # "cpu" (process CPU time) or "wall"; auto: cpu for a 1-thread CPU run (the work itself, not the
 # share of a shared machine's cores the scheduler gave other tenants meanwhile), wall otherwise (GPU)
@@ -81,7 +87,7 @@ embed_short = 200  # COCO captions
 embed_long = 200  # DOCCI descriptions, all of them (1:1, like the real + dense captions of a stage-2 manifest)
 embed_layers = 1  # the text encoder above with this many layers (0: all); fewer keeps the CPU run short
 embed_repeats = 2  # after a warm-up pass
-embed_batch_tokens = 16384  # embed_captions.py's default; fixed batches: this // the longest caption
+embed_batch_tokens = 0  # 0: embed_captions.py's default (16384 on GPU, 2048 on CPU); fixed batches: this // the longest
 embed_sorted_batch = 32  # sentence-transformers' default batch size, for its length-sorted batches
 embed_copies = 1  # the caption mix repeated this many times: a larger corpus, so sorted batches pad ~nothing
 embed_attn = "sdpa"  # the (c) encoder's attention implementation (all schemes alike)
@@ -96,26 +102,53 @@ mem_width = 32
 mem_layers = 2
 mem_repeats = 2  # subprocesses per variant; medians
 mem_steps = 3  # steps per subprocess: the peak over all, the time of the last ones (the first warms up)
+# stage-2 input path (loader): data_index.train_loader vs webdataset doing the same work (not in the default run)
+shards = ""  # tar shards (globs, {a..b} ranges, commas); "" with manifest="": built from shared/data's COCO JPEGs
+manifest = ""  # instead: a manifest of image files (reference: a plain torch Dataset of the files)
+image_root = ""  # the manifest's image folder ("" = the manifest's own folder)
+num_workers = 2  # DataLoader worker processes per loader, ours and the reference alike
+image_size = 224  # RandomResizedCrop to this size (scale 0.9-1, bicubic), then CLIP's mean/std
+loader_batch = 64
+loader_batches = 6  # timed batches per repeat, after an untimed one (workers started, prefetch queues full)
+loader_repeats = 3
+loader_records = 512  # the default data: shared/data's 6 COCO JPEGs as this many records
+loader_profile = 64  # samples timed stage by stage in this process (read, decode, transform, collate)
+jpeg_draft = False  # ours decodes JPEGs at a reduced DCT scale (still >= the crop): faster, other pixels
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items()
                if not k.startswith("_") and k.islower() and isinstance(v, (int, float, str, dict))]
+
+
+def chosen(benchmarks):
+    """'abcd,loader' -> ('abcd', True): the letters of (a)-(d), and whether the loader benchmark runs."""
+    items = [x.strip() for x in benchmarks.split(",") if x.strip()]
+    return "".join(x for x in items if x != "loader"), "loader" in items
+
+
 # declared once, checked before anything is built or timed (common.check_config)
-RULES = {"benchmarks": (lambda v: v and set(v) <= set("abcd"), "one or more of the letters a, b, c, d"),
-         "device": DEVICE_RULE, "dtype": common.one_of("float32", "fp32", "bfloat16", "bf16", "float16", "fp16"),
+RULES = {"benchmarks": (lambda v: chosen(v) != ("", False) and set(chosen(v)[0]) <= set("abcd"),
+                        "one or more of the letters a, b, c, d, and/or 'loader' (comma-separated: abcd,loader)"),
+         "shards": (lambda v: not v or data_index.expand_shards(v), "existing tar shards (globs, {a..b} ranges or "
+                    "a comma list)"),
+         "device": DEVICE_RULE, "dtype": common.one_of("float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "auto"),
          "clock": common.one_of("auto", "cpu", "wall"), "peak_flops": common.non_negative,
          "embed_attn": common.one_of("sdpa", "eager", "flash_attention_2"),
          **{k: common.positive_int for k in ("threads", "repeats", "steps", "batch_size", "embed_dim", "cache_records",
                                   "text_layers", "text_width", "text_heads", "text_kv_heads", "text_ffn",
-                                  "paper_caption_tokens", "embed_repeats", "embed_batch_tokens", "embed_sorted_batch",
+                                  "paper_caption_tokens", "embed_repeats", "embed_sorted_batch",
                                   "embed_copies", "embed_max_length", "vocab_size", "mem_global_batch", "mem_chunk",
-                                  "mem_max_length", "mem_width", "mem_layers", "mem_repeats", "mem_steps")},
+                                  "mem_max_length", "mem_width", "mem_layers", "mem_repeats", "mem_steps",
+                                  "image_size", "loader_batch", "loader_batches", "loader_repeats", "loader_records")},
          **{k: common.non_negative_int for k in ("warmup", "adaptor_blocks", "caption_tokens", "embed_short", "embed_long",
-                                  "embed_layers")}}
-RELATIONS = [(lambda c: not set("ab") & set(c["benchmarks"]) or c["cache_records"] >= c["batch_size"],
+                                  "embed_layers", "num_workers", "loader_profile", "embed_batch_tokens")}}
+RELATIONS = [(lambda c: not set("ab") & set(chosen(c["benchmarks"])[0]) or c["cache_records"] >= c["batch_size"],
               lambda c: f"cache_records={c['cache_records']}: expected >= batch_size={c['batch_size']} "
                         "(benchmarks a and b draw one full batch from the cache)"),
              (lambda c: not c["embed_packed"] or c["embed_attn"] == "flash_attention_2",
-              "embed_packed=True needs embed_attn='flash_attention_2' (a variable-length kernel)")]
+              "embed_packed=True needs embed_attn='flash_attention_2' (a variable-length kernel)"),
+             (lambda c: not (c["shards"] and c["manifest"]), "shards, manifest: give one of them (or neither: the "
+              "loader benchmark builds its own from shared/data)")]
+PATHS = {"manifest": "file", "image_root": "dir"}
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -136,12 +169,18 @@ def text_shape(cfg, layers=0):
                 num_hidden_layers=layers or cfg["text_layers"], num_key_value_heads=cfg["text_kv_heads"])
 
 
-def caption_mix(cfg):
-    """Short COCO captions + long DOCCI descriptions from shared/data (synthetic lengths if absent), shuffled."""
-    rng, d, root = random.Random(cfg["seed"]), HERE, None
+def shared_data():
+    """The shared real-data folder (shared/data beside or above the repo), or None."""
+    d, root = HERE, None
     while root is None and d != os.path.dirname(d):
         root = os.path.join(d, "shared", "data") if os.path.isdir(os.path.join(d, "shared", "data")) else None
         d = os.path.dirname(d)
+    return root
+
+
+def caption_mix(cfg):
+    """Short COCO captions + long DOCCI descriptions from shared/data (synthetic lengths if absent), shuffled."""
+    rng, root = random.Random(cfg["seed"]), shared_data()
     if root:
         def read(rel):
             return [c for _, r in data.read_jsonl(os.path.join(root, rel)) for c in r["captions"]]
@@ -167,6 +206,7 @@ def build_cache(cfg, tmp):
         pipeline.build_tiny_text_model(f"{tmp}/llm", texts=texts, hidden_size=cfg["text_width"], num_layers=1,
                                        num_heads=cfg["text_heads"], intermediate_size=cfg["text_ffn"])
         embed_captions.main([f"--text_model={tmp}/llm", f"--manifest={tmp}/train.jsonl", f"--out_dir={tmp}/cache"])
+    torch.set_num_threads(cfg["threads"])  # bench's own, whatever the command-line main set for that stage
     return records, EmbeddingCache(f"{tmp}/cache")
 
 
@@ -295,22 +335,208 @@ def environment():
             "start": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
+# --- the stage-2 input path (loader): our DataLoader vs the usual way of doing the same work
+
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def loader_data(cfg):
+    """-> (kind, source, image_root): the given shards or manifest; else shared/data's 6 COCO JPEGs as loader_records
+    records (folders of links to them: a manifest names each image once), written once as a manifest and as tar
+    shards (convert.write_tar_shards) into the temp folder, and kept (printed: rerun with --manifest=...)."""
+    if cfg["shards"]:
+        return "shards", data_index.expand_shards(cfg["shards"]), None
+    if cfg["manifest"]:
+        return "manifest", cfg["manifest"], cfg["image_root"] or None
+    n, count = cfg["loader_records"], max(4, cfg["num_workers"])  # webdataset splits shards over its workers
+    d = os.path.join(tempfile.gettempdir(), f"llm2clip_bench_loader_{n}x{count}")
+    if not os.path.exists(os.path.join(d, "done")):
+        root = shared_data() and os.path.join(shared_data(), "images", "coco6")
+        if root and os.path.isfile(os.path.join(root, "manifest.jsonl")):
+            base = [r for _, r in data.read_jsonl(os.path.join(root, "manifest.jsonl"))]
+        else:  # synthetic shapes (PNG), where shared/data is missing
+            root = os.path.join(d, "synthetic")
+            base = data.make_synthetic_dataset(root, 16, seed=cfg["seed"], image_size=256)
+        records = []
+        for j in range(-(-n // len(base))):
+            if not os.path.lexists(os.path.join(d, f"img_{j}")):
+                os.makedirs(d, exist_ok=True)
+                os.symlink(os.path.abspath(root), os.path.join(d, f"img_{j}"))
+            records += [{"image": f"img_{j}/{r['image']}", "captions": r["captions"]} for r in base]
+        data.write_manifest(os.path.join(d, "train.jsonl"), records[:n])
+        convert.write_tar_shards(data.read_manifest(os.path.join(d, "train.jsonl")),
+                                    os.path.join(d, "shards", "{:05d}.tar"), -(-n // count))
+        open(os.path.join(d, "done"), "w").close()
+    return "shards", data_index.expand_shards(os.path.join(d, "shards", "*.tar")), None
+
+
+class FileImages(torch.utils.data.Dataset):
+    """The plain PyTorch way for a list of image files: PIL open, convert to RGB, a torchvision transform."""
+
+    def __init__(self, paths, transform):
+        self.paths, self.transform = paths, transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        with Image.open(self.paths[i]) as img:
+            return self.transform(img.convert("RGB"))
+
+
+def loaders(cfg, kind, source, image_root, index_dir):
+    """-> (reference name, {name: make() -> an iterable of batches}, our TrainSamples). Ours is post_train's loader
+    (data_index.train_loader: the training index, TrainSamples, the training transform) at post_train's defaults;
+    the reference does the same work the usual way: webdataset for tar shards (tar -> PIL -> torchvision's
+    RandomResizedCrop, ToTensor, Normalize -> batches), a plain Dataset of files for a manifest."""
+    import post_train
+    import torchvision.transforms as T
+    S, B, W = cfg["image_size"], cfg["loader_batch"], cfg["num_workers"]
+    index = data_index.build_train_index(index_dir, **({"shards": source} if kind == "shards" else {
+        "manifest": source, "image_root": image_root}), log=lambda *a: None)
+    pcfg = {k: getattr(post_train, k) for k in post_train.config_keys}
+    pcfg.update(batch_size=B, num_workers=W, seed=cfg["seed"], max_steps=10 ** 9, crop_scale=(0.9, 1.0),
+                text_source="online", jpeg_draft=cfg["jpeg_draft"])
+    dc = {"input_size": (3, S, S), "mean": CLIP_MEAN, "std": CLIP_STD}
+    tfm = T.Compose([T.RandomResizedCrop(S, scale=(0.9, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+                     T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+    if kind == "shards":
+        import webdataset as wds  # only here: a reference, not a dependency
+        if len(source) < W:
+            raise ValueError(f"shards: {len(source)} tar shards for num_workers={W}: webdataset gives each worker "
+                             "whole shards; expected at least one shard per worker")
+        name = "webdataset"
+
+        def ref():
+            ds = (wds.WebDataset(source, shardshuffle=False, empty_check=False).repeat().decode("pil")
+                  .to_tuple("jpg;jpeg;png;webp", "json").map_tuple(tfm, lambda x: x).batched(B, partial=False))
+            return wds.WebLoader(ds, batch_size=None, num_workers=W)
+    else:
+        name, files = "plain Dataset", FileImages([r["image"] for r in data.read_manifest(source, image_root)], tfm)
+
+        def ref():
+            return torch.utils.data.DataLoader(files, B, sampler=torch.utils.data.RandomSampler(files, True, 10 ** 9),
+                                               num_workers=W, drop_last=True)
+    samples = data_index.TrainSamples(index, data.TrainTransform(dc, (0.9, 1.0)),
+                                      **({"jpeg_draft": True} if cfg["jpeg_draft"] else {}))
+    return name, {name: ref, "ours": lambda: data_index.train_loader(pcfg, index, None, dc, 0, 1, 0)}, samples
+
+
+def children_cpu():
+    """{pid: CPU seconds (user + system)} of this process's child processes (DataLoader workers), from /proc."""
+    out, tick = {}, os.sysconf("SC_CLK_TCK")
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/children") as f:
+                pids = f.read().split()
+        except OSError:
+            continue
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            out[pid] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def loader_rate(make, cfg):
+    """Images per second of one loader over loader_batches batches, after an untimed first one (workers started,
+    prefetch queues full): {"wall": ..., "cpu": ...}, the CPU time of this process and of its workers together
+    (the work, whatever share of the cores other tenants took meanwhile)."""
+    it = iter(make())
+    next(it)
+    k0, t0, c0 = children_cpu(), time.perf_counter(), time.process_time()
+    for _ in range(cfg["loader_batches"]):
+        next(it)
+    wall, cpu, k1 = time.perf_counter() - t0, time.process_time() - c0, children_cpu()
+    cpu += sum(k1[p] - k0[p] for p in k0 if p in k1)
+    del it  # its workers exit now, before the next loader starts
+    n = cfg["loader_batches"] * cfg["loader_batch"]
+    return {"wall": n / wall, "cpu": n / max(cpu, 1e-9)}
+
+
+def profile_loader(samples, cfg, clock):
+    """Our path stage by stage in this process, ms per sample (medians over loader_profile samples): read (the
+    record's index line and the image's bytes), decode (data.open_image less that read: PIL, RGB), transform
+    (caption choice, crop, resize, tensor, normalise), collate (the batch / batch size: the images are already in
+    it when TrainSamples.__getitems__ builds the batch, so what is left is allocating it and the other fields)."""
+    draft = getattr(samples, "draft", 0)
+    t = {k: [] for k in ("read", "decode", "transform", "collate")}
+    n = min(cfg["loader_profile"], len(samples))
+    batch = []
+    for i in range(n):
+        t0 = clock()
+        rec = samples.records[i]
+        path, offset, size = rec.get("_tar") or (rec["image"], 0, -1)
+        with open(path, "rb") as f:
+            f.seek(offset)
+            f.read(size)
+        t1 = clock()
+        img = data.open_image(rec, None, draft) if draft else data.open_image(rec)
+        t2 = clock()
+        rng = data.sample_rng(cfg["seed"], 0, i)
+        field, slot = data.choose_caption(rec, rng, samples.ratio)
+        image = samples.transform(img, rng)
+        t3 = clock()
+        t["read"].append(t1 - t0), t["decode"].append(t2 - t1 - (t1 - t0)), t["transform"].append(t3 - t2)
+        batch.append({"image": image, "embedding": None, "text": rec[field][slot], "index": i, "bad": []})
+        if len(batch) == cfg["loader_batch"] or i == n - 1:
+            t0 = clock()
+            if hasattr(samples, "__getitems__"):  # the images are written into the batch as they are made
+                data_index.collate_train(batch, torch.empty(len(batch), *batch[0]["image"].shape))
+            else:
+                data_index.collate_train(batch)
+            t["collate"] += [(clock() - t0) / len(batch)] * len(batch)
+            batch = []
+    return {k: 1e3 * statistics.median(v) for k, v in t.items()}
+
+
+def loader_bench(cfg, row, ratio, info):
+    """The loader rows: ours and the reference at num_workers, medians over loader_repeats (interleaved), and our
+    stage profile; the data is set up (and the training index built) before anything is timed."""
+    kind, source, image_root = loader_data(cfg)
+    clock = time.process_time if cfg["clock"] == "cpu" else time.perf_counter
+    with tempfile.TemporaryDirectory() as tmp:
+        ref, makers, samples = loaders(cfg, kind, source, image_root, os.path.join(tmp, "index"))
+        runs = {k: [] for k in makers}
+        for r in range(cfg["loader_repeats"]):
+            for k in (list(makers) if r % 2 == 0 else list(makers)[::-1]):
+                runs[k].append(loader_rate(makers[k], cfg))
+        profile = profile_loader(samples, cfg, clock)
+    med = {k: {c: statistics.median(x[c] for x in v) for c in ("wall", "cpu")} for k, v in runs.items()}
+    W = cfg["num_workers"]
+    what = "webdataset: tar->PIL->torchvision" if kind == "shards" else "Dataset: files->PIL->torchvision"
+    row("loader", f"{what}, {W} workers", med[ref][cfg["clock"]], "img/s")
+    row("loader", f"ours: data_index.train_loader, {W} workers", med["ours"][cfg["clock"]], "img/s")
+    ratio(f"ours / {ref}", med["ours"][cfg["clock"]], med[ref][cfg["clock"]], 1.0, ">=")
+    info["loader"] = {"kind": kind, "source": source if kind == "manifest" else f"{len(source)} tar shards "
+                      f"({os.path.dirname(source[0])})", "ref": ref, "rates": med, "profile": profile,
+                      "runs": runs, "samples": len(samples)}
+
+
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
     cfg = common.configure({k: globals()[k] for k in config_keys}, argv, __doc__)
-    common.check_config(cfg, RULES, RELATIONS)
+    common.check_config(cfg, RULES, RELATIONS, PATHS)
+    letters, run_loader = chosen(cfg["benchmarks"])
     if cfg["device"] == "auto":
         cfg["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     dev = cfg["device"]
     cuda = dev.startswith("cuda")
+    if not cfg["embed_batch_tokens"]:
+        import embed_captions
+        cfg["embed_batch_tokens"] = embed_captions.default_batch_tokens(dev)
     if cfg["clock"] == "auto":
         cfg["clock"] = "cpu" if not cuda and cfg["threads"] == 1 else "wall"
     if cfg["clock"] not in ("cpu", "wall"):
         raise ValueError(f"clock={cfg['clock']!r}; expected 'auto', 'cpu' or 'wall'")
     torch.set_num_threads(cfg["threads"])
     torch.manual_seed(cfg["seed"])
-    amp, ctx = common.resolve_dtype(cfg["dtype"], dev)  # post_train's reading: float32 on CPU
+    amp, ctx = common.resolve_dtype(cfg["dtype"], dev)  # post_train's reading: "auto" is float32 on CPU
     text_dtype = amp if cuda else None
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     name = torch.cuda.get_device_name() if cuda else ""
@@ -327,11 +553,12 @@ def main(argv=None):
         ok = None if floor is None else bool(r <= floor if cmp == "<=" else r >= floor)
         rows[-1]["ratios"].append(dict(ratio=r, of=what, floor="" if floor is None else f"{cmp} {floor}", ok=ok))
 
-    texts, info["captions"] = caption_mix(cfg)
-    tok = pipeline.train_tokenizer(texts, cfg["vocab_size"])
-    tok.pad_token = tok.eos_token
+    if letters:
+        texts, info["captions"] = caption_mix(cfg)
+        tok = pipeline.train_tokenizer(texts, cfg["vocab_size"])
+        tok.pad_token = tok.eos_token
 
-    if "a" in cfg["benchmarks"] or "b" in cfg["benchmarks"]:
+    if "a" in letters or "b" in letters:
         import post_train
         # --- FLOPs: the paper's text/vision ratio, and the caption length that reproduces it here
         with torch.device("meta"):
@@ -404,7 +631,7 @@ def main(argv=None):
                   + [("clamp", clamp)],
                   "online": [("text encoder", online_text), ("fwd+bwd", clip_fwd_bwd)] + update(clip, opt_c)
                   + [("clamp", clamp)]}
-        if "b" not in cfg["benchmarks"]:
+        if "b" not in letters:
             del phases["online"]
         fns = {k: (lambda ph=ph: [f() for _, f in ph]) for k, ph in phases.items()}
         both = timed(fns, cfg, sync)
@@ -418,13 +645,13 @@ def main(argv=None):
         row("a", "vision tower alone: fwd+bwd+AdamW", t["vision"], "ms/step", 3 * fv * B)
         row("a", "stage-2 step, text from the cache", t["cache"], "ms/step", 3 * (fv + fa) * B)
         ratio("cache / vision", t["cache"], t["vision"], 1.05, "<=")
-        if "b" in cfg["benchmarks"]:
+        if "b" in letters:
             row("b", "stage-2 step, text encoder online", t["online"], "ms/step", (3 * (fv + fa) + ft) * B)
             ratio("online / cache", t["online"], t["cache"], 3, ">=")
         del enc
         tmp.cleanup()
 
-    if "c" in cfg["benchmarks"]:
+    if "c" in letters:
         # --- embedding throughput: embed_captions.compare_batching times its token-budget batches against fixed
         # batches in input order, as many as fit the same budget at the longest caption (same memory), and against
         # length-sorted batches of 32 (sentence-transformers' encode); embed_copies repeats the mix (a larger corpus)
@@ -456,7 +683,7 @@ def main(argv=None):
             ratio("packed / sorted", w["sorted"], w["packed"])
         del enc
 
-    if "d" in cfg["benchmarks"]:
+    if "d" in letters:
         # --- stage-1 peak memory and step time, minus the memory of a baseline process doing a 1-pair step
         G, C = cfg["mem_global_batch"], cfg["mem_chunk"]
         runs = {v: [] for v in ("baseline", "plain_chunk", "plain_global", "grad_cache")}
@@ -487,6 +714,9 @@ def main(argv=None):
         row("d", f"embed_captions.py, one rank, {len(texts)} captions", statistics.median(x["PEAK_MIB"] for x in e),
             "MiB")
 
+    if run_loader:
+        loader_bench(cfg, row, ratio, info)
+
     info["env"]["load_end"] = os.getloadavg()
     info["env"]["end"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     print_report(rows, info, cfg, peak)
@@ -499,9 +729,10 @@ def print_report(rows, info, cfg, peak):
           f"of {e['cores']} cores ({e['cpu']}); torch {e['torch']}, python {e['python']}")
     print(f"load average (1, 5, 15 min) at start {' '.join(f'{x:.2f}' for x in e['load_start'])} ({e['start']}), at "
           f"end {' '.join(f'{x:.2f}' for x in e.get('load_end', ()))} ({e.get('end', '?')})")
-    print(f"medians of {cfg['repeats']} repeats x {cfg['steps']} steps (a, b), {cfg['embed_repeats']} passes (c), "
-          f"{cfg['mem_repeats']} processes per variant (d); times (a-d) in {cfg['clock']} time"
-          + ("" if cfg["clock"] == "wall" else " (process CPU seconds: the work, not the other tenants' share)"))
+    if chosen(cfg["benchmarks"])[0]:
+        print(f"medians of {cfg['repeats']} repeats x {cfg['steps']} steps (a, b), {cfg['embed_repeats']} passes (c), "
+              f"{cfg['mem_repeats']} processes per variant (d); times (a-d) in {cfg['clock']} time"
+              + ("" if cfg["clock"] == "wall" else " (process CPU seconds: the work, not the other tenants' share)"))
     if "a_wall" in info and cfg["clock"] != "wall":
         print("wall ms/step (a, b): " + ", ".join(f"{k} {1e3 * v:.1f}" for k, v in info["a_wall"].items())
               + (f"; wall captions/s (c): " + ", ".join(f"{k} {info['embed_n'] / v:.1f}" for k, v in
@@ -532,6 +763,16 @@ def print_report(rows, info, cfg, peak):
         print(f"embed_captions.py: peak above the process after a 1-line warm-up run (libraries loaded); the "
               f"process's whole peak {kind} {info['embed_total_mib']:.0f} MiB; text_width {cfg['text_width']}, 1 layer, "
               f"{cfg['embed_batch_tokens']}-token batches")
+    if "loader" in info:
+        lo, c = info["loader"], cfg["clock"]
+        ours, ref = lo["rates"]["ours"], lo["rates"][lo["ref"]]
+        print(f"loader: {ours[c]:.1f} img/s, {lo['ref']}: {ref[c]:.1f} img/s, ours / {lo['ref']} {ours[c] / ref[c]:.2f}x "
+              f"({c} clock{': images per CPU second of the loader and its workers' if c == 'cpu' else ''}; wall: "
+              f"{ours['wall']:.1f} vs {ref['wall']:.1f} img/s); {lo['samples']} records, {lo['source']}; "
+              f"image_size {cfg['image_size']}, batch {cfg['loader_batch']}, {cfg['num_workers']} workers, "
+              f"{cfg['loader_batches']} batches x {cfg['loader_repeats']} repeats, jpeg_draft={cfg['jpeg_draft']}")
+        print(f"loader profile (ours, one process, {c} ms per sample): "
+              + ", ".join(f"{k} {v:.3f}" for k, v in lo["profile"].items()) + f"; sum {sum(lo['profile'].values()):.3f}")
     head = f"    {'':47}{'median':>10} {'unit':<11}{'ratio':>7}  {'of':<24}{'floor':<13}{'MFU' if peak else ''}"
     print(head.rstrip())
     for r in rows:

@@ -7,7 +7,9 @@ Synthetic training sets of the paper's shape (per record one ~60-char real capti
 dense captions), as a manifest (JSONL + image files) and as WebDataset tar shards, each with an embedding
 cache whose text hash matches (rows are zeros: only the reader's work is measured, not a model). Each
 measurement runs in fresh processes:
-- index: the one-time data_index.build_train_index (tar shards: 2 ranks scanning in parallel, rank 0 merging);
+- index: the one-time data_index.build_train_index, index_ranks ranks (processes) scanning in parallel (a
+  manifest in byte ranges, tar shards by shard), rank 0 merging; per rank: the busiest rank's CPU seconds per
+  1M records of its share (index_ranks=1: one rank alone);
 - startup: process start -> data_index.train_data + train_loader -> first batch ready, with the index
   already built: 1 rank (0 workers), and 2 ranks x 2 workers (peak RSS per rank, PSS of all 6 processes);
 - embed setup: what embed_captions.py does before loading a model (cache.cache_texts(lazy=True), then
@@ -42,6 +44,7 @@ dim = 32  # cache width: the reader's cost does not depend on it (4096 only make
 batch_size = 64  # global batch of the first step
 num_workers = 2  # DataLoader workers per rank in the 2-rank measurement
 rebuild_index = True  # time the one-time index build (False: reuse an existing one)
+index_ranks = 2  # ranks building the index together (separate processes, as under torchrun)
 out = ""  # write the results as JSON here ("" = don't)
 config_keys = [k for k, v in globals().items()
                if not k.startswith("_") and k.islower() and isinstance(v, (int, float, bool, str))]  # not CACHE_*
@@ -56,6 +59,7 @@ RULES = {"sizes": (lambda v: _counts(v) and min(_counts(v)) > 0, "comma-separate
          "kinds": (lambda v: v.strip() and {k.strip() for k in v.split(",") if k.strip()} <= {"manifest", "shards"},
                    "'manifest', 'shards' or both, comma-separated"),
          "shard_size": common.positive_int, "dim": common.positive_int, "batch_size": common.positive_int,
+         "index_ranks": common.positive_int,
          "num_workers": common.non_negative_int}
 PATHS = {"work_dir": "out"}
 # -----------------------------------------------------------------------------
@@ -262,13 +266,15 @@ def measure(cfg, kind, n, log):
     if cfg["rebuild_index"] or not os.path.exists(os.path.join(index_dir, data_index.INDEX_META)):
         if os.path.exists(os.path.join(index_dir, data_index.INDEX_META)):
             os.remove(os.path.join(index_dir, data_index.INDEX_META))
-        world = 2 if kind == "shards" else 1
+        world = row["index_ranks"] = cfg["index_ranks"]
         r = run_children("index", [{**src, "index_dir": index_dir, "rank": k, "world": world} for k in range(world)])
         row["index_s"] = max(x["seconds"] for x in r)
         row["index_cpu_s"] = sum(x["cpu_s"] for x in r)
+        row["index_rank_cpu_s"] = max(x["cpu_s"] for x in r)  # the busiest rank (rank 0: its share + the merge)
         row["index_peak_mib"] = max(x["peak_growth_mib"] for x in r)
-        log(f"  {kind} N={n}: one-time index {row['index_s']:.1f}s over {world} rank(s) ({row['index_cpu_s']:.1f} CPU s), builder peak "
-            f"+{row['index_peak_mib']:.0f} MiB")
+        log(f"  {kind} N={n}: one-time index {row['index_s']:.1f}s over {world} rank(s) ({row['index_cpu_s']:.1f} CPU s; "
+            f"busiest rank {row['index_rank_cpu_s']:.1f} CPU s = {1e6 * world * row['index_rank_cpu_s'] / n:.1f} s per 1M "
+            f"records per rank), builder peak +{row['index_peak_mib']:.0f} MiB")
     index = data_index.TrainIndex(index_dir)
     row["index_bytes"] = sum(os.path.getsize(os.path.join(index_dir, k + ".npy")) for k in data_index.INDEX_ARRAYS)
     fake_cache(cache_dir, index, cfg["dim"])
@@ -298,7 +304,7 @@ def report(rows, log):
         ns = [r["n"] for r in rs]
         f = {k: fit(ns, [r[k] for r in rs if k in r]) if all(k in r for r in rs) else (float("nan"),) * 2
              for k in ("rank_peak_1_mib", "rank_peak_2_mib", "pss_sum_2x2_mib", "startup_1_s", "startup_2_s",
-                       "index_s", "index_cpu_s", "startup_1_cpu_s", "index_peak_mib", "embed_setup_s", "embed_cpu_s", "embed_peak_mib", "index_bytes")}
+                       "index_s", "index_cpu_s", "index_rank_cpu_s", "startup_1_cpu_s", "index_peak_mib", "embed_setup_s", "embed_cpu_s", "embed_peak_mib", "index_bytes")}
         fits[kind] = f
         mib = 2 ** 20
         log(f"\n{kind}: per record (fitted over N = {', '.join(map(str, ns))})")
@@ -307,7 +313,10 @@ def report(rows, log):
         log(f"  PSS sum, 2 ranks x 2 workers: {f['pss_sum_2x2_mib'][0] * mib:.1f} B")
         log(f"  startup: {f['startup_1_s'][0] * 1e6:.3f} us/record + {f['startup_1_s'][1]:.2f} s (1 rank; CPU after "
             f"imports {f['startup_1_cpu_s'][0] * 1e6:.3f} us/record + {f['startup_1_cpu_s'][1]:.2f} s)")
-        log(f"  one-time index: {f['index_s'][0] * 1e6:.1f} us/record wall, {f['index_cpu_s'][0] * 1e6:.1f} CPU us/record, builder {f['index_peak_mib'][0] * mib:.0f} B; "
+        ranks = rs[0].get("index_ranks", 1)
+        log(f"  one-time index ({ranks} ranks): {f['index_s'][0] * 1e6:.1f} us/record wall, "
+            f"{f['index_cpu_s'][0] * 1e6:.1f} CPU us/record; per rank {f['index_rank_cpu_s'][0] * 1e6 * ranks:.1f} "
+            f"CPU s per 1M records of its share; builder {f['index_peak_mib'][0] * mib:.0f} B; "
             f"index files {f['index_bytes'][0]:.0f} B")
         if kind == "manifest":
             log(f"  embed_captions setup: {f['embed_setup_s'][0] * 1e6:.1f} us/record wall, {f['embed_cpu_s'][0] * 1e6:.1f} CPU, "

@@ -64,15 +64,25 @@ def _field_texts(where, obj, field):
     return list(value)
 
 
-def hash_record_texts(h, hashes, r, field, values):
-    """Add record r's texts of one field to the running text hash `h` (sha256) and their 8-byte
-    blake2b hashes to `hashes`: the one definition of a cache's text identity (cache_texts and the
-    training index both call it, so their hashes agree)."""
+def record_text_payload(r, field, values, digests):
+    """The bytes record r's texts of one field add to the running text hash (sha256), each text length-prefixed
+    so that no text can imitate a record boundary; each text's 8-byte blake2b hash is appended to the bytearray
+    `digests` (little-endian uint64). The one definition of a cache's text identity: cache_texts (through
+    hash_record_texts) and the training index both build on it, so their hashes agree."""
+    out = []
     for s, t in enumerate(values):
         b = t.encode("utf-8")
-        # length-prefixed, so no text can imitate a record boundary
-        h.update(f"{r}\0{field}\0{s}\0{len(b)}\0".encode() + b)
-        hashes.append(int.from_bytes(hashlib.blake2b(b, digest_size=8).digest(), "little"))
+        out += (f"{r}\0{field}\0{s}\0{len(b)}\0".encode(), b)
+        digests += hashlib.blake2b(b, digest_size=8).digest()
+    return b"".join(out)
+
+
+def hash_record_texts(h, hashes, r, field, values):
+    """Add record r's texts of one field to the running text hash `h` (sha256) and their blake2b hashes to the
+    array('Q') `hashes` (record_text_payload)."""
+    d = bytearray()
+    h.update(record_text_payload(r, field, values, d))
+    hashes.extend(int.from_bytes(d[i:i + 8], "little") for i in range(0, len(d), 8))
 
 
 class ManifestTexts:
@@ -229,6 +239,8 @@ def _name(manifest):
 def _normalise_setting(key, value):
     if key in ("instruction", "chat_template"):  # None, "" (and "none" for chat_template) all mean none
         return "" if value in (None, "none") else value
+    if key == "official_extraction":  # absent from caches of older code: False
+        return bool(value)
     if key in ("model", "adapter", "base_model") and isinstance(value, str) and os.path.exists(value):
         return os.path.abspath(value)
     return value

@@ -17,7 +17,8 @@ next-token prediction), `init_from` (MNTP then SimCSE), `bidirectional`, `poolin
 A global batch larger than one forward pass runs in chunks with gradient caching: the objective is
 that of the full batch (all its negatives), not of micro-batches. Outputs in out_dir: adapter/ (peft),
 merged/ (HF model + tokenizer), encoder.json (how to use it: `model.load_text_encoder(out_dir)`),
-run_cc_finetune.json (resolved config + code version), cc_finetune.log, checkpoints/step_*.pt (the
+run_cc_finetune.json (resolved config + code version), cc_finetune.log, metrics.jsonl (the log lines'
+numbers and the c2c gate; also to W&B / tensorboard/ with wandb_log / tensorboard_log), checkpoints/step_*.pt (the
 trainable weights, optimizer and step: resumable; common.Checkpoints), and with
 cc_adaptor_blocks >= 0 cc_adaptor.pt (the stage-1 adaptor, applied by load_text_encoder).
 """
@@ -36,6 +37,7 @@ import data
 import loss as L
 import model as M
 from metrics import c2c_eval  # (the quality gate: caption 1 -> caption 2 of every record)
+import tracking
 
 # -----------------------------------------------------------------------------
 # default config (paper settings, docs/DESIGN.md); override with config/*.py and --key=value
@@ -47,7 +49,8 @@ chat_template = ""  # "" = none; "llama3" wraps every text in a Llama-3 user tur
 lora_r = 16  # paper: r=16, alpha=32, dropout 0.05 on q,k,v,o,gate,up,down; 0 freezes the LLM (Table 9)
 lora_alpha = 32
 lora_dropout = 0.05
-dtype = "auto"  # "auto": bfloat16 weights + bf16 autocast on CUDA, float32 on CPU; "float32" forces fp32
+dtype = "auto"  # "auto": bfloat16 weights + bf16 autocast on CUDA, float32 on CPU; "float32" forces fp32; "float16":
+# float16 weights + autocast with dynamic loss scaling (LoRA/adaptor weights stay float32)
 gradient_checkpointing = True  # recompute activations in backward: less memory, same result
 attn_implementation = ""  # "" = transformers' default (sdpa); e.g. "flash_attention_2" where installed
 init_from = ""  # a stage-1 out_dir to start from (its LoRA merged, a fresh LoRA here): Table 9's MNTP + SimCSE
@@ -83,11 +86,16 @@ keep_checkpoints = 2  # newest checkpoints kept (0 = all)
 resume = False  # continue from the newest checkpoint in out_dir/checkpoints (refused when training settings differ)
 overwrite = False  # a fresh run into an out_dir holding another run's files deletes them (else it refuses)
 eval_batch_size = 64  # texts per forward pass in the c2c gate
+# experiment tracking (rank 0): metrics.jsonl is always written; these also send its numbers on (tracking.MetricsLog)
+wandb_log = False  # Weights & Biases (pip install wandb; WANDB_MODE=offline works without a network)
+wandb_project = "llm2clip"
+wandb_run_name = ""  # "" = W&B's own name; a resumed run keeps its W&B run (out_dir/wandb_run.json)
+tensorboard_log = False  # TensorBoard event files in out_dir/tensorboard
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))]
 # keys that may change between a checkpoint and its resumption: they do not change what is computed
 RESUME_FREE_KEYS = {"out_dir", "log_interval", "save_interval", "keep_checkpoints", "resume", "overwrite", "val_captions", "eval_batch_size",
-                    "micro_batch_size", "gradient_checkpointing", "attn_implementation"}
+                    "micro_batch_size", "gradient_checkpointing", "attn_implementation", *tracking.KEYS}
 # declared once, checked before any data or model is read (common.check_config): each key's range, the
 # relations between keys, and what each path key must be. A key's type is its default's.
 OBJECTIVES = ("supervised_simcse", "unsupervised_simcse", "mntp")
@@ -97,7 +105,8 @@ RULES = {**{k: common.positive_int for k in ("batch_size", "micro_batch_size", "
          "max_steps": (lambda v: v == -1 or v > 0, "-1 (one epoch) or an integer > 0"),
          "warmup_steps": common.non_negative_int, "lora_r": common.non_negative_int,
          "cc_adaptor_blocks": (lambda v: v >= -1, "-1 (none) or an integer >= 0"),
-         "dtype": (lambda v: v in ("auto", "float32", "bfloat16", "bf16"), "'auto', 'float32' or 'bfloat16'"),
+         "dtype": (lambda v: v in ("auto", "float32", "bfloat16", "bf16", "float16", "fp16"),
+                   "'auto', 'float32', 'bfloat16' or 'float16'"),
          "pooling": common.one_of(*M.POOLERS),
          "chat_template": common.chat_template,
          "objective": (lambda v: v in OBJECTIVES, "one of " + ", ".join(OBJECTIVES)),
@@ -126,6 +135,7 @@ RELATIONS = [
                "(equal forward chunks)"),
     (lambda c: not (c["source_weights"] and not c["single_source_batches"]),
      "source_weights: a share of batches per file needs single_source_batches=True"),
+    *tracking.RELATIONS,
 ]
 PATHS = {"out_dir": "out", "text_model": "model", "init_from": "dir", "train_captions": "files", "train_pairs": "files",
          "val_captions": "file"}
@@ -193,12 +203,14 @@ def step_texts(dataset, indices, step, objective, hard, instruction):
 
 
 def mntp_batch(encoder, texts, indices, step, cfg, mask_id):
-    """Tokenised texts (no instruction) with llm2vec's MNTP corruption and labels; each record's mask
-    is drawn from (seed, step, record index) only, so micro-batching, ranks and resume do not change it."""
+    """Tokenised texts (no instruction) with llm2vec's MNTP corruption and labels (never a special token);
+    each record's mask is drawn from (seed, step, record index) only, so micro-batching, ranks and resume
+    do not change it."""
     b = encoder.tokenize(texts, None, cfg["max_length"])
     seeds = [step_seed(cfg["seed"], 10**9 + i, step) for i in indices]  # a stream per record, apart from ranks'
     b["input_ids"], b["labels"] = L.mntp_mask(b["input_ids"], b["embed_mask"] * b["attention_mask"], mask_id,
-                                              len(encoder.tokenizer), cfg["mntp_mask_prob"], seeds)
+                                              len(encoder.tokenizer), cfg["mntp_mask_prob"], seeds,
+                                              L.mntp_special_ids(encoder.tokenizer))
     return b
 
 
@@ -294,7 +306,8 @@ def log_setup(log, cfg, encoder, params, run, n_records, steps_per_epoch, start_
     log(f"model {cfg['init_from'] or cfg['text_model']}: {'decoder' if encoder.is_decoder else 'encoder'}, "
         f"bidirectional={encoder.settings['bidirectional']}, pooling={cfg['pooling']}, "
         f"chat_template={encoder.chat_template or 'none'}, "
-        f"{'bf16 autocast' if run.dtype == torch.bfloat16 else 'fp32'} on {run.device}; "
+        + (f"{str(run.dtype).split('.')[-1]} autocast" if run.dtype != torch.float32 else "fp32")
+        + (" with dynamic loss scaling" if run.scaler.is_enabled() else "") + f" on {run.device}; "
         + (f"LoRA r={cfg['lora_r']} alpha={cfg['lora_alpha']}" if cfg["lora_r"] else "LLM frozen")
         + (f", adaptor {cfg['cc_adaptor_blocks']} blocks" if encoder.adaptor is not None else "")
         + f": {sum(p.numel() for p in params):,} trainable of {sum(p.numel() for p in encoder.parameters()):,} parameters")
@@ -360,24 +373,30 @@ def train(run, encoder, model, dataset, sampler, ckpts, start_step, max_steps, c
         if objective == "mntp":  # a sum over tokens: plain micro-batch accumulation is exact
             b = mntp_batch(encoder, sides[0][0], indices, step, cfg, mntp[1])
             chunks = [{k: v[i:i + m].to(device) for k, v in b.items()} for i in range(0, b_local, m)]
-            n_sel = (b["labels"] != -100).sum().to(device)
+            n_sel = L.mntp_num_predicted(b["labels"]).to(device)
             if ddp:
-                dist.all_reduce(n_sel)  # the loss is a mean over the global batch's selected tokens
+                dist.all_reduce(n_sel)  # the loss is a mean over the global batch's predicted tokens
             hidden = lambda c: model(c["input_ids"], c["attention_mask"], pool=False)[0]  # noqa: E731
-            loss = L.mntp_accumulate(hidden, chunks, mntp[0], n_sel.item(), run.world_size, run.autocast, no_sync)
+            loss = L.mntp_accumulate(hidden, chunks, mntp[0], n_sel.item(), run.world_size, run.autocast, no_sync,
+                                     scaler=run.scaler)
         else:  # the full batch's contrastive loss; more than one chunk per side: gradient caching
             chunks = [[{k: v.to(device) for k, v in tokenize_mixed(encoder, texts[i:i + m], instrs[i:i + m],
                                                                    cfg["max_length"]).items()}
                        for i in range(0, len(texts), m)] for texts, instrs in sides]
-            loss = L.grad_cache_step(lambda c: model(**c), chunks, loss_fn, no_sync=no_sync, autocast=run.autocast)
+            loss = L.grad_cache_step(lambda c: model(**c), chunks, loss_fn, no_sync=no_sync, autocast=run.autocast,
+                                     scaler=run.scaler)
         if ddp:
             dist.all_reduce(loss, op=dist.ReduceOp.AVG)  # every rank sees the same value: stop together
+        # a non-finite (float32, unscaled) loss stops the run; float16 gradient overflow is skipped and counted
+        newest = f"; newest checkpoint: {(ckpts.paths() or ['none (none saved yet)'])[-1]}"
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}; newest checkpoint: "
-                                     f"{(ckpts.paths() or ['none (none saved yet)'])[-1]}")
-        if cfg["grad_clip"] > 0:
-            torch.nn.utils.clip_grad_norm_(run.params, cfg["grad_clip"])
-        run.optimizer.step()
+            raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}{newest}")
+        skipped, grad_norm = common.scaled_step(run.optimizer, run.scaler, run.params, cfg["grad_clip"],
+                                                f" at step {step}{newest}")
+        if skipped:
+            run.skipped += 1
+            log(f"step {step + 1}: float16 gradients overflowed, step skipped ({run.skipped} so far), loss scale "
+                f"now {run.scaler.get_scale():g}")
         run.optimizer.zero_grad(set_to_none=True)
         pbar.update(1)
 
@@ -385,13 +404,21 @@ def train(run, encoder, model, dataset, sampler, ckpts, start_step, max_steps, c
         if done % cfg["log_interval"] == 0 or done == max_steps:
             dt = (time.time() - t0) / (done - t0_step)
             log(f"step {done}/{max_steps}: loss {loss.item():.4f}, lr {lr_now:.2e}, {dt * 1000:.0f} ms/step, "
-                f"{texts_per_step / dt:.0f} texts/s")
+                f"{texts_per_step / dt:.0f} texts/s" + (f", loss scale {run.scaler.get_scale():g} ({run.skipped} "
+                                                        "skipped)" if run.scaler.is_enabled() else ""))
+            run.metrics.write({"step": done, "loss": loss.item(), "lr": lr_now, "ms_per_step": dt * 1000,
+                               "texts_per_s": texts_per_step / dt,
+                               **({"grad_norm": grad_norm.item()} if torch.isfinite(grad_norm) else {}),
+                               **({"loss_scale": run.scaler.get_scale(),
+                                                                       "skipped_steps": run.skipped}
+                                                                      if run.scaler.is_enabled() else {})})
             t0, t0_step = time.time(), done
         if done % cfg["save_interval"] == 0 or done == max_steps:
             if run.master:  # the step is the data position: the sampler and every RNG derive from it
                 ckpts.save(done, {"model": common.trainable_state(encoder), "optimizer": run.optimizer.state_dict(),
                                   "config": common.jsonable(cfg), "c2c_before": c2c_before,
-                                  "world_size": run.world_size})
+                                  "world_size": run.world_size, "scaler": run.scaler.state_dict(),
+                                  "skipped_steps": run.skipped})
             if ddp:
                 dist.barrier()
     pbar.close()
@@ -443,6 +470,7 @@ def main(argv=None):
     # --- config, distributed init
     cfg = common.configure({k: globals()[k] for k in config_keys}, argv, __doc__)  # typed: a wrong type fails here
     check_config(cfg)
+    common.elastic_restart(cfg)  # restarted by torchrun --max_restarts: resume from the newest checkpoint
     ddp, rank, local_rank, world_size, device = common.setup_distributed()
     master = rank == 0
     device = torch.device(device)
@@ -467,17 +495,23 @@ def main(argv=None):
     optimizer = common.adamw(params, lr=cfg["learning_rate"], weight_decay=cfg["weight_decay"])  # fused where torch can
     ckpts = common.Checkpoints(out_dir, cfg["keep_checkpoints"], log)
     path, ck = ckpts.newest() if cfg["resume"] else (None, None)
+    scaler = common.grad_scaler(dtype, device)  # float16: dynamic loss scaling; else a pass-through
     if ck is not None:
-        common.check_resume(path, ck, cfg, RESUME_FREE_KEYS)
+        common.check_resume(path, ck, cfg, RESUME_FREE_KEYS, world_size=world_size, model=encoder,
+                            defaults={k: globals()[k] for k in config_keys})
         common.load_trainable_state(encoder, ck["model"] if "model" in ck else ck["trainable"], path)
         optimizer.load_state_dict(ck["optimizer"])
+        if ck.get("scaler"):  # the loss scale and its growth counter: the resumed run skips where this one would
+            scaler.load_state_dict(ck["scaler"])
     start_step = ck["step"] if ck else 0
     model = encoder
     if ddp:  # gradient sync by DDP (no_sync in all but the last re-run of a step); buffers never change
         model = torch.nn.parallel.DistributedDataParallel(encoder, device_ids=[local_rank] if device.type == "cuda"
                                                           else None, broadcast_buffers=False)
     run = types.SimpleNamespace(cfg=cfg, ddp=ddp, rank=rank, world_size=world_size, master=master, device=device,
-                                dtype=dtype, autocast=autocast, optimizer=optimizer, params=params)
+                                dtype=dtype, autocast=autocast, optimizer=optimizer, params=params, scaler=scaler,
+                                skipped=ck.get("skipped_steps", 0) if ck else 0)
+    run.metrics = tracking.MetricsLog(out_dir, cfg, master, start_step, log)  # metrics.jsonl (+ W&B, TensorBoard)
     log_setup(log, cfg, encoder, params, run, len(records), steps_per_epoch, start_step, max_steps, path, chain,
               base_model, names, records)
 
@@ -485,13 +519,14 @@ def main(argv=None):
     c2c_before = ck.get("c2c_before") if ck else None
     if val_records is not None and c2c_before is None:
         c2c_before = c2c_before_training(cfg, encoder, val_records, run, log)
+        run.metrics.write({"step": 0, "c2c": c2c_before})
     sampler = make_sampler(cfg, len(dataset), sources, names, rank, world_size, start_step, max_steps)
     loss = train(run, encoder, model, dataset, sampler, ckpts, start_step, max_steps, c2c_before, mntp, log)
     encoder.eval()
     trunc = truncation_counts(encoder, run)
     log(common.describe_truncation(trunc, cfg["max_length"]) + " (training texts, instruction included)")
     result = {"steps": max_steps, "final_loss": None if loss is None else loss.item(),
-              "c2c_before": c2c_before, "c2c_after": None, "truncation": trunc}
+              "c2c_before": c2c_before, "c2c_after": None, "truncation": trunc, "skipped_steps": run.skipped}
 
     # --- save (rank 0)
     if master:
@@ -501,6 +536,8 @@ def main(argv=None):
             b, a = c2c_before["c2c_top1"], result["c2c_after"]["c2c_top1"]
             log(f"c2c before -> after: top1 {b:.2f} -> {a:.2f} ({a - b:+.2f}), reverse "
                 f"{c2c_before['c2c_top1_reverse']:.2f} -> {result['c2c_after']['c2c_top1_reverse']:.2f}")
+            run.metrics.write({"step": max_steps, "c2c": result["c2c_after"]})
+        run.metrics.close()
         save_encoder(out_dir, cfg, encoder, base_model, chain, result, log)
         common.save_run_info(out_dir, cfg, __file__, extra={"result": result, "world_size": world_size, "chain": chain})
         common.unlock_out_dir(out_dir)

@@ -50,8 +50,11 @@ def _raised_here(exc):
 def run_main(main, argv=None):
     """Run a script's main as a command: an input error (ValueError or OSError raised by our code, or
     the FloatingPointError that stops a diverged run) prints `<script>: error: <message>` on one line and exits 2; anything else propagates with its
-    traceback. LLM2CLIP_TRACEBACK=1 shows the traceback of input errors too."""
+    traceback. LLM2CLIP_TRACEBACK=1 shows the traceback of input errors too. Meanwhile configure() sets torch's
+    CPU threads (set_threads): for a command only, never for a main([...]) called in-process (tests)."""
+    global _COMMAND
     script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "llm2clip"
+    before, _COMMAND = _COMMAND, True
     try:
         return main(argv)
     except (ValueError, OSError, FloatingPointError) as e:  # FloatingPointError: a diverged run, named by step
@@ -63,6 +66,55 @@ def run_main(main, argv=None):
             bar.close()  # now, so that the error stays the last line (not a bar closed at exit)
         print(f"{script}: error: {msg}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    finally:
+        _COMMAND = before
+
+
+# -----------------------------------------------------------------------------
+# CPU threads: by default processes x threads stay within the cores (torchrun ranks and DataLoader workers counted)
+
+_COMMAND = False  # run_main sets it: only a command-line run sets torch's threads; main([...]) in a test keeps its own
+
+
+def cpu_cores():
+    """Cores this process may use: its CPU affinity, capped by a cgroup CPU quota (a container's --cpus)."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    for quota, period in (("/sys/fs/cgroup/cpu.max", None), ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us",
+                                                             "/sys/fs/cgroup/cpu/cpu.cfs_period_us")):
+        try:
+            with open(quota) as f:
+                q = f.read().split()
+            if period:
+                with open(period) as f:
+                    q.append(f.read().strip())
+            if q[0] not in ("max", "-1") and int(q[0]) > 0:
+                n = min(n, max(1, int(q[0]) // int(q[1])))
+        except (OSError, ValueError, IndexError):
+            continue
+    return n
+
+
+def intra_op_threads(cfg=None, env=None):
+    """-> (threads, why): torch's intra-op threads for one process of this run. Explicit wins: a `threads` key > 0
+    (bench.py), else OMP_NUM_THREADS. Else the node's cores are split so that processes x threads never exceed
+    them: each of the LOCAL_WORLD_SIZE ranks (torchrun; 1 without) gets cores // ranks, less one core per
+    DataLoader worker of its own (num_workers: each computes with one thread, data_index.worker_init); >= 1."""
+    env, cfg = os.environ if env is None else env, cfg or {}
+    omp = str(env.get("OMP_NUM_THREADS", "")).strip()
+    if isinstance(cfg.get("threads"), int) and cfg["threads"] > 0:
+        return cfg["threads"], "the threads key"
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp), "OMP_NUM_THREADS"
+    cores, workers = cpu_cores(), cfg.get("num_workers") if isinstance(cfg.get("num_workers"), int) else 0
+    ranks = int(env["LOCAL_WORLD_SIZE"]) if str(env.get("LOCAL_WORLD_SIZE", "")).isdigit() else 1
+    return max(1, cores // max(1, ranks) - workers), f"{cores} cores / {ranks} rank(s) per node - {workers} worker(s)"
+
+
+def set_threads(cfg=None):
+    """torch.set_num_threads(intra_op_threads(cfg)); -> (threads, why). configure() calls it for a command."""
+    n, why = intra_op_threads(cfg)
+    torch.set_num_threads(n)
+    return n, why
 
 
 # -----------------------------------------------------------------------------
@@ -177,6 +229,8 @@ def configure(defaults, argv=None, doc=""):
                                  f"default {defaults[key]!r}); only boolean keys may be given as a bare flag")
             raw = "true"
         config[key] = _convert(key, raw, defaults[key])
+    if _COMMAND:  # a command (run_main): torch's threads by intra_op_threads, once the keys are known
+        set_threads(config)
     return config
 
 
@@ -187,14 +241,16 @@ def configure(defaults, argv=None, doc=""):
 # bidirectional, mean pooling, no chat template).
 
 def text_encoder_kwargs(cfg):
-    """cfg's `bidirectional`, `pooling`, `chat_template` as load_text_encoder kwargs (validated)."""
+    """cfg's `bidirectional`, `pooling`, `chat_template` (and `official_extraction` where the script has
+    it; False = the encoder's own) as load_text_encoder kwargs (validated)."""
     b = cfg["bidirectional"]
     if isinstance(b, str):
         b = {"true": True, "false": False, "": None, "none": None}.get(b.lower(), b)
     if b not in (None, True, False):
         raise ValueError(f"bidirectional={cfg['bidirectional']!r}: expected True, False or None (None = the "
                          "encoder's own: a stage-1 out_dir's encoder.json, else True for a decoder)")
-    return {"bidirectional": b, "pooling": cfg["pooling"] or None, "chat_template": cfg["chat_template"] or None}
+    return {"bidirectional": b, "pooling": cfg["pooling"] or None, "chat_template": cfg["chat_template"] or None,
+            "official_extraction": cfg.get("official_extraction") or None}
 
 
 def describe_text_encoder(encoder, kwargs):
@@ -204,7 +260,8 @@ def describe_text_encoder(encoder, kwargs):
     src = lambda k: "set" if kwargs.get(k) is not None else own  # noqa: E731
     return (f"text encoder {s.get('name_or_path')}: {'decoder' if encoder.is_decoder else 'encoder (BERT-like)'}, "
             f"bidirectional={s.get('bidirectional')} ({src('bidirectional')}), pooling={encoder.pooling} "
-            f"({src('pooling')}), chat_template={encoder.chat_template or 'none'} ({src('chat_template')})")
+            f"({src('pooling')}), chat_template={encoder.chat_template or 'none'} ({src('chat_template')})"
+            + (", official_extraction=True (llm2vec's layout and truncation)" if encoder.official_extraction else ""))
 
 
 # -----------------------------------------------------------------------------
@@ -356,15 +413,50 @@ def remove_stale_temp_files(root):
 
 def resolve_dtype(name, device):
     """A stage's `dtype` key -> (torch dtype, autocast context): the one reading of it. "auto" is
-    bfloat16 on CUDA and float32 elsewhere; on CPU every dtype runs float32 (CPU autocast is slow and
-    is not what the GPU run does). The context is reusable; float32 gives a null context."""
+    bfloat16 on CUDA and float32 elsewhere (CPU autocast is slow and not what a GPU run does, so the tiny
+    CPU runs stay float32); a dtype given by name is honoured on every device (CPU autocast runs bfloat16
+    and float16). The context is reusable; float32 gives a null context."""
     import model as M
-    cuda = str(device).startswith("cuda")
-    dtype = torch.bfloat16 if name == "auto" else M.resolve_dtype(name)
-    if not cuda:
-        dtype = torch.float32
-    ctx = torch.autocast("cuda", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    kind = torch.device(device).type
+    dtype = (torch.bfloat16 if kind == "cuda" else torch.float32) if name == "auto" else M.resolve_dtype(name)
+    ctx = torch.autocast(kind, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     return dtype, ctx
+
+
+MIN_LOSS_SCALE = 1e-4  # fairseq's min_loss_scale: float16 gradients that overflow even below it have diverged
+
+
+def grad_scaler(dtype, device):
+    """Dynamic loss scaling for float16 (torch.amp.GradScaler of the device's kind: from 2^16, halved on an
+    overflow, doubled after 2000 clean steps); disabled for other dtypes, where scale() and step() pass
+    through. Its state_dict() (plain floats and ints; {} when disabled) goes into the checkpoints."""
+    return torch.amp.GradScaler(torch.device(device).type, enabled=dtype == torch.float16)
+
+
+def scaled_step(optimizer, scaler, params, grad_clip, where=""):
+    """Unscale the gradients, clip their norm (grad_clip > 0), step through the scaler, update its scale.
+    -> (skipped, grad_norm): skipped is True when the scaler skipped the step: float16 gradients overflowed
+    (inf/nan), the weights and the optimizer state stay, the scale halves; that is the scaler's routine, not
+    divergence. grad_norm: the total norm of the unscaled gradients before clipping (a 0-dim tensor, not
+    synced: read it at log time). A scale driven below MIN_LOSS_SCALE means the gradients are non-finite
+    at any scale: FloatingPointError (`where` names the step and the newest checkpoint), as for a non-finite loss."""
+    params = [p for p in params if p.grad is not None]
+    enabled = scaler is not None and scaler.is_enabled()
+    if enabled:
+        before = scaler.get_scale()
+        scaler.unscale_(optimizer)
+    # max_norm=inf measures without clipping (the gradients are multiplied by exactly 1)
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    if not enabled:
+        optimizer.step()
+        return False, norm
+    scaler.step(optimizer)  # skipped if unscale_ found inf/nan
+    scaler.update()
+    scale = scaler.get_scale()
+    if scale < MIN_LOSS_SCALE:
+        raise FloatingPointError(f"float16 gradients overflow at every loss scale (now {scale:g} < "
+                                 f"{MIN_LOSS_SCALE:g}){where}: the run diverged")
+    return scale < before, norm
 
 
 def trainable_state(module):
@@ -438,12 +530,15 @@ class Checkpoints:
         return load_newest_checkpoint(paths, self.log) if paths else (None, None)
 
 
-def check_resume(path, ck, cfg, free_keys, data_id=None):
+def check_resume(path, ck, cfg, free_keys, data_id=None, world_size=None, model=None, defaults=None):
     """The resume rules, the same for both stages: every config key outside `free_keys` (keys that do not
     change what is computed) must equal the checkpoint's, and the data it was trained on must be this
-    run's (`data_id`, compared by content, not path). ValueError naming the checkpoint and each difference."""
+    run's (`data_id`, compared by content, not path); another `world_size` only when `model` draws no random
+    numbers in training. A key the checkpoint's code did not have yet is accepted at its default in
+    `defaults` (a new key's default keeps the old behaviour). ValueError naming the checkpoint and each difference."""
+    old_key = lambda k: k not in ck["config"] and defaults is not None and cfg[k] == defaults.get(k)  # noqa: E731
     differ = {k: (ck["config"].get(k), jsonable(cfg[k])) for k in cfg
-              if k not in free_keys and jsonable(cfg[k]) != ck["config"].get(k)}
+              if k not in free_keys and not old_key(k) and jsonable(cfg[k]) != ck["config"].get(k)}
     if differ:
         raise ValueError(f"{path}: cannot resume, training settings differ: "
                          + ", ".join(f"{k} (checkpoint {a!r}, now {b!r})" for k, (a, b) in differ.items())
@@ -453,6 +548,30 @@ def check_resume(path, ck, cfg, free_keys, data_id=None):
         other = data_index.identity_mismatch(ck.get("data"), data_id)
         if other:
             raise data.DataError(f"{path}: checkpoint was trained on other data: " + "; ".join(other))
+    # another world size: the step is the data position (each global batch is a function of the step, split
+    # over whatever ranks there are), so the run continues exactly -- unless training draws random numbers
+    # (dropout, drop-path), whose streams are per rank: then it would not replay, and it is refused
+    rng = [n for n, m in (model.named_modules() if model is not None else ()) if _draws_random(m)]
+    if world_size is not None and ck.get("world_size", world_size) != world_size and rng:
+        raise ValueError(f"{path}: cannot resume on {world_size} ranks a run of {ck['world_size']}: its dropout/"
+                         f"drop-path ({rng[0]}, ...) draws per-rank random numbers, so another world size would not "
+                         f"replay it; resume on {ck['world_size']} ranks (nnodes x nproc_per_node) or use a new out_dir")
+
+
+def _draws_random(m):
+    p = m.p if isinstance(m, torch.nn.modules.dropout._DropoutNd) else getattr(m, "drop_prob", None)
+    p = getattr(m, "attention_dropout", None) if p is None else p  # HF attention modules
+    return isinstance(p, float) and p > 0
+
+
+def elastic_restart(cfg):
+    """torchrun --max_restarts=N restarts a failed worker group with TORCHELASTIC_RESTART_COUNT > 0: its
+    workers continue the run they replace (resume=True: the newest checkpoint; never overwrite, which would
+    delete it). -> the restart count (0: a first start or no torchelastic); open_run logs it."""
+    n = int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
+    if n > 0:
+        cfg.update(resume=True, overwrite=False)
+    return n
 
 
 
@@ -585,6 +704,8 @@ def open_run(out_dir, name, master, resume, overwrite):
     log = Logger(out_dir, name, master)
     if stale:
         log(f"removed {len(stale)} temp file(s) of a killed run: {', '.join(stale)}")
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0) > 0:
+        log(f"torchelastic restart {os.environ['TORCHELASTIC_RESTART_COUNT']}: resuming from the newest checkpoint")
     return log
 
 
@@ -616,8 +737,9 @@ finite = (_finite, "a finite number")
 probability = (lambda v: _finite(v) and 0 <= v <= 1, "a number in [0, 1]")
 positive_int = (lambda v: v > 0, "a positive integer")  # a key whose default is an int: configure checks the type
 non_negative_int = (lambda v: v >= 0, "an integer >= 0")
-chat_template = (lambda v: v in ("", "none", *__import__("model").CHAT_TEMPLATES),
-                 "'' (the encoder's own), 'none' or one of model.CHAT_TEMPLATES")
+chat_template = (lambda v: v in ("", "none", "auto", *__import__("model").CHAT_TEMPLATES),
+                 "'' (the encoder's own), 'none', 'auto' (the model family's) or one of "
+                 + ", ".join(__import__("model").CHAT_TEMPLATES))
 
 
 def one_of(*values):

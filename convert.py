@@ -1,6 +1,7 @@
 """Converters: public annotation formats -> our manifest records (docs/evaluation.md): Karpathy's COCO /
 Flickr30k splits, ShareGPT4V, Urban1k, DOCCI. `evaluate.py --task=convert` runs them; each reads its input
-through data.py's readers, so a file of another shape is a DataError naming it and what was expected."""
+through data.py's readers, so a file of another shape is a DataError naming it and what was expected.
+And one writer the other way: manifest records -> WebDataset tar shards (write_tar_shards)."""
 import json
 import os
 
@@ -97,3 +98,34 @@ def convert_docci(src, split="test", prefix="images/"):
     if not records:
         raise DataError(f"{src}: no records with split {split!r}")
     return records
+
+
+def write_tar_shards(records, pattern, per_shard=10000):
+    """Manifest records (read_manifest's: resolved image paths) -> WebDataset tar shards in img2dataset's
+    layout, the one scan_tar_shard reads: per record `<key>.<ext>` (the image file's bytes, unchanged) and
+    `<key>.json` ({"captions", "long_captions"}), keys numbered in record order. `pattern` names shard i
+    with `pattern.format(i)` (e.g. "out/{:05d}.tar"); each shard is written under a temp name and renamed.
+    Returns the shard paths."""
+    import io
+    import tarfile
+    from data_index import IMAGE_EXTS
+    paths = []
+    for s in range(0, len(records), per_shard):
+        path = pattern.format(s // per_shard)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tf:
+            for i, rec in enumerate(records[s:s + per_shard], s):
+                ext = os.path.splitext(rec["image"])[1].lower().lstrip(".")
+                if ext not in IMAGE_EXTS:
+                    raise DataError(f"{rec['image']}: a tar shard holds {', '.join(IMAGE_EXTS)} images, not {ext!r}")
+                with open(rec["image"], "rb") as f:
+                    image = f.read()
+                caps = {k: rec.get(k) or [] for k in ("captions", "long_captions")}
+                for name, payload in ((f"{i:09d}.{ext}", image), (f"{i:09d}.json", json.dumps(caps).encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(payload)
+                    tf.addfile(info, io.BytesIO(payload))
+        os.replace(tmp, path)
+        paths.append(path)
+    return paths

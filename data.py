@@ -84,26 +84,29 @@ def decode_text(where, raw, lineno=None):
     return text
 
 
-def scan_lines(path, empty="empty file (no non-blank line)"):
+def scan_lines(path, empty="empty file (no non-blank line)", start=0, stop=None, lineno=1):
     """Yield (line_number, byte_offset, byte_size, text) for each non-blank line of a text file: the
     one line reader of every text and JSONL reader. `text` has its line end (LF or CRLF) removed; the
     offset and size cover the line's bytes without a leading BOM, so one pread re-reads exactly it.
-    A BOM starting any later line is a DataError (concatenated files), not text of that line.
-    `empty`: the message for a file with no non-blank line (always a DataError)."""
+    A BOM starting any later line is a DataError (concatenated files). `empty`: the message (a DataError) for a
+    file with no non-blank line. A part of a file: the lines starting in bytes [start, stop), from line `lineno`."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found")
-    offset, found = 0, False
+    offset, found = start, stop is not None
     with open(path, "rb") as f:
-        for lineno, line in enumerate(f, 1):
+        f.seek(start)
+        for lineno, line in enumerate(f, lineno):
             size, start = len(line), offset
+            if stop is not None and start >= stop:
+                break
             offset += size
             if line.startswith(_BOM):
-                if lineno > 1:
+                if start > 0:
                     raise DataError(f"{path}:{lineno}: a UTF-8 byte-order mark starts this line (files "
                                     "concatenated?); expected one only at the start of the file")
                 line, start, size = line[len(_BOM):], start + len(_BOM), size - len(_BOM)
             text = decode_text(path, line, lineno)
-            if text.strip():
+            if text and not text.isspace():  # (not text.strip(): no copy of the line)
                 found = True
                 yield lineno, start, size, text.rstrip("\r\n")
     if not found:
@@ -178,11 +181,11 @@ def read_json(path, expect=dict, what="a JSON object"):
         return parse_json(path, decode_text(path, f.read()), expect, what)
 
 
-def scan_jsonl(path, empty="no records (empty file); expected one JSON object per line"):
+def scan_jsonl(path, empty="no records (empty file); expected one JSON object per line", **part):
     """Yield (line_number, byte_offset, byte_size, object) for each non-blank line of a JSONL file:
     read_jsonl plus where each line lies, so a reader can come back to one record with one pread.
-    Lines come from scan_lines and are parsed by parse_json (the rules of the module docstring)."""
-    for lineno, offset, size, text in scan_lines(path, empty):
+    Lines come from scan_lines (`part`: its start, stop, lineno) and are parsed by parse_json (module docstring)."""
+    for lineno, offset, size, text in scan_lines(path, empty, **part):
         yield lineno, offset, size, parse_json(f"{path}:{lineno}", text)
 
 
@@ -687,20 +690,23 @@ def random_resized_crop_params(width, height, rng, scale=(0.9, 1.0), ratio=(3 / 
 
 
 class TrainTransform:
-    """RandomResizedCrop(scale) to the model's input size, bicubic, then the model's mean/std.
-
+    """RandomResizedCrop(scale) to the model's input size, bicubic, then the model's mean/std: torchvision's
+    resized_crop + to_tensor + normalize bit for bit (tested), with fewer copies, in place into `out` (a batch slot).
     `data_config` is the vision model's timm preprocessing config (input_size, mean, std)."""
 
     def __init__(self, data_config, scale=(0.9, 1.0)):
-        self.size = tuple(data_config["input_size"][-2:])
+        self.size = tuple(data_config["input_size"][-2:])  # (H, W)
         self.mean, self.std, self.scale = list(data_config["mean"]), list(data_config["std"]), scale
 
-    def __call__(self, img, rng):
-        import torchvision.transforms.functional as TF
-        from torchvision.transforms import InterpolationMode
+    def __call__(self, img, rng, out=None):
+        import torch
+        from PIL import Image
         top, left, h, w = random_resized_crop_params(img.width, img.height, rng, self.scale)
-        img = TF.resized_crop(img, top, left, h, w, list(self.size), InterpolationMode.BICUBIC)
-        return TF.normalize(TF.to_tensor(img), self.mean, self.std)
+        img = img.crop((left, top, left + w, top + h)).resize(self.size[::-1], Image.BICUBIC)
+        pixels = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(*self.size, 3)  # (H, W, 3)
+        out = (torch.empty(3, *self.size) if out is None else out).copy_(pixels.permute(2, 0, 1))
+        mean, std = (torch.tensor(v, dtype=torch.float32).view(3, 1, 1) for v in (self.mean, self.std))
+        return out.div_(255).sub_(mean).div_(std)  # to_tensor's x / 255, then normalize's (x - mean) / std
 
 
 def to_rgb(img):
@@ -716,6 +722,8 @@ def to_rgb(img):
     Of an animated or multi-page file, the first frame."""
     import numpy as np
     from PIL import Image
+    if img.mode == "RGB" and "transparency" not in img.info:
+        return img  # already what convert("RGB") would copy
     if img.mode.startswith("I") or img.mode == "F":
         a = np.asarray(img, dtype=np.float64)
         a = a * 255.0 if img.mode == "F" else a / 257.0
@@ -726,9 +734,10 @@ def to_rgb(img):
     return img.convert("RGB")
 
 
-def open_image(record, where=None):
+def open_image(record, where=None, draft=0):
     """PIL RGB image of a manifest record (read_manifest resolves its path) or a tar-shard record (byte range):
-    the one function that opens every image (eval datasets, zoo, training samples).
+    the one function that opens every image (eval datasets, zoo, training samples); draft > 0 (other pixels):
+    a JPEG decodes at the smallest DCT scale (1/2, 1/4, 1/8) keeping both sides >= draft pixels (faster).
 
     Modes become RGB by to_rgb's rules. Every failure is a DataError naming the image (and `where`, e.g.
     the manifest's file:line, or read_manifest's "line"), so skip_bad_images covers all of them: a missing file,
@@ -762,6 +771,8 @@ def open_image(record, where=None):
             if limit and img.width * img.height > limit:  # PIL only warns below twice its limit, then decodes
                 raise DataError(f"{at}: image too large ({img.width}x{img.height} = {img.width * img.height} "
                                 f"pixels); expected at most Image.MAX_IMAGE_PIXELS={limit} pixels")
+            if draft and img.format == "JPEG":
+                img.draft("RGB", (draft, draft))
             img.load()
             if img.width == 0 or img.height == 0:
                 raise DataError(f"{at}: image of size {img.width}x{img.height}; expected a non-empty image")

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from cache import CACHE_EMBEDDINGS, CACHE_FIELDS, CacheTexts, EmbeddingCache, ManifestTexts, hash_record_texts
+from cache import CACHE_EMBEDDINGS, CACHE_FIELDS, CacheTexts, EmbeddingCache, ManifestTexts, record_text_payload
 from data import (DataError, ResumableBatchSampler, TrainTransform, _caption_list, check_format_version,
                   choose_caption, decode_text, open_image, parse_json, sample_rng, scan_jsonl, train_record,
                   unique_images)
@@ -186,32 +186,72 @@ def index_source(manifest=None, image_root=None, shards=None):
             "probes": [_probe(f) for f in files]}
 
 
-class _IndexBuilder:
-    """Accumulates the index arrays record by record (compact typed buffers, not Python objects)."""
+_NPY_HEAD = 128  # bytes of each .npy header: written first as a placeholder, then again with the final shape
 
-    def __init__(self):
-        import array
-        self.a = {"line_offset": array.array("q"), "line_size": array.array("q"), "line_no": array.array("q"),
-                  "image_shard": array.array("i"), "image_offset": array.array("q"), "image_size": array.array("q"),
-                  "counts": array.array("i")}
+
+def _npy_header(dtype, shape):
+    """A .npy (format 1.0) header of exactly _NPY_HEAD bytes, padded with spaces as numpy pads its own."""
+    text = repr({"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": tuple(shape)})
+    return b"\x93NUMPY\x01\x00" + (_NPY_HEAD - 10).to_bytes(2, "little") + text.encode().ljust(_NPY_HEAD - 11) + b"\n"
+
+
+class _IndexArrays:
+    """The index arrays of records added one by one, appended to their .npy files (temp names) in blocks of 16k
+    records and never held whole: a build takes the same memory for 10k records as for 60M. text_row (the running
+    text count) and the per-field text counts follow the records; the texts' 8-byte hashes go to `digests`
+    (cache.record_text_payload appends there). close() writes the final headers and renames the files into
+    `folder` as <prefix><array>.npy."""
+
+    TYPES = {"line_offset": "q", "line_size": "q", "line_no": "q", "image_shard": "i", "image_offset": "q",
+             "image_size": "q", "counts": "i", "text_row": "q", "text_hashes": "<u8"}
+    COLUMNS = ("line_offset", "line_size", "line_no", "image_shard", "image_offset", "image_size")  # + 2 counts
+
+    def __init__(self, folder, prefix=""):
+        self.folder, self.prefix = folder, prefix
+        self.tmp = {k: os.path.join(folder, f"{prefix}{k}.npy.tmp{os.getpid()}") for k in INDEX_ARRAYS}
+        self.files = {k: open(path, "wb") for k, path in self.tmp.items()}
+        for f in self.files.values():
+            f.write(b" " * _NPY_HEAD)
+        self.files["text_row"].write(np.zeros(1, np.int64).tobytes())
+        self.rows, self.digests, self.n, self.texts, self.field_texts = [], bytearray(), 0, 0, [0, 0]
 
     def add(self, line_offset, line_size, line_no, shard, image_offset, image_size, n_real, n_long):
-        a = self.a
-        a["line_offset"].append(line_offset), a["line_size"].append(line_size), a["line_no"].append(line_no)
-        a["image_shard"].append(shard), a["image_offset"].append(image_offset), a["image_size"].append(image_size)
-        a["counts"].extend((n_real, n_long))
+        self.rows.append((line_offset, line_size, line_no, shard, image_offset, image_size, n_real, n_long))
+        if len(self.rows) >= 16384:
+            self.flush()
 
-    def arrays(self):
-        dt = {"q": np.int64, "i": np.int32}
-        out = {k: np.frombuffer(v, dtype=dt[v.typecode]) for k, v in self.a.items()}
-        out["counts"] = out["counts"].reshape(-1, 2)
-        return out
+    def flush(self):
+        if self.rows:
+            a = np.array(self.rows, dtype=np.int64)  # (m, 8): the columns, then the two caption counts
+            for j, k in enumerate(self.COLUMNS):
+                self.files[k].write(a[:, j].astype(self.TYPES[k]).tobytes())
+            counts = a[:, 6:]
+            self.files["counts"].write(counts.astype(np.int32).tobytes())
+            self.files["text_row"].write((self.texts + np.cumsum(counts.sum(1))).tobytes())
+            self.n, self.texts = self.n + len(a), self.texts + int(counts.sum())
+            self.field_texts = [x + int(y) for x, y in zip(self.field_texts, counts.sum(0))]
+            self.rows = []
+        self.files["text_hashes"].write(self.digests)
+        del self.digests[:]
 
+    def shapes(self):
+        return {**{k: (self.n,) for k in INDEX_ARRAYS}, "counts": (self.n, 2), "text_row": (self.n + 1,),
+                "text_hashes": (self.texts,)}
 
-def _save_npy(path, arr):
-    tmp = f"{path}.tmp{os.getpid()}.npy"
-    np.save(tmp, arr)
-    os.replace(tmp, path)
+    def close(self):
+        self.flush()
+        for k, shape in self.shapes().items():
+            f = self.files[k]
+            f.seek(0)
+            f.write(_npy_header(self.TYPES[k], shape))
+            f.close()
+            os.replace(self.tmp[k], os.path.join(self.folder, f"{self.prefix}{k}.npy"))
+
+    def discard(self):
+        for k, f in self.files.items():
+            f.close()
+            if os.path.exists(self.tmp[k]):
+                os.remove(self.tmp[k])
 
 
 def _shard_part_name(source, i):
@@ -291,22 +331,22 @@ def build_train_index(index_dir, manifest=None, image_root=None, shards=None, ch
     """Build (or reuse) the training index of a manifest or of tar shards in index_dir; return a TrainIndex.
 
     Every rank calls it with the same arguments. An index whose source files (path, size, mtime) and
-    image_root are unchanged is reused at once. Otherwise: a manifest is read once by rank 0 (records
-    validated like read_manifest, image files checked to exist when check_images), while the other
-    ranks wait; tar shards are scanned once, rank k taking shards k, k + world_size, ... (a part per
-    shard, kept if the build is interrupted), and rank 0 merges the parts. Coordination is through
-    files, so it needs no process group and no collective timeout covers a long build.
+    image_root are unchanged is reused at once. Otherwise the ranks share the scan: a manifest is cut into
+    world_size byte ranges at line starts, rank k reading range k (records validated like read_manifest,
+    image files checked to exist when check_images); tar shards are scanned rank k taking shards k,
+    k + world_size, ... (a part per shard, kept if the build is interrupted). Rank 0 merges the parts.
+    Every array is streamed to disk as it grows, so the memory of a build does not grow with the records.
+    Coordination is through files, so it needs no process group and no collective timeout covers a long build.
     """
     import time
     if bool(manifest) == bool(shards):
         raise ValueError("build_train_index: give exactly one of manifest and shards")
     source = index_source(manifest, image_root, shards)
     if not _index_ready(index_dir, source, check_images):
-        os.makedirs(index_dir, exist_ok=True)
+        parts_dir = os.path.join(index_dir, "parts")
+        os.makedirs(parts_dir, exist_ok=True)
         t0 = time.time()
         if shards:
-            parts_dir = os.path.join(index_dir, "parts")
-            os.makedirs(parts_dir, exist_ok=True)
             for i in range(rank, len(source["files"]), world_size):
                 _scan_shard_part(source, i, parts_dir)
             if rank == 0:
@@ -316,60 +356,232 @@ def build_train_index(index_dir, manifest=None, image_root=None, shards=None, ch
                 _merge_index(index_dir, source, names, log)
                 log(f"training index: scanned {len(names)} tar shards over {world_size} rank(s) in "
                     f"{time.time() - t0:.1f}s -> {index_dir}")
-        elif rank == 0:
-            _build_manifest_index(index_dir, source, check_images)
-            log(f"training index: read {manifest} in {time.time() - t0:.1f}s -> {index_dir}")
+        else:
+            names = [_part_name(source, check_images, i, world_size) for i in range(world_size)]
+            h = _scan_manifest_part(source, check_images, rank, world_size, parts_dir, names[rank])
+            if rank == 0:
+                _wait_for(lambda: all(os.path.exists(os.path.join(parts_dir, n + "done.json")) for n in names),
+                          f"the other ranks' manifest scans in {parts_dir}", log)
+                _merge_manifest_index(index_dir, source, check_images, parts_dir, names, h)
+                log(f"training index: read {manifest} over {world_size} rank(s) in {time.time() - t0:.1f}s -> "
+                    f"{index_dir}")
         if rank != 0:
             _wait_for(lambda: _index_ready(index_dir, source, check_images), f"rank 0 to build {index_dir}", log)
     return TrainIndex(index_dir)
 
 
-def _finish_index(index_dir, source, arrays, text_hash, hashes, records_file, images_checked):
-    """Write the arrays, then index_meta.json last (its presence with this source means complete)."""
-    counts = arrays["counts"]
-    arrays["text_row"] = np.concatenate([[0], np.cumsum(counts.sum(1), dtype=np.int64)]).astype(np.int64)
-    arrays["text_hashes"] = np.frombuffer(hashes, dtype=np.uint64)
-    if len(counts) == 0:
+def _finish_index(index_dir, source, arrays, text_hash, records_file, images_checked, check=None):
+    """Put the arrays in place (arrays.close()), run `check` on them, then write index_meta.json last (its
+    presence with this source means complete)."""
+    arrays.flush()
+    if arrays.n == 0:
+        arrays.discard()
         raise DataError(f"{', '.join(source['files'][:3])}: no records; expected one image + captions per record")
     meta_path = os.path.join(index_dir, INDEX_META)
     if os.path.exists(meta_path):
         os.remove(meta_path)
-    for k in INDEX_ARRAYS:
-        _save_npy(os.path.join(index_dir, k + ".npy"), arrays[k])
-    write_index_meta(index_dir, {"source": source, "records_file": records_file, "num_records": len(counts),
-                                 "fields": list(CACHE_FIELDS), "field_texts": counts.sum(0).tolist(),
-                                 "num_texts": int(counts.sum()), "text_hash": text_hash,
-                                 "images_checked": images_checked})
+    arrays.close()
+    if check is not None:
+        check()
+    write_index_meta(index_dir, {"source": source, "records_file": records_file, "num_records": arrays.n,
+                                 "fields": list(CACHE_FIELDS), "field_texts": list(arrays.field_texts),
+                                 "num_texts": arrays.texts, "text_hash": text_hash, "images_checked": images_checked})
 
 
-def _build_manifest_index(index_dir, source, check_images):
-    import array
-    path, root = source["files"][0], source["image_root"]
-    b, h, hashes, images = _IndexBuilder(), hashlib.sha256(), array.array("Q"), unique_images(path)
-    for r, (lineno, off, size, obj) in enumerate(scan_jsonl(path)):
-        where = f"{path}:{lineno}"
-        image, caps, longs = train_record(where, obj)
-        images.add(os.path.normpath(image), lineno)
-        if check_images and not os.path.isfile(os.path.join(root, image)):
-            raise DataError(f"{where}: image file not found: {os.path.join(root, image)} (image root {root})")
-        hash_record_texts(h, hashes, r, "captions", caps)
-        hash_record_texts(h, hashes, r, "long_captions", longs)
-        b.add(off, size, lineno, -1, 0, 0, len(caps), len(longs))
+# --- a manifest's index: world_size parts (byte ranges starting at line starts), one per rank, merged by rank 0
 
-    def image_of(r):  # record r's image, re-read from its line (only to name a repeated image)
+def _part_name(source, check_images, i, k):
+    key = hashlib.sha256(json.dumps([source, check_images, k]).encode()).hexdigest()[:16]
+    return f"manifest-{key}-{i:05d}of{k:05d}-"
+
+
+def _part_range(path, i, k):
+    """Bytes [start, stop) of part i of k: cut at line starts (a line belongs to the part it starts in)."""
+    size = os.path.getsize(path)
+
+    def line_start(x):
+        if x <= 0 or x >= size:
+            return min(max(x, 0), size)
         with open(path, "rb") as f:
-            f.seek(b.a["line_offset"][r])
-            return os.path.normpath(json.loads(f.read(b.a["line_size"][r]))["image"])
-    images.check(image_of)  # one record per image: never one line per caption read as that many images
-    _finish_index(index_dir, source, b.arrays(), h.hexdigest(), hashes, path, check_images)
+            f.seek(x - 1)
+            f.readline()
+            return f.tell()
+    return line_start(size * i // k), line_start(size * (i + 1) // k)
+
+
+def _count_before(path, stop, block=1 << 20):
+    """(lines, records) in the manifest's bytes [0, stop), stop a line start: where a part starts, in line
+    numbers and records. A record is a non-blank line as scan_lines has it (whitespace only, once decoded)."""
+    lines = records = 0
+    with open(path, "rb") as f:
+        carry, left = b"", stop
+        while left > 0:
+            chunk = f.read(min(block, left))
+            left -= len(chunk)
+            *full, carry = (carry + chunk).split(b"\n")
+            lines += len(full)
+            for ln in full:
+                s = ln.strip()
+                if s and (s[:1] == b"{" or ln.replace(b"\xef\xbb\xbf", b"").decode("utf-8", "replace").strip()):
+                    records += 1
+    return lines, records
+
+
+def _captions_ok(v):
+    """True if v is what train_record accepts for a caption field: a list of non-blank strings."""
+    return type(v) is list and all(type(c) is str and c.strip() for c in v)
+
+
+def _scan_manifest_part(source, check_images, i, k, parts_dir, name):
+    """Part i of k of the manifest -> parts_dir/<name>*: its index arrays (line numbers and byte offsets are the
+    file's own), the 8-byte hashes of its images' normalised paths (`keys`), and the bytes its texts add to the
+    text hash: the only part (k = 1) feeds them to the sha256 it returns; parts of k > 1 write them (`texts`) for
+    rank 0 to hash in order, and a part whose `done.json` (written last) exists is complete and kept."""
+    if k > 1 and os.path.exists(os.path.join(parts_dir, name + "done.json")):
+        return None
+    path, root = source["files"][0], source["image_root"]
+    start, stop = _part_range(path, i, k)
+    lines, r0 = _count_before(path, start) if i else (0, 0)
+    arrays, h = _IndexArrays(parts_dir, name), hashlib.sha256() if k == 1 else None
+    tmp = {x: os.path.join(parts_dir, f"{name}{x}.tmp{os.getpid()}") for x in ("keys", "texts")}
+    keys, texts = open(tmp["keys"], "wb"), open(tmp["texts"], "wb")
+    r, kbuf, isfile, join = r0, bytearray(), os.path.isfile, os.path.join
+    part = {"start": start, "stop": stop, "lineno": lines + 1} if k > 1 else {}  # one part: the whole-file checks
+    try:
+        for lineno, off, size, obj in scan_jsonl(path, **part):
+            image, caps, longs = obj.get("image"), obj.get("captions", []), obj.get("long_captions", [])
+            if not (type(image) is str and image.strip() and _captions_ok(caps) and _captions_ok(longs)
+                    and (caps or longs)):  # the common case checked fast; anything else gets train_record's message
+                image, caps, longs = train_record(f"{path}:{lineno}", obj)
+            kbuf += hashlib.blake2b(os.path.normpath(image).encode("utf-8"), digest_size=8).digest()
+            if check_images and not isfile(join(root, image)):
+                raise DataError(f"{path}:{lineno}: image file not found: {join(root, image)} (image root {root})")
+            payload = (record_text_payload(r, "captions", caps, arrays.digests)
+                       + record_text_payload(r, "long_captions", longs, arrays.digests))
+            if h is None:
+                texts.write(payload)
+            else:
+                h.update(payload)
+            arrays.add(off, size, lineno, -1, 0, 0, len(caps), len(longs))
+            r += 1
+            if len(kbuf) >= 1 << 19:
+                keys.write(kbuf)
+                del kbuf[:]
+        keys.write(kbuf)
+        keys.close(), texts.close()
+        arrays.close()
+    except BaseException:
+        keys.close(), texts.close()
+        arrays.discard()
+        for t in tmp.values():
+            os.remove(t)
+        raise
+    for x, t in tmp.items():
+        os.replace(t, os.path.join(parts_dir, name + x))
+    done = {"r0": r0, "records": arrays.n, "texts": arrays.texts, "field_texts": arrays.field_texts}
+    with open(os.path.join(parts_dir, f"{name}done.json.tmp{os.getpid()}"), "w") as f:
+        json.dump(done, f)
+    os.replace(f.name, os.path.join(parts_dir, name + "done.json"))
+    return h
+
+
+def _read_chunks(path, dtype, chunk=1 << 16, skip=_NPY_HEAD):
+    """The data of a .npy file written by _IndexArrays (skip=0: of a raw file), in chunks of `chunk` items, by
+    plain reads (no mapping: the pages are not counted in this process's memory)."""
+    with open(path, "rb") as f:
+        f.seek(skip)
+        while True:
+            a = np.fromfile(f, dtype=dtype, count=chunk)
+            if not len(a):
+                return
+            yield a
+
+
+def _merge_manifest_index(index_dir, source, check_images, parts_dir, names, h):
+    """Rank 0: the parts' arrays end to end into the index's (text_row offset by the texts before each part), the
+    parts' texts into the text hash in order (h: k = 1's, already hashed), then one record per image."""
+    import shutil
+    done = []
+    for name in names:
+        with open(os.path.join(parts_dir, name + "done.json")) as f:
+            done.append(json.load(f))
+    out = _IndexArrays(index_dir)
+    try:
+        out.n = sum(d["records"] for d in done)
+        out.texts = sum(d["texts"] for d in done)
+        out.field_texts = [sum(d["field_texts"][j] for d in done) for j in range(2)]
+        for k in INDEX_ARRAYS:  # (text_row's first 0 is written)
+            dt, offset = np.dtype(_IndexArrays.TYPES[k]), 0
+            for name, d in zip(names, done):
+                first = True
+                for a in _read_chunks(os.path.join(parts_dir, f"{name}{k}.npy"), dt):
+                    if k == "text_row":  # each part's starts at 0: drop it, add the texts before the part
+                        a = a[1:] + offset if first else a + offset
+                    out.files[k].write(a.tobytes())
+                    first = False
+                offset += d["texts"]
+        if h is None:  # k > 1: the parts' texts, in order
+            h = hashlib.sha256()
+            for name in names:
+                with open(os.path.join(parts_dir, name + "texts"), "rb") as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        h.update(block)
+        _finish_index(index_dir, source, out, h.hexdigest(), source["files"][0], check_images,
+                      check=lambda: _check_unique_images(index_dir, source["files"][0], parts_dir, names, done))
+    except BaseException:
+        out.discard()
+        raise
+    shutil.rmtree(parts_dir, ignore_errors=True)
+
+
+def _check_unique_images(index_dir, path, parts_dir, names, done):
+    """One record per image over the whole manifest (UniqueKeys' rule and message), in bounded memory: the hashes
+    of the normalised image paths go to up to 256 bucket files by hash, each bucket is sorted on its own, and
+    every repeated hash is confirmed by re-reading both lines (a collision is no repeat); the repeat reported
+    is the one whose later line comes first."""
+    n = sum(d["records"] for d in done)
+    nb = max(1, min(256, -(-n // 65536)))
+    rec = np.dtype([("h", "<u8"), ("r", "<i8")])
+    buckets = [open(os.path.join(parts_dir, f"bucket{b:03d}"), "wb") for b in range(nb)]
+    for name, d in zip(names, done):
+        r = d["r0"]
+        for hs in _read_chunks(os.path.join(parts_dir, name + "keys"), np.dtype("<u8"), skip=0):
+            pairs = np.empty(len(hs), rec)
+            pairs["h"], pairs["r"] = hs, np.arange(r, r + len(hs))
+            r += len(hs)
+            which = (hs % np.uint64(nb)).astype(np.int64)
+            order = np.argsort(which, kind="stable")
+            cuts = np.searchsorted(which[order], np.arange(nb + 1))
+            for b in range(nb):
+                buckets[b].write(pairs[order[cuts[b]:cuts[b + 1]]].tobytes())
+    candidates = []
+    for b, f in enumerate(buckets):
+        f.close()
+        a = np.fromfile(f.name, rec)
+        a = a[np.lexsort((a["r"], a["h"]))]  # by hash, equal hashes in file order
+        same = np.flatnonzero(a["h"][1:] == a["h"][:-1])
+        candidates += [(int(a["r"][j + 1]), int(a["r"][j])) for j in same]
+    if not candidates:
+        return
+    arrays = {k: np.load(os.path.join(index_dir, k + ".npy"), mmap_mode="r") for k in ("line_offset", "line_size", "line_no")}
+
+    def key_of(r):
+        with open(path, "rb") as f:
+            f.seek(int(arrays["line_offset"][r]))
+            return os.path.normpath(json.loads(f.read(int(arrays["line_size"][r])))["image"])
+    u = unique_images(path)
+    for later, earlier in sorted(candidates):
+        key = key_of(later)
+        if key == key_of(earlier):
+            raise DataError(f"{path}:{int(arrays['line_no'][later])}: {u.what} {key!r} again (first on line "
+                            f"{int(arrays['line_no'][earlier])}); expected one record per {u.what}{u.hint}")
 
 
 def _merge_index(index_dir, source, names, log):
     """Rank 0: concatenate the shards' parts into records.jsonl and the arrays, hashing the texts."""
-    import array
     parts_dir = os.path.join(index_dir, "parts")
     records_file = os.path.join(index_dir, "records.jsonl")
-    b, h, hashes = _IndexBuilder(), hashlib.sha256(), array.array("Q")
+    arrays, h = _IndexArrays(index_dir), hashlib.sha256()
     offset, r, skipped = 0, 0, {}
     tmp = f"{records_file}.tmp{os.getpid()}"
     with open(tmp, "wb") as out:
@@ -381,17 +593,17 @@ def _merge_index(index_dir, source, names, log):
             with open(os.path.join(parts_dir, name + ".jsonl"), "rb") as f:
                 for j, line in enumerate(f):
                     obj = json.loads(line)
-                    hash_record_texts(h, hashes, r, "captions", obj["captions"])
-                    hash_record_texts(h, hashes, r, "long_captions", obj["long_captions"])
-                    b.add(offset, len(line), r + 1, i, img_off[j], img_size[j],
-                          len(obj["captions"]), len(obj["long_captions"]))
+                    h.update(record_text_payload(r, "captions", obj["captions"], arrays.digests)
+                             + record_text_payload(r, "long_captions", obj["long_captions"], arrays.digests))
+                    arrays.add(offset, len(line), r + 1, i, img_off[j], img_size[j],
+                               len(obj["captions"]), len(obj["long_captions"]))
                     out.write(line)
                     offset += len(line)
                     r += 1
     os.replace(tmp, records_file)
     if skipped:
         log(f"training index: the tar shards also held (skipped, not samples): {describe_skipped(skipped)}")
-    _finish_index(index_dir, source, b.arrays(), h.hexdigest(), hashes, records_file, True)
+    _finish_index(index_dir, source, arrays, h.hexdigest(), records_file, True)
     import shutil
     shutil.rmtree(parts_dir, ignore_errors=True)
 
@@ -483,14 +695,17 @@ class TrainSamples:
     the same batch size; `bad` lists the skipped images for the end-of-run report.
     """
 
-    def __init__(self, records, transform, cache=None, seed=0, real_caption_ratio=0.5, skip_bad_images=False):
+    def __init__(self, records, transform, cache=None, seed=0, real_caption_ratio=0.5, skip_bad_images=False,
+                 jpeg_draft=False):
         self.records, self.transform, self.cache = records, transform, cache
         self.seed, self.ratio, self.skip_bad = seed, real_caption_ratio, skip_bad_images
+        # an option (other pixels): decode JPEGs at a DCT scale still >= the smallest crop (scale 0.9, ratio 3/4)
+        self.draft = -(-max(transform.size) * 4 // 3) if jpeg_draft else 0
 
     def __len__(self):
         return len(self.records)
 
-    def __getitem__(self, item):
+    def __getitem__(self, item, out=None):
         epoch, index = item
         bad = []
         n = len(self.records)
@@ -498,7 +713,7 @@ class TrainSamples:
             i = (index + k) % n
             rec = self.records[i]
             try:  # open_image turns every way an image can fail into a DataError, so skipping covers all
-                img = open_image(rec, self.records.where(i) if hasattr(self.records, "where") else None)
+                img = open_image(rec, self.records.where(i) if hasattr(self.records, "where") else None, self.draft)
                 break
             except DataError as e:
                 if not self.skip_bad:
@@ -516,15 +731,39 @@ class TrainSamples:
                 raise DataError(f"{os.path.join(self.cache.cache_dir, CACHE_EMBEDDINGS)}: row {row} is not finite: "
                                 f"record {i} ({self.records.where(i)}, image {rec['image']}), {field}[{slot}]; "
                                 "check it with embed_captions.py --verify_only=True")
-        return {"image": self.transform(img, rng), "embedding": emb, "text": rec[field][slot], "index": i, "bad": bad}
+        image = self.transform(img, rng) if out is None else self.transform(img, rng, out)
+        return {"image": image, "embedding": emb, "text": rec[field][slot], "index": i, "bad": bad}
+
+    def __getitems__(self, items):
+        """A whole batch (the DataLoader passes the batch sampler's list here): each image is written straight
+        into its slot of one (B, 3, H, W) tensor, allocated in shared memory inside a DataLoader worker (as
+        torch's default_collate does), so neither collating nor sending the batch to the main process copies
+        pixels. The same values as collate_train([self[item] for item in items])."""
+        import torch
+        if not isinstance(self.transform, TrainTransform):  # another transform: per sample, then stacked
+            return collate_train([self[item] for item in items])
+        shape = (len(items), 3, *self.transform.size)
+        if torch.utils.data.get_worker_info() is None:
+            images = torch.empty(shape)
+        else:
+            images = torch.empty(0).set_(torch.UntypedStorage._new_shared(4 * int(np.prod(shape))), 0, shape)
+        return collate_train([self.__getitem__(item, images[k]) for k, item in enumerate(items)], images)
 
 
-def collate_train(samples):
-    """Stack a list of TrainSamples items into one batch dict (embedding None when not cached)."""
-    import numpy as np
+def worker_init(worker_id):
+    """DataLoader worker_init_fn: one intra-op thread per worker (common.intra_op_threads gives each a core)."""
     import torch
+    torch.set_num_threads(1)
+
+
+def collate_train(samples, images=None):
+    """Stack a list of TrainSamples items into one batch dict (embedding None when not cached); `images`: their
+    images already stacked (TrainSamples.__getitems__). A batch dict passes through unchanged."""
+    import torch
+    if isinstance(samples, dict):
+        return samples
     embs = [s["embedding"] for s in samples]
-    return {"image": torch.stack([s["image"] for s in samples]),
+    return {"image": torch.stack([s["image"] for s in samples]) if images is None else images,
             "embedding": None if embs[0] is None else torch.from_numpy(np.stack(embs).astype(np.float32)),
             "text": [s["text"] for s in samples], "index": torch.tensor([s["index"] for s in samples]),
             "bad": [b for s in samples for b in s["bad"]]}
@@ -552,6 +791,8 @@ def data_identity(records, cache=None, shards=()):
         ident.update(text_hash=cache.meta["text_hash"], count=cache.count, fields=list(cache.fields),
                      encoder={k: enc.get(k) for k in ("fingerprint", "base_model", "pooling", "instruction",
                                                       "max_length", "bidirectional", "chat_template", "dim")})
+        if enc.get("official_extraction"):  # only when on: identities from before the switch stay equal
+            ident["encoder"]["official_extraction"] = True
     if shards:
         h = hashlib.sha256()
         for p in shards:
@@ -624,10 +865,10 @@ def train_loader(cfg, index, cache, data_config, rank, world_size, step, pin_mem
     import torch
     train_set = TrainSamples(index, TrainTransform(data_config, tuple(cfg["crop_scale"])),
                              cache if cfg["text_source"] == "cache" else None, cfg["seed"],
-                             cfg["real_caption_ratio"], cfg["skip_bad_images"])
+                             cfg["real_caption_ratio"], cfg["skip_bad_images"], cfg.get("jpeg_draft", False))
     sampler = EpochBatchSampler(len(index), cfg["batch_size"], rank, world_size, cfg["seed"], True,
                                 start_step=step, max_steps=max(0, cfg["max_steps"] - step))
     # its own generator: building the iterator must not draw from the global stream a resume restored
     return torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=cfg["num_workers"],
-                                       collate_fn=collate_train, pin_memory=pin_memory,
+                                       collate_fn=collate_train, pin_memory=pin_memory, worker_init_fn=worker_init,
                                        generator=torch.Generator().manual_seed(cfg["seed"] + rank))

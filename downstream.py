@@ -2,13 +2,16 @@
 
     python downstream.py --task=linear_probe --model=openai/clip-vit-base-patch16,out/llm2clip --data=imagenet
     python downstream.py --task=export_hf --model=out/llm2clip --out=hf/llm2clip_vision   (LLaVA-ready folder)
+    python downstream.py --task=export_llm2clip --model=out/llm2clip --out=hf/llm2clip   (as the released models ship)
     torchrun --nproc_per_node=8 downstream.py --task=linear_probe ...   (ranks split the feature extraction)
 
-`evaluate.py --task=linear_probe|export_hf` runs the same code with evaluate.py's config.
+`evaluate.py --task=linear_probe|export_hf|export_llm2clip` runs the same code with evaluate.py's config.
 
 1. `export_hf`: the timm tower of a post_train.py out_dir as a transformers `CLIPVisionModel` (OpenAI-CLIP
    family) or `SiglipVisionModel` (SigLIP/SigLIP2) folder with a `preprocessor_config.json`, so LLaVA-style
    code loads it with no remote code; the new projection head goes to `projection.safetensors`.
+   `export_llm2clip` writes the whole model (tower, adaptor, logit scale) the way the released LLM2CLIP models
+   ship, a transformers remote-code folder (hf_release.py).
 2. `linear_probe` (the paper's Table 4, right half): frozen image features cached to disk in resumable
    chunks, then a linear classifier trained with SGD on them; top-1/top-5, one row per model.
 3. Converters for the multilingual retrieval sets (Table 3): XM3600, COCO-CN, Flickr30k-CN -> manifests
@@ -28,17 +31,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import hf_release
 import zoo
 from data import DataError, read_class_folder, read_jsonl, scan_lines
 from metrics import check_results_path, percent, ranks, split_specs, write_results
 
 # -----------------------------------------------------------------------------
 # config: every key can be overridden with --key=value or a config/*.py file
-task = "linear_probe"    # linear_probe | export_hf (the multilingual converters: evaluate.py --task=convert)
+task = "linear_probe"    # linear_probe | export_hf | export_llm2clip (the converters: evaluate.py --task=convert)
 model = ""               # linear_probe: comma-separated, each as evaluate.py takes it (HF CLIP/SigLIP folder or hub
-                         # name, open_clip:NAME/PRETRAINED, LLM2CLIP out_dir); export_hf: ONE post_train.py out_dir
+                         # name, open_clip:NAME/PRETRAINED, LLM2CLIP out_dir); export_*: ONE post_train.py out_dir
 data = ""                # linear_probe: a folder with train/ and val/ class folders
-out = ""                 # linear_probe: results JSON ("" = print only); export_hf: the transformers folder to write
+out = ""                 # linear_probe: results JSON ("" = print only); export_*: the transformers folder to write
 device = ""              # "" = cuda if available, else cpu
 batch_size = 64          # images per forward pass, per rank
 num_workers = 4          # image decoding worker processes
@@ -50,7 +54,7 @@ probe_batch_size = 1024
 probe_lr = 0.1           # peak lr, cosine to 0 over all steps (features are standardised first)
 probe_momentum = 0.9
 probe_weight_decay = 0.0
-overwrite = False        # export_hf: write into an --out folder that already holds files (else it is refused)
+overwrite = False        # export_*: write into an --out folder that already holds files (else it is refused)
 config_keys = [k for k, v in dict(globals()).items()
                if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))]
 # declared once, checked before any data or model is read (common.check_config); evaluate.py checks the
@@ -61,7 +65,8 @@ PROBE_RULES = {"probe_epochs": common.positive_int,
                "probe_weight_decay": common.non_negative}
 RULES = {"batch_size": common.positive_int, "num_workers": common.non_negative_int,
          "device": zoo.DEVICE_RULE, **PROBE_RULES}
-TASK_PATHS = {"linear_probe": {"data": "dir", "feature_dir": "out"}, "export_hf": {"out": "out"}}
+TASK_PATHS = {"linear_probe": {"data": "dir", "feature_dir": "out"}, "export_hf": {"out": "out"},
+              "export_llm2clip": {"out": "out"}}
 
 # -----------------------------------------------------------------------------
 # 1. transformers export of the vision tower
@@ -199,20 +204,7 @@ def hf_vision_state_dict(vit, family):
     return {k: v.detach().float().contiguous().clone() for k, v in sd.items()}
 
 
-def hf_image_processor(data_config):
-    """A CLIPImageProcessor with our eval transform's geometry and statistics: bicubic resize of the short
-    side to floor(size / crop_pct), centre crop to size, the tower's mean/std (also for SigLIP towers:
-    SiglipImageProcessor can only squash to a square). Known difference: transformers' centre crop starts
-    at floor((L - size) / 2), torchvision's (ours) at round-half-even, one pixel further when L - size is
-    3 mod 4. transformers' default torchvision backend also resizes tensors, not PIL images (~1/255 apart);
-    `backend="pil"` reproduces our pixels exactly otherwise."""
-    from transformers import CLIPImageProcessor
-    _, h, w = data_config["input_size"]
-    if h != w or data_config.get("crop_mode", "center") != "center" or data_config.get("interpolation") != "bicubic":
-        raise UnsupportedTower(f"data config {data_config}: export_hf writes square, bicubic, centre-crop preprocessing only")
-    short = math.floor(h / data_config.get("crop_pct", 1.0))
-    return CLIPImageProcessor(size={"shortest_edge": short}, crop_size={"height": h, "width": w}, resample=3,
-                              do_center_crop=True, image_mean=list(data_config["mean"]), image_std=list(data_config["std"]))
+hf_image_processor = zoo.hf_image_processor  # data config -> CLIPImageProcessor, beside its inverse zoo.hf_data_config
 
 
 @torch.no_grad()
@@ -295,18 +287,26 @@ def hf_forward(hf, hf_dir, pixels):
     return tuple(out.hidden_states), emb
 
 
-def run_export_hf(cfg, log, script="evaluate.py"):
-    """--task=export_hf --model=OUT_DIR --out=HF_DIR; HF_DIR/run_<script>.json records the run."""
-    from model import LLM2CLIP_CONFIG, load_llm2clip
+def export_args(cfg, task):
+    """(out_dir, folder) of an export task: ONE post_train.py out_dir, and an empty or new --out folder (never
+    written into, or on a failed check deleted from, another run's folder unless --overwrite=True)."""
+    from model import LLM2CLIP_CONFIG
     spec, out = cfg["model"], cfg["out"]
     if not spec or "," in spec or not os.path.isfile(os.path.join(spec, LLM2CLIP_CONFIG)):
-        raise ValueError(f"--task=export_hf needs --model=ONE post_train.py out_dir (with {LLM2CLIP_CONFIG}); got {spec!r}")
+        raise ValueError(f"--task={task} needs --model=ONE post_train.py out_dir (with {LLM2CLIP_CONFIG}); got {spec!r}")
     if not out:
-        raise ValueError("--task=export_hf needs --out=HF_DIR (the transformers folder to write)")
+        raise ValueError(f"--task={task} needs --out=HF_DIR (the transformers folder to write)")
     held = sorted(os.listdir(out)) if os.path.isdir(out) else []
-    if held and not cfg.get("overwrite"):  # never write into (or, on a failed check, delete from) another run's folder
+    if held and not cfg.get("overwrite"):
         raise ValueError(f"out={out!r} holds files ({len(held)}: {', '.join(held[:4])}{', ...' if len(held) > 4 else ''}); "
                          "expected an empty or new folder: choose another --out, or pass --overwrite=True to write over it")
+    return spec, out
+
+
+def run_export_hf(cfg, log, script="evaluate.py"):
+    """--task=export_hf --model=OUT_DIR --out=HF_DIR; HF_DIR/run_<script>.json records the run."""
+    from model import load_llm2clip
+    spec, out = export_args(cfg, "export_hf")
     image_encoder, _ = load_llm2clip(spec, load_text=False)
     name = image_encoder.vision.model_name
     family, diff = export_hf(image_encoder.vision, out, name=f"{spec} ({name})")
@@ -318,17 +318,36 @@ def run_export_hf(cfg, log, script="evaluate.py"):
     return {"family": family, "max_relative_difference": diff, "out": out}
 
 
+def run_export_llm2clip(cfg, log, script="evaluate.py"):
+    """--task=export_llm2clip --model=OUT_DIR --out=HF_DIR: the whole model (tower, adaptor, logit scale) as a
+    remote-code folder like the released LLM2CLIP models (hf_release.py); HF_DIR/run_<script>.json records the run."""
+    spec, out = export_args(cfg, "export_llm2clip")
+    diff, config = hf_release.export_release(spec, out)
+    common.save_run_info(out, cfg, script, extra={"export_llm2clip": {"source": spec, "timm_model": config["vision_model"],
+                                                                      "max_difference": diff}})
+    t = config["llm2clip_text"]
+    log(f"wrote {out} from {spec} ({config['vision_model']}): AutoModel.from_pretrained({out!r}, trust_remote_code=True) "
+        f"matches its encoders (max difference {diff:.1e}); get_text_features takes {t['model']}'s pooled embeddings "
+        f"({', '.join(f'{k}={t.get(k)!r}' for k in zoo.TEXT_KEYS)})")
+    return {"max_difference": diff, "out": out, "config": config}
+
+
+EXPORT_TASKS = {"export_hf": run_export_hf, "export_llm2clip": run_export_llm2clip}  # single-process, write --out
+
+
 # -----------------------------------------------------------------------------
 # 2. linear probe on frozen features (Table 4, right half)
 
 PROBE_CHUNK = 10000  # images per cached feature file: a killed run loses at most one chunk
 
 
-def load_image_model(spec, device):
+def load_image_model(spec, device, cfg=None):
     """zoo.load_model without the text side (an LLM2CLIP out_dir's LLM is not loaded)."""
     from model import LLM2CLIP_CONFIG, load_llm2clip
     if os.path.isfile(os.path.join(spec, LLM2CLIP_CONFIG)):
         return zoo.LLM2CLIP(load_llm2clip(spec, device=device, load_text=False)[0], None)
+    if spec.startswith(zoo.ReleasedLLM2CLIP.PREFIX):  # remote code (evaluate.py --trust_remote_code=True)
+        return zoo.ReleasedLLM2CLIP(spec, device, cfg, load_text=False)
     if spec.startswith(zoo.OpenCLIP.PREFIX):  # open_clip:NAME/PRETRAINED (optional package)
         return zoo.OpenCLIP(spec, device)
     return zoo.load_hf_clip(spec, device)
@@ -337,6 +356,7 @@ def load_image_model(spec, device):
 def _model_identity(spec):
     """Which weights produced cached features: for a local folder, the weight files' names, sizes and
     first/last MB; a hub name stands for itself."""
+    spec = spec.removeprefix(zoo.ReleasedLLM2CLIP.PREFIX)
     if not os.path.isdir(spec):
         return spec
     h = hashlib.sha256()
@@ -427,7 +447,7 @@ def run_linear_probe(cfg, dist_info, log):
         f"(chance top-1 {100 / len(names):.2f}%)")
     results, device = {}, dist_info[3]
     for spec in split_specs(cfg["model"], "model"):
-        m = load_image_model(spec, device)
+        m = load_image_model(spec, device, cfg)
         where = os.path.abspath(spec) if os.path.exists(spec) else spec  # a folder, or a hub name
         base = os.path.join(cfg["feature_dir"], f"{os.path.basename(os.path.normpath(spec))}-"
                                                 f"{hashlib.sha256(where.encode()).hexdigest()[:12]}")
@@ -530,14 +550,14 @@ def convert_flickr30k_cn(src, lang="zh", prefix="flickr30k-images/"):
 
 def main(argv=None):
     cfg = common.configure({k: globals()[k] for k in config_keys}, argv, __doc__)
-    if cfg["task"] not in ("linear_probe", "export_hf"):
-        raise ValueError(f"--task={cfg['task']!r}: downstream.py runs linear_probe or export_hf "
-                         "(retrieval, classify, c2c and convert: evaluate.py)")
+    if cfg["task"] not in ("linear_probe", *EXPORT_TASKS):
+        raise ValueError(f"--task={cfg['task']!r}: downstream.py runs linear_probe or export_hf (retrieval, classify, "
+                         "c2c, convert and mteb: evaluate.py) and export_llm2clip")
     common.check_config(cfg, RULES, paths=TASK_PATHS[cfg["task"]])
     if cfg["task"] == "linear_probe":
         zoo.check_model_specs(split_specs(cfg["model"], "model"))
-    if cfg["task"] == "export_hf":  # single process
-        return run_export_hf(cfg, common.Logger(None, "downstream"), script="downstream.py")
+    if cfg["task"] in EXPORT_TASKS:  # single process
+        return EXPORT_TASKS[cfg["task"]](cfg, common.Logger(None, "downstream"), script="downstream.py")
     if cfg["out"]:
         check_results_path(cfg["out"])
     ddp, rank, _, world, device = common.setup_distributed()

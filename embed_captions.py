@@ -6,7 +6,8 @@ the LLM. Single process or `torchrun --nproc_per_node=N embed_captions.py ...`:
     python embed_captions.py --text_model=out/cc --manifest=train.jsonl --out_dir=out/cache
 
 - Fast: all texts are tokenised once for their lengths, sorted longest first, and cut into batches
-  of at most `batch_tokens` padded tokens, so padding is small and every batch fills the memory budget.
+  of at most `batch_tokens` padded tokens, so padding is small and every batch fills the memory budget
+  (16384 on a GPU, 2048 on a CPU); `packed=True`: no padding at all (flash-attention's varlen kernel).
 - Sharded and resumable: the length-sorted order is cut into chunks of `chunk_rows` rows (independent
   of the number of ranks); ranks take the unfinished chunks round-robin, write their rows in place
   into the shared embeddings.npy, and append each finished chunk to their own progress file after an
@@ -32,6 +33,7 @@ from cache import (CACHE_EMBEDDINGS, CACHE_FORMAT, CACHE_INDEX, CACHE_META, cach
                    write_cache_meta)
 import data
 from model import POOLERS, load_text_encoder
+import tracking
 
 # -----------------------------------------------------------------------------
 # default config (override with config/*.py or --key=value)
@@ -43,26 +45,39 @@ instruction = ""  # captions are documents: no instruction (the official code's 
 max_length = 512  # tokens per text including special tokens (paper); longer texts are truncated
 pooling = ""  # "" = the encoder's own (encoder.json, else mean)
 bidirectional = None  # None = the encoder's own (encoder.json, else True); False scores a causal LLM as trained
-chat_template = ""  # "" = the encoder's own (encoder.json, else none); "none"; "llama3" (official embeddings)
-batch_tokens = 16384  # padded tokens per batch (rows x longest row): the memory knob
+chat_template = ""  # "" = the encoder's own (encoder.json, else none); "none"; "auto"; "llama3" (official embeddings)
+official_extraction = False  # True: the official extraction's layout and truncation, to match its released caches
+batch_tokens = None  # padded tokens per batch (rows x longest row), the memory knob; None = 16384 on GPU, 2048 on CPU
+packed = False  # padding-free: each batch's texts end to end in one row (encode_packed); fast with
+# attn_implementation="flash_attention_2" (variable-length kernel), exact but quadratic with any other attention
 chunk_rows = 4096  # rows per committed chunk: a killed run redoes at most this many per rank
 dtype = "auto"  # compute dtype: auto = bfloat16 on GPU, float32 on CPU (rows are stored as float16)
 attn_implementation = ""  # "" = transformers' default (sdpa)
 overwrite = False  # replace an existing cache built from other texts/settings (else refuse)
 verify = True  # after embedding: re-hash the manifest, check every row is written and finite
 verify_only = False  # only verify an existing cache against the manifest (no model is loaded)
+# experiment tracking (rank 0): the throughput goes to metrics.jsonl, and with these on also to W&B / TensorBoard
+wandb_log = False  # Weights & Biases (pip install wandb; WANDB_MODE=offline works without a network)
+wandb_project = "llm2clip"
+wandb_run_name = ""  # "" = W&B's own name
+tensorboard_log = False  # TensorBoard event files in out_dir/tensorboard
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items()  # the settings above, not the imported CACHE_* constants
                if not k.startswith("_") and not k.isupper() and isinstance(v, (int, float, bool, str, type(None)))]
 # declared once, checked before the model loads (common.check_config)
-RULES = {k: common.positive_int for k in ("max_length", "batch_tokens", "chunk_rows")}
+RULES = {k: common.positive_int for k in ("max_length", "chunk_rows")}
+RULES["batch_tokens"] = (lambda v: v is None or type(v) is int and v > 0, "a positive integer (None: 16384 on GPU, "
+                          "2048 on CPU)")
 RULES["dtype"] = (lambda v: v in ("auto", "float32", "bfloat16", "float16"), "'auto', 'float32', 'bfloat16' or 'float16'")
 RULES["pooling"] = (lambda v: v in ("", "mean", "eos"), "'' (the encoder's own), 'mean' or 'eos'")
 RULES["chat_template"] = common.chat_template
 RELATIONS = [(lambda c: c["manifest"] and c["out_dir"] and (c["text_model"] or c["verify_only"]),
               "text_model, manifest, out_dir: --text_model, --manifest and --out_dir are required "
               "(--verify_only needs no text_model)"),
-             (lambda c: [f for f in c["fields"].split(",") if f.strip()], "fields: expected one or more field names")]
+             (lambda c: [f for f in c["fields"].split(",") if f.strip()], "fields: expected one or more field names"),
+             (lambda c: not (c["official_extraction"] and c["pooling"] == "eos"),
+              "official_extraction=True: the official extraction pools the mean; drop pooling='eos'"),
+             *tracking.RELATIONS]
 PATHS = {"text_model": "model", "manifest": "file", "out_dir": "out"}
 
 
@@ -83,6 +98,13 @@ def token_budget_batches(lengths, batch_tokens):
         batches.append(order[i:i + n])
         i += n
     return batches
+
+
+def default_batch_tokens(device):
+    """batch_tokens=None: 16384 padded tokens on a GPU (wide batches keep it busy), 2048 on a CPU, where narrow batches
+    stay in the caches: on MiniLM (1 thread) 2048 ran 1.3x faster than length-sorted batches of 32 (what
+    sentence-transformers' encode runs) and 2.1x faster than 16384 (docs/performance.md)."""
+    return 16384 if "cuda" in str(device) else 2048
 
 
 def fixed_size_batches(lengths, batch_size):
@@ -157,7 +179,8 @@ def encode_packed(encoder, texts, batches, instruction=None, max_length=512):
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (1, N, C)
         padded = hidden.new_zeros(*keep.shape, hidden.shape[-1])  # back to (n, T, C) for the encoder's pooling
         padded[keep.to(device)] = hidden[0]
-        yield idx, POOLERS[encoder.pooling](padded, (b["embed_mask"] * b["attention_mask"]).to(device)).float().cpu()
+        pooled = POOLERS[encoder.pooling](padded, (b["embed_mask"] * b["attention_mask"]).to(device))
+        yield idx, (pooled if encoder.adaptor is None else encoder.adaptor(pooled)).float().cpu()  # as encoder.forward
 
 
 def compare_batching(encoder, texts, batch_tokens=4096, max_length=512, repeats=3, sorted_batch_size=0,
@@ -263,11 +286,13 @@ def load_encoder(cfg, device, log):
            "adapter": os.path.join(model_path, s["adapter_subdir"]) if s.get("adapter_subdir") else None,
            "base_model": s.get("base_model"), "pooling": encoder.pooling,
            "instruction": cfg["instruction"], "max_length": cfg["max_length"], "bidirectional": s["bidirectional"],
-           "chat_template": encoder.chat_template, "dim": encoder.dim, "compute_dtype": compute_dtype}
+           "chat_template": encoder.chat_template, "official_extraction": encoder.official_extraction,
+           "dim": encoder.dim, "compute_dtype": compute_dtype}
     return encoder, enc
 
 
-CACHE_FILES = {CACHE_META, CACHE_EMBEDDINGS, CACHE_INDEX, "progress", "embed.log", "run_embed_captions.json", ".lock"}
+CACHE_FILES = {CACHE_META, CACHE_EMBEDDINGS, CACHE_INDEX, "progress", "embed.log", "run_embed_captions.json", ".lock",
+               "metrics.jsonl", "tensorboard", "wandb", "wandb_run.json"}  # the throughput record (tracking.MetricsLog)
 
 
 def output_state(cfg, out, meta, texts, field_list, dim):
@@ -360,14 +385,16 @@ def embed_chunks(cfg, encoder, texts, lengths, chunks, my_chunks, out, run):
     bar = tqdm(total=sum(len(chunks[c]) for c in my_chunks), unit="text", disable=not run.master,
                desc=f"embed (rank 0 of {run.world_size})")
     t_start = time.time()
+    plan, encode = (packed_batches, encode_packed) if cfg["packed"] else (token_budget_batches, encode_batches)
     for c in my_chunks:
-        batches = [chunks[c][b] for b in token_budget_batches(lengths[chunks[c]], cfg["batch_tokens"])]
-        for idx, emb in encode_batches(encoder, texts.texts, batches, cfg["instruction"], cfg["max_length"]):
+        batches = [chunks[c][b] for b in plan(lengths[chunks[c]], cfg["batch_tokens"])]
+        for idx, emb in encode(encoder, texts.texts, batches, cfg["instruction"], cfg["max_length"]):
             rows16 = emb.numpy().astype(np.float16)
             for i, r in enumerate(idx.tolist()):  # pwrite: exact bytes, safe beside other ranks' rows
                 os.pwrite(fd, rows16[i].tobytes(), offset + r * row_bytes)
             lens = lengths[idx]
-            stats += torch.tensor([len(idx), lens.sum(), len(idx) * lens.max()], dtype=torch.float64)
+            padded = lens.sum() if cfg["packed"] else len(idx) * lens.max()
+            stats += torch.tensor([len(idx), lens.sum(), padded], dtype=torch.float64)
             bar.update(len(idx))
             bar.set_postfix(tok_s=f"{stats[1].item() / max(time.time() - t_start, 1e-9):.0f}", refresh=False)
         commit_chunk(fd, progress_path, c)
@@ -392,6 +419,8 @@ def log_throughput(stats, elapsed, encoder, cfg, run, log):
         log(f"embedded {int(texts_done)} texts, {int(tokens)} tokens ({int(padded)} padded; padding "
             f"{1 - tokens / padded:.1%}) in {elapsed:.1f}s: {texts_done / elapsed:.1f} texts/s, "
             f"{tokens / elapsed:.0f} tokens/s")
+        run.metrics.write({"step": int(texts_done), "texts_per_s": texts_done / elapsed, "tokens_per_s": tokens / elapsed,
+                           "padding": 1 - tokens / padded, "seconds": elapsed, "truncated": int(trunc[1].item())})
         log(common.describe_truncation(dict(zip(("texts", "truncated", "tokens_cut", "max_cut"),
                                                 map(int, trunc.tolist()))), cfg["max_length"]))
 
@@ -416,6 +445,7 @@ def main(argv=None):
 
     # --- distributed; one writer per cache dir (verify_only only reads); a killed run's temp files go
     ddp, rank, local_rank, world_size, device = common.setup_distributed()
+    cfg["batch_tokens"] = cfg["batch_tokens"] or default_batch_tokens(device)  # as run (and recorded in meta.json)
     run = types.SimpleNamespace(ddp=ddp, rank=rank, world_size=world_size, device=device, master=rank == 0)
     stale = common.lock_out_dir(out) if run.master and not cfg["verify_only"] else []
     log = common.Logger(out, "embed", run.master)
@@ -480,9 +510,11 @@ def main(argv=None):
 
     # --- embed
     encoder.pop_truncation()
+    run.metrics = tracking.MetricsLog(out, cfg, run.master, None, log)  # the throughput (+ W&B, TensorBoard)
     t_start = time.time()
     stats = embed_chunks(cfg, encoder, texts, lengths, chunks, my_chunks, out, run)
     log_throughput(stats, time.time() - t_start, encoder, cfg, run, log)
+    run.metrics.close()
 
     # --- finish: rank 0 marks the cache complete once every chunk of every rank is on disk
     barrier()

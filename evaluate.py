@@ -9,11 +9,15 @@ caption-to-caption retrieval (Table 1, the stage-1 quality gate), baseline and p
     python evaluate.py --task=convert --format=karpathy --src=dataset_coco.json --out=data/coco/manifest.jsonl
     python evaluate.py --task=linear_probe --model=... --data=imagenet   (train/ and val/ class folders; Table 4)
     python evaluate.py --task=export_hf --model=out/llm2clip --out=hf/llm2clip_vision   (LLaVA-ready folder)
+    python evaluate.py --task=export_llm2clip --model=out/llm2clip --out=hf/llm2clip   (as the released models ship)
+    python evaluate.py --model=hf_llm2clip:microsoft/LLM2CLIP-Openai-B-16 --trust_remote_code=True --data=coco
+    python evaluate.py --task=mteb --model=out/llm2clip --text_model=out/stage1 --tasks=Flickr30kT2IRetrieval,STSBenchmark
     python evaluate.py --task=convert --format=xm3600 --lang=de --src=captions.jsonl --out=data/xm3600_de/manifest.jsonl
 
 Metrics follow LAION CLIP_benchmark: image->text is a hit at k if ANY of the image's captions is in
 its top k; text->image is scored per caption. Ties are broken by lowest index (metrics.py, shared with
-the stage scripts). linear_probe and export_hf run downstream.py's code with this script's config.
+the stage scripts). linear_probe, export_hf and export_llm2clip run downstream.py's code with this script's
+config, mteb runs mteb_eval.py's (mteb, an optional package, is imported only there).
 """
 import os
 
@@ -30,24 +34,30 @@ from zoo import DEVICE_RULE, check_model_specs, encode_images, encode_texts, loa
 
 # -----------------------------------------------------------------------------
 # config: every key can be overridden with --key=value or a config/*.py file
-task = "retrieval"       # retrieval | classify | c2c | convert | linear_probe | export_hf (the last two: downstream.py)
+task = "retrieval"       # retrieval | classify | c2c | convert | mteb | linear_probe | export_hf | export_llm2clip
+                         # (mteb: mteb_eval.py; the last three: downstream.py)
 model = ""               # comma-separated; each a HF CLIP/SigLIP folder or hub name (baseline, own text
                          # tower), open_clip:NAME/PRETRAINED (e.g. open_clip:EVA02-L-14-336/merged2b_s6b_b61k;
-                         # needs pip install open_clip_torch) or an LLM2CLIP out_dir (has llm2clip.json): one
-                         # table row per model, one per text encoder of an out_dir (LLM side, CLIP-T, Cat head)
+                         # needs pip install open_clip_torch), hf_llm2clip:PATH (a remote-code LLM2CLIP folder or
+                         # hub name: the released models, export_llm2clip's folders; needs --trust_remote_code=True)
+                         # or an LLM2CLIP out_dir (has llm2clip.json): one table row per model, one per text
+                         # encoder of an out_dir (LLM side, CLIP-T, Cat head)
 data = ""                # retrieval: comma-separated known names or manifest .jsonl paths; classify: a folder;
                          # linear_probe: a folder with train/ and val/ class folders
 data_root = "data"       # known names resolve to <data_root>/<name>/manifest.jsonl, images under <data_root>/<name>/
 image_root = ""          # image root of manifest paths given in --data; "" = the manifest's folder
 caption_field = ""       # "captions" | "long_captions"; "" = the dataset's own (long-caption sets: long_captions)
 captions_per_image = -1  # exact count required; -1 = per dataset (5 for flickr30k/coco, 1 for long sets), 0 = any
-out = ""                 # results JSON (retrieval/classify/c2c/linear_probe), manifest (convert) or the
-                         # transformers folder (export_hf); "" = print only
+out = ""                 # results JSON (retrieval/classify/c2c/mteb/linear_probe), manifest (convert) or the
+                         # transformers folder (export_hf, export_llm2clip); "" = print only
 device = ""              # "" = cuda if available, else cpu
 batch_size = 64          # images (or texts for c2c) per forward pass, per rank
 text_batch_size = 256    # texts per forward pass; texts are length-sorted first so padding stays small
 num_workers = 4          # image decoding worker processes
 amp = True               # bf16 autocast on CUDA (CPU always runs fp32)
+trust_remote_code = False  # let hf_llm2clip:PATH run the Python files of its folder (transformers remote code)
+image_processor = ""     # hf_llm2clip: the image processor (folder or hub name); "" = the folder's, else the
+                         # base CLIP of a released model (zoo.ReleasedLLM2CLIP.BASE_PROCESSORS)
 # zero-shot classification
 classnames = ""          # file, one class name per line in sorted-folder order; "" = for WordNet-id folders
                          # (ImageNet) the shipped config/imagenet/classnames.tsv names, else folder names ("_" -> " ")
@@ -56,9 +66,12 @@ templates = ""           # file, one prompt template per line with {}; "" = for 
 # linear probe (Table 4, right half): downstream.py's keys, defaults and comments, settable here as well
 from downstream import (feature_dir, probe_epochs, probe_batch_size, probe_lr, probe_momentum,  # noqa: E402,F401
                         probe_weight_decay, overwrite)
-# caption-to-caption retrieval
-text_model = ""          # HF model folder or stage-1 out_dir, loaded with model.load_text_encoder
+# caption-to-caption retrieval (and the text side of hf_llm2clip rows; mteb's text-only row)
+text_model = ""          # HF model folder or stage-1 out_dir, loaded with model.load_text_encoder; for hf_llm2clip
+                         # "" = the folder's recorded encoder, else microsoft/LLM2CLIP-Llama-3-8B-Instruct-CC-Finetuned
 captions = ""            # caption JSONL {"id", "captions": [>= 2]}: caption 1 queries, caption 2 is the gallery
+# MTEB / MIEB (mteb_eval.py): --model rows on image-text tasks, --text_model on text tasks
+tasks = ""               # comma-separated mteb task names, or FILE.py:ClassName (an mteb task class of your own)
 # LLM text-encoder settings (c2c, and the text side of an LLM2CLIP model in retrieval/classify, where
 # unset values are those recorded in its llm2clip.json, i.e. what its training cache used)
 max_length = 0           # text tokens; 0 = the model's own (llm2clip.json / encoder.json), else 512 (paper)
@@ -66,7 +79,8 @@ instruction = ""         # c2c: query-side instruction, "" = none (captions are 
 bidirectional = None     # None = the encoder's own (encoder.json, else True); False scores a causal LLM as trained
 pooling = ""             # "" = the encoder's own (encoder.json, else mean); "mean" | "eos"
 chat_template = ""       # "" = the encoder's own (encoder.json, else none); "none"; "llama3" (official embeddings)
-dtype = ""               # text encoder dtype for c2c ("bfloat16", ...); "" = the loader's default
+dtype = ""               # text encoder dtype for c2c, hf_llm2clip and mteb's text row ("bfloat16", ...); "" = the
+                         # loader's default
 # convert public annotations into a manifest
 format = ""              # karpathy | sharegpt4v | urban1k | docci | xm3600 | coco_cn | flickr30k_cn
 src = ""                 # annotation file (karpathy, sharegpt4v, docci, xm3600, flickr30k_cn) or folder (urban1k, coco_cn)
@@ -79,7 +93,7 @@ config_keys = [k for k, v in dict(globals()).items()
 
 # declared once, checked before any data or model is read (common.check_config, as in the stage scripts): each
 # key's range, and what each path key must be (per task where the key's meaning depends on it)
-TASKS = ("retrieval", "classify", "c2c", "convert", "linear_probe", "export_hf")
+TASKS = ("retrieval", "classify", "c2c", "convert", "mteb", "linear_probe", "export_hf", "export_llm2clip")
 CONVERT_FOLDERS = ("urban1k", "coco_cn")  # the converters that read a folder; every other one reads a file
 RULES = {"batch_size": common.positive_int, "text_batch_size": common.positive_int, "num": common.positive_int,
          "max_length": (lambda v: v >= 0, "an integer >= 0 (0 = the model's own)"),
@@ -88,9 +102,14 @@ RULES = {"batch_size": common.positive_int, "text_batch_size": common.positive_i
          "caption_field": common.one_of("", "captions", "long_captions"), "pooling": common.one_of("", "mean", "eos"),
          "dtype": common.one_of("", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"), "device": DEVICE_RULE,
          **downstream.PROBE_RULES}
-PATHS = {"image_root": "dir", "classnames": "file", "templates": "file", "text_model": "model", "captions": "file"}
+PATHS = {"image_root": "dir", "classnames": "file", "templates": "file", "text_model": "model", "captions": "file",
+         "image_processor": "model"}
 TASK_PATHS = {"classify": {"data": "dir"}, "linear_probe": {"data": "dir", "feature_dir": "out"},
-              "export_hf": {"out": "out"}}
+              **{t: {"out": "out"} for t in downstream.EXPORT_TASKS}}
+TASK_RELATIONS = {"mteb": [
+    (lambda c: c["tasks"], "--task=mteb needs --tasks=NAME,... (mteb task names or FILE.py:ClassName)"),
+    (lambda c: c["model"] or c["text_model"], "--task=mteb needs --model=... (image-text tasks) and/or "
+                                              "--text_model=... (text tasks)")]}
 
 # The paper's benchmarks: name -> (caption field, captions per image). Short sets are scored with
 # 5 captions per image, long-caption sets 1:1 (docs/DESIGN.md, "Evaluate").
@@ -251,15 +270,19 @@ def main(argv=None):
     cfg = common.configure({k: globals()[k] for k in config_keys}, argv, __doc__)
     if cfg["task"] not in TASKS:
         raise ValueError(f"--task={cfg['task']!r}: expected one of {', '.join(TASKS)}")
-    common.check_config(cfg, RULES, paths={**PATHS, **TASK_PATHS.get(cfg["task"], {})})
-    if cfg["task"] in ("retrieval", "classify", "linear_probe") and cfg["model"]:
-        check_model_specs(split_specs(cfg["model"], "model"))
-    if cfg["out"] and cfg["task"] != "export_hf":  # a results file: found now, not after every model is scored
+    common.check_config(cfg, RULES, TASK_RELATIONS.get(cfg["task"], ()),
+                        paths={**PATHS, **TASK_PATHS.get(cfg["task"], {})})
+    if cfg["task"] in ("retrieval", "classify", "linear_probe", "mteb") and cfg["model"]:
+        check_model_specs(split_specs(cfg["model"], "model"), trust_remote_code=cfg["trust_remote_code"])
+    if cfg["out"] and cfg["task"] not in downstream.EXPORT_TASKS:  # a results file: found now, not after scoring
         check_results_path(cfg["out"])
-    if cfg["task"] in ("c2c", "convert", "export_hf"):  # single process
+    if cfg["task"] in ("c2c", "convert", "mteb", *downstream.EXPORT_TASKS):  # single process
         log = common.Logger(None, "evaluate")
-        if cfg["task"] == "export_hf":
-            return downstream.run_export_hf(cfg, log)
+        if cfg["task"] in downstream.EXPORT_TASKS:
+            return downstream.EXPORT_TASKS[cfg["task"]](cfg, log)
+        if cfg["task"] == "mteb":
+            from mteb_eval import run_mteb  # local: mteb is an optional package
+            return run_mteb(cfg, log)
         return run_c2c(cfg, log) if cfg["task"] == "c2c" else run_convert(cfg, log)
     ddp, rank, _, world, device = common.setup_distributed()
     device = cfg["device"] or device

@@ -2,7 +2,8 @@
 
 - clip_loss: CLIP's symmetric InfoNCE over the global batch, correct under DDP (features gathered with
   gradient, this rank's rows, labels offset by rank); multi_clip_loss sums it over the pairs of sides
-  that LOSS_TERMS names for each of the paper's Table 10 variants (stage 2).
+  that LOSS_TERMS names for each of the paper's Table 10 variants (stage 2). siglip_loss: SigLIP's
+  pairwise sigmoid loss with a learnable bias, the same way gathered (post_train's contrastive_loss="sigmoid").
 - caption_contrastive_loss: supervised SimCSE between captions of one image (stage 1).
 - MNTP: llm2vec's masked next-token prediction (stage 1's `objective="mntp"`).
 - grad_cache_step: a contrastive step over a batch larger than one forward pass, with the whole
@@ -35,11 +36,20 @@ def text_sides(losses):
     return tuple(dict.fromkeys(n for t in LOSS_TERMS[losses] for n in t if n != "image"))
 
 
-def multi_clip_loss(outputs, terms):
-    """Sum of clip_loss(outputs[a], outputs[b], outputs["logit_scale"]) over terms (pairs of side names):
+# The loss of one pair of sides (post_train's `contrastive_loss`): CLIP's softmax InfoNCE, or SigLIP's pairwise
+# sigmoid with the model's learnable logit bias (model.LLM2CLIP(logit_bias_init=...) puts it in the outputs).
+PAIR_LOSSES = {
+    "softmax": lambda a, b, out: clip_loss(a, b, out["logit_scale"]),
+    "sigmoid": lambda a, b, out: siglip_loss(a, b, out["logit_scale"], out["logit_bias"]),
+}
+
+
+def multi_clip_loss(outputs, terms, contrastive_loss="softmax"):
+    """Sum of PAIR_LOSSES[contrastive_loss](outputs[a], outputs[b], outputs) over terms (pairs of side names):
     `outputs` is model.LLM2CLIP's forward (or the same dict gathered over chunks). Each term gathers
     its features across ranks like clip_loss, so the sum stays exact under DDP."""
-    return sum(clip_loss(outputs[a], outputs[b], outputs["logit_scale"]) for a, b in terms)
+    pair = PAIR_LOSSES[contrastive_loss]
+    return sum(pair(outputs[a], outputs[b], outputs) for a, b in terms)
 
 
 # -----------------------------------------------------------------------------
@@ -98,6 +108,22 @@ def clip_loss(image_features, text_features, logit_scale):
     return (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels)) / 2
 
 
+def siglip_loss(image_features, text_features, logit_scale, logit_bias):
+    """SigLIP's sigmoid loss: every (image, text) pair of the global batch is its own binary decision,
+    matching on the diagonal, with logit logit_scale * cos + logit_bias; this rank's image rows against
+    every text (gathered with gradient), summed and divided by the local batch, as open_clip's SigLipLoss.
+
+    logit_scale is the multiplier (as clip_loss takes it), logit_bias a scalar; features are L2-normalised
+    here. A sum over pairs: the mean over ranks is the full batch's loss (sum over N^2 pairs / N), DDP's
+    gradient averaging gives its exact gradient, and gradient caching over chunks stays exact.
+    """
+    img = F.normalize(_upcast(image_features), dim=-1)  # (B, D)
+    all_txt = gather_with_grad(F.normalize(_upcast(text_features), dim=-1))  # (N, D)
+    logits = logit_scale * img @ all_txt.T + logit_bias  # (B, N)
+    signs = 2 * F.one_hot(_local_labels(img.shape[0], img.device), all_txt.shape[0]).to(logits.dtype) - 1  # +1 / -1
+    return -F.logsigmoid(signs * logits).sum() / img.shape[0]
+
+
 def caption_contrastive_loss(q, d, temperature=0.05, hard_negatives=None):
     """Supervised SimCSE: query i must pick its positive d_i among every positive (and hard negative)
     of the global batch. Cosine similarity / temperature; local rows; labels offset by rank."""
@@ -122,17 +148,29 @@ def mntp_mask_token_id(tokenizer):
     return ids[0]
 
 
-def mntp_mask(input_ids, maskable, mask_token_id, vocab_size, prob=0.2, seeds=None):
+def mntp_special_ids(tokenizer):
+    """Every special token id of a HF tokenizer (BOS, EOS, padding, unk, mask and every added special token,
+    e.g. <|eot_id|>, <|im_end|>): what llm2vec's collator never selects (get_special_tokens_mask)."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return sorted(set(tokenizer.all_special_ids) | {i for i, t in added.items() if getattr(t, "special", False)})
+
+
+def mntp_mask(input_ids, maskable, mask_token_id, vocab_size, prob=0.2, seeds=None, special_ids=()):
     """llm2vec's MNTP corruption (BERT's 80/10/10 rule) -> (corrupted input_ids, labels), both (B, T).
 
     Each maskable token is selected with probability `prob`; of the selected, 80% become mask_token_id,
     10% a random token of [0, vocab_size), 10% stay as they are. labels hold the original id at the
-    selected positions and -100 elsewhere. Rows must be right-padded; row i's draws come from its own
-    generator seeded by seeds[i] (default: i) over its own length, so they do not depend on the batch
-    it sits in (micro-batches, ranks) or on its padding.
+    selected positions and -100 elsewhere. Never selected: a token in special_ids (mntp_special_ids: a
+    tokenizer's EOS, a chat wrapping's closing token) and a row's first position, which nothing predicts
+    (the loss predicts token i from position i-1): without a BOS (Qwen2/3) it is the first caption token.
+    Rows must be right-padded; row i's draws come from its own generator seeded by seeds[i] (default: i)
+    over its own length, so they do not depend on the batch it sits in (micro-batches, ranks) or on its padding.
     """
     B, T = input_ids.shape
     lengths = maskable.long().cumsum(1).argmax(1) + 1  # up to the last maskable position
+    special = torch.as_tensor(list(special_ids), dtype=input_ids.dtype, device=input_ids.device)
+    maskable = maskable.bool() & ~torch.isin(input_ids, special)
+    maskable[:, 0] = False
     u = torch.ones(B, T, 3)
     rand = torch.zeros(B, T, dtype=torch.long)
     for i in range(B):
@@ -141,12 +179,18 @@ def mntp_mask(input_ids, maskable, mask_token_id, vocab_size, prob=0.2, seeds=No
         u[i, :L] = torch.rand(L, 3, generator=g)
         rand[i, :L] = torch.randint(vocab_size, (L,), generator=g)
     u, rand = u.to(input_ids.device), rand.to(input_ids.device)
-    selected = (u[..., 0] < prob) & maskable.bool()
+    selected = (u[..., 0] < prob) & maskable
     replaced = selected & (u[..., 1] < 0.8)
     randomised = selected & ~replaced & (u[..., 2] < 0.5)
     ids = torch.where(replaced, torch.full_like(input_ids, mask_token_id), input_ids)
     ids = torch.where(randomised, rand, ids)
     return ids, torch.where(selected, input_ids, torch.full_like(input_ids, -100))
+
+
+def mntp_num_predicted(labels):
+    """The tokens the MNTP loss predicts (labels (B, T), -100 = none): its normaliser, a mean over them as
+    llm2vec's (HF's shifted causal-LM loss). A label at position 0 is never predicted, so never counted."""
+    return (labels[:, 1:] != -100).sum()
 
 
 def mntp_loss(hidden, labels, lm_head_weight, reduction="mean"):
@@ -188,20 +232,23 @@ def load_lm_head(name_or_path, model):
                      "MNTP needs the LM head of a causal-LM checkpoint")
 
 
-def mntp_accumulate(hidden_states, chunks, lm_head_weight, num_selected, scale=1.0, autocast=None, no_sync=None):
-    """One MNTP step over micro-batches: backward of sum-over-chunks CE / num_selected (the selected
-    tokens of the whole global batch), times `scale` (world size under gradient averaging). The loss
+def mntp_accumulate(hidden_states, chunks, lm_head_weight, num_predicted, scale=1.0, autocast=None, no_sync=None,
+                    scaler=None):
+    """One MNTP step over micro-batches: backward of sum-over-chunks CE / num_predicted (mntp_num_predicted
+    summed over the whole global batch: every chunk and rank), times `scale` (world size under gradient
+    averaging), so the loss is the mean over predicted tokens whatever the chunking. The loss
     is a plain sum over tokens, so accumulating micro-batch gradients is exact: unlike the contrastive
     objectives it needs no gradient caching. hidden_states(chunk) -> (B, T, C), e.g. a TextEncoder's
     `hidden_states` or its DDP wrapper called with pool=False; chunks: dicts with input_ids,
-    attention_mask, labels; no_sync: DDP's, entered for every chunk but the last. Returns the loss (detached)."""
+    attention_mask, labels; no_sync: DDP's, entered for every chunk but the last; scaler: a torch.amp.GradScaler
+    (float16: each chunk's backward is of the scaled loss). Returns the loss (detached, unscaled)."""
     total = 0.0
     for j, c in enumerate(chunks):
         with (no_sync() if no_sync is not None and j < len(chunks) - 1 else contextlib.nullcontext()):
             with autocast or contextlib.nullcontext():
                 hidden = hidden_states(c)
-            loss = mntp_loss(hidden, c["labels"], lm_head_weight, reduction="sum") * (scale / max(num_selected, 1))
-            loss.backward()
+            loss = mntp_loss(hidden, c["labels"], lm_head_weight, reduction="sum") * (scale / max(num_predicted, 1))
+            (scaler.scale(loss) if scaler is not None else loss).backward()
         total += loss.detach()
     return total
 
@@ -239,17 +286,19 @@ def _flatten(out):
     return tuple(out), tuple
 
 
-def grad_cache_step(forward, groups, loss_fn, *, no_sync=None, autocast=None):
+def grad_cache_step(forward, groups, loss_fn, *, no_sync=None, autocast=None, scaler=None):
     """One contrastive step over a batch given in chunks; returns the loss (detached). Afterwards the
     parameters' .grad hold (are incremented by) the gradient of the whole batch's loss.
 
     groups: the sides embedded by the same model (stage 1: queries, positives, hard negatives; stage
     2: one side of (images, text) chunks), each a list of chunks; forward(chunk) -> a tensor (n, ...),
-    or a dict (or tuple) of them. A 0-dim output (the stage-2 model's "logit_scale") is the same for
+    or a dict (or tuple) of them. A 0-dim output (the stage-2 model's "logit_scale", "logit_bias") is the same for
     every chunk: the loss sees the first chunk's and its gradient is applied once per side.
     loss_fn(*sides) gets each side's outputs concatenated over its chunks (shaped like forward's) and
     does any cross-rank gathering itself. no_sync: e.g. DDP's `model.no_sync`, entered for every re-run
-    but the last, so gradients are all-reduced once. autocast: a context for the forwards.
+    but the last, so gradients are all-reduced once. autocast: a context for the forwards. scaler: a
+    torch.amp.GradScaler (float16): what is back-propagated is the scaled loss, so half-precision
+    activation gradients do not underflow; the loss returned is unscaled.
 
     One chunk per side: plain forward + backward. More: (1) run every chunk without grad, keeping its
     RNG state; (2) the whole batch's loss and its gradient w.r.t. the outputs (the gradient cache);
@@ -262,7 +311,7 @@ def grad_cache_step(forward, groups, loss_fn, *, no_sync=None, autocast=None):
         with autocast:
             outs = [forward(side[0]) for side in groups]
         loss = loss_fn(*outs)
-        loss.backward()
+        (scaler.scale(loss) if scaler is not None else loss).backward()
         return loss.detach()
     # (1) outputs without grad; batched ones concatenated (float32 for the loss), 0-dim ones from the first chunk
     states, cache, rebuild = [], [], []
@@ -279,7 +328,7 @@ def grad_cache_step(forward, groups, loss_fn, *, no_sync=None, autocast=None):
     # (2) the loss of the whole batch and its gradient w.r.t. every output (the loss's gathers run here)
     loss = loss_fn(*[unflatten(tuple(c)) for c, unflatten in zip(cache, rebuild)])
     flat = [x for c in cache for x in c]
-    grads = iter(torch.autograd.grad(loss, flat, allow_unused=True))
+    grads = iter(torch.autograd.grad(scaler.scale(loss) if scaler is not None else loss, flat, allow_unused=True))
     grad_cache = [[next(grads) for _ in c] for c in cache]  # per side, per output
     # (3) re-run each chunk with grad; back-propagate its rows of the cached gradient
     n_left = sum(len(side) for side in groups)

@@ -128,10 +128,53 @@ def merge_lora(model):
 # -----------------------------------------------------------------------------
 # The text encoder
 
-# Chat wrappings of the official code (microsoft/LLM2CLIP, llm2vec's prepare_for_tokenization): every
-# caption (and instruction) is put in one user turn; the closing token is pooled with the text. Its
-# released Llama-3 stage-1 weights and caption embeddings were made with "llama3".
-CHAT_TEMPLATES = {"llama3": ("<|start_header_id|>user<|end_header_id|>\n\n", "<|eot_id|>")}
+# Chat wrappings of the official code (llm2vec 0.2.3's prepare_for_tokenization and the copy vendored in
+# microsoft/LLM2CLIP, which its embedding extraction runs): every caption (and instruction) is put in one
+# user turn; the closing token(s) are pooled with the text. Its released Llama-3 stage-1 weights and
+# caption embeddings were made with "llama3". gemma2's "<bos>" follows the tokenizer's own BOS, as there.
+CHAT_TEMPLATES = {
+    "llama3": ("<|start_header_id|>user<|end_header_id|>\n\n", "<|eot_id|>"),  # Meta-Llama-3-8B-Instruct
+    "mistral": ("[INST] ", " [/INST]"),  # Mistral-7B-Instruct-v0.2, Llama-2-7b-chat
+    "gemma2": ("<bos><start_of_turn>user\n", "<end_of_turn>"),  # gemma-2-9b-it
+    "qwen2": ("<|im_start|>user\n", "<|im_end|>"),  # Qwen2-1.5B/7B-Instruct
+    "phi3": ("<|user|>\n", "<|end|>\n"),  # Phi-3.5-mini-instruct (the vendored copy only)
+}
+# chat_template="auto": the wrapping of the config's model_type, when the tokenizer has its special tokens
+# (a "llama" without Llama-3's is Llama-2-chat ("mistral") or a base model ("none"): ambiguous, refused)
+CHAT_MODEL_TYPES = {"llama": "llama3", "mistral": "mistral", "gemma2": "gemma2", "qwen2": "qwen2", "phi3": "phi3"}
+OFFICIAL_DOC_MAX_LENGTH = 512  # llm2vec's doc_max_length as the official extraction sets it
+
+
+def _missing_chat_tokens(tokenizer, chat_template):
+    """The special tokens (<...>) of a wrapping that are not one token of this tokenizer's vocabulary."""
+    toks = re.findall(r"<[^<>\s]+>", "".join(CHAT_TEMPLATES[chat_template]))
+    bad = lambda ids: len(ids) != 1 or ids[0] == tokenizer.unk_token_id  # noqa: E731
+    return [t for t in toks if bad(tokenizer(t, add_special_tokens=False)["input_ids"])]
+
+
+def resolve_chat_template(model, tokenizer):
+    """chat_template="auto" -> the CHAT_TEMPLATES key the official code uses for this model's family
+    (config.model_type), if the tokenizer has that wrapping's special tokens; else a one-line error."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    model_type = getattr(base.config, "model_type", None)
+    key = CHAT_MODEL_TYPES.get(model_type)
+    if key is None or _missing_chat_tokens(tokenizer, key):
+        raise ValueError(f"chat_template='auto': cannot tell the chat wrapping of model_type={model_type!r} with "
+                         f"this tokenizer ({type(tokenizer).__name__}); set chat_template to 'none' or one of "
+                         f"{', '.join(CHAT_TEMPLATES)}")
+    return key
+
+
+def _official_doc_cut(tokenizer, text, max_length):
+    """llm2vec's _convert_to_str: a text of more than OFFICIAL_DOC_MAX_LENGTH tokens (counted up to
+    max_length) loses words from its end in proportion until it fits; a no-op when max_length <= 512."""
+    count = lambda t: min(len(tokenizer(t, add_special_tokens=False)["input_ids"]), max_length)  # noqa: E731
+    n = count(text) if max_length > OFFICIAL_DOC_MAX_LENGTH else 0
+    while n > OFFICIAL_DOC_MAX_LENGTH:
+        words = text.split()
+        text = " ".join(words[:int(len(words) * OFFICIAL_DOC_MAX_LENGTH / n)])
+        n = count(text)
+    return text
 
 
 class TextEncoder(nn.Module):
@@ -144,17 +187,27 @@ class TextEncoder(nn.Module):
     attention sink with an outsized norm). The instruction is never pooled. With an instruction the
     tokens are those of the joined string `instruction + " " + text` (as llm2vec tokenises it), so a
     byte-level BPE text keeps its first word's leading-space token; the text span is found by offsets.
-    chat_template: "" (none) or a key of CHAT_TEMPLATES.
+    chat_template: "" (none), "auto" (resolve_chat_template) or a key of CHAT_TEMPLATES.
+
+    official_extraction=True lays texts out as the official embedding extraction (llm2vec's encode) does,
+    to reproduce its released rows: with a chat wrapping the text loses its trailing whitespace, the
+    wrapped sequence is cut at max_length from the right (the closing token goes first), and the last n
+    positions are pooled, n = the tokens of "text + chat tail" tokenised alone (mean pooling only).
     """
 
-    def __init__(self, model, tokenizer, pooling="mean", settings=None, chat_template=""):
+    def __init__(self, model, tokenizer, pooling="mean", settings=None, chat_template="", official_extraction=False):
         super().__init__()
         if pooling not in POOLERS:
             raise ValueError(f"pooling={pooling!r}; expected one of {sorted(POOLERS)}")
+        if chat_template == "auto":
+            chat_template = resolve_chat_template(model, tokenizer)
         if chat_template and chat_template not in CHAT_TEMPLATES:
-            raise ValueError(f"chat_template={chat_template!r}; expected '' or one of {sorted(CHAT_TEMPLATES)}")
+            raise ValueError(f"chat_template={chat_template!r}; expected '', 'auto' or one of {sorted(CHAT_TEMPLATES)}")
+        if official_extraction and pooling != "mean":
+            raise ValueError(f"official_extraction=True with pooling={pooling!r}: the official extraction pools "
+                             "the mean; use pooling='mean' or official_extraction=False")
         self.model, self.tokenizer, self.pooling = model, tokenizer, pooling
-        self.chat_template = chat_template or ""
+        self.chat_template, self.official_extraction = chat_template or "", bool(official_extraction)
         self.settings = dict(settings or {})
         self.is_decoder = is_decoder_model(model)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
@@ -164,12 +217,10 @@ class TextEncoder(nn.Module):
             self.suffix = self.suffix + [tokenizer.eos_token_id]  # eos pooling needs an EOS to pool
         self.pool_prefix = not self.is_decoder
         self.chat = CHAT_TEMPLATES[self.chat_template] if self.chat_template else ("", "")
-        for piece in self.chat:  # each special token of the wrapping must be one token of this vocabulary
-            for tok in re.findall(r"<\|[^|]+\|>", piece):
-                ids = tokenizer(tok, add_special_tokens=False)["input_ids"]
-                if len(ids) != 1 or ids[0] == tokenizer.unk_token_id:
-                    raise ValueError(f"chat_template={chat_template!r}: {tok} is not a special token of this "
-                                     f"tokenizer ({type(tokenizer).__name__}); use it with a Llama-3 tokenizer")
+        missing = _missing_chat_tokens(tokenizer, self.chat_template) if self.chat_template else []
+        if missing:  # each special token of the wrapping must be one token of this vocabulary
+            raise ValueError(f"chat_template={chat_template!r}: {missing[0]} is not a special token of this tokenizer "
+                             f"({type(tokenizer).__name__}); use it with a tokenizer of that model family")
         self.adaptor = None  # optional stage-1 Adaptor on the pooled output (cc_finetune cc_adaptor_blocks)
         # texts seen, texts cut to max_length, tokens dropped, most dropped from one text: each stage logs
         # them (pop_truncation + common.describe_truncation) instead of truncating silently
@@ -194,11 +245,13 @@ class TextEncoder(nn.Module):
     def tokenize(self, texts, instruction=None, max_length=512):
         """Right-padded batch: dict of input_ids, attention_mask, embed_mask (LongTensors, (B, T))."""
         texts = list(texts)
-        return self._pack(self.split_tokens(texts, instruction), max_length, texts, range(len(texts)))
+        return self._pack(self.split_tokens(texts, instruction, max_length), max_length, texts, range(len(texts)))
 
-    def split_tokens(self, texts, instruction=None):
+    def split_tokens(self, texts, instruction=None, max_length=512):
         """Per text, (head ids, text ids, tail ids) without the tokenizer's special affixes: head = chat
         head + instruction (not pooled), tail = chat tail (pooled). Without either, the text alone."""
+        if self.official_extraction:
+            return self._official_split(texts, instruction, max_length)
         head = self.chat[0] + (instruction.strip() + " " if instruction else "")
         tail = self.chat[1]
         if not head and not tail:
@@ -214,10 +267,25 @@ class TextEncoder(nn.Module):
             out.append(tuple([i for i, k in zip(ids, kinds) if k == want] for want in (0, 1, 2)))
         return out
 
+    def _official_split(self, texts, instruction, max_length):
+        """(head, body, []) per text as llm2vec's encode lays it out (_convert_to_str, prepare_for_tokenization,
+        tokenize): head + body = the tokens of the wrapped string, body its last n, n = the tokens of
+        "text + chat tail" tokenised alone, which is what it pools (none for an empty text)."""
+        head, tail = self.chat
+        pre = instruction.strip() + " " if instruction else ""
+        texts = [_official_doc_cut(self.tokenizer, x, max_length) for x in texts]
+        if self.chat_template:  # the wrapping strips "instruction !@#$%^&*()text": the text's trailing whitespace
+            pre, texts = pre.lstrip(), [x.rstrip() for x in texts]
+        full = self.tokenizer([head + pre + x + tail for x in texts], add_special_tokens=False)["input_ids"]
+        alone = self.tokenizer([x + tail for x in texts], add_special_tokens=False)["input_ids"]
+        cut = [len(ids) - min(len(n), len(ids)) if x else len(ids) for ids, n, x in zip(full, alone, texts)]
+        return [(ids[:c], ids[c:], []) for ids, c in zip(full, cut)]
+
     def lengths(self, texts, instruction=None, max_length=512):
         """Tokens per text exactly as `tokenize` lays them out (special tokens, instruction, truncation)."""
         fixed = len(self.prefix) + len(self.suffix)
-        return [min(len(h) + len(b) + len(t) + fixed, max_length) for h, b, t in self.split_tokens(texts, instruction)]
+        return [min(len(h) + len(b) + len(t) + fixed, max_length)
+                for h, b, t in self.split_tokens(texts, instruction, max_length)]
 
     def _pack(self, parts, max_length, texts, index):
         """Lay out already-split texts (parts[k] = (head, body, tail) of texts[index[k]]) as a right-padded batch."""
@@ -225,20 +293,27 @@ class TextEncoder(nn.Module):
         for (head, body, tail), i in zip(parts, index):
             if not body:
                 raise ValueError(f"text {i} is empty ({texts[i]!r}); every caption needs at least one token")
-            budget = max_length - len(self.prefix) - len(head) - len(tail) - len(self.suffix)
+            official = self.official_extraction  # the whole wrapped sequence is cut, not the text alone
+            keep = head + body + tail if official else body
+            budget = max_length - len(self.prefix) - len(self.suffix) - (0 if official else len(head) + len(tail))
             if budget < 1:
                 raise ValueError(f"max_length={max_length} leaves no room for text after the instruction, "
                                  f"chat template and special tokens")
             t = self.truncation
             t["texts"] += 1
-            if len(body) > budget:
+            if len(keep) > budget:
                 t["truncated"] += 1
-                t["tokens_cut"] += len(body) - budget
-                t["max_cut"] = max(t["max_cut"], len(body) - budget)
-                body = body[:budget]
-            seqs.append(self.prefix + head + body + tail + self.suffix)
+                t["tokens_cut"] += len(keep) - budget
+                t["max_cut"] = max(t["max_cut"], len(keep) - budget)
+                keep = keep[:budget]
+            if official:  # the last n positions, n = len(body) (capped): its closing token may be cut
+                seqs.append(self.prefix + keep + self.suffix)
+                n = min(len(body), len(seqs[-1]))
+                pools.append([0] * (len(seqs[-1]) - n) + [1] * n)
+                continue
+            seqs.append(self.prefix + head + keep + tail + self.suffix)
             pools.append([int(self.pool_prefix)] * len(self.prefix) + [0] * len(head)
-                         + [1] * (len(body) + len(tail) + len(self.suffix)))
+                         + [1] * (len(keep) + len(tail) + len(self.suffix)))
         T = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), T), self.pad_id, dtype=torch.long)
         att = torch.zeros((len(seqs), T), dtype=torch.long)
@@ -273,7 +348,7 @@ class TextEncoder(nn.Module):
         """Embed raw strings -> (N, C) float32 on CPU, in input order. Batches are length-sorted.
         progress: a wrapper of the batch iterable that shows progress (e.g. tqdm), or None."""
         texts = list(texts)
-        parts = self.split_tokens(texts, instruction)  # tokenised once
+        parts = self.split_tokens(texts, instruction, max_length)  # tokenised once
         order = sorted(range(len(texts)), key=lambda i: -len(parts[i][1]))
         out = torch.empty((len(texts), self.dim), dtype=torch.float32)
         was_training = self.training
@@ -317,7 +392,7 @@ def resolve_dtype(dtype):
 
 
 def load_text_encoder(name_or_path, *, bidirectional=None, pooling=None, lora=None, dtype=None,
-                      attn_implementation=None, device=None, chat_template=None):
+                      attn_implementation=None, device=None, chat_template=None, official_extraction=None):
     """Load a HF model (local folder or hub name) or a cc_finetune.py out_dir as a `TextEncoder`.
 
     - a stage-1 out_dir (has `encoder.json`): its merged model and the bidirectional, pooling and
@@ -326,7 +401,8 @@ def load_text_encoder(name_or_path, *, bidirectional=None, pooling=None, lora=No
     - bidirectional (None = the out_dir's, else True): applied to decoders (verified); BERT-likes
       already are. False keeps a decoder causal (to score a raw LLM as it was trained).
     - pooling (None = the out_dir's, else "mean"); chat_template (None = the out_dir's, else none;
-      "" or "none" = none; a key of CHAT_TEMPLATES, e.g. "llama3").
+      "" or "none" = none; "auto" = the model family's (resolve_chat_template); a key of CHAT_TEMPLATES,
+      e.g. "llama3"); official_extraction (None = the out_dir's, else False): see TextEncoder.
     - lora: None, a dict of `attach_lora` kwargs (fresh trainable adapters), or a saved adapter folder.
     - dtype: torch dtype or "bfloat16"/"float32"; attn_implementation: "eager", "sdpa", "flash_attention_2".
     - a stage-1 adaptor named in encoder.json (`cc_adaptor_blocks`) is loaded and applied by forward/encode.
@@ -341,6 +417,8 @@ def load_text_encoder(name_or_path, *, bidirectional=None, pooling=None, lora=No
     pooling = settings.get("pooling", "mean") if pooling is None else pooling
     chat_template = settings.get("chat_template") or "" if chat_template is None else chat_template
     chat_template = "" if chat_template == "none" else chat_template
+    official_extraction = bool(settings.get("official_extraction", False) if official_extraction is None
+                               else official_extraction)
     kwargs = {"dtype": resolve_dtype(dtype)} if dtype is not None else {}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -358,9 +436,11 @@ def load_text_encoder(name_or_path, *, bidirectional=None, pooling=None, lora=No
     elif isinstance(lora, str):
         from peft import PeftModel
         model = PeftModel.from_pretrained(model, lora, is_trainable=True)
-    settings.update({"name_or_path": name_or_path, "pooling": pooling, "chat_template": chat_template,
+    settings.update({"name_or_path": name_or_path, "pooling": pooling, "official_extraction": official_extraction,
                      "bidirectional": bool(bidirectional and decoder), "decoder": decoder})
-    encoder = TextEncoder(model, tokenizer, pooling=pooling, settings=settings, chat_template=chat_template)
+    encoder = TextEncoder(model, tokenizer, pooling=pooling, settings=settings, chat_template=chat_template,
+                          official_extraction=official_extraction)
+    encoder.settings["chat_template"] = encoder.chat_template  # "auto" resolved
     if settings.get("adaptor"):  # a stage-1 adaptor trained on the frozen (or LoRA-tuned) LLM
         encoder.adaptor = load_adaptor(name_or_path, settings["adaptor"]).to(next(model.parameters()).device)
     return encoder
@@ -480,7 +560,8 @@ class VisionTower(nn.Module):
     embed_dim: None keeps the model's own head (e.g. the pretrained CLIP projection of timm's
     `*_clip_*.openai` models); an int > 0 puts a new head of that size in timm's own head slot (so the
     trained tower reloads with `timm.create_model(name, num_classes=embed_dim)`); 0 means no head.
-    weights: an optional local file (state dict, .pt/.pth/.bin or .safetensors) loaded instead of hub weights.
+    weights: an optional local file (state dict, .pt/.pth/.bin or .safetensors) loaded instead of hub weights;
+    an open_clip checkpoint of a timm tower (`visual.trunk.*`) loads too, its logits kept in checkpoint_logits.
     timm_kwargs / keyword arguments: passed to `timm.create_model` (e.g. img_size, depth; the ViT width
     `embed_dim` only via the timm_kwargs dict). `self.timm_kwargs` is what re-creates the same model.
     """
@@ -495,6 +576,7 @@ class VisionTower(nn.Module):
         if embed_dim is not None:
             self.timm_kwargs["num_classes"] = embed_dim
         self.model = timm.create_model(model_name, pretrained=pretrained and weights is None, **self.timm_kwargs)
+        self.checkpoint_logits = {}  # an open_clip checkpoint's own logit_scale (a log) / logit_bias, if loaded
         if weights:
             self._load_weights(weights)
         self.output_dim = self.model.num_classes or self.model.num_features
@@ -511,6 +593,9 @@ class VisionTower(nn.Module):
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
             sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+        if any(k.startswith("visual.trunk.") for k in sd):  # open_clip's file of a timm tower (e.g. SigLIP's)
+            self.checkpoint_logits = {k: float(sd[k]) for k in ("logit_scale", "logit_bias") if k in sd}
+            sd = {k[len("visual.trunk."):]: v for k, v in sd.items() if k.startswith("visual.trunk.")}
         own = self.model.state_dict()
         # a new head (embed_dim differs from the file's) keeps its fresh init; anything else must match
         head = {k for k in sd if k in own and sd[k].shape != own[k].shape and k.startswith(("head", "fc.", "classifier"))}
@@ -539,11 +624,12 @@ class LLM2CLIP(nn.Module):
     `clip_text`, a zoo.CLIPText), "cat" (CatHead over both); `text_encoder`: the LLM with trainable LoRA,
     run inside forward. forward(images, text): text is the LLM embedding or a dict ("llm", "llm_mask",
     "llm_ids"/"llm_attention_mask"/"llm_embed_mask", "clip_ids"/"clip_mask"; all split along dim 0) ->
-    {"image": (B, D), <each side>: (B, D), "logit_scale": the multiplier}.
+    {"image": (B, D), <each side>: (B, D), "logit_scale": the multiplier[, "logit_bias"]}. logit_bias_init:
+    None (CLIP's softmax loss has no bias) or the start of SigLIP's learnable logit bias (its paper: -10).
     """
 
     def __init__(self, vision, text_dim, adaptor_blocks=4, adaptor_expansion=2, logit_scale_init=math.log(1 / 0.07),
-                 text_sides=("llm",), clip_text=None, adaptor="linear", text_encoder=None):
+                 text_sides=("llm",), clip_text=None, adaptor="linear", text_encoder=None, logit_bias_init=None):
         super().__init__()
         text_sides = tuple(text_sides)
         if not text_sides or set(text_sides) - {"llm", "clip_t", "cat"}:
@@ -562,6 +648,7 @@ class LLM2CLIP(nn.Module):
         self.text_encoder = text_encoder if uses_llm else None  # LoRA online: trained with the adaptor
         self.cat_head = CatHead(D, clip_text.dim, D) if "cat" in text_sides else None
         self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)))  # stored as a log, like CLIP
+        self.logit_bias = None if logit_bias_init is None else nn.Parameter(torch.tensor(float(logit_bias_init)))
 
     def encode_image(self, images):
         return F.normalize(self.vision(images).float(), dim=-1)
@@ -597,18 +684,20 @@ class LLM2CLIP(nn.Module):
 
     def forward(self, images, text):
         text = text if isinstance(text, dict) else {"llm": text}
-        return {"image": self.encode_image(images), **self.text_features(text), "logit_scale": self.logit_scale.exp()}
+        out = {"image": self.encode_image(images), **self.text_features(text), "logit_scale": self.logit_scale.exp()}
+        return out if self.logit_bias is None else {**out, "logit_bias": self.logit_bias}
 
 
 class ImageEncoder(nn.Module):
     """Inference wrapper: images (B, 3, H, W) -> L2-normalised (B, D); `data_config` is the preprocessing,
-    `logit_scale` the trained multiplier of image-text cosine similarities (None if not recorded)."""
+    `logit_scale` the trained multiplier of image-text cosine similarities (None if not recorded), `logit_bias`
+    the trained bias of a sigmoid-loss run (None otherwise): sigmoid(scale * cos + bias) is a pair's match probability."""
 
-    def __init__(self, vision, logit_scale=None):
+    def __init__(self, vision, logit_scale=None, logit_bias=None):
         super().__init__()
         self.vision = vision
         self.data_config = vision.data_config
-        self.logit_scale = logit_scale
+        self.logit_scale, self.logit_bias = logit_scale, logit_bias
 
     def forward(self, images):
         return F.normalize(self.vision(images).float(), dim=-1)
@@ -690,7 +779,8 @@ def read_encoder_config(out_dir):
 
 def write_llm2clip_config(out_dir, meta):
     """llm2clip.json of a stage-2 export: `vision` (timm name, kwargs, file), `text_encoders`, `adaptor`,
-    `text` (stage-1 model and how captions are embedded), `clip_text`, `cat_head`, `logit_scale`."""
+    `text` (stage-1 model and how captions are embedded), `clip_text`, `cat_head`, `logit_scale`, and with the
+    sigmoid loss `contrastive_loss` and `logit_bias` (a file without them is a softmax run's, as before)."""
     _write_json(os.path.join(out_dir, LLM2CLIP_CONFIG), meta)
 
 
@@ -721,7 +811,7 @@ def load_llm2clip(out_dir, device="cpu", load_text=True, text=None, text_setting
     v = meta["vision"]
     vision = VisionTower(v["model_name"], pretrained=False, timm_kwargs=v.get("timm_kwargs", {}))
     vision.model.load_state_dict(_load_state(os.path.join(out_dir, v["file"])))
-    image_encoder = ImageEncoder(vision, meta.get("logit_scale")).to(device).eval()
+    image_encoder = ImageEncoder(vision, meta.get("logit_scale"), meta.get("logit_bias")).to(device).eval()
     if not load_text:
         return image_encoder, None
     text = text or meta.get("text_encoders", ["llm"])[0]
@@ -746,5 +836,6 @@ def load_llm_side(out_dir, meta, device="cpu", text_settings=None):
     lora = os.path.join(out_dir, t["lora"]) if t.get("lora") else None
     t = {**t, **{k: v for k, v in (text_settings or {}).items() if v is not None}}
     enc = load_text_encoder(text_path, pooling=t.get("pooling"), bidirectional=t.get("bidirectional"),
-                            chat_template=t.get("chat_template"), device=device, lora=lora)
+                            chat_template=t.get("chat_template"), official_extraction=t.get("official_extraction"),
+                            device=device, lora=lora)
     return LLM2CLIPTextEncoder(enc, adaptor.to(device), t.get("instruction"), t.get("max_length") or 512).eval()

@@ -7,7 +7,9 @@
   5. post_train.py    stage 2 from that cache (and the untrained model, exported at step 0)
   6. evaluate.py      retrieval on the held-out test split: untrained vs post-trained, one table
   7. (--ablations=True) the stage-2 ablation table: losses a/direct/b/c/d (a tiny random CLIP as CLIP-T),
-     LoRA on the LLM online, the transformer adaptor; each text encoder scored, wall time per run
+     a with SigLIP's sigmoid loss, LoRA on the LLM online, the transformer adaptor; each text encoder scored,
+     wall time per run
+  8. report.py        plots and a summary table in <out_dir>/report (with matplotlib; skipped without it)
 
 Every stage runs in-process through its own `main([...])` with its tiny preset (config/*_tiny_cpu.py),
 exactly as `python <stage>.py config/... --key=value` would. Outputs: <out_dir>/<stage>/.
@@ -17,6 +19,7 @@ Also holds the tiny offline model builders the tests use.
 paper's Table 9 rows, each a cc_finetune.py config switch) on the same data: c2c before -> after and
 wall time per row, printed as a markdown table and saved in <out_dir>/ablate_stage1/results.json.
 """
+import glob
 import json
 import os
 import time
@@ -36,7 +39,7 @@ post_steps = 800  # stage-2 steps (config/post_tiny_cpu.py: 300)
 # stage 2's tower, shaped by the preset's timm_kwargs: OpenAI-CLIP-style (pre-norm, class token) like the paper
 # presets' towers, so `evaluate.py --task=export_hf --model=out-tiny/post` writes a transformers CLIPVisionModel
 vision_model = "vit_base_patch16_clip_224.openai"
-ablations = False  # also the stage-2 ablation table (Tables 8, 10, 11): 7 more stage-2 runs, a few minutes
+ablations = False  # also the stage-2 ablation table (Tables 8, 10, 11, and the sigmoid loss): 8 more stage-2 runs
 stage1_ablations = False  # instead of stages 3-6: the stage-1 ablation table (Table 9's rows), ~7 stage-1 runs
 config_keys = [k for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, str))]
 # declared once, checked before any work (common.check_config)
@@ -130,9 +133,26 @@ def main(argv=None):
         t = time.time()
         res["ablations"] = ablation_table(common_args, p, cfg)
         done("stage-2 ablations", t)
+    draw_report(p, cfg["ablations"])
     print(f"pipeline finished in {time.time() - t0:.0f}s; stage times (s): {timings}")
-    print(f"outputs under {root}/: data, text_model, cc, cache_train, cache_val, post_untrained, post, results.json")
+    print(f"outputs under {root}/: data, text_model, cc, cache_train, cache_val, post_untrained, post, results.json, "
+          "report")
     return res
+
+
+def draw_report(p, ablations):
+    """report.py's plots of the tiny run (stage-1 and stage-2 curves, untrained vs post-trained bars) in
+    <out_dir>/report, and of the ablation runs overlaid in <out_dir>/report_ablations; matplotlib is
+    optional (requirements-extra.txt): without it a log line says so and nothing is drawn."""
+    import importlib.util
+    if importlib.util.find_spec("matplotlib") is None:
+        print("report: skipped, matplotlib is not installed (pip install matplotlib; requirements-extra.txt)")
+        return
+    import report
+    report.main([p("cc"), p("post"), f"--results={p('results.json')}", f"--out={p('report')}"])
+    if ablations:
+        report.main([d for d in sorted(glob.glob(p("ablations", "*"))) if os.path.isfile(os.path.join(d, "metrics.jsonl"))]
+                    + [f"--out={p('report_ablations')}"])
 
 # Table 9's stage-1 rows as cc_finetune.py overrides on config/cc_tiny_cpu.py ("{mntp}": the MNTP row's out_dir)
 STAGE1_ABLATIONS = [
@@ -176,6 +196,7 @@ def ablate_stage1(cfg, p):
 # name -> post_train.py switches (Tables 10, 11, 8); every run gets the same data, steps and seed
 ABLATIONS = {
     "a (default)": [],
+    "sigmoid (SigLIP loss)": ["--contrastive_loss=sigmoid", "--logit_scale_init=None"],  # a with SigLIP's loss and init
     "direct": ["--losses=direct", "--cache_dir="],
     "b": ["--losses=b"],
     "c": ["--losses=c"],

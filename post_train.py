@@ -4,19 +4,19 @@ The vision tower is fully trainable; the text side is the stage-1 LLM's embeddin
 read from the embed_captions.py cache (or computed online by the frozen LLM, text_source="online"),
 passed through a small trainable adaptor. Loss: CLIP's symmetric InfoNCE over the whole global batch
 (features gathered across ranks with gradient; gradient caching when a rank's share of the batch does
-not fit one forward pass).
+not fit one forward pass), or SigLIP's sigmoid loss with a learnable logit bias (contrastive_loss="sigmoid").
 
     python post_train.py config/post_tiny_cpu.py
     torchrun --nproc_per_node=8 post_train.py config/post_clip_vitl14_224.py --cache_dir=... --out_dir=...
+    (several nodes, SLURM, elastic restarts: docs/scale.md)
 
 Outputs in out_dir: checkpoints/step_*.pt (exact resume with resume=True), vision_tower.pt (timm state
-dict), adaptor.pt, llm2clip.json (read by model.load_llm2clip), metrics.jsonl, post_train.log,
+dict), adaptor.pt, llm2clip.json (read by model.load_llm2clip), metrics.jsonl (also sent to W&B /
+tensorboard/ with wandb_log / tensorboard_log), post_train.log,
 run_post_train.json (config + code version). The training index (data_index.build_train_index: built on first
 use, then reused) lives beside the cache, or in out_dir/train_index, or where --train_index says.
 """
-import json
 import math
-import os
 import time
 import types
 
@@ -27,6 +27,7 @@ import common
 import data_index
 import loss as L
 import model as M
+import tracking
 import zoo
 from metrics import retrieval_metrics
 
@@ -71,12 +72,17 @@ clip_text = ""  # CLIP/SigLIP folder or hub name, or open_clip:NAME/PRETRAINED: 
 clip_text_trainable = True  # CLIP-T fine-tunes at learning_rate; False keeps it frozen
 text_lora_r = 0  # > 0: trainable LoRA of this rank on the stage-1 LLM (text_source="online" only, Table 11)
 text_lora_lr = 1e-4  # the LoRA's own peak learning rate (same schedule)
-# the pretrained CLIP's own logit scale (OpenAI and EVA02-CLIP: ln(100), at the clamp): the official run
-# loads it with the checkpoint, but timm's vision-only weights lack it, so it is set here (presets too);
-# ln(1/0.07) (x14.3, CLIP's init) only for a tower trained from scratch
-logit_scale_init = math.log(100)
+# the loss over each pair of sides: "softmax" (CLIP's InfoNCE, the paper's) or "sigmoid" (SigLIP's pairwise
+# sigmoid loss, with a learnable logit bias: loss.siglip_loss)
+contrastive_loss = "softmax"
+# the logit scale's start (a log). None: the tower checkpoint's own where it has one (an open_clip checkpoint
+# as vision_weights), else softmax ln(100) (the pretrained OpenAI / EVA02-CLIP value, at the clamp: the
+# official run loads it with the checkpoint, timm's vision-only weights lack it), sigmoid ln(10) (SigLIP's
+# paper); ln(1/0.07) (x14.3, CLIP's init) for a softmax tower trained from scratch (presets set it)
+logit_scale_init = None
+logit_bias_init = None  # sigmoid only: the logit bias's start; None: the checkpoint's own, else -10 (SigLIP's paper)
 max_logit_scale = math.log(100)  # clamp after each step, like CLIP
-logit_scale_lr = 0.0  # the scale's own peak lr (same warm-up/cosine schedule); 0 = learning_rate (official)
+logit_scale_lr = 0.0  # the scale's (and bias's) own peak lr (same warm-up/cosine schedule); 0 = learning_rate (official)
 gradient_checkpointing = True  # recompute ViT activations in backward: larger batches per GPU
 compile = False  # torch.compile the model
 # data
@@ -86,6 +92,7 @@ batch_size = 4096  # global batch (all ranks): the number of in-batch negatives
 micro_batch_size = 0  # images per forward pass per rank; < per-rank batch -> gradient caching. 0 = all
 num_workers = 8  # data loader processes per rank
 skip_bad_images = False  # False: a missing/corrupt image stops the run naming it; True: skip + count
+jpeg_draft = False  # True: JPEGs decode at a reduced DCT scale (still >= the crop): faster loading, other pixels
 # optimisation
 learning_rate = 1e-5
 min_lr = 0.0  # cosine decays to this
@@ -95,7 +102,7 @@ layer_decay = 0.85  # ViT block i gets lr * layer_decay ** (depth - i); embeddin
 warmup_steps = 500
 max_steps = 10000
 grad_clip = 5.0  # 0 = off
-dtype = "bfloat16"  # autocast dtype on CUDA ("float32" = off); CPU always runs float32
+dtype = "auto"  # autocast dtype: "auto" = bfloat16 on CUDA, float32 on CPU; "float16" adds dynamic loss scaling
 seed = 0
 # checkpoints and logging
 save_interval = 1000  # steps between checkpoints (also at the end)
@@ -104,17 +111,23 @@ resume = False  # continue from the newest checkpoint in out_dir/checkpoints
 overwrite = False  # a fresh run into an out_dir holding another run's files deletes them (else it refuses)
 log_interval = 10
 peak_flops = 989e12  # per GPU, for the MFU estimate (H100 bf16 dense)
+# experiment tracking (rank 0): metrics.jsonl is always written; these also send its numbers on (tracking.MetricsLog)
+wandb_log = False  # Weights & Biases (pip install wandb; WANDB_MODE=offline works without a network)
+wandb_project = "llm2clip"
+wandb_run_name = ""  # "" = W&B's own name; a resumed run keeps its W&B run (out_dir/wandb_run.json)
+tensorboard_log = False  # TensorBoard event files in out_dir/tensorboard
 config_keys = [k for k, v in globals().items()
                if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, list, dict, type(None)))]
 # keys that may change on resume without changing the trajectory
 RESUME_FREE_KEYS = {"out_dir", "resume", "overwrite", "max_steps", "save_interval", "keep_checkpoints", "log_interval",
                      "eval_interval", "eval_batch_size", "val_manifest", "val_image_root", "val_cache_dir",
                      "eval_field", "num_workers", "compile", "peak_flops", "image_root", "train_manifest",
-                     "train_shards", "cache_dir", "text_model", "text_source", "train_index"}
+                     "train_shards", "cache_dir", "text_model", "text_source", "train_index", *tracking.KEYS}
 # declared once, checked before any heavy work (common.check_config): each key's range, the relations
 # between keys, and what each path key must be. A key's type is its default's.
 RULES = {
-    "text_source": common.one_of("cache", "online"), "dtype": common.one_of("float32", "bfloat16", "float16"),
+    "text_source": common.one_of("cache", "online"), "dtype": common.one_of("float32", "bfloat16", "float16", "auto"),
+    "contrastive_loss": common.one_of(*L.PAIR_LOSSES),
     "losses": common.one_of("a", "direct", "b", "c", "d"), "adaptor": common.one_of("linear", "transformer"),
     "eval_field": common.one_of("captions", "long_captions"), "pooling": common.one_of("", "mean", "eos"),
     "chat_template": common.chat_template,
@@ -131,16 +144,22 @@ RULES = {
     "text_lora_lr": common.positive, "logit_scale_lr": common.non_negative, "weight_decay": common.non_negative,
     "beta1": common.in_range(0, 0.999999, "a number in [0, 1)"), "beta2": common.in_range(0, 0.999999, "a number in [0, 1)"),
     "adam_eps": common.positive, "layer_decay": common.in_range(1e-9, 1, "a number in (0, 1]"),
-    "grad_clip": common.non_negative, "logit_scale_init": common.finite, "max_logit_scale": common.finite,
+    "grad_clip": common.non_negative, "max_logit_scale": common.finite,
+    **{k: (lambda v: v is None or common.finite[0](v),
+           "None (the tower checkpoint's own, else the loss's default) or a finite number")
+       for k in ("logit_scale_init", "logit_bias_init")},
     "peak_flops": common.positive,
     "vision_model": (lambda v: __import__("timm").is_model(v), "a timm model name (see timm.list_models())"),
 }
 RELATIONS = [
     (lambda c: c["min_lr"] <= c["learning_rate"],
      lambda c: f"min_lr={c['min_lr']!r}: expected a value in [0, learning_rate={c['learning_rate']!r}] (the cosine decays to it)"),
-    (lambda c: c["logit_scale_init"] <= c["max_logit_scale"],
+    (lambda c: c["logit_scale_init"] is None or c["logit_scale_init"] <= c["max_logit_scale"],
      lambda c: f"logit_scale_init={c['logit_scale_init']!r}: expected <= max_logit_scale={c['max_logit_scale']!r} "
                "(the scale is clamped there after every step)"),
+    (lambda c: c["logit_bias_init"] is None or c["contrastive_loss"] == "sigmoid",
+     lambda c: f"logit_bias_init={c['logit_bias_init']!r}: the logit bias belongs to contrastive_loss='sigmoid' "
+               f"(now {c['contrastive_loss']!r}: the softmax loss has none)"),
     (lambda c: (c["losses"] != "a") == bool(c["clip_text"]),
      lambda c: f"losses={c['losses']!r} with clip_text={c['clip_text']!r}: every variant but 'a' trains CLIP's own "
                "text tower, so clip_text must name it exactly when losses is not 'a'"),
@@ -154,6 +173,7 @@ RELATIONS = [
                "(equal forward chunks)"),
     (lambda c: bool(c["train_manifest"]) != bool(c["train_shards"]),
      "train_manifest, train_shards: set exactly one of train_manifest (JSONL + image_root) and train_shards (tar shards)"),
+    *tracking.RELATIONS,
 ]
 PATHS = {"out_dir": "out", "train_manifest": "file", "image_root": "dir", "cache_dir": "dir", "val_manifest": "file",
          "val_image_root": "dir", "val_cache_dir": "dir", "text_model": "model", "vision_weights": "file",
@@ -205,17 +225,40 @@ def build_model(cfg, text_dim, lora_llm, device, log):
     clip_text = None
     if cfg["clip_text"]:
         clip_text = zoo.load_open_clip_text(cfg["clip_text"]).requires_grad_(cfg["clip_text_trainable"])
-    net = M.LLM2CLIP(vision, text_dim, cfg["adaptor_blocks"], cfg["adaptor_expansion"], cfg["logit_scale_init"],
+    (scale, scale_from), (bias, bias_from) = logit_init(cfg, vision)
+    net = M.LLM2CLIP(vision, text_dim, cfg["adaptor_blocks"], cfg["adaptor_expansion"], scale,
                      text_sides=L.text_sides(cfg["losses"]), clip_text=clip_text, adaptor=cfg["adaptor"],
-                     text_encoder=lora_llm).to(device)
+                     text_encoder=lora_llm, logit_bias_init=bias).to(device)
     log(f"vision {cfg['vision_model']}: {sum(p.numel() for p in vision.parameters()) / 1e6:.2f}M params, input "
         f"{vision.data_config['input_size']}, output dim {vision.output_dim}; "
         + (f"{cfg['adaptor']} adaptor {text_dim} -> {vision.output_dim}, {cfg['adaptor_blocks']} blocks, "
            f"{sum(p.numel() for p in net.adaptor.parameters()) / 1e6:.2f}M params" if net.adaptor is not None
-           else "no LLM side") + f"; logit scale starts at x{math.exp(cfg['logit_scale_init']):.1f} "
-        f"(logit_scale_init), lr {cfg['logit_scale_lr'] or cfg['learning_rate']:.3g}, "
-        f"clamped at x{math.exp(cfg['max_logit_scale']):.1f}")
+           else "no LLM side") + f"; {cfg['contrastive_loss']} loss, logit scale starts at x{math.exp(scale):.1f} "
+        f"({scale_from})" + (f", logit bias at {bias:.2f} ({bias_from})" if bias is not None else "")
+        + f", lr {cfg['logit_scale_lr'] or cfg['learning_rate']:.3g}, clamped at x{math.exp(cfg['max_logit_scale']):.1f}")
     return net
+
+
+# where neither the config nor the tower's checkpoint sets them: the logits' start per loss, (log scale, bias)
+LOGIT_INIT = {"softmax": (math.log(100), None), "sigmoid": (math.log(10), -10.0)}
+
+
+def logit_init(cfg, vision):
+    """((log scale, from), (bias or None, from)): the config's value, else the tower checkpoint's own
+    (VisionTower.checkpoint_logits: an open_clip checkpoint as vision_weights; timm's hub weights carry
+    none), else LOGIT_INIT's; a scale above max_logit_scale starts at the clamp, as after every step."""
+    own, (scale0, bias0) = vision.checkpoint_logits, LOGIT_INIT[cfg["contrastive_loss"]]
+
+    def pick(key, name, default):
+        if cfg[key] is not None:
+            return cfg[key], key
+        if name in own:
+            return own[name], f"{name} of {cfg['vision_weights']}"
+        return default, f"{cfg['contrastive_loss']} default"
+    scale, scale_from = pick("logit_scale_init", "logit_scale", scale0)
+    if scale > cfg["max_logit_scale"]:
+        scale, scale_from = cfg["max_logit_scale"], f"{scale_from}, x{math.exp(scale):.1f} clamped to max_logit_scale"
+    return (scale, scale_from), (pick("logit_bias_init", "logit_bias", bias0) if bias0 is not None else (None, None))
 
 
 def text_inputs(model, texts, embeddings=None, frozen_llm=None, instruction=None, max_length=512, device=None):
@@ -266,9 +309,11 @@ def param_groups(orig_model, cfg):
              for p in m.parameters() if p.requires_grad]  # CLIP-T: when clip_text_trainable
     groups.append({"params": [p for p in heads if p.ndim >= 2], "weight_decay": cfg["weight_decay"], "lr_scale": 1.0})
     groups.append({"params": [p for p in heads if p.ndim < 2], "weight_decay": 0.0, "lr_scale": 1.0})
-    # the logit scale: its own lr (logit_scale_lr) through lr_scale, so it follows the same schedule
+    # the logit scale (and the sigmoid loss's bias): its own lr (logit_scale_lr) through lr_scale, so it
+    # follows the same schedule; never weight-decayed
     lr = cfg["learning_rate"]
-    groups.append({"params": [orig_model.logit_scale], "weight_decay": 0.0,
+    logits = [p for p in (orig_model.logit_scale, orig_model.logit_bias) if p is not None]
+    groups.append({"params": logits, "weight_decay": 0.0,
                    "lr_scale": (cfg["logit_scale_lr"] or lr) / lr if lr else 1.0})
     if orig_model.text_encoder is not None:  # the LLM's LoRA (text_lora_r > 0), at its own lr
         lora = [p for p in orig_model.text_encoder.parameters() if p.requires_grad]
@@ -276,14 +321,14 @@ def param_groups(orig_model, cfg):
     return [g for g in groups if g["params"]]
 
 
-def optimizer_step(orig_model, optimizer, cfg):
-    """Clip the gradient norm, step, zero the gradients, clamp the logit scale to max_logit_scale (CLIP)."""
-    if cfg["grad_clip"] > 0:
-        torch.nn.utils.clip_grad_norm_(orig_model.parameters(), cfg["grad_clip"])
-    optimizer.step()
+def optimizer_step(orig_model, optimizer, cfg, scaler=None, where=""):
+    """Clip the gradient norm, step (through the float16 loss scaler: common.scaled_step), zero the
+    gradients, clamp the logit scale to max_logit_scale (CLIP). -> (skipped by the scaler, gradient norm)."""
+    skipped, grad_norm = common.scaled_step(optimizer, scaler, orig_model.parameters(), cfg["grad_clip"], where)
     optimizer.zero_grad(set_to_none=True)
     with torch.no_grad():
         orig_model.logit_scale.clamp_(max=cfg["max_logit_scale"])
+    return skipped, grad_norm
 
 
 # -----------------------------------------------------------------------------
@@ -298,7 +343,7 @@ def save(ckpts, run, step, bad_images):
             "model": common.trainable_state(run.orig_model), "optimizer": run.optimizer.state_dict(),
             "config": common.jsonable(run.cfg), "world_size": run.world_size, "data": run.data_id,
             "rng": {"torch": [r["torch"] for r, _ in ranks], "cuda": [r["cuda"] for r, _ in ranks]},
-            "bad_images": [list(b) for _, b in ranks]})
+            "bad_images": [list(b) for _, b in ranks], "scaler": run.scaler.state_dict(), "skipped_steps": run.skipped})
     if run.ddp:
         dist.barrier()
     return path
@@ -310,17 +355,21 @@ def resume_from(ckpts, run, log):
     if ck is None:
         log(f"resume=True but no checkpoint in {run.cfg['out_dir']}/checkpoints: starting from scratch")
         return 0, [], None
-    common.check_resume(path, ck, run.cfg, RESUME_FREE_KEYS, run.data_id)
+    common.check_resume(path, ck, run.cfg, RESUME_FREE_KEYS, run.data_id, run.world_size, run.orig_model,
+                        defaults={k: globals()[k] for k in config_keys})
     common.load_trainable_state(run.orig_model, ck["model"], path)
     run.optimizer.load_state_dict(ck["optimizer"])
+    if ck.get("scaler"):  # float16: the loss scale and its growth counter, so the next skips replay too
+        run.scaler.load_state_dict(ck["scaler"])
+    run.skipped = ck.get("skipped_steps", 0)
     rank = run.rank
     if ck["world_size"] == run.world_size:
         bad = list(ck["bad_images"][rank])
         common.set_rng_state({"torch": ck["rng"]["torch"][rank], "cuda": ck["rng"]["cuda"][rank]})
     else:
         bad = [b for part in ck["bad_images"] for b in part] if run.master else []
-        log(f"note: checkpoint from {ck['world_size']} ranks, now {run.world_size}: data order is kept, "
-            "per-rank RNG streams are reseeded")
+        log(f"note: checkpoint from {ck['world_size']} ranks, now {run.world_size}: the global batches and crops "
+            "are kept (functions of the step and record), the model draws no random numbers: the run continues exactly")
     log(f"resumed from {path} at step {ck['step']}")
     return ck["step"], bad, path
 
@@ -351,13 +400,8 @@ def evaluate_sides(run, val, at_step, log):
             + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
         rec.setdefault("eval", metrics)
         rec[f"eval_{name}"] = metrics
-    write_metrics(run.cfg["out_dir"], rec)
+    run.metrics.write(rec)
     return rec["eval"]
-
-
-def write_metrics(out_dir, rec):
-    with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(rec) + "\n")
 
 
 # -----------------------------------------------------------------------------
@@ -389,17 +433,24 @@ def train(run, loader, ckpts, step, bad_images, last_ckpt, val, log):
         for g in run.optimizer.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)
 
-        # the loss: CLIP's over the global batch for each pair of sides; chunks of `micro` when a rank's
-        # share does not fit one forward pass (gradient caching: the full batch's negatives, one chunk's memory)
+        # the loss: CLIP's (or SigLIP's) over the global batch for each pair of sides; chunks of `micro` when a
+        # rank's share does not fit one forward pass (gradient caching: the full batch's negatives, one chunk's memory)
         chunks = list(zip(images.split(run.micro), split_batch(text, run.micro)))
-        loss = L.grad_cache_step(lambda c: model(*c), [chunks], lambda out: L.multi_clip_loss(out, terms),
-                                 no_sync=model.no_sync if run.ddp else None, autocast=run.autocast)
+        loss = L.grad_cache_step(lambda c: model(*c), [chunks],
+                                 lambda out: L.multi_clip_loss(out, terms, cfg["contrastive_loss"]),
+                                 no_sync=model.no_sync if run.ddp else None, autocast=run.autocast, scaler=run.scaler)
         if run.ddp:
             dist.all_reduce(loss, op=dist.ReduceOp.AVG)  # every rank sees the same value: stop together
+        # the loss is float32 and unscaled: non-finite means the forward diverged, so the run stops; float16
+        # gradients that overflow at the current loss scale are the scaler's routine: skipped and counted
+        newest = f"; last good checkpoint: {last_ckpt or 'none (no checkpoint saved yet)'}"
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}; last good checkpoint: "
-                                     f"{last_ckpt or 'none (no checkpoint saved yet)'}")
-        optimizer_step(net, run.optimizer, cfg)
+            raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}{newest}")
+        skipped, grad_norm = optimizer_step(net, run.optimizer, cfg, run.scaler, f" at step {step}{newest}")
+        if skipped:
+            run.skipped += 1
+            log(f"step {step + 1}: float16 gradients overflowed, step skipped ({run.skipped} so far), loss scale "
+                f"now {run.scaler.get_scale():g}")
         step += 1
         loss_interval += loss
         n_interval += 1
@@ -415,12 +466,20 @@ def train(run, loader, ckpts, step, bad_images, last_ckpt, val, log):
                    "ms_per_step": 1000 * dt / n_interval, "data_wait": wait_interval / dt}
             line = (f"step {step}: loss {rec['loss']:.4f}, lr {lr:.3g}, logit scale {rec['logit_scale']:.2f}, "
                     f"{rec['samples_per_s']:.1f} samples/s, {rec['ms_per_step']:.1f} ms/step, data wait {100 * rec['data_wait']:.0f}%")
+            if torch.isfinite(grad_norm):  # this step's, before clipping (a skipped float16 step's is inf)
+                rec["grad_norm"] = grad_norm.item()
+                line += f", grad norm {rec['grad_norm']:.3g}"
+            if net.logit_bias is not None:
+                rec["logit_bias"] = net.logit_bias.item()
+                line += f", logit bias {rec['logit_bias']:.2f}"
+            if run.scaler.is_enabled():  # float16: the dynamic loss scale and the steps it skipped so far
+                rec.update(loss_scale=run.scaler.get_scale(), skipped_steps=run.skipped)
+                line += f", loss scale {rec['loss_scale']:g} ({run.skipped} skipped)"
             if str(run.device).startswith("cuda"):
                 rec["mfu"] = flops_per_image * rec["samples_per_s"] / (run.world_size * cfg["peak_flops"])
                 line += f", MFU {100 * rec['mfu']:.1f}%"
             log(line)
-            if run.master:
-                write_metrics(cfg["out_dir"], rec)
+            run.metrics.write(rec)  # rank 0: metrics.jsonl, and W&B / TensorBoard when on
             t_interval, wait_interval, loss_interval, n_interval = time.time(), 0.0, torch.zeros((), device=run.device), 0
 
         if step % cfg["save_interval"] == 0 or step == cfg["max_steps"]:
@@ -436,6 +495,7 @@ def main(argv=None):
     # --- config, distributed init, run record
     cfg = common.configure({k: globals()[k] for k in config_keys}, argv, __doc__)
     check_config(cfg)
+    common.elastic_restart(cfg)  # restarted by torchrun --max_restarts: resume from the newest checkpoint
     uses_llm = cfg["losses"] != "direct"  # direct: the LLM side is off (plain CLIP fine-tuning)
     ddp, rank, local_rank, world_size, device = common.setup_distributed()
     master = rank == 0
@@ -446,11 +506,12 @@ def main(argv=None):
     if local_batch % micro:
         raise ValueError(f"micro_batch_size={micro}: expected a divisor of the per-rank batch {local_batch} "
                          f"(batch_size={cfg['batch_size']} over {world_size} ranks)")
-    _, autocast = common.resolve_dtype(cfg["dtype"], device)
+    dtype, autocast = common.resolve_dtype(cfg["dtype"], device)
     out = cfg["out_dir"]
     log = common.open_run(out, "post_train", master, cfg["resume"], cfg["overwrite"])  # one run per out_dir
     log(f"world size {world_size}, global batch {cfg['batch_size']} = {world_size} ranks x {local_batch}"
-        f" ({math.ceil(local_batch / micro)} forward chunks of {micro})")
+        f" ({math.ceil(local_batch / micro)} forward chunks of {micro}); {str(dtype).split('.')[-1]} on {device}"
+        + (" with dynamic loss scaling" if dtype == torch.float16 else ""))
 
     # --- data: the training index (built once, memory-mapped), the cache checked against it
     index, cache = data_index.train_data(cfg, rank, world_size, log, uses_llm)
@@ -476,11 +537,13 @@ def main(argv=None):
     run = types.SimpleNamespace(  # what the loop, checkpoints and evals share
         cfg=cfg, ddp=ddp, rank=rank, world_size=world_size, master=master, device=device, autocast=autocast,
         micro=micro, orig_model=orig_model, model=orig_model, optimizer=optimizer, data_id=data_id,
+        scaler=common.grad_scaler(dtype, device), skipped=0,  # float16: dynamic loss scaling, steps it skipped
         frozen_llm=frozen_llm, llm_args=(text_cfg["instruction"], text_cfg["max_length"]) if uses_llm else (None, 512))
     ckpts = common.Checkpoints(out, cfg["keep_checkpoints"], log)
     step, bad_images, last_ckpt = resume_from(ckpts, run, log) if cfg["resume"] else (0, [], None)
     if master:  # once data and resume are accepted: a refused run changes nothing in out_dir
         common.save_run_info(out, cfg, __file__, extra={"world_size": world_size})
+    run.metrics = tracking.MetricsLog(out, cfg, master, step, log)  # metrics.jsonl from `step` on (+ W&B, TensorBoard)
     model = torch.compile(orig_model) if cfg["compile"] else orig_model
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if "cuda" in str(device) else None)
@@ -503,7 +566,8 @@ def main(argv=None):
         if bad_images:
             log(f"skipped {len(bad_images)} bad images (skip_bad_images=True): " + ", ".join(sorted(set(bad_images))[:20])
                 + (" ..." if len(set(bad_images)) > 20 else ""))
-        write_metrics(out, {"step": step, "bad_images": len(bad_images)})
+        run.metrics.write({"step": step, "bad_images": len(bad_images)})
+        run.metrics.close()
         common.unlock_out_dir(out)
     common.cleanup_distributed(ddp)
     return {"step": step, "bad_images": len(bad_images), "out_dir": out}

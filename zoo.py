@@ -1,6 +1,7 @@
 """Every model family evaluate.py scores, behind one interface (data_config, encode_images(images),
 encode_texts(texts)): transformers CLIP/SigLIP folders or hub names, open_clip:NAME/PRETRAINED (an
-optional package, imported only when named), and LLM2CLIP out_dirs (one row per text encoder); plus
+optional package, imported only when named), LLM2CLIP out_dirs (one row per text encoder) and
+hf_llm2clip:PATH (remote-code LLM2CLIP folders: the released models, hf_release.py's exports); plus
 the sharded encoding of images and texts with any of them. And the other end of an LLM2CLIP out_dir:
 the text settings post_train.py embeds captions with, its held-out eval set, and `export`, which writes
 what load_models (model.load_llm2clip) reads back.
@@ -9,6 +10,7 @@ Kept out of the stage scripts so evaluate.py reads as metrics, datasets and task
 its training loop; downstream.py (linear probe, HF export) loads models from here too.
 """
 import json
+import math
 import os
 
 import numpy as np
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 import common
 from cache import EmbeddingCache, encoder_mismatch, model_fingerprint
 from data import DataError, ImageDataset, eval_transform, open_image, read_manifest
+from data_index import worker_init
 
 # -----------------------------------------------------------------------------
 # what a --model / --device value must be, checked before any model loads (with the scripts' other rules)
@@ -37,10 +40,17 @@ def is_device(v):
 DEVICE_RULE = (is_device, "'' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'")
 
 
-def check_model_specs(specs, key="model"):
+def check_model_specs(specs, key="model", trust_remote_code=False):
     """Each --model item as common.check_config checks a "model" path (a path-looking one that does not exist
-    is an error naming `key`, never a hub lookup; in open_clip:NAME/PRETRAINED a path-looking PRETRAINED must be a file)."""
+    is an error naming `key`, never a hub lookup; in open_clip:NAME/PRETRAINED a path-looking PRETRAINED must be a file).
+    hf_llm2clip:PATH runs PATH's own Python code, so it also needs trust_remote_code (--trust_remote_code=True)."""
     for spec in specs:
+        if spec.startswith(ReleasedLLM2CLIP.PREFIX):
+            spec = spec[len(ReleasedLLM2CLIP.PREFIX):]
+            if not spec or not trust_remote_code:
+                raise ValueError(f"{key}={ReleasedLLM2CLIP.PREFIX}{spec}: " + (
+                    "expected hf_llm2clip:FOLDER_OR_HUB_NAME" if not spec else "a released-style LLM2CLIP model runs the "
+                    "Python files of its folder (transformers remote code); pass --trust_remote_code=True to allow it"))
         common.check_config({key: spec}, paths={key: "model"})
 
 
@@ -66,6 +76,23 @@ def hf_data_config(processor):
         h, w = (_get(size, "height") or short), (_get(size, "width") or short)
     return {"input_size": (3, h, w), "interpolation": "bicubic", "crop_pct": min(h, w) / short,
             "crop_mode": "center", "mean": tuple(processor.image_mean), "std": tuple(processor.image_std)}
+
+
+def hf_image_processor(data_config):
+    """The other way (for the exports): a CLIPImageProcessor with our eval transform's geometry and statistics:
+    bicubic resize of the short side to floor(size / crop_pct), centre crop to size, the tower's mean/std (also
+    for SigLIP towers: SiglipImageProcessor can only squash to a square). Known difference: transformers' centre
+    crop starts at floor((L - size) / 2), torchvision's (ours) at round-half-even, one pixel further when
+    L - size is 3 mod 4. transformers' default torchvision backend also resizes tensors, not PIL images
+    (~1/255 apart); `backend="pil"` reproduces our pixels exactly otherwise."""
+    from transformers import CLIPImageProcessor
+    _, h, w = data_config["input_size"]
+    if h != w or data_config.get("crop_mode", "center") != "center" or data_config.get("interpolation") != "bicubic":
+        raise ValueError(f"data config {data_config}: an exported image processor holds square, bicubic, "
+                         "centre-crop preprocessing only")
+    short = math.floor(h / data_config.get("crop_pct", 1.0))
+    return CLIPImageProcessor(size={"shortest_edge": short}, crop_size={"height": h, "width": w}, resample=3,
+                              do_center_crop=True, image_mean=list(data_config["mean"]), image_std=list(data_config["std"]))
 
 
 def _pooled(out):
@@ -313,6 +340,77 @@ class LLM2CLIP:
         return getattr(self.text_encoder, "max_length", None)
 
 
+class ReleasedLLM2CLIP:
+    """`hf_llm2clip:PATH`: an LLM2CLIP model shipped as transformers remote code (the released
+    microsoft/LLM2CLIP-Openai-B-16, -L-14-224, -L-14-336, or a folder hf_release.py wrote), scored as code written
+    for those models uses them: get_image_features(pixel_values) with its CLIP image processor's settings (under
+    our one preprocessing rule, hf_data_config) and get_text_features(embeddings) on the stage-1 encoder's pooled
+    caption embeddings. The text side is cfg's text_model, else the folder's `llm2clip_text` (our exports record
+    theirs), else RELEASED_TEXT_MODEL; each setting is cfg's where set, else that record's, else a stage-1
+    out_dir's own, else RELEASED_TEXT. The image processor: cfg's image_processor, else the folder's
+    preprocessor_config.json, else a released model's base CLIP (BASE_PROCESSORS). Needs cfg trust_remote_code."""
+
+    PREFIX = "hf_llm2clip:"
+    RELEASED_TEXT_MODEL = "microsoft/LLM2CLIP-Llama-3-8B-Instruct-CC-Finetuned"
+    # how the official code embeds captions for its released models (llm2clip/data/extract_embedding.py and
+    # mteb's wrapper: LLM2Vec(pooling_mode="mean", max_length=512, doc_max_length=512) on the name that turns on
+    # its Llama-3 user-turn wrapping); docs/evaluation.md
+    RELEASED_TEXT = {"bidirectional": True, "pooling": "mean", "chat_template": "llama3", "instruction": None,
+                     "max_length": 512, "official_extraction": True}
+    BASE_PROCESSORS = {"LLM2CLIP-Openai-B-16": "openai/clip-vit-base-patch16",
+                       "LLM2CLIP-Openai-L-14-224": "openai/clip-vit-large-patch14",
+                       "LLM2CLIP-Openai-L-14-336": "openai/clip-vit-large-patch14-336"}  # released without one
+
+    def __init__(self, spec, device, cfg=None, load_text=True):
+        from transformers import AutoImageProcessor, AutoModel
+        cfg = cfg or {}
+        self.path, self.device = spec[len(self.PREFIX):], device
+        check_model_specs([spec], trust_remote_code=cfg.get("trust_remote_code"))
+        try:
+            self.model = AutoModel.from_pretrained(self.path, trust_remote_code=True).to(device).eval()
+            proc = cfg.get("image_processor") or (
+                self.path if os.path.isfile(os.path.join(self.path, "preprocessor_config.json")) else
+                self.BASE_PROCESSORS.get(os.path.basename(self.path.rstrip("/"))))
+            if not proc:
+                raise ValueError("no preprocessor_config.json: pass --image_processor=NAME (the CLIP it was "
+                                 "post-trained from, e.g. openai/clip-vit-large-patch14-336)")
+            self.data_config = hf_data_config(AutoImageProcessor.from_pretrained(proc))
+        except (OSError, ValueError) as e:
+            first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+            raise ValueError(f"model={spec!r}: cannot load it as a remote-code LLM2CLIP model ({first})") from None
+        self.text_encoder = self._text_encoder(cfg) if load_text else None
+
+    def _text_encoder(self, cfg):
+        import model as M
+        own = dict(getattr(self.model.config, "llm2clip_text", None) or {})
+        name = cfg.get("text_model") or own.get("model") or self.RELEASED_TEXT_MODEL
+        if own and not cfg.get("text_model"):
+            check_export_text_model(self.path, {"text": own})
+        stage1 = os.path.isfile(os.path.join(name, M.ENCODER_CONFIG))
+        base, where = (own, "the folder's llm2clip_text") if own else (
+            ({}, "its encoder.json") if stage1 else (self.RELEASED_TEXT, "the official extraction's"))
+        given = _llm_text_settings(cfg)
+        t = {k: given.get(k, base.get(k)) for k in TEXT_KEYS}
+        enc = M.load_text_encoder(name, bidirectional=t["bidirectional"], pooling=t["pooling"],
+                                  chat_template=t["chat_template"], official_extraction=t.get("official_extraction"),
+                                  dtype=cfg.get("dtype") or None, device=self.device)
+        self.instruction, self.max_length = t["instruction"], t["max_length"] or enc.settings.get("max_length") or 512
+        print(common.describe_text_encoder(enc, given) + f", instruction={self.instruction!r}, max_length="
+              f"{self.max_length} (settings not set: {where})")
+        return enc
+
+    def encode_images(self, images):
+        return _pooled(self.model.get_image_features(pixel_values=images.to(self.model.dtype)))
+
+    def encode_texts(self, texts):
+        emb = self.text_encoder.encode(texts, self.instruction, self.max_length, batch_size=len(texts))
+        return _pooled(self.model.get_text_features(emb.to(self.device, self.model.dtype)))
+
+    @property
+    def truncation(self):
+        return getattr(self.text_encoder, "truncation", None)
+
+
 def _llm_text_settings(cfg):
     """cfg's LLM text-encoder settings that are set (the others stay as llm2clip.json recorded them)."""
     if not cfg:
@@ -347,9 +445,10 @@ def check_export_text_model(spec, meta):
 def load_models(spec, device, cfg=None):
     """--model item -> [(row name, model)]: one row per text encoder of an LLM2CLIP out_dir (it has
     llm2clip.json: its LLM side, CLIP-T and Cat head, as `text_encoders` lists them; rows "spec [name]" when
-    the run has other than the LLM side alone), else one row of a HF CLIP/SigLIP folder or hub name.
-    The rows of one out_dir share its image encoder. cfg's LLM text-encoder settings (bidirectional,
-    pooling, chat_template, instruction, max_length), where set, override what llm2clip.json recorded."""
+    the run has other than the LLM side alone), one row of hf_llm2clip:PATH (ReleasedLLM2CLIP), else one row of
+    a HF CLIP/SigLIP folder or hub name. The rows of one out_dir share its image encoder. cfg's LLM text-encoder
+    settings (bidirectional, pooling, chat_template, instruction, max_length), where set, override what
+    llm2clip.json recorded."""
     if os.path.isfile(os.path.join(spec, "llm2clip.json")):
         import model as M  # local: baselines need no model.py
         meta = M.read_llm2clip_config(spec)
@@ -362,6 +461,8 @@ def load_models(spec, device, cfg=None):
         image_encoder, _ = M.load_llm2clip(spec, device=device, load_text=False)
         return [(f"{spec} [{n}]", _log_llm_side(LLM2CLIP(image_encoder, load_llm2clip_text(spec, n, device, **kw)),
                                                  text)) for n in names]
+    if spec.startswith(ReleasedLLM2CLIP.PREFIX):  # transformers remote code: the released models, our hf_release.py
+        return [(spec, ReleasedLLM2CLIP(spec, device, cfg))]
     if spec.startswith(OpenCLIP.PREFIX):
         return [(spec, OpenCLIP(spec, device))]
     return [(spec, load_hf_clip(spec, device))]
@@ -443,7 +544,8 @@ def encode_images(m, paths, cfg, dist_info, desc="images"):
     ddp, rank, world, device = dist_info
     lo, hi = _shard(len(paths), rank, world)
     loader = DataLoader(_ErrorsAsValues(ImageDataset(paths[lo:hi], eval_transform(m.data_config))),
-                        batch_size=cfg["batch_size"], num_workers=cfg["num_workers"], collate_fn=_collate)
+                        batch_size=cfg["batch_size"], num_workers=cfg["num_workers"], collate_fn=_collate,
+                        worker_init_fn=worker_init)
     feats = []
     for batch in tqdm(loader, desc=desc, disable=rank != 0):
         if isinstance(batch, DataError):  # an image that cannot be decoded, named by data.open_image
@@ -475,7 +577,7 @@ def encode_texts(m, texts, cfg, dist_info, desc="texts"):
 # post_train.py's side of an LLM2CLIP out_dir: the text settings it embeds captions with, its held-out
 # eval set (texts with their LLM embeddings, images), and the export that load_models reads back
 
-TEXT_KEYS = ("bidirectional", "pooling", "chat_template", "instruction", "max_length")
+TEXT_KEYS = ("bidirectional", "pooling", "chat_template", "instruction", "max_length", "official_extraction")
 
 
 def text_settings(cfg, cache):
@@ -505,7 +607,8 @@ def load_text_model(text_cfg, device, lora=None):
     """The stage-1 encoder with the settings in text_cfg (None = the encoder's own); lora: see load_text_encoder."""
     import model as M  # local: baselines need no model.py
     return M.load_text_encoder(text_cfg["model"], pooling=text_cfg["pooling"], bidirectional=text_cfg["bidirectional"],
-                               chat_template=text_cfg["chat_template"], device=device, lora=lora)
+                               chat_template=text_cfg["chat_template"], device=device, lora=lora,
+                               official_extraction=text_cfg.get("official_extraction"))
 
 
 def load_val(cfg, text_cfg, text_encoder, device, need_embeddings=True):
@@ -550,6 +653,8 @@ def export(out_dir, orig_model, cfg, text_cfg):
     meta = {"vision": {"model_name": vision.model_name, "timm_kwargs": vision.timm_kwargs, "file": "vision_tower.pt"},
             "text_encoders": list(orig_model.text_names), "losses": cfg.get("losses", "a"),
             "logit_scale": orig_model.logit_scale.exp().item(), "code_version": common.code_version()}
+    if orig_model.logit_bias is not None:  # the sigmoid loss: its bias belongs to the scores
+        meta.update(contrastive_loss="sigmoid", logit_bias=orig_model.logit_bias.item())
     if adaptor is not None:
         common.atomic_torch_save(adaptor.state_dict(), os.path.join(out_dir, "adaptor.pt"))
         meta["adaptor"] = {**M.adaptor_spec(adaptor), "file": "adaptor.pt"}

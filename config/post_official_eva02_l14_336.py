@@ -16,7 +16,7 @@ beta1, beta2, adam_eps = 0.9, 0.999, 1e-8  # their get_default_params for a mode
 batch_size = 4096  # --batch-size=512 per GPU x 8 GPUs
 micro_batch_size = 128  # per GPU forward; gradient caching makes up the rest (they fit 512 with DeepSpeed ZeRO-1)
 gradient_checkpointing = True  # --grad-checkpointing
-dtype = "bfloat16"  # they ran --precision fp16 with DeepSpeed loss scaling; post_train has no loss scaler, so bf16
+dtype = "bfloat16"  # they ran --precision fp16 with DeepSpeed loss scaling: dtype="float16" does that (GradScaler); bf16 needs none
 grad_clip = 5.0  # --grad-clip-norm=5.0
 warmup_steps = 0  # --warmup 0
 min_lr = 0.0  # their warmup_cosine_lr decays to 0

@@ -109,3 +109,35 @@ def tiny_clip(tmp_path_factory):
     CLIPModel(cfg).save_pretrained(d)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(d)
     return d
+
+
+@pytest.fixture(scope="session")
+def tiny_llm2clip_run(tmp_path_factory, tiny_models):
+    """A stage-2 out_dir as post_train.py writes it (zoo.export): a random OpenAI-CLIP-style timm tower (56 px, 2
+    blocks, 24-d head) and a 1-block adaptor over the tiny llama's (32-d) embeddings -> (out_dir, text model)."""
+    import model as M
+    import zoo
+    llm = tiny_models("llama")
+    torch.manual_seed(0)
+    tower = M.VisionTower("vit_base_patch16_clip_224.openai", embed_dim=24,
+                          timm_kwargs=dict(img_size=56, patch_size=14, embed_dim=32, depth=2, num_heads=2))
+    out = str(tmp_path_factory.mktemp("tiny_llm2clip_run"))
+    zoo.export(out, M.LLM2CLIP(tower, text_dim=32, adaptor_blocks=1), {},
+               {"model": llm, "bidirectional": True, "pooling": "mean", "chat_template": "", "instruction": None,
+                "max_length": 64})
+    return out, llm
+
+
+def overflow_at(monkeypatch, steps):
+    """Give the gradients of the n-th optimizer steps (0-based, n in `steps`) an inf, as a float16 overflow
+    would; returns the list of calls so far. Patches common.scaled_step, which both training stages step through."""
+    import common
+    calls, real = [], common.scaled_step
+
+    def overflowing(optimizer, *a, **kw):
+        if len(calls) in steps:
+            next(p for g in optimizer.param_groups for p in g["params"] if p.grad is not None).grad.view(-1)[0] = float("inf")
+        calls.append(len(calls))
+        return real(optimizer, *a, **kw)
+    monkeypatch.setattr(common, "scaled_step", overflowing)
+    return calls

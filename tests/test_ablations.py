@@ -71,8 +71,9 @@ def plain_clip_loss(a, b, scale):
     return (-logits.log_softmax(1)[idx, idx].mean() - logits.log_softmax(0)[idx, idx].mean()) / 2
 
 
-def reference_loss(net, images, text):
-    """Each variant's loss from the towers called directly (the paper's Table 10 rows, one by one)."""
+def reference_loss(net, images, text, pair=plain_clip_loss):
+    """Each variant's loss from the towers called directly (the paper's Table 10 rows, one by one);
+    pair(a, b, scale): the loss of one pair of sides."""
     img = net.vision(images)
     scale = net.logit_scale.exp()
     feats = {}
@@ -85,15 +86,15 @@ def reference_loss(net, images, text):
         feats["cat"] = cat @ net.cat_head.proj.weight.T + net.cat_head.proj.bias
     pairs = {"a": [("llm", img)], "direct": [("clip_t", img)], "b": [("llm", img), ("clip_t", img)],
              "c": [("llm", img), ("clip_t", img), ("clip_t", feats.get("llm"))], "d": [("cat", img)]}[net.losses]
-    return sum(plain_clip_loss(feats[name], other, scale) for name, other in pairs)
+    return sum(pair(feats[name], other, scale) for name, other in pairs)
 
 
-def step(model, net, images, text, micro=0):
+def step(model, net, images, text, micro=0, contrastive_loss="softmax"):
     """post_train's step: chunks of `micro` (0 = one chunk) through loss.grad_cache_step with the variant's loss."""
     micro = micro or images.shape[0]
     chunks = list(zip(images.split(micro), post_train.split_batch(text, micro)))
     terms = L.LOSS_TERMS[net.losses]
-    return L.grad_cache_step(lambda c: model(*c), [chunks], lambda out: L.multi_clip_loss(out, terms),
+    return L.grad_cache_step(lambda c: model(*c), [chunks], lambda out: L.multi_clip_loss(out, terms, contrastive_loss),
                              no_sync=getattr(model, "no_sync", None))
 
 
@@ -291,6 +292,34 @@ def test_direct_is_a_plain_clip_finetune_step(w, tmp_path):
     assert ref.keys() == ck["model"].keys()
     for k in ref:
         assert torch.allclose(ref[k], ck["model"][k], atol=1e-5), (k, (ref[k] - ck["model"][k]).abs().max().item())
+
+
+def test_sigmoid_loss_bias_trains_undecayed_is_checkpointed_and_exported(w, tmp_path, capsys):
+    """contrastive_loss=sigmoid: the bias starts at SigLIP's -10 (the scale at the config's value), sits in the
+    logit scale's no-decay group, moves, is logged, checkpointed, resumed and recorded in llm2clip.json, where
+    load_llm2clip's ImageEncoder exposes it; a softmax export has none (read as before)."""
+    out = tmp_path / "sigmoid"
+    run(w, out, "--contrastive_loss=sigmoid", "--max_steps=2", "--save_interval=1", "--logit_scale_init=None")
+    assert "sigmoid loss, logit scale starts at x10.0 (sigmoid default), logit bias at -10.00 (sigmoid default)" \
+        in capsys.readouterr().out
+    bias = [json.loads(ln)["logit_bias"] for ln in open(out / "metrics.jsonl") if "logit_bias" in ln]
+    ck = last_checkpoint(out)
+    assert len(bias) == 2 and -10 < bias[0] and bias[-1] == ck["model"]["logit_bias"].item()
+    meta = json.load(open(out / "llm2clip.json"))
+    assert meta["contrastive_loss"] == "sigmoid" and meta["logit_bias"] == bias[-1] and meta["format_version"] == 1
+    image_enc, _ = M.load_llm2clip(str(out), load_text=False)
+    assert (image_enc.logit_bias, image_enc.logit_scale) == (meta["logit_bias"], meta["logit_scale"])
+    net = M.LLM2CLIP(tiny_vit(), LLM_DIM, 1, logit_bias_init=-10.0)
+    (g,) = [g for g in post_train.param_groups(net, ck["config"]) if any(p is net.logit_bias for p in g["params"])]
+    assert g["weight_decay"] == 0 and any(p is net.logit_scale for p in g["params"])  # the scale's group
+    run(w, out, "--contrastive_loss=sigmoid", "--max_steps=3", "--save_interval=1", "--logit_scale_init=None",
+        "--resume=True")
+    assert last_checkpoint(out)["step"] == 3 and "resumed from" in capsys.readouterr().out
+    run(w, tmp_path / "softmax")
+    meta = json.load(open(tmp_path / "softmax" / "llm2clip.json"))
+    assert "logit_bias" not in meta and M.load_llm2clip(str(tmp_path / "softmax"), load_text=False)[0].logit_bias is None
+    with pytest.raises(ValueError, match="logit_bias_init=-3.0: the logit bias belongs to contrastive_loss='sigmoid'"):
+        run(w, tmp_path / "bad", "--logit_bias_init=-3.0")
 
 
 def test_evaluate_scores_every_text_encoder_of_a_run(w, tmp_path):

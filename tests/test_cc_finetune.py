@@ -1,6 +1,7 @@
 """Stage 1 (cc_finetune.py): end to end single process and torchrun, gradient caching = full batch,
 exact resume (in-process interruption and a real SIGKILL), real-data c2c baseline, bad input."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -253,6 +254,39 @@ def test_resume_after_sigkill_is_exact(tiny, tmp_path):
     cc_finetune.main(_args(tiny, out, resume=True, **opts))
     assert f"steps {step} -> 25 (resumed from" in _log(out)
     assert _max_diff(_adapter(ref), _adapter(out)) <= 1e-6
+
+
+def test_float16_skips_overflow_and_resumes_bitwise_bfloat16_runs(tiny, tmp_path, monkeypatch):
+    """dtype=float16 on CPU (float16 weights, float32 LoRA, dynamic loss scaling): an overflowing step is skipped
+    and counted, an interrupted run resumes to the uninterrupted adapter bitwise, loss scaler state included;
+    dtype=bfloat16 runs with bfloat16 autocast (no scaler); the default ("auto") stays float32 on a CPU."""
+    from conftest import overflow_at
+    opts = dict(dtype="float16", max_steps=5, save_interval=1, keep_checkpoints=0)
+    calls = overflow_at(monkeypatch, {3})
+    res = cc_finetune.main(_args(tiny, str(tmp_path / "full"), **opts))
+    cks = [torch.load(p, weights_only=True) for p in common.checkpoint_paths(str(tmp_path / "full"))]
+    assert len(calls) == 5 and math.isfinite(res["final_loss"]) and res["skipped_steps"] == cks[-1]["skipped_steps"] >= 1
+    assert _max_diff(cks[3]["model"], cks[2]["model"]) == 0 and cks[3]["skipped_steps"] == cks[2]["skipped_steps"] + 1
+    assert _max_diff(cks[4]["model"], cks[3]["model"]) > 0  # the last step trains (2^16 overflows the first ones)
+    assert cks[3]["scaler"]["scale"] == cks[2]["scaler"]["scale"] / 2 and all(v.dtype == torch.float32 for v in cks[3]["model"].values())
+    log = _log(str(tmp_path / "full"))
+    assert "float16 autocast with dynamic loss scaling on cpu" in log and "step 4: float16 gradients overflowed" in log
+    rows = [json.loads(ln) for ln in open(tmp_path / "full" / "metrics.jsonl") if '"loss"' in ln]
+    assert [(r["step"], r["skipped_steps"], r["loss_scale"]) for r in rows] == [
+        (s, cks[s - 1]["skipped_steps"], cks[s - 1]["scaler"]["scale"]) for s in (2, 4, 5)]  # log_interval=2
+    out = str(tmp_path / "resumed")
+    calls.clear()
+    run_killed_after_first_save(monkeypatch, _args(tiny, out, **{**opts, "save_interval": 2}))
+    assert len(calls) == 2  # the resumed run's second step (step 3) overflows, as in the uninterrupted run
+    cc_finetune.main(_args(tiny, out, resume=True, **{**opts, "save_interval": 2}))
+    resumed = torch.load(common.checkpoint_paths(out)[-1], weights_only=True)
+    assert _max_diff(cks[-1]["model"], resumed["model"]) == 0 and _max_diff(_adapter(str(tmp_path / "full")), _adapter(out)) == 0
+    assert resumed["scaler"] == cks[-1]["scaler"] and resumed["skipped_steps"] == cks[-1]["skipped_steps"]
+    monkeypatch.undo()
+    losses = {dt: cc_finetune.main(_args(tiny, str(tmp_path / dt), dtype=dt, max_steps=2))["final_loss"]
+              for dt in ("bfloat16", "auto")}
+    assert 0 < abs(losses["bfloat16"] - losses["auto"]) < 0.2  # bfloat16 rounding, not float32's numbers
+    assert "bfloat16 autocast on cpu" in _log(str(tmp_path / "bfloat16")) and "fp32 on cpu" in _log(str(tmp_path / "auto"))
 
 
 # -----------------------------------------------------------------------------

@@ -37,7 +37,7 @@ def helps():
 
 
 def test_every_documented_script_is_found():
-    assert set(STAGES) | {"evaluate", "downstream", "bench", "bench_data", "pipeline"} <= set(SCRIPTS)
+    assert set(STAGES) | {"evaluate", "downstream", "bench", "bench_data", "pipeline", "report"} <= set(SCRIPTS)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

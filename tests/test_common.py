@@ -314,3 +314,28 @@ def test_run_main_prints_one_line_and_exits_2_for_input_errors_only(capsys, monk
         json.loads("{")
     with pytest.raises(json.JSONDecodeError):
         common.run_main(library_bug)
+
+
+def test_check_resume_accepts_keys_an_older_checkpoint_lacks_only_at_their_default():
+    import common
+    ck = {"config": {"learning_rate": 1e-3}}  # written before `contrastive_loss` existed
+    defaults = {"learning_rate": 1e-3, "contrastive_loss": "softmax"}
+    common.check_resume("ck.pt", ck, dict(defaults), set(), defaults=defaults)  # the old behaviour: resumes
+    with pytest.raises(ValueError, match=r"ck.pt: cannot resume.*contrastive_loss \(checkpoint None, now 'sigmoid'\)"):
+        common.check_resume("ck.pt", ck, {**defaults, "contrastive_loss": "sigmoid"}, set(), defaults=defaults)
+    with pytest.raises(ValueError, match="learning_rate"):  # a key the checkpoint has must still match
+        common.check_resume("ck.pt", ck, {**defaults, "learning_rate": 2e-3}, set(), defaults=defaults)
+
+
+def test_scaled_step_reports_the_gradient_norm_and_leaves_unclipped_gradients_bitwise():
+    import common
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(5, 3))
+    (w.sin().sum() * 3).backward()
+    g = w.grad.clone()
+    opt = torch.optim.SGD([w], lr=0.0)
+    skipped, norm = common.scaled_step(opt, None, [w], grad_clip=0.0)
+    assert not skipped and torch.equal(w.grad, g)  # measured, not clipped
+    assert norm.item() == pytest.approx(g.double().pow(2).sum().sqrt().item(), rel=1e-6)
+    skipped, norm = common.scaled_step(opt, None, [w], grad_clip=0.1)
+    assert w.grad.norm().item() == pytest.approx(0.1, rel=1e-4) and norm.item() > 0.1  # the norm before clipping

@@ -202,3 +202,14 @@ def test_per_rank_memory_does_not_grow_with_the_dataset(tmp_path):
     print(f"data setup heap peak: 1k records {peaks[1000] / 1024:.0f} KiB, 10k {peaks[10000] / 1024:.0f} KiB, "
           f"{per_record:.1f} B per record")
     assert per_record <= 64
+
+
+def test_data_identity_tells_an_official_extraction_cache_apart_and_keeps_older_identities():
+    import types
+    import data_index
+    enc = {"fingerprint": "f", "base_model": "m", "pooling": "mean", "chat_template": "llama3", "dim": 8}
+    cache = lambda e: types.SimpleNamespace(meta={"text_hash": "h", "encoder": e}, count=3, fields=["x"])  # noqa: E731
+    old = data_index.data_identity([0, 1, 2], cache(enc))  # a checkpoint's, written before the switch existed
+    assert data_index.identity_mismatch(old, data_index.data_identity([0, 1, 2], cache({**enc, "official_extraction": False}))) == []
+    diff = data_index.identity_mismatch(old, data_index.data_identity([0, 1, 2], cache({**enc, "official_extraction": True})))
+    assert len(diff) == 1 and diff[0].startswith("encoder:") and "official_extraction" in diff[0]

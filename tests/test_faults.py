@@ -294,7 +294,7 @@ def test_post_train_bad_values_fail_at_start(w, bad, expected):
 def test_other_stages_validate_at_start(w, tmp_path):
     with pytest.raises(ValueError, match="chunk_rows=0: expected a positive integer"):
         embed_captions.main([f"--text_model={w.llm}", f"--manifest={w.val}", f"--out_dir={tmp_path}", "--chunk_rows=0"])
-    with pytest.raises(ValueError, match="dtype='fp16': expected 'auto', 'float32' or 'bfloat16'"):
-        cc_finetune.main([f"--text_model={w.llm}", "--train_captions=/nonexistent.jsonl", "--dtype=fp16"])
+    with pytest.raises(ValueError, match="dtype='fp8': expected 'auto', 'float32', 'bfloat16' or 'float16'"):
+        cc_finetune.main([f"--text_model={w.llm}", "--train_captions=/nonexistent.jsonl", "--dtype=fp8"])
     with pytest.raises(ValueError, match="out='/proc/nope/results.json': cannot create /proc/nope"):
         evaluate.main(["--task=retrieval", f"--model={w.llm}", "--data=/nonexistent.jsonl", "--out=/proc/nope/results.json"])
